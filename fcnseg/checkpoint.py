@@ -1,0 +1,173 @@
+"""Checkpoints that carry everything ``predict`` needs: architecture, classes, colours, preprocessing, alignment.
+
+A checkpoint is a ``torch.save`` dict of plain types and tensors only, so it loads with ``weights_only=True`` (no
+pickled code runs). ``schema_version`` grows whenever the layout changes; a newer file is refused with a message
+instead of being misread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError, FcnsegError
+from .io import atomic_write
+from .preprocessing import Preprocessing
+
+SCHEMA_VERSION = 1
+FORMAT = "fcnseg-checkpoint"
+
+
+def _default_palette(classes: Sequence[str] | None, n: int) -> list[list[int]]:
+    from .palette import palette_for
+
+    return [[int(c) for c in rgb] for rgb in palette_for(classes, n)[:n]]
+
+
+def checkpoint_dict(
+    model: nn.Module,
+    *,
+    classes: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+    preprocessing: Preprocessing | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint of ``model`` as a dict (what :func:`save_checkpoint` writes)."""
+    config = getattr(model, "build_config", None)
+    if config is None:
+        raise FcnsegError("model was not built through the fcnseg registry: no build_config to save")
+    n = model.num_classes
+    classes = list(classes if classes is not None else (model.classes or []))
+    if classes and len(classes) != n:
+        raise FcnsegError(f"classes: {len(classes)} names given for a model of {n} classes")
+    palette = palette if palette is not None else model.palette
+    if palette is None:
+        palette = _default_palette(classes or None, n)
+    if len(palette) != n or any(len(c) != 3 for c in palette):
+        raise FcnsegError(f"palette: expected {n} colours of 3 values each")
+    preprocessing = preprocessing or model.preprocessing
+    kwargs = dict(config["kwargs"])
+    kwargs.pop("backbone_weights", None)  # the weights are in the state dict; never download again
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "fcnseg_version": __version__,
+        "model": config["name"],
+        "config": kwargs,
+        "alignment": model.alignment,
+        "num_classes": n,
+        "classes": classes,
+        "palette": [[int(v) for v in c] for c in palette],
+        "preprocessing": preprocessing.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": dict(extra or {}),
+    }
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    classes: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+    preprocessing: Preprocessing | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically (temporary file, fsync, rename); returns the path.
+
+    ``classes`` and ``palette`` default to the model's own (``model.classes``, ``model.palette``), else no names
+    and the VOC palette for 21 classes or a generated one; ``preprocessing`` defaults to the model's.
+    """
+    ckpt = checkpoint_dict(model, classes=classes, palette=palette, preprocessing=preprocessing, extra=extra)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            torch.save(ckpt, f)
+    except OSError as e:
+        raise FcnsegError(f"{path}: cannot write checkpoint ({e.strerror or e})") from None
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint file; every problem is a :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        reason = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt file?): {reason[:200]}"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not an fcnseg checkpoint (a bare state dict? import other formats with 'fcnseg convert')"
+        )
+    version = ckpt.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint schema version {version} is newer than this fcnseg reads "
+            f"({SCHEMA_VERSION}); upgrade fcnseg"
+        )
+    missing = [k for k in ("model", "config", "state_dict", "preprocessing") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any], *, source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model a checkpoint dict describes and load its weights."""
+    from .models import get_model
+
+    try:
+        model = get_model(ckpt["model"], **ckpt["config"])
+    except FcnsegError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    _load_state(model, ckpt["state_dict"], source, ckpt["model"])
+    model.classes = list(ckpt.get("classes") or []) or None
+    model.palette = [list(c) for c in ckpt["palette"]] if ckpt.get("palette") else None
+    model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
+    model.eval()
+    return model
+
+
+def _load_state(model: nn.Module, state: Mapping[str, Any], source: str, name: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape, e.g. {shapes[0]}")
+        raise CheckpointError(
+            f"{source}: weights do not fit model {name!r} (another architecture?): {'; '.join(parts)}"
+        )
+    model.load_state_dict(state)
+
+
+def load(path: str | os.PathLike, *, map_location: Any = "cpu", model: str | None = None) -> nn.Module:
+    """Load a checkpoint into a ready-to-use model in eval mode (``model.predict(image)`` works).
+
+    ``model``: the architecture the caller expects; a checkpoint of another one is refused.
+    """
+    ckpt = read_checkpoint(path, map_location=map_location)
+    if model is not None and ckpt["model"] != model:
+        raise CheckpointError(f"{path}: checkpoint holds model {ckpt['model']!r}, expected {model!r}")
+    return model_from_checkpoint(ckpt, source=str(path))

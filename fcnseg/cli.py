@@ -1,0 +1,199 @@
+"""The ``fcnseg`` command line.
+
+A user's mistake (:class:`FcnsegError`) is printed as one line on stderr with exit status 2; any other exception is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import FcnsegError
+
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+    ".ppm",
+    ".pgm",
+}
+
+
+def _error(msg: str) -> None:
+    print(f"fcnseg: error: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import get_model, list_models
+
+    print(f"{'model':<14} {'skips':<12} {'trainable':>12}   crops (caffe mode)")
+    for name in list_models():
+        with torch.device("meta"):  # shapes only: no memory, no initialisation time
+            model = get_model(name, alignment="caffe")
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        crops = ", ".join(f"{k} {v}" for k, v in model.crop_offsets.items())
+        print(f"{name:<14} {'+'.join(model.skips) or '-':<12} {params:>12,}   {crops}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Expand files, folders (their images, sorted) and glob patterns; returns (files, problems)."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                problems.append(f"{item}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        elif glob.has_magic(item):
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            if not found:
+                problems.append(f"{item}: pattern matches no file")
+            files.extend(found)
+        else:
+            problems.append(f"{item}: no such file or folder")
+    seen: set[Path] = set()
+    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    return unique, problems
+
+
+def _output_stems(files: Sequence[Path]) -> list[str]:
+    # Two inputs with one stem (a/x.jpg, b/x.png) must not overwrite each other's mask.
+    counts: dict[str, int] = {}
+    stems = []
+    for f in files:
+        n = counts.get(f.stem, 0)
+        counts[f.stem] = n + 1
+        stems.append(f.stem if n == 0 else f"{f.stem}-{n + 1}")
+    return stems
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FcnsegError(f"--out {out}: cannot create folder ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK):
+        raise FcnsegError(f"--out {out}: folder is not writable")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .checkpoint import load
+    from .imageio import load_image, overlay, save_mask_png, save_rgb
+    from .io import atomic_write
+    from .palette import palette_for
+    from .predict import predict_logits
+
+    files, problems = collect_inputs(args.inputs)
+    model = load(args.checkpoint, map_location=args.device)
+    out = Path(args.out)
+    _check_writable(out)
+    colors = np.asarray(model.palette or palette_for(model.classes, model.num_classes), np.uint8)
+    written = 0
+    bar = tqdm(files, unit="img", disable=len(files) <= 1 or args.quiet, file=sys.stderr)
+    for path, stem in zip(bar, _output_stems(files), strict=True):
+        try:
+            rgb = load_image(path)
+            logits = predict_logits(model, rgb)
+            mask = logits.argmax(0).cpu().numpy().astype(np.uint8)
+            save_mask_png(out / f"{stem}.png", mask, colors)
+            if args.overlay:
+                save_rgb(out / f"{stem}_overlay.{args.overlay}", overlay(rgb, mask, colors))
+            if args.probs:
+                with atomic_write(out / f"{stem}.npy") as f:
+                    np.save(f, logits.softmax(0).cpu().numpy().astype(np.float32))
+            written += 1
+        except FcnsegError as e:
+            problems.append(str(e))
+    if not args.quiet:
+        print(f"wrote {written} mask(s) to {out}")
+    for p in problems:
+        _error(p)
+    return 2 if problems else 0
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print("fcnseg demo: not available yet; it arrives with training (synthetic data, FCN-32s/16s/8s).")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcnseg", description="Fully Convolutional Networks for semantic segmentation."
+    )
+    parser.add_argument("--version", action="version", version=f"fcnseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("predict", help="segment images with a checkpoint")
+    p.add_argument("checkpoint", help="an fcnseg checkpoint (.pt)")
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--out", required=True, help="output folder: <stem>.png palette masks")
+    p.add_argument(
+        "--overlay",
+        nargs="?",
+        const="jpg",
+        choices=["jpg", "png"],
+        help="also write <stem>_overlay.jpg|png, the mask blended over the image",
+    )
+    p.add_argument("--probs", action="store_true", help="also write <stem>.npy, C x H x W probabilities")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="train and evaluate FCN-32s/16s/8s on synthetic data")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except FcnsegError as e:
+        _error(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

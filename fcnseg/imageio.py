@@ -1,0 +1,360 @@
+"""Reading images and masks as arrays, and writing masks, colourised masks and RGB images.
+
+Every reader returns plain uint8 arrays whatever the file's PIL mode, and every failure to read a
+file is an :class:`~fcnseg.errors.ImageError` whose one-line message names the file. Writers go
+through :func:`~fcnseg.io.atomic_write`, so an interrupted write never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fcnseg.errors import FcnsegError, ImageError
+from fcnseg.io import atomic_write
+from fcnseg.palette import full_palette
+
+__all__ = [
+    "PathLike",
+    "as_rgb_array",
+    "colorize",
+    "image_to_array",
+    "load_image",
+    "overlay",
+    "read_mask_png",
+    "save_mask_png",
+    "save_rgb",
+]
+
+# What a path argument may be: a str or any os.PathLike (pathlib.Path, ...).
+PathLike = str | os.PathLike[str]
+
+_EXIF_ORIENTATION = 0x0112
+_NONFINITE_MSG = "image array contains NaN or inf values"
+
+
+# --------------------------------------------------------------------------------------------------
+# Value scaling, shared by PIL images and numpy arrays so that both follow the same rules.
+
+
+def _scale_uint16(a: np.ndarray) -> np.ndarray:
+    """16-bit values to 8 bits: round(v * 255 / 65535), in exact integer arithmetic."""
+    return ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _scale_int(a: np.ndarray) -> np.ndarray:
+    """Integers: read as 16-bit when they fit in 0..65535, else stretch min..max onto 0..255."""
+    lo, hi = int(a.min()), int(a.max())
+    if lo >= 0 and hi <= 65535:
+        return _scale_uint16(a)
+    if hi == lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    # float64 holds int32 exactly; int64 beyond 2**53 loses only bits far below one 8-bit step.
+    scaled = (a.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return np.rint(scaled).astype(np.uint8)
+
+
+def _scale_float(a: np.ndarray) -> np.ndarray:
+    """Floats: [0, 1] when the maximum is <= 1, else 0..255; out-of-range values are clipped."""
+    if not np.isfinite(a).all():
+        raise FcnsegError(_NONFINITE_MSG)
+    a = a.astype(np.float64)
+    if a.max() <= 1.0:
+        a = a * 255.0
+    return np.rint(np.clip(a, 0.0, 255.0)).astype(np.uint8)
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """Scale one array of channel values (no alpha) to uint8 by its dtype."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype == np.uint16 or (a.dtype.kind == "u" and a.dtype.itemsize == 2):
+        return _scale_uint16(a)
+    if a.dtype.kind in "iu":
+        return _scale_int(a)
+    if a.dtype.kind == "f":
+        return _scale_float(a)
+    raise FcnsegError(f"unsupported image array dtype {a.dtype}; expected uint8, an integer or a float type")
+
+
+def _grey_to_rgb(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# PIL images and arrays to RGB arrays.
+
+
+def image_to_array(img: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to a uint8 ``H x W x 3`` RGB array (no EXIF handling).
+
+    Alpha is dropped, keeping the colour under it (a transparent pixel is not turned black). 16-bit
+    grey is scaled by 255/65535; mode ``"I"`` likewise when its values fit in 0..65535, else min-max
+    stretched; mode ``"F"`` is read as [0, 1] when its maximum is <= 1, else clipped to 0..255.
+    """
+    mode = img.mode
+    if img.width == 0 or img.height == 0:
+        raise FcnsegError(f"image is empty ({img.width}x{img.height}); expected at least one pixel")
+    if mode == "RGB":
+        return np.array(img)
+    if mode in ("RGBA", "RGBX"):
+        return np.ascontiguousarray(np.array(img)[:, :, :3])
+    if mode == "L":
+        return _grey_to_rgb(np.array(img))
+    if mode == "1":
+        # np.array of a "1" image is bool; white must become 255, not 1.
+        return _grey_to_rgb(np.array(img.convert("L")))
+    if mode in ("LA", "La"):
+        # "La" has premultiplied grey; converting to "LA" undoes that, as far as the alpha allows.
+        la = img if mode == "LA" else img.convert("LA")
+        return _grey_to_rgb(np.array(la)[:, :, 0])
+    if mode in ("P", "PA"):
+        # Through RGBA rather than RGB: PIL warns on P -> RGB with byte transparency, and RGBA keeps
+        # the palette colour of transparent pixels, which we want.
+        return np.ascontiguousarray(np.array(img.convert("RGBA"))[:, :, :3])
+    if mode.startswith("I;16"):
+        # Covers I;16, I;16L, I;16B and I;16N; numpy handles the byte order of the big-endian
+        # variant.
+        return _grey_to_rgb(_scale_uint16(np.array(img)))
+    if mode == "I":
+        return _grey_to_rgb(_scale_int(np.array(img)))
+    if mode == "F":
+        return _grey_to_rgb(_scale_float(np.array(img)))
+    # CMYK, YCbCr, LAB, HSV, RGBa and anything else PIL knows how to turn into RGB.
+    try:
+        return np.array(img.convert("RGB"))
+    except (ValueError, OSError):
+        raise FcnsegError(f"unsupported image mode {mode!r}; expected a mode PIL can convert to RGB") from None
+
+
+def as_rgb_array(x: PathLike | Image.Image | np.ndarray) -> np.ndarray:
+    """Turn a path, a PIL image or a numpy array into a uint8 ``H x W x 3`` RGB array.
+
+    Arrays may be ``H x W``, ``H x W x 1``, ``H x W x 3`` or ``H x W x 4`` (alpha dropped); uint8 is
+    taken as is, floats as [0, 1] (or 0..255 when the maximum exceeds 1), uint16 and other integers
+    are scaled as in :func:`image_to_array`. A uint8 ``H x W x 3`` array is returned as is, not
+    copied.
+    """
+    if isinstance(x, (str, os.PathLike)):
+        return load_image(x)
+    if isinstance(x, Image.Image):
+        return image_to_array(x)
+    if not isinstance(x, np.ndarray):
+        raise FcnsegError(f"expected an image path, a PIL image or a numpy array, got {type(x).__name__}")
+    expected = "expected shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+    if x.ndim == 3 and x.shape[2] in (1, 3, 4):
+        channels = x[:, :, :3] if x.shape[2] == 4 else x
+    elif x.ndim == 2:
+        channels = x[:, :, None]
+    else:
+        hint = ""
+        if x.ndim == 3 and x.shape[0] in (1, 3, 4):
+            hint = " (channels first? move the channel axis last)"
+        raise FcnsegError(f"image array has shape {x.shape}; {expected}{hint}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise FcnsegError(f"image array is empty (shape {x.shape}); expected at least one pixel")
+    out = _to_uint8(channels)
+    if out.shape[2] == 1:
+        return _grey_to_rgb(out[:, :, 0])
+    return np.ascontiguousarray(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files.
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _decode_error(name: str, what: str, exc: BaseException) -> ImageError:
+    """Map whatever PIL raised while decoding to one ImageError line."""
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else _one_line(exc)
+        reason = f"too large: {size}, above PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
+    elif isinstance(exc, UnidentifiedImageError):
+        reason = "not an image file Pillow can decode; expected JPEG, PNG, BMP, TIFF, WebP, ..."
+    elif isinstance(exc, FileNotFoundError):
+        reason = "file not found"
+    elif isinstance(exc, PermissionError):
+        reason = "permission denied"
+    elif "truncated" in str(exc):
+        reason = "truncated file"
+    else:
+        reason = f"corrupt image data: {_one_line(exc)}"
+    return ImageError(f"{name}: cannot read {what} ({reason})")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation so the array is as a viewer shows the picture."""
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:
+        # Damaged metadata should not cost an otherwise readable picture; read it as stored.
+        return img
+    if orientation not in (2, 3, 4, 5, 6, 7, 8):
+        return img  # the common case: no rotation, and no copy of the pixels
+    return ImageOps.exif_transpose(img)
+
+
+def _read(path: PathLike, what: str, convert: Callable[[Image.Image], np.ndarray], upright: bool) -> np.ndarray:
+    """Open, fully decode and convert one file, decoding it exactly once."""
+    name = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _decode_error(name, what, exc) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{name}: cannot read {what} (is a folder; expected an image file)")
+    if st.st_size == 0:
+        raise ImageError(f"{name}: cannot read {what} (empty file)")
+    try:
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; the size check below makes that an
+        # error with the picture's dimensions in it, so the warning itself is not needed.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    # PIL raises many exception types on malformed headers (SyntaxError, struct.error, ...).
+    except Exception as exc:
+        raise _decode_error(name, what, exc) from None
+    with img:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and img.width * img.height > limit:
+            raise ImageError(
+                f"{name}: cannot read {what} (too large: {img.width}x{img.height} = "
+                f"{img.width * img.height:,} pixels, above PIL's limit of {limit:,} pixels)"
+            )
+        try:
+            # Image.open only reads the header; load() decodes the pixels now, inside the try, so
+            # that a truncated or corrupt file fails here rather than later in a conversion.
+            img.load()
+        except Exception as exc:
+            raise _decode_error(name, what, exc) from None
+        try:
+            return convert(_upright(img) if upright else img)
+        except FcnsegError as exc:
+            raise ImageError(f"{name}: cannot read {what} ({exc})") from None
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """Read an image file as a uint8 ``H x W x 3`` RGB array, upright per its EXIF orientation.
+
+    Raises :class:`ImageError` for a missing, empty, truncated, corrupt, non-image or oversized
+    file.
+    """
+    return _read(path, "image", image_to_array, upright=True)
+
+
+def _mask_to_array(img: Image.Image) -> np.ndarray:
+    if img.mode in ("P", "L"):
+        return np.array(img)
+    if img.mode in ("PA", "LA"):
+        return np.ascontiguousarray(np.array(img)[:, :, 0])
+    if img.mode == "1":
+        return np.array(img).astype(np.uint8)
+    if img.mode.startswith("I"):
+        values = np.array(img)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise FcnsegError(
+                f"mask values {values.min()}..{values.max()} do not fit in 0..255; expected class indices 0..255"
+            )
+        return values.astype(np.uint8)
+    raise FcnsegError(f"mask has image mode {img.mode!r}; expected a palette (P) or greyscale (L) PNG of class indices")
+
+
+def read_mask_png(path: PathLike) -> np.ndarray:
+    """Read a mask as a uint8 ``H x W`` array of class indices.
+
+    A palette PNG gives its indices (not the colours), a greyscale PNG its values. EXIF orientation
+    is not applied: a label map is stored in the orientation of the pixels it labels.
+    """
+    return _read(path, "mask", _mask_to_array, upright=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks, colours and writing files.
+
+
+def _check_mask(mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"expected a mask of shape (H, W), got shape {m.shape}")
+    if m.shape[0] == 0 or m.shape[1] == 0:
+        raise ValueError(f"mask is empty (shape {m.shape}); expected at least one pixel")
+    if m.dtype == np.bool_:
+        return m.astype(np.uint8)
+    if m.dtype.kind not in "iu":
+        raise ValueError(f"expected integer class indices, got a mask of dtype {m.dtype}")
+    lo, hi = int(m.min()), int(m.max())
+    if lo < 0 or hi > 255:
+        raise ValueError(f"mask values must lie in 0..255 (class indices, 255 = void), got {lo}..{hi}")
+    return m.astype(np.uint8, copy=False)
+
+
+def _check_parent(path: PathLike) -> None:
+    # atomic_write creates its temporary file beside the target, so a missing folder would otherwise
+    # surface as a bare FileNotFoundError from tempfile.
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise FcnsegError(f"{os.fspath(path)}: cannot write (folder {parent} does not exist)")
+
+
+def colorize(mask: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """Colour a ``H x W`` class-index mask: uint8 ``H x W x 3``; 255 (void) is 224,224,192."""
+    m = _check_mask(mask)
+    table = np.asarray(full_palette(colors), dtype=np.uint8).reshape(256, 3)
+    return table[m]
+
+
+def overlay(image_rgb: np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend the colourised mask over the image: ``(1 - alpha) * image + alpha * colours``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    img = as_rgb_array(image_rgb)
+    col = colorize(mask, colors)
+    if img.shape[:2] != col.shape[:2]:
+        raise ValueError(f"image is {img.shape[:2]} but mask is {col.shape[:2]}; expected the same H x W")
+    blend = img.astype(np.float32) * (1.0 - alpha) + col.astype(np.float32) * alpha
+    return np.rint(blend).astype(np.uint8)
+
+
+def save_mask_png(path: PathLike, mask: np.ndarray, colors: np.ndarray) -> None:
+    """Write a ``H x W`` class-index mask as a palette PNG whose pixel values are the indices.
+
+    The palette is :func:`~fcnseg.palette.full_palette` of ``colors`` (void 255 = 224,224,192), so
+    the file reads back as indices and shows in colour, like VOC's ``SegmentationClass`` PNGs.
+    Written atomically.
+    """
+    m = _check_mask(mask)
+    palette = full_palette(colors)
+    h, w = m.shape
+    # frombytes with mode "P" stores the indices as they are; converting an "L" image to "P" would
+    # remap them.
+    img = Image.frombytes("P", (w, h), np.ascontiguousarray(m).tobytes())
+    img.putpalette(palette)
+    _check_parent(path)
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
+
+
+def save_rgb(path: PathLike, array: np.ndarray) -> None:
+    """Write an RGB image atomically: JPEG (quality 90) for ``.jpg``/``.jpeg``, else PNG."""
+    img = Image.fromarray(as_rgb_array(array))
+    is_jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
+    _check_parent(path)
+    with atomic_write(path) as f:
+        if is_jpeg:
+            img.save(f, format="JPEG", quality=90)
+        else:
+            img.save(f, format="PNG")

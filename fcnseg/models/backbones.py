@@ -1,0 +1,159 @@
+"""Classifiers turned into fully convolutional feature extractors.
+
+A backbone returns a dict of named feature maps (``pool3`` at stride 8, ``pool4`` at 16, ``fc7`` at 32) and says
+where each map's pixels sit in the input (``coord_maps``), from which the FCN derives its crops.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from torch import nn
+from torchvision.models import vgg as tv_vgg
+
+from ..errors import FcnsegError
+from ..preprocessing import IMAGENET, Preprocessing
+from .geometry import CoordMap, compose
+
+Alignment = Literal["caffe", "aligned"]
+ALIGNMENTS: tuple[str, ...] = ("caffe", "aligned")
+
+
+def check_alignment(alignment: str) -> None:
+    if alignment not in ALIGNMENTS:
+        raise FcnsegError(f"alignment must be one of {', '.join(ALIGNMENTS)}; got {alignment!r}")
+
+
+class Backbone(nn.Module):
+    """Base class: ``forward(x) -> {tap: feature map}``; ``taps`` lists the tap names from fine to coarse."""
+
+    taps: tuple[str, ...]
+    channels: dict[str, int]
+    preprocessing: Preprocessing = IMAGENET
+
+    def coord_maps(self) -> dict[str, CoordMap]:
+        raise NotImplementedError
+
+
+class VGG16Backbone(Backbone):
+    """VGG16 (torchvision's configuration "D") with fc6 as a 7x7 and fc7 as a 1x1 convolution.
+
+    ``alignment="caffe"`` reproduces the release: conv1_1 padded by 100, max pooling rounding up, fc6 unpadded.
+    ``alignment="aligned"`` keeps VGG's own padding and pads fc6 by 3, so every stride-32 cell is centred on its
+    32 x 32 block of a (padded) input. ``width`` scales every channel count (1.0 = the published network) and
+    ``fc_dim`` sets fc6/fc7's 4096 channels; smaller ones give fast test and demo networks.
+    """
+
+    taps = ("pool3", "pool4", "fc7")
+
+    def __init__(self, *, alignment: Alignment = "aligned", width: float = 1.0, fc_dim: int = 4096) -> None:
+        super().__init__()
+        check_alignment(alignment)
+        self.alignment = alignment
+        cfg = [v if v == "M" else max(1, round(int(v) * width)) for v in tv_vgg.cfgs["D"]]
+        # Same module indices as torchvision's vgg16().features, so its state dict keys load unchanged.
+        self.features = tv_vgg.make_layers(cfg, batch_norm=False)
+        pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
+        if alignment == "caffe":
+            # Pad 100 makes every input size alignable (facts: "why pad 100"); Caffe pools round up.
+            self.features[0].padding = (100, 100)
+            for i in pools:
+                self.features[i].ceil_mode = True
+        # pool3 / pool4 / pool5 end after these indices.
+        self._ends = {"pool3": pools[2] + 1, "pool4": pools[3] + 1, "pool5": pools[4] + 1}
+        self.fc6 = nn.Conv2d(cfg[-2], fc_dim, 7, padding=0 if alignment == "caffe" else 3)
+        self.fc7 = nn.Conv2d(fc_dim, fc_dim, 1)
+        self.relu6, self.drop6 = nn.ReLU(inplace=True), nn.Dropout(0.5)
+        self.relu7, self.drop7 = nn.ReLU(inplace=True), nn.Dropout(0.5)
+        convs = [v for v in cfg if v != "M"]
+        self.channels = {"pool3": convs[6], "pool4": convs[9], "fc7": fc_dim}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # torchvision's VGG initialisation: He init for convolutions, N(0, 0.01) for the (former) linear layers.
+        for m in self.features:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        for m in (self.fc6, self.fc7):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+    def _head(self) -> list[nn.Module]:
+        return [self.fc6, self.relu6, self.drop6, self.fc7, self.relu7, self.drop7]
+
+    def coord_maps(self) -> dict[str, CoordMap]:
+        pool3 = compose(self.features[: self._ends["pool3"]])
+        pool4 = compose(self.features[self._ends["pool3"] : self._ends["pool4"]], pool3)
+        pool5 = compose(self.features[self._ends["pool4"] : self._ends["pool5"]], pool4)
+        return {"pool3": pool3, "pool4": pool4, "fc7": compose(self._head(), pool5)}
+
+    def _run(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        for i in range(start, end):
+            x = self.features[i](x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        e = self._ends
+        pool3 = self._run(x, 0, e["pool3"])  # 1/8
+        pool4 = self._run(pool3, e["pool3"], e["pool4"])  # 1/16
+        pool5 = self._run(pool4, e["pool4"], e["pool5"])  # 1/32
+        fc6 = self.drop6(self.relu6(self.fc6(pool5)))  # 1/32, the 7x7 convolution that was fc6
+        fc7 = self.drop7(self.relu7(self.fc7(fc6)))  # 1/32
+        return {"pool3": pool3, "pool4": pool4, "fc7": fc7}
+
+
+def convolutionalise_vgg16(
+    state_dict: Mapping[str, torch.Tensor], *, keep_fc8: bool = False
+) -> dict[str, torch.Tensor]:
+    """torchvision ``vgg16`` state dict -> :class:`VGG16Backbone` state dict (a pure function).
+
+    The convolutional layers keep their keys; fc6 (4096 x 25088) becomes a 4096 x 512 x 7 x 7 kernel holding the
+    same numbers (torchvision flattens pool5 in C, H, W order, the layout of a convolution kernel), fc7 a 1 x 1
+    kernel. fc8 (the ImageNet classifier) is dropped unless ``keep_fc8``, when it comes back as ``fc8.weight`` /
+    ``fc8.bias`` 1 x 1 kernels.
+    """
+    out = {k: v for k, v in state_dict.items() if k.startswith("features.")}
+    if not out:
+        raise FcnsegError("not a torchvision VGG16 state dict: no 'features.*' keys")
+    fc = {"fc6": "classifier.0", "fc7": "classifier.3"}
+    if keep_fc8:
+        fc["fc8"] = "classifier.6"
+    for name, src in fc.items():
+        try:
+            w, b = state_dict[f"{src}.weight"], state_dict[f"{src}.bias"]
+        except KeyError as e:
+            raise FcnsegError(f"not a torchvision VGG16 state dict: missing {e.args[0]!r}") from None
+        if name == "fc6":
+            c_in = w.shape[1] // 49
+            if c_in * 49 != w.shape[1]:
+                raise FcnsegError(f"fc6 weight of shape {tuple(w.shape)} is not over 7 x 7 maps")
+            out["fc6.weight"] = w.reshape(w.shape[0], c_in, 7, 7).clone()
+        else:
+            out[f"{name}.weight"] = w.reshape(w.shape[0], w.shape[1], 1, 1).clone()
+        out[f"{name}.bias"] = b.clone()
+    return out
+
+
+def load_vgg16_imagenet(backbone: VGG16Backbone, weights: str | os.PathLike) -> None:
+    """Fill ``backbone`` with ImageNet weights: a torchvision enum name ("IMAGENET1K_V1", "DEFAULT") or a file."""
+    path = os.fspath(weights)
+    if os.path.exists(path):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FcnsegError(f"{path}: cannot read VGG16 weights ({e.__class__.__name__})") from None
+    elif path in tv_vgg.VGG16_Weights.__members__ or path == "DEFAULT":
+        sd = tv_vgg.VGG16_Weights[path].get_state_dict(progress=True)
+    else:
+        raise FcnsegError(
+            f"backbone weights {path!r}: expected a file or one of {', '.join(tv_vgg.VGG16_Weights.__members__)}"
+        )
+    sd = convolutionalise_vgg16(sd)
+    mismatched = [k for k, v in sd.items() if backbone.state_dict()[k].shape != v.shape]
+    if mismatched:
+        raise FcnsegError(f"backbone weights {path!r} do not fit this VGG16 (width/fc_dim differ): {mismatched[0]}")
+    backbone.load_state_dict(sd)

@@ -1,0 +1,74 @@
+"""How pixels are turned into the tensor a model's weights expect.
+
+Caffe-trained FCN weights expect BGR in [0, 255] minus a per-channel mean with no std scaling; torchvision ImageNet
+weights expect RGB in [0, 1] with ImageNet mean and std. Feeding one the other's input is the most common cause of
+all-background predictions, so the choice travels with the model and its checkpoint instead of being typed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Per-channel normalisation: ``(pixel / 255 * value_range - mean) / std`` in ``channel_order``.
+
+    ``mean`` and ``std`` are given in the model's channel order and on the ``value_range`` scale.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    value_range: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std must have 3 values each")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            channel_order=d.get("channel_order", "RGB"),
+            value_range=float(d.get("value_range", 1.0)),
+        )
+
+    def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Normalise uint8 RGB pixels: H x W x 3 array or N x 3 x H x W / 3 x H x W tensor -> float32."""
+        if isinstance(images, np.ndarray):
+            if images.ndim != 3 or images.shape[2] != 3:
+                raise ValueError(f"expected an H x W x 3 RGB array, got shape {images.shape}")
+            if not images.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
+                images = images.copy()
+            images = torch.from_numpy(np.ascontiguousarray(images)).permute(2, 0, 1)
+        x = images.to(torch.float32)
+        if self.channel_order == "BGR":
+            x = x.flip(-3)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return (x * (self.value_range / 255.0) - mean) / std
+
+
+IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+"""torchvision's ImageNet weights: RGB in [0, 1], ImageNet mean and std."""
+
+CAFFE = Preprocessing(
+    mean=(104.00699, 116.66877, 122.67892),
+    std=(1.0, 1.0, 1.0),
+    channel_order="BGR",
+    value_range=255.0,
+)
+"""The Caffe FCN release: BGR in [0, 255] minus the ILSVRC mean, no std scaling."""

@@ -1,0 +1,150 @@
+"""Registry-wide model tests: every registered model, both alignment modes."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fcnseg
+from fcnseg.errors import FcnsegError
+from fcnseg.models import FCN, get_model, list_models, register_model
+from tests.conftest import TINY
+
+MODES = ["caffe", "aligned"]
+MODELS = list_models()
+
+
+def test_registry_lists_the_paper_variants():
+    assert {"fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce"} <= set(MODELS)
+    assert fcnseg.list_models() == MODELS
+
+
+def test_registry_refuses_duplicates_and_positional_builders():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("fcn8s")(lambda *, num_classes=1: None)
+    with pytest.raises(TypeError, match="keyword-only"):
+        register_model("positional_builder")(lambda num_classes: None)
+    with pytest.raises(TypeError):
+        fcnseg.models.fcn8s(21)  # builders are keyword-only
+
+
+def test_get_model_errors_name_the_problem():
+    with pytest.raises(FcnsegError, match="unknown model 'fcn4s'"):
+        get_model("fcn4s")
+    with pytest.raises(FcnsegError, match="no option.*depth"):
+        get_model("fcn8s", depth=3)
+    with pytest.raises(FcnsegError, match="alignment must be one of"):
+        get_model("fcn8s", alignment="tight", **TINY)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", MODELS)
+@settings(max_examples=12, deadline=None)
+@given(h=st.integers(1, 300), w=st.integers(1, 300))
+def test_output_size_equals_input_size(name, mode, h, w):
+    model = _tiny(name, mode)
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, h, w))
+    assert y.shape == (1, 5, h, w)
+
+
+_CACHE: dict = {}
+
+
+def _tiny(name: str, mode: str) -> FCN:
+    if (name, mode) not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE[name, mode] = get_model(name, num_classes=5, alignment=mode, **TINY).eval()
+    return _CACHE[name, mode]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", MODELS)
+def test_backward_reaches_every_trainable_layer(name, mode):
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=4, alignment=mode, **TINY)
+    with torch.no_grad():  # zero score layers block the gradient to the backbone; open them for the test
+        for p in model.parameters():
+            if p.requires_grad and p.abs().sum() == 0 and p.dim() == 4:
+                p.normal_(0, 0.1)
+    x = torch.randn(2, 3, 37, 29)
+    target = torch.randint(0, 4, (2, 37, 29))
+    target[0, :5] = 255
+    loss = torch.nn.functional.cross_entropy(model(x), target, ignore_index=255)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        else:
+            assert p.grad is None, pname
+    assert model.score_fr.weight.grad.abs().sum() > 0
+
+
+def _impulse_model(name: str, mode: str) -> FCN:
+    """Every layer passes channel 0 straight through (centre tap 1), so the stride-s cell that holds a bright
+    pixel lights up in every tap; the score layers copy it into class 1."""
+    model = get_model(name, num_classes=2, alignment=mode, **TINY).eval()
+    with torch.no_grad():
+        convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+        for conv in convs:
+            conv.weight.zero_()
+            conv.bias.zero_()
+            kh, kw = conv.kernel_size
+            conv.weight[0, 0, kh // 2, kw // 2] = 1.0
+        for score in [model.score_fr, *model.score_skip.values()]:
+            score.weight.zero_()
+            score.weight[1, 0] = 1.0 / (model.skip_scales.get(_tap_of(model, score), 1.0))
+    return model
+
+
+def _tap_of(model: FCN, score: torch.nn.Module) -> str:
+    for name, s in model.score_skip.items():
+        if s is score:
+            return name
+    return model.top
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", MODELS)
+def test_impulse_lands_where_it_was(name, mode):
+    # Misplaced crops shift the output by whole offsets (19, 27, 31 ...): the peak would then leave the cell of
+    # the finest stride that holds the impulse.
+    model = _impulse_model(name, mode)
+    finest = 8 if "pool3" in model.skips else 16 if "pool4" in model.skips else 32
+    h, w = 97, 131
+    for r, c in [(0, 0), (50, 70), (96, 130), (33, 5), (64, 100)]:
+        x = torch.zeros(1, 3, h, w)
+        x[0, 0, r, c] = 1.0
+        with torch.no_grad():
+            heat = model(x)[0, 1]
+        pr, pc = divmod(int(heat.argmax()), w)
+        assert abs(pr - r) <= finest / 2 and abs(pc - c) <= finest / 2, (r, c, pr, pc)
+
+
+def test_atonce_scales_the_skips():
+    model = get_model("fcn8s_atonce", **TINY)
+    assert model.skip_scales == {"pool4": 0.01, "pool3": 1e-4}
+    assert get_model("fcn8s", **TINY).skip_scales == {"pool4": 1.0, "pool3": 1.0}
+
+
+def test_score_layers_start_at_zero():
+    model = get_model("fcn8s", num_classes=7, **TINY)
+    for conv in [model.score_fr, *model.score_skip.values()]:
+        assert conv.weight.abs().sum() == 0 and conv.bias.abs().sum() == 0
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 20, 20)).abs().max() == 0
+
+
+def test_build_config_records_the_builder_arguments():
+    model = get_model("fcn16s", num_classes=3, alignment="caffe", **TINY)
+    assert model.build_config == {
+        "name": "fcn16s",
+        "kwargs": {
+            "num_classes": 3,
+            "alignment": "caffe",
+            "width": 1 / 16,
+            "fc_dim": 16,
+            "learnable_upsampling": False,
+            "backbone_weights": None,
+        },
+    }

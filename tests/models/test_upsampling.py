@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from fcnseg.models import get_model
+from fcnseg.models.upsampling import BilinearUpsample, bilinear_kernel
+from tests.conftest import TINY
+
+
+def _closed_form(k: int) -> torch.Tensor:
+    # The facts file's definition written out element by element.
+    f = (k + 1) // 2
+    c = f - 1 if k % 2 else f - 0.5
+    return torch.tensor(
+        [[(1 - abs(i - c) / f) * (1 - abs(j - c) / f) for j in range(k)] for i in range(k)],
+        dtype=torch.float64,
+    )
+
+
+@pytest.mark.parametrize("k", [4, 16, 32, 63, 64])
+def test_bilinear_kernel_closed_form(k):
+    torch.testing.assert_close(bilinear_kernel(k), _closed_form(k), rtol=0, atol=1e-15)
+
+
+def test_bilinear_kernel_literal_values():
+    row4 = torch.tensor([0.25, 0.75, 0.75, 0.25], dtype=torch.float64)
+    torch.testing.assert_close(bilinear_kernel(4), row4[:, None] * row4[None, :])
+    k63 = bilinear_kernel(63)  # AlexNet's upsampler: factor 32, centre 31
+    assert k63[31, 31] == 1.0
+    assert k63[0, 31] == 1 / 32
+    assert k63[0, 0] == (1 / 32) ** 2
+    # An even kernel 2f is a partition of unity at stride f: it sums to f^2.
+    for k in (4, 16, 32, 64):
+        assert bilinear_kernel(k).sum().item() == pytest.approx((k // 2) ** 2, abs=1e-9)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_fixed_2x_upsampler_keeps_a_constant_in_the_interior(padding):
+    up = BilinearUpsample(3, 4, 2, padding=padding)
+    x = torch.full((1, 3, 6, 5), 7.0)
+    y = up(x)
+    # Border pixels see only part of the kernel; every interior one gets weights summing to 1.
+    interior = y[:, :, 3 - padding : -3 + padding, 3 - padding : -3 + padding]
+    assert interior.numel() > 0
+    torch.testing.assert_close(interior, torch.full_like(interior, 7.0))
+    # Class c feeds class c only.
+    z = up(torch.cat([torch.ones(1, 1, 4, 4), torch.zeros(1, 2, 4, 4)], 1))
+    assert z[:, 1:].abs().max() == 0
+
+
+def test_upsampler_matches_bilinear_interpolation_in_aligned_mode():
+    # With padding (k - s) / 2 the 2x upsampler is bilinear interpolation with half-pixel centres
+    # (align_corners=False) away from the border.
+    up = BilinearUpsample(1, 4, 2, padding=1)
+    x = torch.randn(1, 1, 5, 7, dtype=torch.float64)
+    up = up.double()
+    ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up(x)[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1])
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_upsampling_stays_fixed_unless_learnable(learnable):
+    torch.manual_seed(0)
+    model = get_model("fcn16s", num_classes=3, learnable_upsampling=learnable, **TINY)
+    with torch.no_grad():  # non-zero score layers so that the upsamplers receive a gradient
+        for conv in [model.score_fr, *model.score_skip.values()]:
+            conv.weight.normal_()
+    ups = [model.upsample_out, *model.upsample_skip.values()]
+    before = [u.weight.detach().clone() for u in ups]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    loss = model(torch.randn(1, 3, 40, 36)).square().mean()
+    loss.backward()
+    opt.step()
+    changed = [not torch.equal(b, u.weight) for b, u in zip(before, ups, strict=True)]
+    assert changed == [learnable] * len(ups)

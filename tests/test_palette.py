@@ -1,0 +1,115 @@
+"""Palettes: VOC colours per the devkit's bit rule, generated colours, the 768-entry PIL palette."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fcnseg.palette import (
+    VOC_CLASSES,
+    full_palette,
+    generated_palette,
+    palette_for,
+    voc_palette,
+)
+
+# Straight from the facts file (section 5), not recomputed: index, name, RGB.
+VOC_TABLE = [
+    (0, "background", (0, 0, 0)),
+    (1, "aeroplane", (128, 0, 0)),
+    (2, "bicycle", (0, 128, 0)),
+    (3, "bird", (128, 128, 0)),
+    (4, "boat", (0, 0, 128)),
+    (5, "bottle", (128, 0, 128)),
+    (6, "bus", (0, 128, 128)),
+    (7, "car", (128, 128, 128)),
+    (8, "cat", (64, 0, 0)),
+    (9, "chair", (192, 0, 0)),
+    (10, "cow", (64, 128, 0)),
+    (11, "diningtable", (192, 128, 0)),
+    (12, "dog", (64, 0, 128)),
+    (13, "horse", (192, 0, 128)),
+    (14, "motorbike", (64, 128, 128)),
+    (15, "person", (192, 128, 128)),
+    (16, "pottedplant", (0, 64, 0)),
+    (17, "sheep", (128, 64, 0)),
+    (18, "sofa", (0, 192, 0)),
+    (19, "train", (128, 192, 0)),
+    (20, "tvmonitor", (0, 64, 128)),
+]
+VOID = (224, 224, 192)
+
+
+def test_voc_classes_names_and_order():
+    assert len(VOC_CLASSES) == 21
+    assert list(VOC_CLASSES) == [name for _, name, _ in VOC_TABLE]
+
+
+def test_voc_palette_matches_published_colours():
+    pal = voc_palette()
+    assert pal.shape == (256, 3) and pal.dtype == np.uint8
+    for idx, _, rgb in VOC_TABLE:
+        assert tuple(pal[idx]) == rgb, idx
+
+
+def test_bit_rule_gives_void_colour_for_255():
+    # 255 = 0b11_111_111: bits 0-2 and 3-5 set 128 and 64 in every channel, bits 6-7 add 32 to red
+    # and green.
+    assert tuple(voc_palette(256)[255]) == VOID
+
+
+def test_voc_palette_prefix_and_sizes():
+    assert voc_palette(0).shape == (0, 3)
+    np.testing.assert_array_equal(voc_palette(21), voc_palette(256)[:21])
+    assert len({tuple(r) for r in voc_palette(256)}) == 256
+    with pytest.raises(ValueError):
+        voc_palette(-1)
+
+
+def test_generated_palette_rows_distinct_and_separated():
+    pal = generated_palette(256)
+    assert pal.shape == (256, 3) and pal.dtype == np.uint8
+    assert len({tuple(r) for r in pal}) == 256
+    # Every smaller palette is a prefix, so distinctness at 256 covers every n <= 256.
+    np.testing.assert_array_equal(generated_palette(40), pal[:40])
+    p = pal.astype(float)
+    consecutive = np.linalg.norm(p[1:] - p[:-1], axis=1)
+    assert consecutive.min() > 100
+    d = np.linalg.norm(p[:21, None] - p[None, :21], axis=2) + np.eye(21) * 1e9
+    assert d.min() > 40
+    rows = {tuple(r) for r in pal}
+    assert (0, 0, 0) not in rows and VOID not in rows
+
+
+def test_palette_for_chooses_voc_or_generated():
+    np.testing.assert_array_equal(palette_for(VOC_CLASSES, 21), voc_palette(21))
+    np.testing.assert_array_equal(palette_for(list(VOC_CLASSES), 21), voc_palette(21))
+    np.testing.assert_array_equal(palette_for(None, 21), voc_palette(21))
+    np.testing.assert_array_equal(palette_for(None, 33), generated_palette(33))
+    np.testing.assert_array_equal(palette_for([], 21), voc_palette(21))
+    np.testing.assert_array_equal(palette_for(np.array(VOC_CLASSES), 21), voc_palette(21))
+    renamed = ("bg",) + VOC_CLASSES[1:]
+    np.testing.assert_array_equal(palette_for(renamed, 21), generated_palette(21))
+    with pytest.raises(ValueError, match="3 class names for 4 classes"):
+        palette_for(["a", "b", "c"], 4)
+
+
+def test_full_palette_layout():
+    colors = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.uint8)
+    flat = full_palette(colors)
+    assert len(flat) == 768 and all(isinstance(v, int) for v in flat)
+    assert flat[:6] == [1, 2, 3, 4, 5, 6]
+    assert flat[255 * 3 : 256 * 3] == list(VOID)
+    assert set(flat[6 : 255 * 3]) == {0}
+
+
+def test_full_palette_voc_and_bad_shapes():
+    flat = np.array(full_palette(voc_palette(21))).reshape(256, 3)
+    np.testing.assert_array_equal(flat[:21], voc_palette(21))
+    assert tuple(flat[255]) == VOID
+    with pytest.raises(ValueError):
+        full_palette(np.zeros((257, 3)))
+    with pytest.raises(ValueError):
+        full_palette(np.zeros((4, 4)))
+    with pytest.raises(ValueError):
+        full_palette(np.array([[0, 0, 256]]))
