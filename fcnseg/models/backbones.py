@@ -44,18 +44,21 @@ class VGG16Backbone(Backbone):
     ``alignment="caffe"`` reproduces the release: conv1_1 padded by 100, max pooling rounding up, fc6 unpadded.
     ``alignment="aligned"`` keeps VGG's own padding and pads fc6 by 3, so every stride-32 cell is centred on its
     32 x 32 block of a (padded) input. ``width`` scales every channel count (1.0 = the published network) and
-    ``fc_dim`` sets fc6/fc7's 4096 channels; smaller ones give fast test and demo networks.
+    ``fc_dim`` sets fc6/fc7's 4096 channels; smaller ones give fast test and demo networks. ``batch_norm`` gives
+    torchvision's ``vgg16_bn`` body (a modern option that trains quickly from scratch; not in the paper).
     """
 
     taps = ("pool3", "pool4", "fc7")
 
-    def __init__(self, *, alignment: Alignment = "aligned", width: float = 1.0, fc_dim: int = 4096) -> None:
+    def __init__(
+        self, *, alignment: Alignment = "aligned", width: float = 1.0, fc_dim: int = 4096, batch_norm: bool = False
+    ) -> None:
         super().__init__()
         check_alignment(alignment)
         self.alignment = alignment
         cfg = [v if v == "M" else max(1, round(int(v) * width)) for v in tv_vgg.cfgs["D"]]
         # Same module indices as torchvision's vgg16().features, so its state dict keys load unchanged.
-        self.features = tv_vgg.make_layers(cfg, batch_norm=False)
+        self.features = tv_vgg.make_layers(cfg, batch_norm=batch_norm)
         pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
         if alignment == "caffe":
             # Pad 100 makes every input size alignable (facts: "why pad 100"); Caffe pools round up.

@@ -138,6 +138,7 @@ def _build(
     alignment: str,
     width: float,
     fc_dim: int,
+    batch_norm: bool,
     learnable_upsampling: bool,
     backbone_weights: str | None,
     skip_scales: Mapping[str, float] | None = None,
@@ -145,7 +146,7 @@ def _build(
     check_alignment(alignment)
     if width <= 0 or fc_dim < 1:
         raise FcnsegError(f"width must be > 0 and fc_dim >= 1, got width={width}, fc_dim={fc_dim}")
-    backbone = VGG16Backbone(alignment=alignment, width=width, fc_dim=fc_dim)  # type: ignore[arg-type]
+    backbone = VGG16Backbone(alignment=alignment, width=width, fc_dim=fc_dim, batch_norm=batch_norm)  # type: ignore[arg-type]
     if backbone_weights is not None:
         load_vgg16_imagenet(backbone, backbone_weights)
     return FCN(
@@ -164,6 +165,7 @@ def fcn32s(
     alignment: str = "aligned",
     width: float = 1.0,
     fc_dim: int = 4096,
+    batch_norm: bool = False,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
 ) -> FCN:
@@ -181,6 +183,7 @@ def fcn16s(
     alignment: str = "aligned",
     width: float = 1.0,
     fc_dim: int = 4096,
+    batch_norm: bool = False,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
 ) -> FCN:
@@ -195,6 +198,7 @@ def fcn8s(
     alignment: str = "aligned",
     width: float = 1.0,
     fc_dim: int = 4096,
+    batch_norm: bool = False,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
 ) -> FCN:
@@ -209,6 +213,7 @@ def fcn8s_atonce(
     alignment: str = "aligned",
     width: float = 1.0,
     fc_dim: int = 4096,
+    batch_norm: bool = False,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
 ) -> FCN:

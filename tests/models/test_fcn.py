@@ -107,18 +107,37 @@ def _tap_of(model: FCN, score: torch.nn.Module) -> str:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_impulse_lands_where_it_was(name, mode):
-    # Misplaced crops shift the output by whole offsets (19, 27, 31 ...): the peak would then leave the cell of
-    # the finest stride that holds the impulse.
+    # With pass-through weights a bright pixel lights the finest-stride cell that holds it, and the bilinear
+    # upsamplers put the output peak at that cell's centre. The cells are counted by hand here: stride-s blocks of
+    # conv1_1's output grid, whose pixel j is centred on input pixel j - 99 with the release's pad 100 (3x3
+    # kernel) and on j itself in aligned mode. A crop off by even one pixel moves the peak off the centre.
     model = _impulse_model(name, mode)
-    finest = 8 if "pool3" in model.skips else 16 if "pool4" in model.skips else 32
+    s = 8 if "pool3" in model.skips else 16 if "pool4" in model.skips else 32
+    origin = -99 if mode == "caffe" else 0
     h, w = 97, 131
-    for r, c in [(0, 0), (50, 70), (96, 130), (33, 5), (64, 100)]:
+    for r, c in [(0, 0), (50, 70), (96, 130), (33, 5), (64, 100), (7, 120)]:
         x = torch.zeros(1, 3, h, w)
         x[0, 0, r, c] = 1.0
         with torch.no_grad():
             heat = model(x)[0, 1]
-        pr, pc = divmod(int(heat.argmax()), w)
-        assert abs(pr - r) <= finest / 2 and abs(pc - c) <= finest / 2, (r, c, pr, pc)
+        centres = [origin + s * ((v - origin) // s) + (s - 1) / 2 for v in (r, c)]
+        peak = heat.max()
+        # The maxima are the two pixels around the centre (centre +- 0.5, tied), or the nearest border pixel
+        # when the centre of a cell cut by the image border lies outside the image.
+        rows, cols = torch.nonzero(heat >= peak - 1e-6 * peak.abs(), as_tuple=True)
+        for coords, centre, size in ((rows, centres[0], h), (cols, centres[1], w)):
+            lo, hi = (min(max(round(v), 0), size - 1) for v in (centre - 0.5, centre + 0.5))
+            assert coords.min() >= lo and coords.max() <= hi, (name, mode, r, c, centre, coords.unique())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_norm_variant_keeps_the_geometry(mode):
+    plain = get_model("fcn8s", alignment=mode, **TINY)
+    bn = get_model("fcn8s", alignment=mode, batch_norm=True, **TINY)
+    assert bn.crop_offsets == plain.crop_offsets
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules()) == 13
+    with torch.no_grad():
+        assert bn.eval()(torch.randn(1, 3, 19, 23)).shape == (1, 21, 19, 23)
 
 
 def test_atonce_scales_the_skips():
@@ -144,6 +163,7 @@ def test_build_config_records_the_builder_arguments():
             "alignment": "caffe",
             "width": 1 / 16,
             "fc_dim": 16,
+            "batch_norm": False,
             "learnable_upsampling": False,
             "backbone_weights": None,
         },

@@ -1,0 +1,132 @@
+"""What every dataset shares: (image, mask) pairs with 255 = void, class names and colours, paired transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+
+from ..errors import FcnsegError
+from ..imageio import load_image
+
+IGNORE_INDEX = 255
+"""Label of void pixels (object borders in VOC, unlabelled pixels elsewhere): ignored by loss and metrics."""
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Base class: item ``i`` is ``(image, mask)``.
+
+    ``image`` is a ``tv_tensors.Image`` (uint8, 3 x H x W, RGB) and ``mask`` a ``tv_tensors.Mask`` (int64, H x W,
+    class indices with 255 = void), both passed through ``transforms(image, mask)`` when given — torchvision's
+    transforms.v2 move the two together (masks resized with nearest neighbour). Subclasses set ``ids``,
+    ``classes`` and ``palette`` and implement :meth:`image_path`, :meth:`mask_path` and :meth:`read_mask`;
+    files are decoded once per access.
+    """
+
+    classes: tuple[str, ...] = ()
+    palette: np.ndarray  # len(classes) x 3 uint8
+    ids: list[str]
+    split: str
+
+    def __init__(self, transforms: Callable[..., Any] | None = None) -> None:
+        self.transforms = transforms
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # -- what a subclass provides ---------------------------------------------------------------------------
+    def image_path(self, index: int) -> Path:
+        raise NotImplementedError
+
+    def mask_path(self, index: int) -> Path:
+        raise NotImplementedError
+
+    def read_mask(self, path: Path) -> np.ndarray:
+        """Decode one mask file to H x W uint8 class indices (255 = void)."""
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------------------
+    def read_image(self, path: Path) -> np.ndarray:
+        """Decode one image file to H x W x 3 uint8 RGB."""
+        return load_image(path)
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw (image, mask) arrays of item ``index``; a size mismatch is an error naming both files."""
+        img_path, mask_path = self.image_path(index), self.mask_path(index)
+        image, mask = self.read_image(img_path), self.read_mask(mask_path)
+        if image.shape[:2] != mask.shape:
+            raise FcnsegError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {img_path.name} is "
+                f"{image.shape[1]}x{image.shape[0]}; expected the same size"
+            )
+        return image, mask
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        image, mask = self.load_pair(index)
+        img_t = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        mask_t = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)).to(torch.int64))
+        if self.transforms is not None:
+            img_t, mask_t = self.transforms(img_t, mask_t)
+        return img_t, mask_t
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(split={self.split!r}, images={len(self)}, classes={self.num_classes})"
+
+
+def read_split_file(path: Path) -> list[str]:
+    """Ids listed one per line (blank lines and surrounding spaces ignored, order kept, duplicates dropped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise FcnsegError(f"{path}: split file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FcnsegError(f"{path}: cannot read split file ({e.__class__.__name__})") from None
+    return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+
+
+_DATASETS: dict[str, Callable[..., SegmentationDataset]] = {}
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., SegmentationDataset]], Callable[..., SegmentationDataset]]:
+    """Class decorator: make a dataset available by name to every command's ``--dataset NAME``."""
+
+    def wrap(cls: Callable[..., SegmentationDataset]) -> Callable[..., SegmentationDataset]:
+        if name in _DATASETS:
+            raise ValueError(f"a dataset named {name!r} is already registered")
+        _DATASETS[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def get_dataset(
+    name: str,
+    *,
+    root: str | Path | None = None,
+    split: str = "train",
+    transforms: Callable[..., Any] | None = None,
+    **kwargs: Any,
+) -> SegmentationDataset:
+    """Build dataset ``name`` (``voc``, ``sbd``, ``seg11valid``, ``folder``, ``synthetic``) for ``split``."""
+    from . import _register_all  # noqa: F401  (imports every dataset module once)
+
+    if name not in _DATASETS:
+        raise FcnsegError(f"--dataset {name!r}: unknown dataset; expected one of {', '.join(list_datasets())}")
+    return _DATASETS[name](root=root, split=split, transforms=transforms, **kwargs)
+
+
+def check_split(split: str, allowed: Sequence[str], dataset: str) -> None:
+    if split not in allowed:
+        raise FcnsegError(f"--split {split!r}: {dataset} has splits {', '.join(allowed)}")
