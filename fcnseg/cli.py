@@ -142,8 +142,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print("fcnseg demo: not available yet; it arrives with training (synthetic data, FCN-32s/16s/8s).")
+    import time
+
+    from .engine.demo import format_table, run_demo
+
+    t0 = time.perf_counter()
+    results = run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    out = Path(args.out)
+    print()
+    print(format_table(results))
+    print(
+        f"\nsynthetic shapes, width-1/8 VGG16 with batch norm (no pretrained weights here), "
+        f"{'quick' if args.quick else 'full'} run in {time.perf_counter() - t0:.0f} s.\n"
+        f"checkpoints: {out}/<model>/best.pt; evaluation reports: {out}/<model>/eval/; "
+        f"pictures: {out}/predictions.png, {out}/comparison.png; figures: {out}/results.json"
+    )
     return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .data.check import run_check_data
+
+    return run_check_data(args.dataset, args.root, args.split, quiet=args.quiet)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -176,9 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="train and evaluate FCN-32s/16s/8s on synthetic data")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a CI-sized run (about a minute)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    from .engine.commands import add_eval_arguments, add_train_arguments, cmd_eval, cmd_train
+
+    p = sub.add_parser("train", help="train a model (paper or modern recipe)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: the paper's four metrics, per-class table, plots")
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("check-data", help="read every image and mask of a dataset split and report every problem")
+    p.add_argument("--dataset", required=True, help="dataset name (voc, sbd, seg11valid, folder, synthetic)")
+    p.add_argument("--root", help="the dataset's folder")
+    p.add_argument("--split", default="train", help="split to read (default: train)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary; problems only")
+    p.set_defaults(func=cmd_check_data)
     return parser
 
 

@@ -1,0 +1,243 @@
+"""``fcnseg check-data``: read every item of a dataset split and report every problem, not just the first.
+
+A dataset can add problems that no item shows (stray files, split files naming missing ids, empty splits) by
+defining ``extra_problems() -> Iterable[Problem]``; :class:`~fcnseg.data.folder.FolderDataset` does. An error
+raised while reading may carry a ``kind`` attribute to be filed under that kind (the folder dataset's
+``MaskColourError`` is ``unknown-colour``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import FcnsegError
+from .base import IGNORE_INDEX, SegmentationDataset
+
+__all__ = ["PROBLEM_KINDS", "CheckReport", "Problem", "check_dataset", "print_problems", "run_check_data"]
+
+PROBLEM_KINDS: dict[str, str] = {
+    "unreadable-image": "an image file that cannot be decoded",
+    "unreadable-mask": "a mask file that cannot be decoded",
+    "unreadable-item": "an item of a dataset without files whose load_pair failed",
+    "image-without-mask": "an image with no mask",
+    "mask-without-image": "a mask with no image",
+    "id-without-files": "an id (in a split file) with neither an image nor a mask",
+    "size-mismatch": "a mask whose size differs from its image's",
+    "bad-mask-values": "mask values that are neither a class index nor 255 (void)",
+    "unknown-colour": "an RGB mask colour that is no class colour and not the void colour",
+    "empty-split": "a split with no usable item",
+    "split-overlap": "ids in more than one split file",
+    "duplicate-stem": "two files for one stem (e.g. a.jpg and a.png)",
+    "unsupported-file": "a file with a suffix the dataset does not read",
+    "unreadable-split-file": "a split file that cannot be read",
+}
+"""Every kind of problem check-data reports, with what it means."""
+
+
+class Problem(NamedTuple):
+    """One problem: the file it concerns, its kind (a key of :data:`PROBLEM_KINDS`) and what is wrong."""
+
+    file: str
+    kind: str
+    message: str
+
+    def line(self) -> str:
+        # The kind goes last, in brackets, so the line reads as prose and still greps by kind.
+        return f"{self.file}: {self.message} [{self.kind}]"
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_dataset` found: item counts, pixels per class over the clean items, and problems."""
+
+    title: str
+    classes: tuple[str, ...]
+    images: int = 0
+    clean: int = 0
+    class_pixels: list[int] = field(default_factory=list)
+    void_pixels: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def total_pixels(self) -> int:
+        return sum(self.class_pixels) + self.void_pixels
+
+    def summary(self) -> str:
+        """A table: pixels and share of all counted pixels per class, then void and the total."""
+        total = self.total_pixels
+        bad = self.images - self.clean
+        head = f"{self.title}: {self.images} images, {self.clean} read cleanly"
+        lines = [head + (f", {bad} with problems" if bad else "")]
+        rows = [*zip(self.classes, self.class_pixels, strict=True), ("void", self.void_pixels)]
+        width = max(len("class"), *(len(name) for name, _ in rows))
+        lines.append(f"{'class':<{width}}  {'pixels':>14}  {'share':>7}")
+        for name, n in rows:
+            share = f"{100.0 * n / total:.2f}%" if total else "-"
+            lines.append(f"{name:<{width}}  {n:>14,}  {share:>7}")
+        lines.append(f"{'total':<{width}}  {total:>14,}")
+        lines.append(f"{len(self.problems)} problem(s)" if self.problems else "no problems")
+        return "\n".join(lines)
+
+
+def _overrides(ds: SegmentationDataset, method: str) -> bool:
+    return getattr(type(ds), method) is not getattr(SegmentationDataset, method)
+
+
+def _strip(message: str, path: object) -> str:
+    # Readers' errors start with the file name; the problem line names the file already.
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+def _read_problem(exc: Exception, path: object, kind: str) -> Problem:
+    # Keep going on any decoder error: PIL, scipy's .mat reader and others raise many exception types on a
+    # damaged file, and one bad file must not hide the rest. A kind on the exception (e.g. unknown-colour) wins.
+    kind = getattr(exc, "kind", kind)
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, FcnsegError):
+        what = {"unreadable-image": "image", "unreadable-mask": "mask"}.get(kind, "item")
+        text = f"cannot read {what} ({type(exc).__name__}{': ' + text if text else ''})"
+    return Problem(str(path), kind, _strip(text, path))
+
+
+class _Counts:
+    def __init__(self, n: int) -> None:
+        self.classes = [0] * n
+        self.void = 0
+
+
+def _check_values(mask: np.ndarray, mask_file: str, n: int, counts: _Counts) -> Problem | None:
+    values, pixels = np.unique(np.asarray(mask), return_counts=True)
+    bad = [(int(v), int(c)) for v, c in zip(values, pixels, strict=True) if not (0 <= v < n or v == IGNORE_INDEX)]
+    if bad:
+        listed = ", ".join(f"{v} ({c} px)" for v, c in bad[:10])
+        if len(bad) > 10:
+            listed += f" and {len(bad) - 10} more"
+        return Problem(
+            mask_file,
+            "bad-mask-values",
+            f"values {listed} are neither a class index 0..{n - 1} nor {IGNORE_INDEX} (void)",
+        )
+    for v, c in zip(values.tolist(), pixels.tolist(), strict=True):
+        if v == IGNORE_INDEX:
+            counts.void += c
+        else:
+            counts.classes[v] += c
+    return None
+
+
+def _check_files(ds: SegmentationDataset, i: int, counts: _Counts) -> list[Problem]:
+    """Item ``i`` of a dataset with files: existence, each file's decoding, sizes, values."""
+    img_path, mask_path = Path(ds.image_path(i)), Path(ds.mask_path(i))
+    has_img, has_mask = img_path.exists(), mask_path.exists()
+    if not has_img and not has_mask:
+        return [Problem(str(img_path), "id-without-files", f"neither this image nor its mask {mask_path} exists")]
+    if not has_mask:
+        return [Problem(str(img_path), "image-without-mask", f"its mask {mask_path} does not exist")]
+    if not has_img:
+        return [Problem(str(mask_path), "mask-without-image", f"its image {img_path} does not exist")]
+    problems = []
+    image = mask = None
+    try:
+        image = ds.read_image(img_path)
+    except Exception as e:
+        problems.append(_read_problem(e, img_path, "unreadable-image"))
+    try:
+        mask = ds.read_mask(mask_path)
+    except Exception as e:
+        problems.append(_read_problem(e, mask_path, "unreadable-mask"))
+    if image is None or mask is None:
+        return problems
+    if image.shape[:2] != mask.shape:
+        return [
+            Problem(
+                str(mask_path),
+                "size-mismatch",
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {img_path.name} is "
+                f"{image.shape[1]}x{image.shape[0]}; expected the same size",
+            )
+        ]
+    bad = _check_values(mask, str(mask_path), ds.num_classes, counts)
+    return [bad] if bad else []
+
+
+def _item_name(ds: SegmentationDataset, i: int) -> str:
+    try:
+        return str(ds.mask_path(i))
+    except Exception:
+        ids = getattr(ds, "ids", None)
+        return f"{type(ds).__name__}[{ids[i] if ids is not None and i < len(ids) else i}]"
+
+
+def _check_loaded(ds: SegmentationDataset, i: int, counts: _Counts) -> list[Problem]:
+    """Item ``i`` through ``load_pair``: datasets without files, or with their own way of decoding them."""
+    name = _item_name(ds, i)
+    try:
+        image, mask = ds.load_pair(i)
+    except Exception as e:
+        return [_read_problem(e, name, "unreadable-item")]
+    if image.shape[:2] != mask.shape:
+        return [
+            Problem(
+                name,
+                "size-mismatch",
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}; "
+                "expected the same size",
+            )
+        ]
+    bad = _check_values(mask, name, ds.num_classes, counts)
+    return [bad] if bad else []
+
+
+def check_dataset(dataset: SegmentationDataset, *, title: str | None = None, progress: bool = False) -> CheckReport:
+    """Read every item of ``dataset`` and collect every problem; pixels are counted over the clean items."""
+    ds = dataset
+    report = CheckReport(
+        title=title or f"{type(ds).__name__} split {getattr(ds, 'split', '?')!r}",
+        classes=tuple(ds.classes),
+        images=len(ds),
+    )
+    extra = getattr(ds, "extra_problems", None)
+    if callable(extra):
+        report.problems.extend(Problem(*p) for p in extra())
+    if len(ds) == 0:
+        where = getattr(ds, "root", None) or f"--split {getattr(ds, 'split', '?')}"
+        report.problems.append(Problem(str(where), "empty-split", f"split {getattr(ds, 'split', '?')!r} is empty"))
+    # Paths are only read directly when load_pair is the base class's, so a dataset's own decoding is honoured.
+    by_files = _overrides(ds, "image_path") and _overrides(ds, "mask_path") and not _overrides(ds, "load_pair")
+    counts = _Counts(ds.num_classes)
+    for i in tqdm(range(len(ds)), desc="check-data", unit="img", disable=not progress, file=sys.stderr):
+        found = _check_files(ds, i, counts) if by_files else _check_loaded(ds, i, counts)
+        report.problems.extend(found)
+        report.clean += not found
+    report.class_pixels, report.void_pixels = counts.classes, counts.void
+    return report
+
+
+def print_problems(problems: Iterable[Problem]) -> None:
+    """Each problem as one ``fcnseg: error: <file>: <what is wrong> [<kind>]`` line on stderr."""
+    for p in problems:
+        print(f"fcnseg: error: {p.line()}", file=sys.stderr)
+
+
+def run_check_data(name: str, root: str | None, split: str, *, quiet: bool = False) -> int:
+    """The ``check-data`` command: 0 when the dataset is clean, else every problem on stderr and 2."""
+    from .base import get_dataset
+
+    ds = get_dataset(name, root=root, split=split)
+    report = check_dataset(ds, title=f"{name} split {split!r}", progress=not quiet)
+    if not quiet:
+        print(report.summary())
+    print_problems(report.problems)
+    return 0 if report.ok else 2

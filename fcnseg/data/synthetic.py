@@ -1,0 +1,381 @@
+"""A procedurally generated segmentation set for the embedded demo: no files, every image made on demand.
+
+Each image holds several textured shapes, some touching or overlapping, on a cluttered background. Classes
+(index: name, local cue):
+
+0 ``background``: grey/brown/olive, low saturation, smooth blotches, distractor blobs and thin scribbles
+1 ``disc``: irregular (wobbly-edged) blob, red, horizontal stripes
+2 ``square``: rotated rectangle, red, vertical stripes
+3 ``triangle``: irregular triangle, blue, 2 x 2 checks
+4 ``cross``: two crossing bars 4-8 px wide, blue, diagonal stripes
+5 ``ring``: wobbly annulus 3-7 px thick, yellow-green, mottled
+6 ``stick``: straight bar 2-6 px wide, cyan, plain
+
+Every class can be told from its neighbourhood of a few pixels (colour plus stripe orientation or pattern), so a few
+convolutions learn it quickly; colour alone cannot separate disc from square or triangle from cross, and the
+background clutter shares shapes (blobs, thin lines) with the objects. What is hard is *where*: sticks, ring walls
+and cross arms are thinner than one stride-8 cell, triangles and rectangles have sharp corners, discs wobbly edges,
+and touching objects meet along boundaries that a stride-32 prediction smears over. So FCN-32s finds the objects
+but loses their thin parts and outlines, and the pool4 / pool3 skips of FCN-16s / FCN-8s win those back.
+
+Item ``i`` of split ``s`` with seed ``k`` is drawn from ``np.random.default_rng([k, code(s), i])`` alone: the
+same bytes whatever the access order, and independent of every other item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FcnsegError
+from ..palette import generated_palette
+from .base import SegmentationDataset, check_split, register_dataset
+
+CLASSES: tuple[str, ...] = ("background", "disc", "square", "triangle", "cross", "ring", "stick")
+BACKGROUND, DISC, SQUARE, TRIANGLE, CROSS, RING, STICK = range(len(CLASSES))
+
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+"""Split name -> code mixed into the seed, so splits never share an image."""
+DEFAULT_SIZES: dict[str, int] = {"train": 400, "val": 100, "test": 100}
+"""Images per split unless ``num_images`` says otherwise: enough for the demo, ~1-2 s to generate."""
+
+# Light and dark colour of each object class's two-tone texture (RGB). Disc/square and triangle/cross share
+# colours on purpose: only the texture's orientation/pattern tells them apart.
+_COLOURS: dict[int, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    DISC: ((215, 75, 60), (130, 35, 35)),
+    SQUARE: ((215, 75, 60), (130, 35, 35)),
+    TRIANGLE: ((70, 110, 220), (30, 45, 125)),
+    CROSS: ((70, 110, 220), (30, 45, 125)),
+    RING: ((205, 200, 60), (140, 150, 35)),
+    STICK: ((80, 215, 215), (80, 215, 215)),
+}
+_SHAPE_CLASSES = (DISC, SQUARE, TRIANGLE, CROSS, RING)
+_REF = 128  # object sizes are given for 128 px images and scale with the shorter side; widths of thin parts don't
+_PERIOD = 12  # every texture repeats after 12 px in both directions, so a random offset below 12 is a random phase
+
+
+@lru_cache(maxsize=16)
+def _texture_bits(h: int, w: int) -> np.ndarray:
+    """Every class's two-tone pattern on an (H + 12) x (W + 12) canvas, packed: bit c = 1 where class c is dark.
+
+    Patterns live in image coordinates, so a texture's orientation never depends on its shape's; they are what
+    tells disc from square and triangle from cross, which share colours. Packing them into one uint8 image makes
+    "the pattern of each pixel's class" two cheap integer operations.
+    """
+    y, x = np.ogrid[: h + _PERIOD, : w + _PERIOD]
+    dark = {
+        DISC: y % 4 >= 2,  # horizontal stripes, period 4
+        SQUARE: x % 4 >= 2,  # vertical stripes, period 4
+        TRIANGLE: (y // 2 + x // 2) % 2 == 1,  # 2 x 2 checks
+        CROSS: (x + y) % 6 >= 3,  # diagonal stripes, ~4 px apart
+        RING: (y % 3 == 0) & (x % 3 == 0),  # dark dots 3 px apart: visible even in a 3 px wall
+    }  # background and stick: plain (the ground gets noise instead; a stick is too thin for a pattern)
+    bits = np.zeros((h + _PERIOD, w + _PERIOD), dtype=np.uint8)
+    for cls, pattern in dark.items():
+        bits |= pattern.astype(np.uint8) << cls
+    bits.flags.writeable = False
+    return bits
+
+
+class _Polar:
+    """Offsets, distance and angular harmonics around the centre of a (2R+1)^2 window, computed once per R.
+
+    Shapes are centred on whole pixels and slice these tables instead of computing square roots and angles per
+    shape, which used to be most of the generation time.
+    """
+
+    def __init__(self, radius: int) -> None:
+        self.radius = radius
+        dy, dx = np.mgrid[-radius : radius + 1, -radius : radius + 1].astype(np.float32)
+        d = np.sqrt(dy * dy + dx * dx)
+        inv = 1 / np.maximum(d, np.float32(1e-3))
+        c1, s1 = dx * inv, dy * inv
+        # cos and sin of 2, 3 and 5 theta by angle addition.
+        c2, s2 = c1 * c1 - s1 * s1, 2 * c1 * s1
+        c3, s3 = c2 * c1 - s2 * s1, s2 * c1 + c2 * s1
+        c5, s5 = c3 * c2 - s3 * s2, s3 * c2 + c3 * s2
+        self.dy, self.dx, self.d = dy, dx, d
+        self.harmonics = (c2, s2, c3, s3, c5, s5)
+        for a in (dy, dx, d, *self.harmonics):
+            a.flags.writeable = False
+
+
+@lru_cache(maxsize=8)
+def _polar(radius: int) -> _Polar:
+    return _Polar(radius)
+
+
+@lru_cache(maxsize=32)
+def _interp(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear resampling of n_in samples to n_out: (lower index, upper index, weight of upper), each n_out long."""
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (pos - lo).astype(np.float32)
+    for a in (lo, hi, frac):
+        a.flags.writeable = False
+    return lo, hi, frac
+
+
+def _upsample(grid: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear upsampling of a gh x gw x C grid to H x W x C by two separable gathers."""
+    # Plain element-wise work: a BLAS matrix product this small is mostly thread start-up and was far slower.
+    lo, hi, f = _interp(h, grid.shape[0])
+    grid = grid[lo] + (grid[hi] - grid[lo]) * f[:, None, None]
+    lo, hi, f = _interp(w, grid.shape[1])
+    return grid[:, lo] + (grid[:, hi] - grid[:, lo]) * f[None, :, None]
+
+
+def _noise_grid(rng: np.random.Generator, h: int, w: int, cell: int, channels: int) -> np.ndarray:
+    """Unit normal values on a grid of one point per ``cell`` px (plus a margin), (H/cell+2) x (W/cell+2) x C."""
+    return rng.standard_normal((h // cell + 2, w // cell + 2, channels), dtype=np.float32)
+
+
+class _Window:
+    """The part of the image within ``radius`` of a whole-pixel centre, with the polar tables cut to match."""
+
+    def __init__(self, h: int, w: int, cy: float, cx: float, radius: float) -> None:
+        r = int(radius) + 2
+        polar = _polar(max(32, 1 << (r - 1).bit_length()))  # a few sizes, shared by every shape
+        iy, ix = round(cy), round(cx)
+        y0, y1 = max(iy - r, 0), min(iy + r + 1, h)
+        x0, x1 = max(ix - r, 0), min(ix + r + 1, w)
+        self.empty = y0 >= y1 or x0 >= x1
+        self.image = slice(y0, y1), slice(x0, x1)
+        o = polar.radius
+        tab = slice(y0 - iy + o, y1 - iy + o), slice(x0 - ix + o, x1 - ix + o)
+        self.dy, self.dx, self.d = polar.dy[tab], polar.dx[tab], polar.d[tab]
+        self.harmonics = tuple(a[tab] for a in polar.harmonics)
+
+    def wobbly_radius(self, rng: np.random.Generator, r0: float, amp: float) -> np.ndarray:
+        """r(theta) of a blob whose edge wobbles by harmonics 2, 3 and 5 (irregular, never a circle)."""
+        size = rng.uniform(0, amp, 3) * r0
+        phase = rng.uniform(0, 2 * np.pi, 3)
+        coef = np.stack([size * np.cos(phase), size * np.sin(phase)], 1).ravel().astype(np.float32)
+        r = np.full(self.d.shape, r0, dtype=np.float32)
+        for c, h in zip(coef, self.harmonics):
+            r += c * h
+        return r
+
+    def segment_distance2(self, angle: float, half_len: float) -> np.ndarray:
+        """Squared distance to a segment through the centre (a stadium-shaped field)."""
+        c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+        along = np.clip(self.dx * c + self.dy * s, -half_len, half_len)
+        ey, ex = self.dy - along * s, self.dx - along * c
+        return ey * ey + ex * ex
+
+
+class _Scene:
+    """An id map (which drawn thing covers each pixel; later ones occlude earlier) and each thing's look.
+
+    Shapes only write their id into the map; colours are filled in once for the whole image at the end, which
+    keeps the per-shape work to one boolean mask over its bounding box.
+    """
+
+    def __init__(self, h: int, w: int, ground: np.ndarray) -> None:
+        self.h, self.w = h, w
+        self.ids = np.zeros((h, w), dtype=np.uint16)
+        # Thing 0 is the ground: class background, light = dark = its base colour, plus the noise field.
+        self.cls: list[int] = [BACKGROUND]
+        self.colours: list[np.ndarray] = [ground, ground]  # light, dark of thing 0, then of thing 1, ...
+        self.field: list[float] = [1.0]
+
+    def window(self, cy: float, cx: float, radius: float) -> _Window | None:
+        win = _Window(self.h, self.w, cy, cx, radius)
+        return None if win.empty else win
+
+    def add(
+        self, win: _Window, inside: np.ndarray, cls: int, light: np.ndarray, dark: np.ndarray, field: float
+    ) -> None:
+        """Put a new thing where ``inside``; ``field`` = how much of the ground's noise shows through it."""
+        self.ids[win.image][inside] = len(self.cls)
+        self.cls.append(cls)
+        self.colours += [light, dark]
+        self.field.append(field)
+
+
+def _object_colours(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.ndarray]:
+    light, dark = (np.asarray(c, dtype=np.float32) for c in _COLOURS[cls])
+    # Per-object jitter: objects of one class differ in shade, so the net must not memorise exact RGB values.
+    shift = rng.normal(0, 12, 3).astype(np.float32)
+    gain = np.float32(rng.uniform(0.85, 1.15))
+    return light * gain + shift, dark * gain + shift
+
+
+def _draw_object(rng: np.random.Generator, sc: _Scene, cls: int, cy: float, cx: float, scale: float) -> float:
+    """Add one object of class ``cls`` centred at (cy, cx); returns its radius (for placing neighbours)."""
+    if cls == STICK:
+        radius = rng.uniform(14, 45) * scale
+        half_w = rng.uniform(1.0, 3.0)  # 2-6 px wide: thinner than a stride-8 cell
+    elif cls == CROSS:
+        radius = rng.uniform(11, 24) * scale
+        half_w = rng.uniform(2.0, 4.0)
+    else:
+        radius = rng.uniform(11, 24) * scale
+        half_w = 0.0
+    win = sc.window(cy, cx, radius * 1.4 + half_w)
+    if win is None:
+        return radius
+    angle = rng.uniform(0, np.pi)
+    dy, dx = win.dy, win.dx
+    if cls == DISC:
+        inside = win.d <= win.wobbly_radius(rng, radius, 0.12)
+    elif cls == RING:
+        r = win.wobbly_radius(rng, radius, 0.08)
+        inside = (win.d <= r) & (win.d > r - np.float32(rng.uniform(3.0, 7.0)))
+    elif cls == SQUARE:
+        c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+        half_a = np.float32(radius * 0.8)
+        half_b = np.float32(half_a * rng.uniform(0.6, 1.0))
+        inside = (np.abs(dx * c + dy * s) <= half_a) & (np.abs(dy * c - dx * s) <= half_b)
+    elif cls == TRIANGLE:
+        angles = angle + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) + rng.uniform(-0.35, 0.35, 3)
+        radii = radius * rng.uniform(0.8, 1.1, 3)
+        vy, vx = (radii * np.sin(angles)).astype(np.float32), (radii * np.cos(angles)).astype(np.float32)
+        # Vertices go round in angle order, so inside = on the same (inner) side of all three edges.
+        inside = np.ones(dy.shape, dtype=bool)
+        for k in range(3):
+            inside &= (dx - vx[k]) * (vy[k - 2] - vy[k]) - (dy - vy[k]) * (vx[k - 2] - vx[k]) <= 0
+    elif cls == CROSS:
+        second = angle + np.pi / 2 + rng.uniform(-0.3, 0.3)
+        hw2 = np.float32(half_w * half_w)
+        inside = win.segment_distance2(angle, radius) <= hw2
+        inside |= win.segment_distance2(second, radius * rng.uniform(0.6, 1.0)) <= hw2
+    else:  # STICK
+        inside = win.segment_distance2(angle, radius) <= np.float32(half_w * half_w)
+    sc.add(win, inside, cls, *_object_colours(rng, cls), field=0.0)
+    return radius
+
+
+def _draw_clutter(rng: np.random.Generator, sc: _Scene, base: np.ndarray, scale: float, area: float) -> None:
+    """Distractor blobs and thin scribbles in background colours (class background)."""
+    h, w = sc.h, sc.w
+    # Blobs: wobbly patches lighter or darker than the ground, some of them object-sized; the ground's noise
+    # shows through, so they are as blotchy as the ground around them.
+    for _ in range(max(1, round(rng.integers(4, 9) * area))):
+        cy, cx, r0 = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(5, 18) * scale
+        win = sc.window(cy, cx, r0 * 1.8)
+        if win is None:
+            continue
+        inside = win.d <= win.wobbly_radius(rng, r0, 0.25)
+        tone = (base + rng.choice([-1, 1]) * rng.uniform(20, 50) + rng.normal(0, 10, 3)).astype(np.float32)
+        sc.add(win, inside, BACKGROUND, tone, tone, field=1.0)
+    # Scribbles: thin background lines, so that "thin" alone never means "stick".
+    for _ in range(max(1, round(rng.integers(2, 6) * area))):
+        cy, cx, half = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 30) * scale
+        win = sc.window(cy, cx, half + 2)
+        if win is None:
+            continue
+        inside = win.segment_distance2(rng.uniform(0, np.pi), half) <= np.float32(rng.uniform(0.7, 1.6) ** 2)
+        tone = (base + rng.choice([-1, 1]) * rng.uniform(30, 60)).astype(np.float32)
+        sc.add(win, inside, BACKGROUND, tone, tone, field=0.5)
+
+
+def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (H x W x 3 uint8 image, H x W uint8 mask) pair drawn from ``rng``."""
+    scale = min(height, width) / _REF
+    area = height * width / _REF**2
+    base = (rng.uniform(85, 165) + rng.normal(0, 14, 3)).astype(np.float32)  # grey tinted to brown/olive/slate
+    sc = _Scene(height, width, base)
+    _draw_clutter(rng, sc, base, scale, area)
+
+    n_shapes = max(1, round(rng.integers(5, 10) * area))
+    n_sticks = max(1, round(rng.integers(2, 5) * area))
+    classes = np.concatenate([rng.choice(_SHAPE_CLASSES, n_shapes), np.full(n_sticks, STICK)])
+    rng.shuffle(classes)  # sticks lie on top of some shapes and under others
+    placed: list[tuple[float, float, float]] = []
+    for cls in classes:
+        if placed and rng.random() < 0.5:
+            # Next to an earlier object, so that objects touch and overlap and share boundaries; clipped so that
+            # a neighbour never lands (mostly) off the image.
+            py, px, pr = placed[rng.integers(len(placed))]
+            theta, dist = rng.uniform(0, 2 * np.pi), pr + rng.uniform(4, 16) * scale
+            cy = float(np.clip(py + dist * np.sin(theta), 0.05 * height, 0.95 * height))
+            cx = float(np.clip(px + dist * np.cos(theta), 0.05 * width, 0.95 * width))
+        else:
+            cy, cx = rng.uniform(0.05, 0.95) * height, rng.uniform(0.05, 0.95) * width
+        placed.append((cy, cx, _draw_object(rng, sc, int(cls), cy, cx, scale)))
+
+    # Colour everything at once. Each thing has a light and a dark colour; its class's pattern picks one.
+    ids = sc.ids
+    label = np.asarray(sc.cls, dtype=np.uint8)[ids]
+    oy, ox = rng.integers(0, _PERIOD, 2)
+    dark = (_texture_bits(height, width)[oy : oy + height, ox : ox + width] >> label) & 1
+    image = np.take(np.stack(sc.colours), (ids << 1) | dark, axis=0)
+    # Ground noise (blotches ~16 px across in brightness, ~4 px colour grain) and lighting that varies across
+    # the image, as channels 0-2 and 3 of one grid, so that one full-size upsampling serves both.
+    grid = 7 * _noise_grid(rng, height, width, 4, 4)
+    gh, gw = grid.shape[:2]
+    grid[..., :3] += 22 * _upsample(_noise_grid(rng, height // 4, width // 4, 4, 1), gh, gw)
+    grid[..., 3:] = 1 + 0.12 * _upsample(_noise_grid(rng, height // 8, width // 8, 4, 1), gh, gw)
+    fields = _upsample(grid, height, width)
+    image += fields[..., :3] * np.take(np.asarray(sc.field, dtype=np.float32), ids)[..., None]
+    image *= fields[..., 3:]
+    # Sensor noise, uniform in +-10: exact colours are never a reliable cue.
+    image += np.frombuffer(rng.bytes(height * width * 3), dtype=np.uint8).reshape(height, width, 3) * np.float32(
+        20 / 255
+    ) - np.float32(10)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+@register_dataset("synthetic")
+class SyntheticShapes(SegmentationDataset):
+    """Generated textured shapes on clutter: 7 classes, every pixel labelled, no files.
+
+    Args:
+        root: ignored (accepted so that every dataset is built the same way).
+        split: ``train`` (400 images by default), ``val`` (100) or ``test`` (100).
+        transforms: paired ``transforms(image, mask)``, as for every dataset.
+        num_images: images in the split instead of the default count.
+        size: image size, ``S`` for S x S or ``(height, width)``; objects scale with the shorter side.
+        seed: picks the whole set; a split's items depend only on ``(seed, split, index)``.
+    """
+
+    classes = CLASSES
+    palette = generated_palette(len(CLASSES))
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        split: str = "train",
+        transforms: Callable[..., Any] | None = None,
+        *,
+        num_images: int | None = None,
+        size: int | tuple[int, int] = 128,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(transforms)
+        check_split(split, tuple(SPLITS), "synthetic")
+        if num_images is None:
+            num_images = DEFAULT_SIZES[split]
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 0:
+            raise FcnsegError(f"num_images must be a non-negative integer, got {num_images!r}")
+        hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+        if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 8 for v in hw):
+            raise FcnsegError(f"size must be an integer >= 8 or a (height, width) pair of them, got {size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise FcnsegError(f"seed must be a non-negative integer, got {seed!r}")
+        self.root = root
+        self.split = split
+        self.size = (int(hw[0]), int(hw[1]))
+        self.seed = int(seed)
+        self.ids = [f"{split}_{i:05d}" for i in range(int(num_images))]
+
+    def image_path(self, index: int) -> Path:
+        raise NotImplementedError("synthetic images are generated on demand; they have no files")
+
+    def mask_path(self, index: int) -> Path:
+        raise NotImplementedError("synthetic masks are generated on demand; they have no files")
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Generate item ``index``: (H x W x 3 uint8 RGB, H x W uint8 class indices, no void)."""
+        n = len(self.ids)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        index %= n
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+        return render(rng, *self.size)
