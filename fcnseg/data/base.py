@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,15 @@ def get_dataset(
 
     if name not in _DATASETS:
         raise FcnsegError(f"--dataset {name!r}: unknown dataset; expected one of {', '.join(list_datasets())}")
-    return _DATASETS[name](root=root, split=split, transforms=transforms, **kwargs)
+    cls = _DATASETS[name]
+    accepted = inspect.signature(cls).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        options = [k for k in accepted if k not in ("root", "split", "transforms")]
+        raise FcnsegError(
+            f"dataset {name!r} takes no option {', '.join(unknown)}; expected some of: {', '.join(options) or 'none'}"
+        )
+    return cls(root=root, split=split, transforms=transforms, **kwargs)
 
 
 def check_split(split: str, allowed: Sequence[str], dataset: str) -> None:

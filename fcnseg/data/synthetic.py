@@ -55,6 +55,11 @@ _COLOURS: dict[int, tuple[tuple[float, float, float], tuple[float, float, float]
 }
 _SHAPE_CLASSES = (DISC, SQUARE, TRIANGLE, CROSS, RING)
 _REF = 128  # object sizes are given for 128 px images and scale with the shorter side; widths of thin parts don't
+# Widths of the thin parts, in pixels whatever the image size (half widths for bars). Thinner than a stride-8 cell
+# on average yet wide enough that stride-8 scores, upsampled, can still outline most of them.
+STICK_HALF_WIDTH = (1.0, 4.5)
+CROSS_HALF_WIDTH = (3.0, 5.0)
+RING_WALL = (4.5, 9.0)
 _PERIOD = 12  # every texture repeats after 12 px in both directions, so a random offset below 12 is a random phase
 
 
@@ -157,7 +162,7 @@ class _Window:
         phase = rng.uniform(0, 2 * np.pi, 3)
         coef = np.stack([size * np.cos(phase), size * np.sin(phase)], 1).ravel().astype(np.float32)
         r = np.full(self.d.shape, r0, dtype=np.float32)
-        for c, h in zip(coef, self.harmonics):
+        for c, h in zip(coef, self.harmonics, strict=True):
             r += c * h
         return r
 
@@ -206,16 +211,18 @@ def _object_colours(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.
     return light * gain + shift, dark * gain + shift
 
 
-def _draw_object(rng: np.random.Generator, sc: _Scene, cls: int, cy: float, cx: float, scale: float) -> float:
+def _draw_object(
+    rng: np.random.Generator, sc: _Scene, cls: int, cy: float, cx: float, scale: float, stick_half_w: float
+) -> float:
     """Add one object of class ``cls`` centred at (cy, cx); returns its radius (for placing neighbours)."""
     if cls == STICK:
         radius = rng.uniform(14, 45) * scale
-        half_w = rng.uniform(1.0, 3.0)  # 2-6 px wide: thinner than a stride-8 cell
+        half_w = stick_half_w
     elif cls == CROSS:
-        radius = rng.uniform(11, 24) * scale
-        half_w = rng.uniform(2.0, 4.0)
+        radius = rng.uniform(12, 26) * scale
+        half_w = rng.uniform(*CROSS_HALF_WIDTH)
     else:
-        radius = rng.uniform(11, 24) * scale
+        radius = rng.uniform(12, 26) * scale
         half_w = 0.0
     win = sc.window(cy, cx, radius * 1.4 + half_w)
     if win is None:
@@ -226,7 +233,7 @@ def _draw_object(rng: np.random.Generator, sc: _Scene, cls: int, cy: float, cx: 
         inside = win.d <= win.wobbly_radius(rng, radius, 0.12)
     elif cls == RING:
         r = win.wobbly_radius(rng, radius, 0.08)
-        inside = (win.d <= r) & (win.d > r - np.float32(rng.uniform(3.0, 7.0)))
+        inside = (win.d <= r) & (win.d > r - np.float32(rng.uniform(*RING_WALL)))
     elif cls == SQUARE:
         c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
         half_a = np.float32(radius * 0.8)
@@ -287,6 +294,8 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
     n_sticks = max(1, round(rng.integers(2, 5) * area))
     classes = np.concatenate([rng.choice(_SHAPE_CLASSES, n_shapes), np.full(n_sticks, STICK)])
     rng.shuffle(classes)  # sticks lie on top of some shapes and under others
+    # One stick width per image: some images have only hair-thin sticks (2-4 px), others only bolder ones.
+    stick_half_w = rng.uniform(*STICK_HALF_WIDTH)
     placed: list[tuple[float, float, float]] = []
     for cls in classes:
         if placed and rng.random() < 0.5:
@@ -298,7 +307,7 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
             cx = float(np.clip(px + dist * np.cos(theta), 0.05 * width, 0.95 * width))
         else:
             cy, cx = rng.uniform(0.05, 0.95) * height, rng.uniform(0.05, 0.95) * width
-        placed.append((cy, cx, _draw_object(rng, sc, int(cls), cy, cx, scale)))
+        placed.append((cy, cx, _draw_object(rng, sc, int(cls), cy, cx, scale, stick_half_w)))
 
     # Colour everything at once. Each thing has a light and a dark colour; its class's pattern picks one.
     ids = sc.ids

@@ -45,13 +45,20 @@ class VGG16Backbone(Backbone):
     ``alignment="aligned"`` keeps VGG's own padding and pads fc6 by 3, so every stride-32 cell is centred on its
     32 x 32 block of a (padded) input. ``width`` scales every channel count (1.0 = the published network) and
     ``fc_dim`` sets fc6/fc7's 4096 channels; smaller ones give fast test and demo networks. ``batch_norm`` gives
-    torchvision's ``vgg16_bn`` body (a modern option that trains quickly from scratch; not in the paper).
+    torchvision's ``vgg16_bn`` body (a modern option that trains quickly from scratch; not in the paper);
+    ``dropout`` is the rate after fc6 and fc7 (0.5 as released).
     """
 
     taps = ("pool3", "pool4", "fc7")
 
     def __init__(
-        self, *, alignment: Alignment = "aligned", width: float = 1.0, fc_dim: int = 4096, batch_norm: bool = False
+        self,
+        *,
+        alignment: Alignment = "aligned",
+        width: float = 1.0,
+        fc_dim: int = 4096,
+        batch_norm: bool = False,
+        dropout: float = 0.5,
     ) -> None:
         super().__init__()
         check_alignment(alignment)
@@ -69,8 +76,8 @@ class VGG16Backbone(Backbone):
         self._ends = {"pool3": pools[2] + 1, "pool4": pools[3] + 1, "pool5": pools[4] + 1}
         self.fc6 = nn.Conv2d(cfg[-2], fc_dim, 7, padding=0 if alignment == "caffe" else 3)
         self.fc7 = nn.Conv2d(fc_dim, fc_dim, 1)
-        self.relu6, self.drop6 = nn.ReLU(inplace=True), nn.Dropout(0.5)
-        self.relu7, self.drop7 = nn.ReLU(inplace=True), nn.Dropout(0.5)
+        self.relu6, self.drop6 = nn.ReLU(inplace=True), nn.Dropout(dropout)
+        self.relu7, self.drop7 = nn.ReLU(inplace=True), nn.Dropout(dropout)
         convs = [v for v in cfg if v != "M"]
         self.channels = {"pool3": convs[6], "pool4": convs[9], "fc7": fc_dim}
         self._init_weights()

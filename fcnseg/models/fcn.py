@@ -139,14 +139,17 @@ def _build(
     width: float,
     fc_dim: int,
     batch_norm: bool,
+    dropout: float,
     learnable_upsampling: bool,
     backbone_weights: str | None,
     skip_scales: Mapping[str, float] | None = None,
 ) -> FCN:
     check_alignment(alignment)
+    if not 0 <= dropout < 1:
+        raise FcnsegError(f"dropout must be in [0, 1), got {dropout}")
     if width <= 0 or fc_dim < 1:
         raise FcnsegError(f"width must be > 0 and fc_dim >= 1, got width={width}, fc_dim={fc_dim}")
-    backbone = VGG16Backbone(alignment=alignment, width=width, fc_dim=fc_dim, batch_norm=batch_norm)  # type: ignore[arg-type]
+    backbone = VGG16Backbone(alignment=alignment, width=width, fc_dim=fc_dim, batch_norm=batch_norm, dropout=dropout)  # type: ignore[arg-type]
     if backbone_weights is not None:
         load_vgg16_imagenet(backbone, backbone_weights)
     return FCN(
@@ -166,6 +169,7 @@ def fcn32s(
     width: float = 1.0,
     fc_dim: int = 4096,
     batch_norm: bool = False,
+    dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
 ) -> FCN:
@@ -184,6 +188,7 @@ def fcn16s(
     width: float = 1.0,
     fc_dim: int = 4096,
     batch_norm: bool = False,
+    dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
 ) -> FCN:
@@ -199,6 +204,7 @@ def fcn8s(
     width: float = 1.0,
     fc_dim: int = 4096,
     batch_norm: bool = False,
+    dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
 ) -> FCN:
@@ -214,6 +220,7 @@ def fcn8s_atonce(
     width: float = 1.0,
     fc_dim: int = 4096,
     batch_norm: bool = False,
+    dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
 ) -> FCN:

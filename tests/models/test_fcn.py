@@ -164,6 +164,7 @@ def test_build_config_records_the_builder_arguments():
             "width": 1 / 16,
             "fc_dim": 16,
             "batch_norm": False,
+            "dropout": 0.5,
             "learnable_upsampling": False,
             "backbone_weights": None,
         },

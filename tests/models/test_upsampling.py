@@ -72,3 +72,16 @@ def test_upsampling_stays_fixed_unless_learnable(learnable):
     opt.step()
     changed = [not torch.equal(b, u.weight) for b, u in zip(before, ups, strict=True)]
     assert changed == [learnable] * len(ups)
+
+
+def test_frozen_diagonal_upsampler_runs_per_channel_with_the_same_numbers():
+    up = BilinearUpsample(5, 16, 8, padding=4)
+    x = torch.randn(2, 5, 6, 7)
+    full = torch.nn.functional.conv_transpose2d(x, up.weight, None, 8, 4)
+    assert up._diagonal_kernel() is not None
+    torch.testing.assert_close(up(x), full, rtol=1e-5, atol=1e-6)
+    # Loading a learned, non-diagonal kernel falls back to the full transposed convolution.
+    learned = up.weight.detach() + 0.01 * torch.randn_like(up.weight)
+    up.load_state_dict({"weight": learned})
+    assert up._diagonal_kernel() is None
+    torch.testing.assert_close(up(x), torch.nn.functional.conv_transpose2d(x, learned, None, 8, 4))

@@ -1,0 +1,155 @@
+"""The ``train`` and ``eval`` commands: flags generated from :class:`TrainConfig`, and the evaluation report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import FcnsegError
+from .config import TrainConfig, _paper
+
+_HELP = {
+    "dataset": "dataset name (voc, sbd, seg11valid, folder, synthetic)",
+    "root": "dataset folder",
+    "model": "registered model (fcnseg models)",
+    "preset": "paper (the release's recipe) or modern",
+    "iters": "optimiser steps",
+    "out": "run folder: config.yaml, last.pt, best.pt, log.csv, tensorboard/",
+    "resume": "continue the run in --out from its last.pt",
+    "init_from": "checkpoint of a coarser net to start from (32s -> 16s -> 8s)",
+    "accum_steps": "micro-batches per optimiser step (gradient accumulation)",
+    "val_every": "validate and checkpoint every N iterations",
+    "val_images": "validate on the first N images only",
+    "backbone_weights": "torchvision weights name (IMAGENET1K_V1) or a VGG16 state-dict file",
+}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--batch-size`` for ``batch_size``); unset flags stay None."""
+    p.add_argument("--config", help="YAML file of options (flags override it)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        ann = hints[f.name]
+        options = [
+            t for t in (typing.get_args(ann) if isinstance(ann, types.UnionType) else (ann,)) if t is not type(None)
+        ]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        preset_field = f.name in _paper(TrainConfig())
+        suffix = (
+            " (default: from --preset)" if preset_field else f" (default: {default})" if default is not None else ""
+        )
+        help_text = _HELP.get(f.name, "") + suffix
+        if options == [dict]:
+            p.add_argument(
+                "--data-option",
+                dest=f.name,
+                action="append",
+                metavar="KEY=VALUE",
+                type=_key_value,
+                help="extra dataset argument, repeatable (e.g. size=96 for synthetic, year=2011 for voc)",
+            )
+        elif options == [bool]:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, type=options[0], default=None, metavar=f.name.upper(), help=help_text)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < saved run config (with --resume) < YAML file < flags typed on the command line."""
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None
+    }
+    from_file = TrainConfig.from_yaml(args.config) if args.config else {}
+    if "data_options" in given:  # repeated --data-option KEY=VALUE pairs
+        given["data_options"] = dict(given["data_options"])
+    merged: dict[str, Any] = {**from_file, **given}
+    if merged.get("resume"):
+        saved = Path(merged.get("out", TrainConfig.out)) / "config.yaml"
+        if not saved.is_file():
+            raise FcnsegError(f"--resume: {saved} not found; nothing to resume")
+        base = yaml.safe_load(saved.read_text())
+        base = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+        merged = {**base, **merged}
+    return TrainConfig(**merged)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    state = train(config_from_args(args))
+    if state.history:
+        last = state.history[-1]
+        print(
+            f"iteration {state.iteration}: mean IU {100 * last['mean_iu']:.2f}, pixel acc {100 * last['pixel_acc']:.2f}"
+            f" (best mean IU {100 * state.best_miou:.2f}); checkpoints in {args.out or TrainConfig.out}"
+        )
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="an fcnseg checkpoint (.pt)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", required=True, help="folder for metrics.json, confusion.csv/.png, per_class.png")
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales, e.g. 0.75 1 1.25")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=None)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import load
+    from ..data import get_dataset
+    from ..data.loader import make_loader
+    from ..data.transforms import eval_transforms
+    from .distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
+    from .evaluate import evaluate, write_report
+    from .train import pick_device
+
+    device = pick_device(args.device)
+    info: DistInfo = init_distributed(device.type)
+    try:
+        model = load(args.checkpoint, map_location=device)
+        ds = get_dataset(
+            args.dataset, root=args.root, split=args.split, transforms=eval_transforms(model.preprocessing)
+        )
+        if ds.num_classes != model.num_classes:
+            raise FcnsegError(
+                f"{args.checkpoint}: model has {model.num_classes} classes but --dataset {args.dataset} has "
+                f"{ds.num_classes}"
+            )
+        loader = make_loader(ds, batch_size=1, sampler=ShardSampler(len(ds), info), num_workers=args.num_workers)
+        with torch.inference_mode():
+            cm = evaluate(
+                model,
+                loader,
+                ds.num_classes,
+                device=device,
+                flip=args.flip,
+                scales=args.scales,
+                class_names=list(ds.classes),
+            )
+        if info.is_main:
+            write_report(cm, list(ds.classes), args.out)
+            print(cm.table(list(ds.classes)))
+            print(f"wrote metrics.json, confusion.csv, confusion.png and per_class.png to {args.out}")
+    finally:
+        cleanup_distributed()
+    return 0

@@ -1,0 +1,130 @@
+"""Evaluation: one confusion matrix over a whole split, optional test-time augmentation, report files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.base import IGNORE_INDEX
+from ..io import atomic_write
+from ..metrics import ConfusionMatrix
+
+
+def boundary_band(target: torch.Tensor, width: int) -> torch.Tensor:
+    """Pixels within ``width`` pixels (Chebyshev distance) of a class edge of ``target`` (N x H x W or H x W).
+
+    An edge pixel is one whose 3 x 3 neighbourhood holds another label; void pixels are never in the band. IU
+    inside this band measures how well a model localises boundaries (the "trimap" evaluation).
+    """
+    t = target if target.dim() == 3 else target[None]
+    x = t[:, None].float()
+    hi = F.max_pool2d(x, 3, 1, 1)
+    lo = -F.max_pool2d(-x, 3, 1, 1)
+    edge = (hi != lo).float()
+    band = F.max_pool2d(edge, 2 * width + 1, 1, width) > 0 if width > 0 else edge > 0
+    band = band[:, 0] & (t != IGNORE_INDEX)
+    return band if target.dim() == 3 else band[0]
+
+
+@torch.no_grad()
+def predict_logits_batch(
+    model: nn.Module, images: torch.Tensor, *, flip: bool = False, scales: Sequence[float] = (1.0,)
+) -> torch.Tensor:
+    """N x C x H x W class scores, averaged as probabilities over mirror and scale test-time augmentation."""
+    if not flip and tuple(scales) == (1.0,):
+        return model(images)
+    h, w = images.shape[-2:]
+    total = 0
+    for s in scales:
+        x = images if s == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
+        views = [x, x.flip(-1)] if flip else [x]
+        for i, v in enumerate(views):
+            out = model(v)
+            out = out.flip(-1) if i == 1 else out
+            if s != 1.0:
+                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+            total = total + out.float().softmax(1)
+    return total / (len(scales) * (2 if flip else 1))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    *,
+    device: torch.device | str = "cpu",
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+    boundary_width: int | None = None,
+    class_names: Sequence[str] | None = None,
+) -> ConfusionMatrix | tuple[ConfusionMatrix, ConfusionMatrix]:
+    """Accumulate one confusion matrix over ``loader`` (summed across ranks under DDP).
+
+    With ``boundary_width`` also returns the matrix restricted to pixels within that distance of a class edge.
+    """
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, class_names)
+    band_cm = ConfusionMatrix(num_classes, class_names) if boundary_width is not None else None
+    try:
+        for images, masks in loader:
+            images, masks = images.to(device), masks.to(device)
+            pred = predict_logits_batch(model, images, flip=flip, scales=scales).argmax(1)
+            cm.update(pred, masks)
+            if band_cm is not None:
+                band = boundary_band(masks, boundary_width)
+                band_cm.update(pred[band], masks[band])
+    finally:
+        model.train(was_training)
+    cm.all_reduce()
+    if band_cm is not None:
+        band_cm.all_reduce()
+        return cm, band_cm
+    return cm
+
+
+def _clean(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+def metrics_dict(cm: ConfusionMatrix, class_names: Sequence[str]) -> dict[str, Any]:
+    """The ``metrics.json`` document: the four figures (fractions) and a per-class table."""
+    r = cm.compute()
+    return {
+        "pixel_acc": _clean(r["pixel_acc"]),
+        "mean_acc": _clean(r["mean_acc"]),
+        "mean_iu": _clean(r["mean_iu"]),
+        "fw_iu": _clean(r["fw_iu"]),
+        "per_class": {
+            name: {"iu": _clean(iu), "acc": _clean(acc), "pixels": px}
+            for name, iu, acc, px in zip(class_names, r["per_class_iu"], r["per_class_acc"], r["pixels"], strict=True)
+        },
+    }
+
+
+def write_report(cm: ConfusionMatrix, class_names: Sequence[str], out: str | Path) -> dict[str, Any]:
+    """Write metrics.json, confusion.csv, confusion.png and per_class.png into ``out``; returns the metrics."""
+    from .plots import plot_confusion, plot_per_class
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = metrics_dict(cm, class_names)
+    with atomic_write(out / "metrics.json", "w") as f:
+        json.dump(doc, f, indent=2)
+    with atomic_write(out / "confusion.csv", "w") as f:
+        w = csv.writer(f)
+        w.writerow(["ground truth \\ predicted", *class_names])
+        for name, row in zip(class_names, cm.mat.cpu().tolist(), strict=True):
+            w.writerow([name, *row])
+    plot_confusion(cm.mat.cpu().numpy(), class_names, out / "confusion.png")
+    plot_per_class(doc, out / "per_class.png")
+    return doc

@@ -1,0 +1,106 @@
+"""Pictures a person can read: confusion heatmap, per-class bars, prediction panels, model comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..io import atomic_write  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_confusion(mat: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
+    """Row-normalised confusion matrix (each ground-truth row sums to 100%), with percentages written in."""
+    n = len(class_names)
+    rows = mat.sum(1, keepdims=True)
+    norm = np.divide(mat, rows, out=np.zeros(mat.shape, float), where=rows > 0)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] >= 0.005:
+                    colour = "white" if norm[i, j] > 0.5 else "black"
+                    ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7, color=colour)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the class's pixels")
+    ax.set_title("confusion matrix (row-normalised, %)")
+    _save(fig, Path(path))
+
+
+def plot_per_class(metrics: Mapping[str, Any], path: str | Path) -> None:
+    """Horizontal bars of IU per class, with the mean IU marked."""
+    names = list(metrics["per_class"])
+    ius = [metrics["per_class"][k]["iu"] for k in names]
+    vals = [0.0 if v is None else 100 * v for v in ius]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(names) + 1)))
+    ax.barh(range(len(names)), vals, color="#4878cf")
+    ax.set_yticks(range(len(names)), [n + (" (absent)" if v is None else "") for n, v in zip(names, ius, strict=True)])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IU (%)")
+    if metrics.get("mean_iu") is not None:
+        ax.axvline(100 * metrics["mean_iu"], color="#d65f5f", ls="--", label=f"mean IU {100 * metrics['mean_iu']:.1f}")
+        ax.legend(loc="lower right")
+    for i, v in enumerate(vals):
+        ax.text(v + 1, i, f"{v:.1f}", va="center", fontsize=8)
+    ax.set_title("IU per class")
+    _save(fig, Path(path))
+
+
+def plot_predictions(
+    panels: Sequence[tuple[np.ndarray, np.ndarray, Mapping[str, np.ndarray]]],
+    colors: np.ndarray,
+    path: str | Path,
+) -> None:
+    """Rows of image | ground truth | one column per model's prediction (colour-coded classes)."""
+    cols = 2 + len(panels[0][2])
+    fig, axes = plt.subplots(len(panels), cols, figsize=(2.2 * cols, 2.2 * len(panels)), squeeze=False)
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(colors)] = colors
+    lut[255] = (224, 224, 192)
+    for r, (image, gt, preds) in enumerate(panels):
+        items = [("image", image), ("ground truth", lut[gt])] + [(k, lut[v]) for k, v in preds.items()]
+        for c, (title, img) in enumerate(items):
+            ax = axes[r, c]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+    _save(fig, Path(path))
+
+
+def plot_model_comparison(rows: Mapping[str, Mapping[str, float]], path: str | Path) -> None:
+    """Grouped bars: one group per metric, one bar per model."""
+    models = list(rows)
+    metrics = list(next(iter(rows.values())))
+    x = np.arange(len(metrics))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(1.6 * len(metrics) + 2, 3.5))
+    for i, m in enumerate(models):
+        vals = [100 * rows[m][k] for k in metrics]
+        bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=m)
+        for b, v in zip(bars, vals, strict=True):
+            ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", fontsize=7)
+    ax.set_xticks(x, metrics)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, Path(path))

@@ -1,0 +1,423 @@
+"""Training, top to bottom: build the pieces, then iterate ``train_step``, validating every ``val_every`` steps.
+
+One iteration is one optimiser step (``accum_steps`` micro-batches of ``batch_size`` images per process).
+Everything a run needs to continue exactly where it stopped -- weights, optimiser, scheduler, gradient scaler,
+RNG states and the position in the data order -- goes into ``RUN/last.pt``; ``--resume`` restores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import read_checkpoint, save_checkpoint
+from ..data import get_dataset
+from ..data.base import IGNORE_INDEX, SegmentationDataset
+from ..data.loader import make_loader
+from ..data.transforms import eval_transforms, train_transforms
+from ..errors import FcnsegError
+from ..models import get_model
+from .config import TrainConfig
+from .distributed import (
+    DistInfo,
+    EpochSampler,
+    SeededDataset,
+    ShardSampler,
+    all_reduce_sum,
+    cleanup_distributed,
+    init_distributed,
+)
+from .evaluate import evaluate
+
+
+class TrainingDiverged(FcnsegError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    samples_seen: int = 0  # per process, across epochs: fixes the position in the data order
+    best_miou: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    return get_model(
+        cfg.model,
+        num_classes=num_classes,
+        alignment=cfg.alignment,
+        width=cfg.width,
+        fc_dim=cfg.fc_dim,
+        batch_norm=cfg.batch_norm,
+        dropout=cfg.dropout,
+        learnable_upsampling=cfg.learnable_upsampling,
+        backbone_weights=cfg.backbone_weights,
+    )
+
+
+def staged_init(model: nn.Module, path: str | Path) -> list[str]:
+    """Initialise from a coarser net's checkpoint (32s -> 16s -> 8s): copy every layer both nets have, with the
+    same shape; the new score layers keep their zero initialisation. Returns the names left as they were."""
+    src = read_checkpoint(path)["state_dict"]
+    own = model.state_dict()
+    shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("backbone.") for k in shared):
+        raise FcnsegError(f"--init-from {path}: shares no backbone layer with {model.build_config['name']}")
+    model.load_state_dict(shared, strict=False)
+    return sorted(set(own) - set(shared))
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Weights decay at ``lr``; biases and normalisation parameters learn at ``bias_lr_mult`` x lr without decay
+    (Caffe's lr_mult 2 / decay_mult 0 in the paper preset). Frozen upsampling kernels are left out."""
+    weights, others = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (weights if p.dim() > 1 else others).append(p)
+    return [
+        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": others, "lr": cfg.lr * cfg.bias_lr_mult, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_factor(cfg: TrainConfig, it: int) -> float:
+    """Linear warm-up, then polynomial decay (power 0 = constant, the paper's schedule)."""
+    if it < cfg.warmup_iters:
+        return (it + 1) / cfg.warmup_iters
+    if not cfg.poly_power:
+        return 1.0
+    rest = max(1, cfg.iters - cfg.warmup_iters)
+    return max(0.0, 1 - (it - cfg.warmup_iters) / rest) ** cfg.poly_power
+
+
+def build_data(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """Train and validation sets; transforms are attached once the model (and its preprocessing) exists."""
+    options = cfg.data_options or {}
+    train_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.split, **options)
+    val_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, **options)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise FcnsegError(f"--dataset {cfg.dataset}: split {cfg.split!r} or {cfg.val_split!r} is empty")
+    return train_ds, val_ds
+
+
+def attach_transforms(cfg: TrainConfig, model: nn.Module, train_ds, val_ds) -> None:
+    """Normalise the way the model's weights expect (``model.preprocessing``), never a hard-coded mean."""
+    scale = None if cfg.scale_min == cfg.scale_max == 1.0 else (cfg.scale_min, cfg.scale_max)
+    train_ds.transforms = train_transforms(
+        model.preprocessing, crop_size=cfg.crop_size, scale_range=scale, flip=cfg.flip, jitter=cfg.jitter
+    )
+    val_ds.transforms = eval_transforms(model.preprocessing)
+
+
+def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
+    """Mixed precision on GPUs only (bf16 where supported, else fp16 with loss scaling); CPU runs stay fp32 so
+    that they are exactly reproducible."""
+    use = bool(cfg.amp) and device.type == "cuda"
+    dtype = torch.bfloat16 if use and torch.cuda.is_bf16_supported() else torch.float16
+    ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if use else contextlib.nullcontext
+    return ctx, torch.amp.GradScaler(device.type, enabled=use and dtype == torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+def batches(ds: SegmentationDataset, cfg: TrainConfig, info: DistInfo, state: TrainState) -> Iterator[Any]:
+    """Endless micro-batches continuing from ``state.samples_seen`` (which they advance)."""
+    sampler = EpochSampler(len(ds), info=info, seed=cfg.seed, start=state.samples_seen)
+    loader = make_loader(
+        SeededDataset(ds, cfg.seed),
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+    )
+    for images, masks in loader:
+        state.samples_seen += len(images)
+        yield images, masks
+
+
+def train_step(model, micro_batches, optimizer, scaler, cfg: TrainConfig, device, autocast) -> float:
+    """One optimiser step over ``accum_steps`` micro-batches; returns the loss summed over this step's pixels
+    (``sum``) or averaged over them (``mean``), as reported."""
+    masks_all = [m for _, m in micro_batches]
+    # The mean is taken over the valid pixels of the whole step on every process together, so that gradient
+    # accumulation and DDP (which averages gradients over processes) give the gradient of one big batch.
+    valid = all_reduce_sum(torch.tensor(float(sum(int((m != IGNORE_INDEX).sum()) for m in masks_all)))).item()
+    scale = info_world() * (1.0 if cfg.loss == "sum" else 1.0 / max(valid, 1.0))
+    total = torch.zeros((), device=device)
+    for images, masks in micro_batches:
+        with autocast():
+            logits = model(images.to(device, non_blocking=True))
+        loss = F.cross_entropy(logits.float(), masks.to(device), ignore_index=IGNORE_INDEX, reduction="sum")
+        scaler.scale(loss * scale).backward()
+        total += loss.detach()
+    total = all_reduce_sum(total) / (1.0 if cfg.loss == "sum" else max(valid, 1.0))
+    if not torch.isfinite(total):
+        optimizer.zero_grad(set_to_none=True)
+        return float("nan")
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total.item()
+
+
+def info_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def validate(model, val_ds, cfg: TrainConfig, info: DistInfo, device) -> dict[str, float]:
+    ds = val_ds if cfg.val_images is None else torch.utils.data.Subset(val_ds, range(min(cfg.val_images, len(val_ds))))
+    loader = make_loader(ds, batch_size=1, sampler=ShardSampler(len(ds), info), num_workers=0, seed=cfg.seed)
+    cm = evaluate(model, loader, val_ds.num_classes, device=device)
+    return {k: v for k, v in cm.compute().items() if not isinstance(v, list)}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints & logs
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def save_run(run: Path, model, classes, optimizer, scheduler, scaler, state: TrainState, cfg, best: bool) -> None:
+    """Write RUN/last.pt (atomically) with the full training state; copy it to best.pt when ``best``."""
+    extra = {
+        "train_state": {
+            "iteration": state.iteration,
+            "samples_seen": state.samples_seen,
+            "best_miou": state.best_miou,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+        },
+        "config": cfg.to_dict(),
+    }
+    save_checkpoint(_unwrap(model), run / "last.pt", classes=classes, extra=extra)
+    if best:
+        extra = {"config": cfg.to_dict(), "iteration": state.iteration, "mean_iu": state.best_miou}
+        save_checkpoint(_unwrap(model), run / "best.pt", classes=classes, extra=extra)
+
+
+def restore_run(run: Path, model, optimizer, scheduler, scaler) -> TrainState:
+    path = run / "last.pt"
+    if not path.is_file():
+        raise FcnsegError(f"--resume: {path} not found; nothing to resume")
+    ckpt = read_checkpoint(path)
+    ts = ckpt["extra"].get("train_state")
+    if ts is None:
+        raise FcnsegError(f"--resume: {path} holds no training state")
+    _unwrap(model).load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ts["optimizer"])
+    scheduler.load_state_dict(ts["scheduler"])
+    scaler.load_state_dict(ts["scaler"])
+    set_rng_state(ts["rng"])
+    return TrainState(ts["iteration"], ts["samples_seen"], ts["best_miou"])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+LOG_FIELDS = ["iteration", "loss", "lr", "images_per_s", "pixel_acc", "mean_acc", "mean_iu", "fw_iu"]
+
+
+class RunLog:
+    """log.csv (one row per logged step or validation) and TensorBoard scalars/images; rank 0 only."""
+
+    def __init__(self, run: Path, enabled: bool, start_iteration: int) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        self.path = run / "log.csv"
+        rows = []
+        if start_iteration > 0 and self.path.exists():  # resumed: drop rows the interrupted run wrote past it
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start_iteration]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=start_iteration or None)
+        except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
+            self.writer = None
+
+    def row(self, **values: Any) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_FIELDS).writerow({k: values.get(k, "") for k in LOG_FIELDS})
+        if self.writer is not None:
+            it = values["iteration"]
+            for k, v in values.items():
+                if k != "iteration" and isinstance(v, float) and math.isfinite(v):
+                    self.writer.add_scalar(("val/" if k in LOG_FIELDS[4:] else "train/") + k, v, it)
+
+    def image(self, tag: str, picture: np.ndarray, iteration: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, picture, iteration, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ------------------------------------------------------------------------------------------------- entry point
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def train(cfg: TrainConfig) -> TrainState:
+    """Run (or resume) a training run as ``cfg`` describes; returns the final state."""
+    cfg = cfg.resolved()
+    device = pick_device(cfg.device)
+    info = init_distributed(device.type)
+    try:
+        return _train(cfg, device, info)
+    finally:
+        cleanup_distributed()
+
+
+def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo):
+    seed_everything(cfg.seed + info.rank, cfg.deterministic)
+    train_ds, val_ds = build_data(cfg)
+    model = build_model(cfg, train_ds.num_classes)
+    model.classes = list(train_ds.classes)
+    if cfg.init_from and not cfg.resume:
+        staged_init(model, cfg.init_from)
+    attach_transforms(cfg, model, train_ds, val_ds)
+    model.to(device)
+    if info.enabled:
+        ids = [info.local_rank] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    autocast, scaler = amp_context(cfg, device)
+    return train_ds, val_ds, model, optimizer, scheduler, autocast, scaler
+
+
+def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainState:
+    from tqdm import tqdm
+
+    run = Path(cfg.out)
+    train_ds, val_ds, model, optimizer, scheduler, autocast, scaler = _setup(cfg, device, info)
+    state = restore_run(run, model, optimizer, scheduler, scaler) if cfg.resume else TrainState()
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        cfg.save(run / "config.yaml")
+    log = RunLog(run, info.is_main, state.iteration)
+    data = batches(train_ds, cfg, info, state)
+    bar = tqdm(total=cfg.iters, initial=state.iteration, disable=not (info.is_main and cfg.progress), unit="it")
+    model.train()
+    while state.iteration < cfg.iters:
+        t0 = time.perf_counter()
+        micro = [next(data) for _ in range(cfg.accum_steps)]
+        loss = train_step(model, micro, optimizer, scaler, cfg, device, autocast)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(_diverged_message(loss, state, run))
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        state.iteration += 1
+        ips = cfg.batch_size * cfg.accum_steps * info.world_size / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{ips:.1f}")
+        bar.update()
+        if state.iteration % cfg.log_every == 0:
+            log.row(iteration=state.iteration, loss=loss, lr=lr, images_per_s=ips)
+        if state.iteration % cfg.val_every == 0 or state.iteration == cfg.iters:
+            _validate_and_save(cfg, run, model, val_ds, info, device, optimizer, scheduler, scaler, state, log)
+    bar.close()
+    log.close()
+    return state
+
+
+def _validate_and_save(cfg, run, model, val_ds, info, device, optimizer, scheduler, scaler, state, log) -> None:
+    metrics = validate(model, val_ds, cfg, info, device)
+    state.history.append({"iteration": state.iteration, **metrics})
+    best = metrics["mean_iu"] > state.best_miou
+    if best:
+        state.best_miou = metrics["mean_iu"]
+    log.row(iteration=state.iteration, **metrics)
+    if info.is_main:
+        save_run(run, model, list(val_ds.classes), optimizer, scheduler, scaler, state, cfg, best)
+        log.image("val/image_truth_prediction", _val_picture(_unwrap(model), val_ds, device), state.iteration)
+
+
+def _val_picture(model: nn.Module, val_ds: SegmentationDataset, device: torch.device) -> np.ndarray:
+    """The first validation image beside its ground truth and the current prediction, colour-coded."""
+    from ..imageio import colorize
+
+    was = model.training
+    model.eval()
+    image, mask = val_ds.load_pair(0)
+    x, _ = val_ds[0]
+    with torch.no_grad():
+        pred = model(x[None].to(device))[0].argmax(0).cpu().numpy()
+    model.train(was)
+    colours = np.asarray(val_ds.palette, np.uint8)
+    return np.concatenate([image, colorize(mask, colours), colorize(pred, colours)], axis=1)
+
+
+def _diverged_message(loss: float, state: TrainState, run: Path) -> str:
+    kept = (
+        f"{run / 'last.pt'} (iteration {read_checkpoint(run / 'last.pt')['extra']['train_state']['iteration']}) "
+        "is the last good checkpoint"
+        if (run / "last.pt").is_file()
+        else "no checkpoint had been written yet"
+    )
+    return f"loss is {loss} at iteration {state.iteration + 1}: training stopped; {kept}. Lower --lr or check the data"

@@ -1,0 +1,98 @@
+"""`fcnseg eval`: its figures equal an independent computation from the predicted masks."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fcnseg
+from fcnseg.cli import main
+from fcnseg.engine.evaluate import boundary_band
+from fcnseg.imageio import read_mask_png
+from tests.engine.test_train import _blocks_tree
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    _blocks_tree(tmp / "data", n=4, size=40)
+    torch.manual_seed(0)
+    model = fcnseg.get_model("fcn8s", num_classes=4, width=1 / 16, fc_dim=16)
+    with torch.no_grad():  # random but non-trivial predictions
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5) if p.dim() > 1 else p.zero_()
+    ckpt = fcnseg.save_checkpoint(model, tmp / "m.pt", classes=["background", "red", "green", "blue"])
+    out = tmp / "report"
+    assert main(["eval", str(ckpt), "--dataset", "folder", "--root", str(tmp / "data"), "--split", "val",
+                 "--out", str(out), "--num-workers", "0", "--device", "cpu"]) == 0  # fmt: skip
+    return tmp, fcnseg.load(ckpt), out
+
+
+def _independent(tmp, model):
+    """Confusion matrix and the four figures by plain numpy loops over (prediction, ground truth) pairs."""
+    n = 4
+    mat = np.zeros((n, n), np.int64)
+    for stem in (tmp / "data" / "val.txt").read_text().split():
+        pred = model.predict(Image.open(tmp / "data" / "images" / f"{stem}.png"))
+        gt = read_mask_png(tmp / "data" / "masks" / f"{stem}.png")
+        for g, p in zip(gt.ravel(), pred.ravel(), strict=True):
+            if g < n:
+                mat[g, p] += 1
+    tp, gt_px, pred_px, total = np.diag(mat), mat.sum(1), mat.sum(0), mat.sum()
+    acc = [tp[i] / gt_px[i] for i in range(n) if gt_px[i] > 0]
+    iu = [tp[i] / (gt_px[i] + pred_px[i] - tp[i]) for i in range(n) if gt_px[i] + pred_px[i] > 0]
+    fw = sum(gt_px[i] / total * tp[i] / (gt_px[i] + pred_px[i] - tp[i]) for i in range(n) if gt_px[i] > 0)
+    return mat, {"pixel_acc": tp.sum() / total, "mean_acc": np.mean(acc), "mean_iu": np.mean(iu), "fw_iu": fw}
+
+
+def test_eval_figures_equal_an_independent_computation(evaluated):
+    tmp, model, out = evaluated
+    mat, expected = _independent(tmp, model)
+    doc = json.loads((out / "metrics.json").read_text())
+    for k, v in expected.items():
+        assert doc[k] == pytest.approx(v, abs=1e-12), k
+    assert 0 < doc["mean_iu"] < 1  # neither trivial case
+    assert list(doc["per_class"]) == ["background", "red", "green", "blue"]
+    assert [doc["per_class"][c]["pixels"] for c in doc["per_class"]] == mat.sum(1).tolist()
+    with open(out / "confusion.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][1:] == ["background", "red", "green", "blue"]
+    assert np.array([[int(v) for v in r[1:]] for r in rows[1:]]).tolist() == mat.tolist()
+    for png in ("confusion.png", "per_class.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 200 and im.size[1] > 150
+
+
+def test_flip_tta_is_the_mean_of_both_views():
+    from fcnseg.engine.evaluate import predict_logits_batch
+
+    torch.manual_seed(1)
+    model = fcnseg.get_model("fcn32s", num_classes=3, width=1 / 16, fc_dim=8).eval()
+    with torch.no_grad():
+        model.score_fr.weight.normal_()
+        x = torch.randn(1, 3, 33, 47)
+        expected = (model(x).softmax(1) + model(x.flip(-1)).flip(-1).softmax(1)) / 2
+        torch.testing.assert_close(predict_logits_batch(model, x, flip=True), expected)
+        assert predict_logits_batch(model, x, scales=(0.5, 1.0)).shape == (1, 3, 33, 47)
+
+
+def test_boundary_band_by_hand():
+    t = torch.zeros(7, 7, dtype=torch.long)
+    t[:, 4:] = 1  # a vertical edge between columns 3 and 4
+    expected = torch.zeros(7, 7, dtype=torch.bool)
+    expected[:, 3:5] = True  # the edge pixels themselves
+    assert torch.equal(boundary_band(t, 0), expected)
+    expected[:, 2:6] = True  # and everything within one pixel of them
+    assert torch.equal(boundary_band(t, 1), expected)
+    # Void is never in the band, but its border counts as an edge (VOC's void band outlines the objects).
+    v = torch.zeros(7, 7, dtype=torch.long)
+    v[3, 3] = 255
+    expected = torch.zeros(7, 7, dtype=torch.bool)
+    expected[2:5, 2:5] = True
+    expected[3, 3] = False
+    assert torch.equal(boundary_band(v, 0), expected)
+    assert torch.equal(boundary_band(torch.stack([t, v]), 0)[1], expected)  # batched

@@ -1,0 +1,228 @@
+"""Training: overfitting, staged initialisation, exact resume, divergence, the CLI contract."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fcnseg
+from fcnseg.checkpoint import read_checkpoint
+from fcnseg.cli import main
+from fcnseg.engine import train as train_mod
+from fcnseg.engine.config import TrainConfig
+from fcnseg.engine.train import TrainingDiverged, staged_init, train
+from tests.engine.conftest import TINY_TRAIN
+
+
+def _cfg(tmp_path, name="run", **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY_TRAIN, "out": str(tmp_path / name), **kw})
+
+
+def _blocks_tree(root, n=3, size=64):
+    """A folder dataset of ``n`` noisy images, each a few rectangles of 3 colour-coded classes on background."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = np.array([[40, 40, 40], [220, 30, 30], [30, 200, 40], [40, 60, 230]])
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\nred\ngreen\nblue\n")
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        for c in (1, 2, 3):
+            y, x = rng.integers(0, size - 20, 2)
+            h, w = rng.integers(8, 20, 2)
+            mask[y : y + h, x : x + w] = c
+        img = colours[mask] + rng.integers(-20, 20, (size, size, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"im{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+    (root / "train.txt").write_text("".join(f"im{i}\n" for i in range(n)))
+    (root / "val.txt").write_text("".join(f"im{i}\n" for i in range(n)))
+
+
+def test_overfits_a_few_images(tmp_path):
+    # Three images, seen again and again: the loss must fall and the net must learn them (mean IU measured on the
+    # same images).
+    _blocks_tree(tmp_path / "data")
+    cfg = _cfg(
+        tmp_path,
+        dataset="folder",
+        root=str(tmp_path / "data"),
+        data_options=None,
+        model="fcn8s",
+        width=1 / 8,
+        fc_dim=32,
+        batch_norm=True,
+        dropout=0.0,
+        iters=60,
+        val_every=60,
+        lr=0.05,
+        flip=False,
+        batch_size=3,
+        log_every=5,
+    )
+    state = train(cfg)
+    with open(tmp_path / "run" / "log.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
+    assert losses[-1] < 0.3 * losses[0]
+    assert state.history[-1]["mean_iu"] >= 0.8
+    assert state.best_miou == state.history[-1]["mean_iu"]
+    for name in ("config.yaml", "last.pt", "best.pt", "log.csv"):
+        assert (tmp_path / "run" / name).is_file()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_staged_init_copies_shared_layers_and_zeroes_new_scores(tmp_path):
+    train(_cfg(tmp_path, "s32", iters=2, val_every=2))
+    coarse = read_checkpoint(tmp_path / "s32" / "last.pt")["state_dict"]
+    fine = fcnseg.get_model("fcn16s", num_classes=7, width=1 / 16, fc_dim=16)
+    left = staged_init(fine, tmp_path / "s32" / "last.pt")
+    own = fine.state_dict()
+    for k, v in coarse.items():
+        if k in own and own[k].shape == v.shape:
+            assert torch.equal(own[k], v), k
+    assert sum(k.startswith("backbone.") for k in coarse) == sum(k.startswith("backbone.") for k in own)
+    assert torch.equal(own["score_fr.weight"], coarse["score_fr.weight"])
+    assert coarse["score_fr.weight"].abs().sum() > 0  # trained, so "equal" is not "both zero"
+    assert {"score_skip.pool4.weight", "score_skip.pool4.bias"} <= set(left)
+    assert own["score_skip.pool4.weight"].abs().sum() == 0 and own["score_skip.pool4.bias"].abs().sum() == 0
+    # The 16s net starts exactly where the 32s one was: new skip scores are zero.
+    fine.eval()
+    coarse_model = fcnseg.load(tmp_path / "s32" / "last.pt")
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        a, b = coarse_model(x), fine(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.9  # 64/32 vs 4/2+32/16 bilinear: nearly the same map
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_gives_the_same_weights_bit_for_bit(tmp_path, monkeypatch):
+    common = dict(
+        model="fcn16s", iters=6, val_every=2, dropout=0.5, flip=True, scale_min=0.75, scale_max=1.25, crop_size=40
+    )
+    straight = train(_cfg(tmp_path, "straight", **common))
+
+    # Interrupt after 3 steps (checkpoint at 2): the 4th step raises as a kill would stop it.
+    real_step, calls = train_mod.train_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise _Stop
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", dying_step)
+    with pytest.raises(_Stop):
+        train(_cfg(tmp_path, "interrupted", **common))
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert read_checkpoint(tmp_path / "interrupted" / "last.pt")["extra"]["train_state"]["iteration"] == 2
+    resumed = train(_cfg(tmp_path, "interrupted", resume=True, **common))
+
+    assert resumed.iteration == straight.iteration == 6
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")
+    b = read_checkpoint(tmp_path / "interrupted" / "last.pt")
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    opt_a, opt_b = a["extra"]["train_state"]["optimizer"], b["extra"]["train_state"]["optimizer"]
+    for k in opt_a["state"]:
+        assert torch.equal(opt_a["state"][k]["momentum_buffer"], opt_b["state"][k]["momentum_buffer"])
+    with open(tmp_path / "interrupted" / "log.csv") as f:
+        iterations = [int(r["iteration"]) for r in csv.DictReader(f) if r["mean_iu"]]
+    assert iterations == [2, 4, 6]  # the resumed log has no duplicated rows
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path):
+    cfg = _cfg(tmp_path, iters=30, val_every=1, lr=1e12, warmup_iters=0)
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at iteration \d+: training stopped; .*last\.pt"):
+        train(cfg)
+    kept = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
+    base = dict(iters=2, val_every=2, dropout=0.0, flip=False)
+    train(_cfg(tmp_path, "big", batch_size=4, **base))
+    train(_cfg(tmp_path, "accum", batch_size=2, accum_steps=2, **base))
+    a = read_checkpoint(tmp_path / "big" / "last.pt")["state_dict"]
+    b = read_checkpoint(tmp_path / "accum" / "last.pt")["state_dict"]
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_paper_preset_uses_summed_loss_and_doubled_bias_rate(tmp_path):
+    cfg = _cfg(tmp_path, preset="paper", batch_size=None, iters=1)
+    cfg = cfg.resolved()
+    model = fcnseg.get_model("fcn32s", num_classes=7, width=1 / 16, fc_dim=16)
+    groups = train_mod.param_groups(model, cfg)
+    assert groups[0]["lr"] == 1e-10 and groups[1]["lr"] == 2e-10
+    assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
+    assert all(p.dim() == 1 for p in groups[1]["params"])
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable  # upsampling frozen, left out
+
+
+def test_lr_schedule_warmup_then_poly():
+    cfg = TrainConfig(iters=110, warmup_iters=10, poly_power=0.9).resolved()
+    f = [train_mod.lr_factor(cfg, i) for i in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == 1.0 and f[60] == pytest.approx(0.5**0.9)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert math.isclose(train_mod.lr_factor(TrainConfig(preset="paper").resolved(), 500), 1.0)
+
+
+def test_cli_train_contract(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "synthetic",
+            "--data-option",
+            "size=48",
+            "--data-option",
+            "num_images=8",
+            "--split",
+            "train",
+            "--model",
+            "fcn8s",
+            "--preset",
+            "modern",
+            "--iters",
+            "2",
+            "--val-every",
+            "2",
+            "--width",
+            "0.0625",
+            "--fc-dim",
+            "16",
+            "--batch-size",
+            "2",
+            "--val-images",
+            "2",
+            "--num-workers",
+            "0",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    for name in ("config.yaml", "last.pt", "best.pt", "log.csv"):
+        assert (out / name).is_file()
+    assert "iteration 2: mean IU" in capsys.readouterr().out
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert main(["train", "--dataset", "nope", "--out", str(tmp_path / "x"), "--iters", "1"]) == 2
+
+
+def test_rng_state_round_trip():
+    state = train_mod.rng_state()
+    a = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    train_mod.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
