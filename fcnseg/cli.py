@@ -144,7 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from .engine.demo import format_table, run_demo
+    from .engine.demo import describe, format_table, run_demo
 
     t0 = time.perf_counter()
     results = run_demo(args.out, quick=args.quick, progress=not args.quiet)
@@ -152,8 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     print(
-        f"\nsynthetic shapes, width-1/8 VGG16 with batch norm (no pretrained weights here), "
-        f"{'quick' if args.quick else 'full'} run in {time.perf_counter() - t0:.0f} s.\n"
+        f"\n{describe(args.quick)}; {'quick' if args.quick else 'full'} run in {time.perf_counter() - t0:.0f} s.\n"
         f"checkpoints: {out}/<model>/best.pt; evaluation reports: {out}/<model>/eval/; "
         f"pictures: {out}/predictions.png, {out}/comparison.png; figures: {out}/results.json"
     )

@@ -26,6 +26,7 @@ _HELP = {
     "accum_steps": "micro-batches per optimiser step (gradient accumulation)",
     "val_every": "validate and checkpoint every N iterations",
     "val_images": "validate on the first N images only",
+    "crop_size": "random crop side in pixels; 0 = whole images",
     "backbone_weights": "torchvision weights name (IMAGENET1K_V1) or a VGG16 state-dict file",
 }
 
@@ -110,6 +111,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales, e.g. 0.75 1 1.25")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument(
+        "--data-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+        help="extra dataset argument, repeatable (e.g. download=true for voc, sbd_root=DIR for seg11valid)",
+    )  # fmt: skip
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -128,7 +133,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         model = load(args.checkpoint, map_location=device)
         ds = get_dataset(
-            args.dataset, root=args.root, split=args.split, transforms=eval_transforms(model.preprocessing)
+            args.dataset,
+            root=args.root,
+            split=args.split,
+            transforms=eval_transforms(model.preprocessing),
+            **dict(args.data_option),
         )
         if ds.num_classes != model.num_classes:
             raise FcnsegError(

@@ -59,7 +59,7 @@ class TrainConfig:
     warmup_iters: int | None = None
     poly_power: float | None = None
     amp: bool | None = None
-    crop_size: int | None = None
+    crop_size: int | None = None  # 0 = whole images
     scale_min: float | None = None
     scale_max: float | None = None
     flip: bool | None = None
@@ -94,7 +94,7 @@ class TrainConfig:
             (self.loss in ("sum", "mean"), f"--loss {self.loss!r}: expected sum or mean"),
             (self.lr is not None and self.lr > 0, "--lr must be > 0"),
             (self.val_every >= 1, "--val-every must be >= 1"),
-            (self.crop_size is None or self.crop_size >= 1, "--crop-size must be >= 1"),
+            (self.crop_size is not None and self.crop_size >= 0, "--crop-size must be >= 0 (0 = whole images)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -178,7 +178,7 @@ def _paper(cfg: TrainConfig) -> dict[str, Any]:
         "warmup_iters": 0,
         "poly_power": 0.0,
         "amp": False,
-        "crop_size": None,
+        "crop_size": 0,  # whole images
         "scale_min": 1.0,
         "scale_max": 1.0,
         "flip": False,  # "mirroring and jitter gave no noticeable gain"

@@ -133,7 +133,7 @@ def attach_transforms(cfg: TrainConfig, model: nn.Module, train_ds, val_ds) -> N
     """Normalise the way the model's weights expect (``model.preprocessing``), never a hard-coded mean."""
     scale = None if cfg.scale_min == cfg.scale_max == 1.0 else (cfg.scale_min, cfg.scale_max)
     train_ds.transforms = train_transforms(
-        model.preprocessing, crop_size=cfg.crop_size, scale_range=scale, flip=cfg.flip, jitter=cfg.jitter
+        model.preprocessing, crop_size=cfg.crop_size or None, scale_range=scale, flip=cfg.flip, jitter=cfg.jitter
     )
     val_ds.transforms = eval_transforms(model.preprocessing)
 

@@ -138,13 +138,13 @@ def test_objects_touch(train50):
         a, b = m[:, :-1], m[:, 1:]
         return bool(((a != b) & (a > 0) & (b > 0)).any())
 
-    assert sum(touching(m) for _, m in train50) >= 25
+    assert sum(touching(m) for _, m in train50) >= 40
 
 
 def test_colour_alone_is_informative_but_not_enough(train50):
     # Nearest class-mean RGB per pixel, fit on train, scored on val by mean per-class accuracy (chance = 1 / 7).
     # Disc/square and triangle/cross share colours and the background is cluttered, so local texture and context
-    # must do the rest; measured ~0.67 (400 train / 100 val images).
+    # must do the rest; measured ~0.68 (0.68-0.69 over seeds 0-2).
     x = np.concatenate([im.reshape(-1, 3) for im, _ in train50]).astype(np.float32)
     y = np.concatenate([m.ravel() for _, m in train50])
     means = np.stack([x[y == c].mean(0) for c in range(K)])

@@ -12,7 +12,7 @@ def test_paper_preset_is_the_release_recipe(model):
     cfg = TrainConfig(preset="paper", model=model).resolved()
     assert cfg.lr == {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14, "fcn8s_atonce": 1e-10}[model]
     assert (cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.bias_lr_mult) == ("sgd", 0.99, 5e-4, 2.0)
-    assert (cfg.loss, cfg.batch_size, cfg.crop_size, cfg.learnable_upsampling) == ("sum", 1, None, False)
+    assert (cfg.loss, cfg.batch_size, cfg.crop_size, cfg.learnable_upsampling) == ("sum", 1, 0, False)
 
 
 def test_modern_preset_and_explicit_values_win():

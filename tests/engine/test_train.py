@@ -56,8 +56,8 @@ def test_overfits_a_few_images(tmp_path):
         fc_dim=32,
         batch_norm=True,
         dropout=0.0,
-        iters=60,
-        val_every=60,
+        iters=200,
+        val_every=50,
         lr=0.05,
         flip=False,
         batch_size=3,
@@ -68,7 +68,7 @@ def test_overfits_a_few_images(tmp_path):
         losses = [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
     assert losses[-1] < 0.3 * losses[0]
     assert state.history[-1]["mean_iu"] >= 0.8
-    assert state.best_miou == state.history[-1]["mean_iu"]
+    assert state.best_miou == max(h["mean_iu"] for h in state.history)
     for name in ("config.yaml", "last.pt", "best.pt", "log.csv"):
         assert (tmp_path / "run" / name).is_file()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
