@@ -162,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.check import run_check_data
 
-    return run_check_data(args.dataset, args.root, args.split, quiet=args.quiet)
+    return run_check_data(args.dataset, args.root, args.split, quiet=args.quiet, download=args.download)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="the dataset's folder")
     p.add_argument("--split", default="train", help="split to read (default: train)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary; problems only")
+    p.add_argument("--download", action="store_true", help="fetch voc / sbd first (torchvision's downloader)")
     p.set_defaults(func=cmd_check_data)
     return parser
 

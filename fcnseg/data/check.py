@@ -231,11 +231,11 @@ def print_problems(problems: Iterable[Problem]) -> None:
         print(f"fcnseg: error: {p.line()}", file=sys.stderr)
 
 
-def run_check_data(name: str, root: str | None, split: str, *, quiet: bool = False) -> int:
+def run_check_data(name: str, root: str | None, split: str, *, quiet: bool = False, download: bool = False) -> int:
     """The ``check-data`` command: 0 when the dataset is clean, else every problem on stderr and 2."""
     from .base import get_dataset
 
-    ds = get_dataset(name, root=root, split=split)
+    ds = get_dataset(name, root=root, split=split, **({"download": True} if download else {}))
     report = check_dataset(ds, title=f"{name} split {split!r}", progress=not quiet)
     if not quiet:
         print(report.summary())

@@ -111,6 +111,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales, e.g. 0.75 1 1.25")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--download", action="store_true", help="fetch voc / sbd first (torchvision's downloader)")
     p.add_argument(
         "--data-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
         help="extra dataset argument, repeatable (e.g. download=true for voc, sbd_root=DIR for seg11valid)",
@@ -138,6 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             split=args.split,
             transforms=eval_transforms(model.preprocessing),
             **dict(args.data_option),
+            **({"download": True} if args.download else {}),
         )
         if ds.num_classes != model.num_classes:
             raise FcnsegError(

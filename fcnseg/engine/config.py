@@ -34,6 +34,7 @@ class TrainConfig:
     root: str | None = None
     split: str = "train"
     val_split: str = "val"
+    download: bool = False  # voc / sbd: fetch the data first with torchvision's downloader
     data_options: dict | None = None  # extra dataset arguments, e.g. {size: 96} for synthetic, {year: "2011"} for voc
     # model
     model: str = "fcn8s"

@@ -121,7 +121,7 @@ def lr_factor(cfg: TrainConfig, it: int) -> float:
 
 def build_data(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
     """Train and validation sets; transforms are attached once the model (and its preprocessing) exists."""
-    options = cfg.data_options or {}
+    options = {**(cfg.data_options or {}), **({"download": True} if cfg.download else {})}
     train_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.split, **options)
     val_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, **options)
     if len(train_ds) == 0 or len(val_ds) == 0:

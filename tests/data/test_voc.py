@@ -276,3 +276,17 @@ def test_download_needs_a_root() -> None:
     with pytest.raises(FcnsegError) as e:
         VOCSegmentation(None, "train", download=True)
     assert msg(e) == "--root: no dataset folder given; expected the folder to download VOC2012 into"
+
+
+def test_cli_download_flag_reaches_the_downloader(
+    tmp_path: Path, fake_tv_voc: type[FakeTorchvisionVOC], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fcnseg.cli import main
+
+    root = tmp_path / "data"
+    code = main(["check-data", "--dataset", "voc", "--root", str(root), "--split", "val", "--download", "--quiet"])
+    assert fake_tv_voc.calls == [((str(root),), {"year": "2012", "image_set": "val", "download": True})]
+    assert code == 0  # the downloaded (fake) tree is clean
+    # A dataset that cannot download says so instead of ignoring the flag.
+    assert main(["check-data", "--dataset", "synthetic", "--split", "val", "--download", "--quiet"]) == 2
+    assert "takes no option download" in capsys.readouterr().err
