@@ -137,8 +137,9 @@ def pad_collate(
     """Stack ``(image C x H x W, mask H x W)`` pairs of different sizes into ``(N x C x Hmax x Wmax, N x Hmax x Wmax)``.
 
     Padding goes at the bottom and right so every image keeps its top-left origin, which is where the FCN's
-    crop offsets are anchored: each image's scores are the same as when it runs alone. Images are padded with 0,
-    masks with 255 (void) so padded pixels add nothing to the loss or the metrics.
+    crop offsets are anchored: each image's scores stay on its own pixel grid (near the bottom/right edge the
+    receptive fields see the padding instead of the network's own zero padding, a small border effect). Images are
+    padded with 0, masks with 255 (void) so padded pixels add nothing to the loss or the metrics.
     """
     if len(batch) == 0:
         raise ValueError("pad_collate got an empty batch")
