@@ -395,20 +395,16 @@ def _validate_and_save(cfg, run, model, val_ds, info, device, optimizer, schedul
     log.row(iteration=state.iteration, **metrics)
     if info.is_main:
         save_run(run, model, list(val_ds.classes), optimizer, scheduler, scaler, state, cfg, best)
-        log.image("val/image_truth_prediction", _val_picture(_unwrap(model), val_ds, device), state.iteration)
+        log.image("val/image_truth_prediction", _val_picture(_unwrap(model), val_ds), state.iteration)
 
 
-def _val_picture(model: nn.Module, val_ds: SegmentationDataset, device: torch.device) -> np.ndarray:
+def _val_picture(model: nn.Module, val_ds: SegmentationDataset) -> np.ndarray:
     """The first validation image beside its ground truth and the current prediction, colour-coded."""
     from ..imageio import colorize
+    from ..predict import predict_mask
 
-    was = model.training
-    model.eval()
-    image, mask = val_ds.load_pair(0)
-    x, _ = val_ds[0]
-    with torch.no_grad():
-        pred = model(x[None].to(device))[0].argmax(0).cpu().numpy()
-    model.train(was)
+    image, mask = val_ds.load_pair(0)  # decoded once; predict_mask normalises as the model expects
+    pred = predict_mask(model, image)
     colours = np.asarray(val_ds.palette, np.uint8)
     return np.concatenate([image, colorize(mask, colours), colorize(pred, colours)], axis=1)
 
