@@ -170,4 +170,5 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", model: str | Non
     ckpt = read_checkpoint(path, map_location=map_location)
     if model is not None and ckpt["model"] != model:
         raise CheckpointError(f"{path}: checkpoint holds model {ckpt['model']!r}, expected {model!r}")
-    return model_from_checkpoint(ckpt, source=str(path))
+    model = model_from_checkpoint(ckpt, source=str(path))
+    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model

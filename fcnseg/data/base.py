@@ -126,6 +126,7 @@ def get_dataset(
     if name not in _DATASETS:
         raise FcnsegError(f"--dataset {name!r}: unknown dataset; expected one of {', '.join(list_datasets())}")
     cls = _DATASETS[name]
+    check_data_options(kwargs)
     accepted = inspect.signature(cls).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
@@ -134,6 +135,13 @@ def get_dataset(
             f"dataset {name!r} takes no option {', '.join(unknown)}; expected some of: {', '.join(options) or 'none'}"
         )
     return cls(root=root, split=split, transforms=transforms, **kwargs)
+
+
+def check_data_options(options: dict[str, Any]) -> None:
+    """Dataset options (``--data-option KEY=VALUE``) cannot stand in for root, split or transforms."""
+    reserved = sorted({"root", "split", "transforms"} & set(options))
+    if reserved:
+        raise FcnsegError(f"--data-option {reserved[0]}: set it with --{reserved[0]}, not as a dataset option")
 
 
 def check_split(split: str, allowed: Sequence[str], dataset: str) -> None:

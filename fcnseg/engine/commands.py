@@ -123,12 +123,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from ..checkpoint import load
     from ..data import get_dataset
+    from ..data.base import check_data_options
     from ..data.loader import make_loader
     from ..data.transforms import eval_transforms
     from .distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
     from .evaluate import evaluate, write_report
     from .train import pick_device
 
+    check_data_options(dict(args.data_option))
     device = pick_device(args.device)
     info: DistInfo = init_distributed(device.type)
     try:
@@ -138,8 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             root=args.root,
             split=args.split,
             transforms=eval_transforms(model.preprocessing),
-            **dict(args.data_option),
-            **({"download": True} if args.download else {}),
+            **{**dict(args.data_option), **({"download": True} if args.download else {})},
         )
         if ds.num_classes != model.num_classes:
             raise FcnsegError(

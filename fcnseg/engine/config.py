@@ -95,6 +95,8 @@ class TrainConfig:
             (self.loss in ("sum", "mean"), f"--loss {self.loss!r}: expected sum or mean"),
             (self.lr is not None and self.lr > 0, "--lr must be > 0"),
             (self.val_every >= 1, "--val-every must be >= 1"),
+            (self.log_every >= 1, "--log-every must be >= 1"),
+            (self.num_workers is None or self.num_workers >= 0, "--num-workers must be >= 0"),
             (self.crop_size is not None and self.crop_size >= 0, "--crop-size must be >= 0 (0 = whole images)"),
         ]
         for ok, msg in checks:

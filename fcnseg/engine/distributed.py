@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
+from ..errors import FcnsegError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -67,7 +69,7 @@ class EpochSampler(Sampler):
         # Every rank gets the same number of samples per epoch (steps stay in lock-step): the tail is dropped.
         self.per_rank = size // info.world_size
         if self.per_rank < 1:
-            raise ValueError(f"{size} samples cannot be shared among {info.world_size} processes")
+            raise FcnsegError(f"--split: {size} training sample(s) cannot be shared among {info.world_size} processes")
         self.size, self.info, self.seed, self.start, self.shuffle = size, info, seed, start, shuffle
 
     def epoch_order(self, epoch: int) -> list[int]:

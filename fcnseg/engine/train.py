@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..data import get_dataset
-from ..data.base import IGNORE_INDEX, SegmentationDataset
+from ..data.base import IGNORE_INDEX, SegmentationDataset, check_data_options
 from ..data.loader import make_loader
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import FcnsegError
@@ -60,7 +60,10 @@ class TrainState:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FcnsegError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -122,6 +125,7 @@ def lr_factor(cfg: TrainConfig, it: int) -> float:
 def build_data(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
     """Train and validation sets; transforms are attached once the model (and its preprocessing) exists."""
     options = {**(cfg.data_options or {}), **({"download": True} if cfg.download else {})}
+    check_data_options(options)
     train_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.split, **options)
     val_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, **options)
     if len(train_ds) == 0 or len(val_ds) == 0:
@@ -171,7 +175,8 @@ def train_step(model, micro_batches, optimizer, scaler, cfg: TrainConfig, device
     masks_all = [m for _, m in micro_batches]
     # The mean is taken over the valid pixels of the whole step on every process together, so that gradient
     # accumulation and DDP (which averages gradients over processes) give the gradient of one big batch.
-    valid = all_reduce_sum(torch.tensor(float(sum(int((m != IGNORE_INDEX).sum()) for m in masks_all)))).item()
+    count = float(sum(int((m != IGNORE_INDEX).sum()) for m in masks_all))
+    valid = all_reduce_sum(torch.tensor(count, device=device)).item()  # on the device: nccl reduces CUDA tensors
     scale = info_world() * (1.0 if cfg.loss == "sum" else 1.0 / max(valid, 1.0))
     total = torch.zeros((), device=device)
     for images, masks in micro_batches:
@@ -197,6 +202,10 @@ def info_world() -> int:
 
 def validate(model, val_ds, cfg: TrainConfig, info: DistInfo, device) -> dict[str, float]:
     ds = val_ds if cfg.val_images is None else torch.utils.data.Subset(val_ds, range(min(cfg.val_images, len(val_ds))))
+    if len(ds) < info.world_size:  # a rank without images would skip the collectives the others wait in
+        raise FcnsegError(
+            f"--val-images: {len(ds)} validation image(s) cannot be shared among {info.world_size} processes"
+        )
     loader = make_loader(ds, batch_size=1, sampler=ShardSampler(len(ds), info), num_workers=0, seed=cfg.seed)
     cm = evaluate(model, loader, val_ds.num_classes, device=device)
     return {k: v for k, v in cm.compute().items() if not isinstance(v, list)}
@@ -244,7 +253,7 @@ def save_run(run: Path, model, classes, optimizer, scheduler, scaler, state: Tra
         save_checkpoint(_unwrap(model), run / "best.pt", classes=classes, extra=extra)
 
 
-def restore_run(run: Path, model, optimizer, scheduler, scaler) -> TrainState:
+def restore_run(run: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig) -> TrainState:
     path = run / "last.pt"
     if not path.is_file():
         raise FcnsegError(f"--resume: {path} not found; nothing to resume")
@@ -255,9 +264,26 @@ def restore_run(run: Path, model, optimizer, scheduler, scaler) -> TrainState:
     _unwrap(model).load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ts["optimizer"])
     scheduler.load_state_dict(ts["scheduler"])
-    scaler.load_state_dict(ts["scaler"])
+    if ts["scaler"]:  # empty when the interrupted run had no fp16 loss scaling
+        scaler.load_state_dict(ts["scaler"])
     set_rng_state(ts["rng"])
-    return TrainState(ts["iteration"], ts["samples_seen"], ts["best_miou"])
+    state = TrainState(ts["iteration"], ts["samples_seen"], ts["best_miou"])
+    _apply_rates(cfg, optimizer, scheduler, state.iteration)
+    return state
+
+
+def _apply_rates(cfg: TrainConfig, optimizer, scheduler, iteration: int) -> None:
+    """The optimiser's saved state carries the old run's rates; a resumed run uses the ones asked for now (e.g. a
+    lower --lr after a divergence)."""
+    bases = [cfg.lr, cfg.lr * cfg.bias_lr_mult]
+    decays = [cfg.weight_decay, 0.0]
+    scheduler.base_lrs = bases
+    for group, base, decay in zip(optimizer.param_groups, bases, decays, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_factor(cfg, iteration)
+        group["weight_decay"] = decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -357,7 +383,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainState
 
     run = Path(cfg.out)
     train_ds, val_ds, model, optimizer, scheduler, autocast, scaler = _setup(cfg, device, info)
-    state = restore_run(run, model, optimizer, scheduler, scaler) if cfg.resume else TrainState()
+    state = restore_run(run, model, optimizer, scheduler, scaler, cfg) if cfg.resume else TrainState()
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         cfg.save(run / "config.yaml")

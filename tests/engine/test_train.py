@@ -226,3 +226,33 @@ def test_rng_state_round_trip():
     train_mod.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), __import__("random").random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_resume_takes_the_new_learning_rate(tmp_path):
+    # After a divergence the message says "lower --lr": the resumed run must use it, not the saved one.
+    train(_cfg(tmp_path, iters=2, val_every=2, lr=0.01, warmup_iters=0, poly_power=0.0))
+    cfg = _cfg(tmp_path, iters=3, val_every=3, lr=0.001, warmup_iters=0, poly_power=0.0, resume=True).resolved()
+    model = train_mod.build_model(cfg, 7)
+    optimizer = train_mod.build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    _, scaler = train_mod.amp_context(cfg, torch.device("cpu"))
+    state = train_mod.restore_run(tmp_path / "run", model, optimizer, scheduler, scaler, cfg)
+    assert state.iteration == 2
+    assert [g["lr"] for g in optimizer.param_groups] == [0.001, 0.001]
+    assert scheduler.base_lrs == [0.001, 0.001]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--log-every", "0"], "--log-every must be >= 1"),
+        (["--num-workers", "-1"], "--num-workers must be >= 0"),
+        (["--device", "gpu"], "--device 'gpu'"),
+        (["--data-option", "split=val"], "--data-option split: set it with --split"),
+    ],
+)
+def test_user_mistakes_are_one_line(tmp_path, capsys, flags, message):
+    code = main(["train", "--data-option", "size=32", "--data-option", "num_images=4", "--width", "0.0625",
+                 "--fc-dim", "8", "--iters", "1", "--no-progress", "--out", str(tmp_path / "r"), *flags])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
