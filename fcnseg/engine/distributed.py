@@ -51,6 +51,11 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """Processes in the current group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

@@ -38,6 +38,7 @@ from .distributed import (
     all_reduce_sum,
     cleanup_distributed,
     init_distributed,
+    world_size,
 )
 from .evaluate import evaluate
 
@@ -177,7 +178,7 @@ def train_step(model, micro_batches, optimizer, scaler, cfg: TrainConfig, device
     # accumulation and DDP (which averages gradients over processes) give the gradient of one big batch.
     count = float(sum(int((m != IGNORE_INDEX).sum()) for m in masks_all))
     valid = all_reduce_sum(torch.tensor(count, device=device)).item()  # on the device: nccl reduces CUDA tensors
-    scale = info_world() * (1.0 if cfg.loss == "sum" else 1.0 / max(valid, 1.0))
+    scale = world_size() * (1.0 if cfg.loss == "sum" else 1.0 / max(valid, 1.0))
     total = torch.zeros((), device=device)
     for images, masks in micro_batches:
         with autocast():
@@ -193,11 +194,6 @@ def train_step(model, micro_batches, optimizer, scaler, cfg: TrainConfig, device
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total.item()
-
-
-def info_world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def validate(model, val_ds, cfg: TrainConfig, info: DistInfo, device) -> dict[str, float]:
