@@ -37,8 +37,13 @@ def checkpoint_dict(
     palette: Sequence[Sequence[int]] | None = None,
     preprocessing: Preprocessing | None = None,
     extra: Mapping[str, Any] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint of ``model`` as a dict (what :func:`save_checkpoint` writes)."""
+    """The checkpoint of ``model`` as a dict (what :func:`save_checkpoint` writes).
+
+    ``state_dict`` replaces the model's own tensors (importers describe a model built on the meta device and
+    supply the converted weights); it must have exactly the model's keys and shapes.
+    """
     config = getattr(model, "build_config", None)
     if config is None:
         raise FcnsegError("model was not built through the fcnseg registry: no build_config to save")
@@ -65,9 +70,16 @@ def checkpoint_dict(
         "classes": classes,
         "palette": [[int(v) for v in c] for c in palette],
         "preprocessing": preprocessing.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": _tensors(model, state_dict),
         "extra": dict(extra or {}),
     }
+
+
+def _tensors(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    if state_dict is None:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _check_fit(model, state_dict, "state_dict", model.build_config["name"])
+    return {k: state_dict[k].detach().cpu() for k in model.state_dict()}
 
 
 def save_checkpoint(
@@ -128,10 +140,14 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, source: str = "checkpoint"
     from .models import get_model
 
     try:
-        model = get_model(ckpt["model"], **ckpt["config"])
+        # Built on the meta device (shapes only, no random initialisation of 134M weights), then the checkpoint's
+        # tensors are assigned in place of the empty ones.
+        with torch.device("meta"):
+            model = get_model(ckpt["model"], **ckpt["config"])
     except FcnsegError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    _load_state(model, ckpt["state_dict"], source, ckpt["model"])
+    _check_fit(model, ckpt["state_dict"], source, ckpt["model"])
+    model.load_state_dict(ckpt["state_dict"], assign=True)
     model.classes = list(ckpt.get("classes") or []) or None
     model.palette = [list(c) for c in ckpt["palette"]] if ckpt.get("palette") else None
     model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
@@ -139,7 +155,7 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, source: str = "checkpoint"
     return model
 
 
-def _load_state(model: nn.Module, state: Mapping[str, Any], source: str, name: str) -> None:
+def _check_fit(model: nn.Module, state: Mapping[str, Any], source: str, name: str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -159,15 +175,29 @@ def _load_state(model: nn.Module, state: Mapping[str, Any], source: str, name: s
         raise CheckpointError(
             f"{source}: weights do not fit model {name!r} (another architecture?): {'; '.join(parts)}"
         )
-    model.load_state_dict(state)
 
 
-def load(path: str | os.PathLike, *, map_location: Any = "cpu", model: str | None = None) -> nn.Module:
-    """Load a checkpoint into a ready-to-use model in eval mode (``model.predict(image)`` works).
+def load(
+    path: str | os.PathLike,
+    *,
+    map_location: Any = "cpu",
+    model: str | None = None,
+    file: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Load a checkpoint, or published weights by name, into a ready-to-use model in eval mode.
 
-    ``model``: the architecture the caller expects; a checkpoint of another one is refused.
+    ``path``: an fcnseg checkpoint file, or a name from ``fcnseg weights`` (``"fcn8s-heavy-pascal"``), which is
+    downloaded on first use into torch.hub's cache, hash-checked and converted; ``file`` gives a local copy of
+    that published file instead. ``model``: the architecture the caller expects; another one is refused.
     """
-    ckpt = read_checkpoint(path, map_location=map_location)
+    from .models.weights import is_weights_name, weights_checkpoint
+
+    if not Path(path).exists() and is_weights_name(str(path)):
+        ckpt = weights_checkpoint(str(path), file=file)
+    elif file is not None:
+        raise FcnsegError(f"file={file!r} goes with published weights names only, not with {str(path)!r}")
+    else:
+        ckpt = read_checkpoint(path, map_location=map_location)
     if model is not None and ckpt["model"] != model:
         raise CheckpointError(f"{path}: checkpoint holds model {ckpt['model']!r}, expected {model!r}")
     model = model_from_checkpoint(ckpt, source=str(path))

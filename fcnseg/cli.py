@@ -100,6 +100,17 @@ def _check_writable(out: Path) -> None:
         raise FcnsegError(f"--out {out}: folder is not writable")
 
 
+def _checkpoint_and_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
+    # `predict CKPT IMAGES...` or `predict --weights NAME IMAGES...`: with --weights every positional is an input.
+    if args.weights:
+        return args.weights, list(args.items)
+    if args.weights_file:
+        raise FcnsegError("--weights-file goes with --weights NAME (the published weights it is a copy of)")
+    if len(args.items) < 2:
+        raise FcnsegError("predict: expected a CHECKPOINT and at least one image, folder or pattern")
+    return args.items[0], list(args.items[1:])
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -110,8 +121,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .palette import palette_for
     from .predict import predict_logits
 
-    files, problems = collect_inputs(args.inputs)
-    model = load(args.checkpoint, map_location=args.device)
+    checkpoint, inputs = _checkpoint_and_inputs(args)
+    files, problems = collect_inputs(inputs)
+    model = load(checkpoint, map_location=args.device, file=args.weights_file)
     out = Path(args.out)
     _check_writable(out)
     colors = np.asarray(model.palette or palette_for(model.classes, model.num_classes), np.uint8)
@@ -159,6 +171,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from .models.weights import FCNWeights, cache_dir
+
+    print(f"{'name':<26} {'model':<13} {'classes':>7} {'input':<5} {'mean IU':>8}  reported on / file")
+    for w in FCNWeights:
+        e = w.value
+        dataset, m = next(iter(e.metrics.items()), ("-", {}))
+        cached = "  (cached)" if (cache_dir() / e.file_name).is_file() else ""
+        iu = f"{m['mean_iu']:.2f}" if m else "-"
+        print(f"{w.id:<26} {e.model:<13} {e.num_classes:>7} {e.preprocessing.channel_order:<5} {iu:>8}  "
+              f"{dataset} / {e.file_name}{cached}")  # fmt: skip
+    print(f"\ncache: {cache_dir()}; use: fcnseg predict --weights NAME IMAGES --out DIR, or fcnseg.load(NAME)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .io import atomic_write
+    from .models.weights import import_file
+
+    classes = None
+    if args.classes:
+        try:
+            classes = [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise FcnsegError(f"--classes {args.classes}: cannot read ({e.strerror or e})") from None
+    ckpt = import_file(args.src, args.format, model=args.model, classes=classes)
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out) as f:
+            torch.save(ckpt, f)
+    except OSError as e:
+        raise FcnsegError(f"--out {out}: cannot write ({e.strerror or e})") from None
+    n = sum(v.numel() for v in ckpt["state_dict"].values())
+    print(f"wrote {out}: {ckpt['model']} ({ckpt['alignment']} alignment), {ckpt['num_classes']} classes, "
+          f"{n:,} parameters, input {ckpt['preprocessing']['channel_order']}")  # fmt: skip
+    return 0
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.check import run_check_data
 
@@ -178,9 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("predict", help="segment images with a checkpoint")
-    p.add_argument("checkpoint", help="an fcnseg checkpoint (.pt)")
-    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p = sub.add_parser(
+        "predict",
+        help="segment images with a checkpoint or published weights",
+        usage="fcnseg predict (CHECKPOINT | --weights NAME) INPUT [INPUT ...] --out DIR [options]",
+    )
+    p.add_argument("items", nargs="+", metavar="INPUT", help="[CHECKPOINT] then image files, folders or globs")
+    p.add_argument("--weights", metavar="NAME", help="published weights instead of a checkpoint (fcnseg weights)")
+    p.add_argument("--weights-file", metavar="FILE", help="a local copy of the --weights file (no download)")
     p.add_argument("--out", required=True, help="output folder: <stem>.png palette masks")
     p.add_argument(
         "--overlay",
@@ -193,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("weights", help="list the published weights fcnseg can download and convert")
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("convert", help="import torchfcn or Caffe weights into an fcnseg checkpoint")
+    p.add_argument("src", help="a torchfcn state dict (.pth) or a Caffe .caffemodel")
+    p.add_argument("--format", default="auto", choices=["auto", "torchfcn", "caffe"], help="default: by extension")
+    p.add_argument("--out", required=True, help="the fcnseg checkpoint to write (.pt)")
+    p.add_argument("--model", help="fcnseg model name when the file cannot tell (torchfcn FCN8s vs FCN8sAtOnce)")
+    p.add_argument("--classes", help="a text file of class names, one a line (default: VOC names for 21 classes)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="train and evaluate FCN-32s/16s/8s on synthetic data")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (about a minute)")

@@ -1,0 +1,256 @@
+"""Weight conversion: pure functions from other implementations' layouts to fcnseg checkpoints.
+
+The Caffe release and torchfcn name parameters after the Caffe layers (``conv1_1`` ... ``fc7``, ``score_fr``,
+``score_pool4``, ``upscore2``, ...). :func:`caffe_layer_names` derives the fcnseg module behind each such name from
+the model's own structure; both importers go through it, and every tensor is checked by shape before a checkpoint
+dict comes out. The converted models are in ``caffe`` alignment (conv1_1 padded by 100, the release's crops) and
+expect the release's input: BGR, 0-255, minus the mean, no std scaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import FcnsegError
+from ..palette import VOC_CLASSES
+from ..preprocessing import CAFFE, Preprocessing
+from .backbones import VGG16Backbone
+from .registry import get_model
+
+# torchfcn class name -> fcnseg model. FCN8s and FCN8sAtOnce have the same parameters; only the forward differs
+# (pool4 x 0.01, pool3 x 1e-4), so a bare state dict cannot tell them apart.
+TORCHFCN_ARCHS = {"FCN32s": "fcn32s", "FCN16s": "fcn16s", "FCN8s": "fcn8s", "FCN8sAtOnce": "fcn8s_atonce"}
+
+# Caffe layer types that carry no weights and compute what the fcnseg forward computes.
+_STRUCTURAL = {
+    "Input", "Data", "Python", "ImageData", "MemoryData", "DummyData", "HDF5Data", "ReLU", "Dropout", "Pooling",
+    "Crop", "Eltwise", "Softmax", "SoftmaxWithLoss", "Accuracy", "Silence", "Split",
+}  # fmt: skip
+_WEIGHTED = {"Convolution", "Deconvolution", "InnerProduct"}
+
+
+class CaffeLayerLike(Protocol):
+    name: str
+    type: str
+    blobs: list[np.ndarray]
+    bottoms: list[str]
+
+
+def caffe_layer_names(model: nn.Module) -> dict[str, str]:
+    """Caffe layer name -> fcnseg module path (``"conv3_2" -> "backbone.features.12"``) for a VGG16 FCN.
+
+    Convolutions are numbered block by block, a block ending at each max pooling; the upsamplers are named as the
+    release names them: ``upscore2`` first, ``upscore_<tap>`` after fusing a tap, and ``upscore`` (FCN-32s) or
+    ``upscore<stride>`` for the last one.
+    """
+    backbone = model.backbone
+    if not isinstance(backbone, VGG16Backbone) or any(isinstance(m, nn.BatchNorm2d) for m in backbone.features):
+        raise FcnsegError("Caffe layer names exist for the VGG16 FCNs without batch norm only")
+    names: dict[str, str] = {}
+    block, index = 1, 1
+    for i, m in enumerate(backbone.features):
+        if isinstance(m, nn.Conv2d):
+            names[f"conv{block}_{index}"] = f"backbone.features.{i}"
+            index += 1
+        elif isinstance(m, nn.MaxPool2d):
+            block, index = block + 1, 1
+    names.update({"fc6": "backbone.fc6", "fc7": "backbone.fc7", "score_fr": "score_fr"})
+    previous = None
+    for tap in model.skips:
+        names[f"score_{tap}"] = f"score_skip.{tap}"
+        names["upscore2" if previous is None else f"upscore_{previous}"] = f"upsample_skip.{tap}"
+        previous = tap
+    last = "upscore" if not model.skips else f"upscore{model.upsample_out.stride[0]}"
+    names[last] = "upsample_out"
+    return names
+
+
+def _meta_model(name: str, num_classes: int, conv1_channels: int, fc_dim: int) -> nn.Module:
+    """The fcnseg model the weights describe, in caffe alignment; width and fc_dim are read off the weights
+    (conv1_1's outputs / 64, fc6's outputs), so reduced-width networks convert too."""
+    # Shapes only: building the full VGG16 on the meta device takes no memory and no initialisation time.
+    with torch.device("meta"):
+        return get_model(name, num_classes=num_classes, alignment="caffe", width=conv1_channels / 64, fc_dim=fc_dim)
+
+
+def _checkpoint(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    classes: Sequence[str] | None,
+    preprocessing: Preprocessing,
+    source: str,
+) -> dict[str, Any]:
+    from ..checkpoint import checkpoint_dict
+
+    if classes is None and model.num_classes == len(VOC_CLASSES):
+        classes = VOC_CLASSES
+    return checkpoint_dict(
+        model, classes=classes, preprocessing=preprocessing, state_dict=state, extra={"converted_from": source}
+    )
+
+
+# --------------------------------------------------------------------------------------------------- torchfcn
+
+
+def torchfcn_to_fcnseg(
+    state_dict: Mapping[str, Any],
+    *,
+    model: str | None = None,
+    classes: Sequence[str] | None = None,
+    preprocessing: Preprocessing = CAFFE,
+    source: str = "torchfcn",
+) -> dict[str, Any]:
+    """A torchfcn FCN32s / FCN16s / FCN8s / FCN8sAtOnce state dict -> an fcnseg checkpoint dict (caffe alignment).
+
+    Also takes torchfcn's training checkpoints (``{"model_state_dict": ..., "arch": "FCN8s", ...}``), whose
+    ``arch`` names the model. ``model`` (``"fcn8s"``, ``"fcn8s_atonce"``, ...) is needed for a bare FCN-8s state
+    dict: FCN8s and FCN8sAtOnce have the same parameters and differ only in their forward.
+    """
+    if "model_state_dict" in state_dict:  # torchfcn's Trainer checkpoint
+        arch = state_dict.get("arch")
+        if model is None and arch in TORCHFCN_ARCHS:
+            model = TORCHFCN_ARCHS[arch]
+        state_dict = state_dict["model_state_dict"]
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    layers = {k.rsplit(".", 1)[0] for k in tensors}
+    if "score_fr" not in layers:
+        raise FcnsegError(f"{source}: not a torchfcn FCN state dict (no 'score_fr.weight')")
+    found = "fcn8s" if "score_pool3" in layers else "fcn16s" if "score_pool4" in layers else "fcn32s"
+    if model is None:
+        if found == "fcn8s":
+            raise FcnsegError(
+                f"{source}: torchfcn FCN8s and FCN8sAtOnce share their parameters; "
+                "say which with --model fcn8s or --model fcn8s_atonce"
+            )
+        model = found
+    if {"fcn8s_atonce": "fcn8s"}.get(model, model) != found:
+        raise FcnsegError(f"{source}: holds a torchfcn {found} (by its layers), not the requested {model}")
+    shape = {k: tensors[f"{k}.weight"].shape[0] for k in ("score_fr", "conv1_1", "fc6") if f"{k}.weight" in tensors}
+    if len(shape) < 3:
+        raise FcnsegError(f"{source}: not a torchfcn VGG16 FCN state dict (no conv1_1 or fc6 weights)")
+    target = _meta_model(model, shape["score_fr"], shape["conv1_1"], shape["fc6"])
+    names = caffe_layer_names(target)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        layer, kind = key.rsplit(".", 1)
+        if layer not in names:
+            raise FcnsegError(f"{source}: parameter {key!r} has no counterpart in fcnseg {model}")
+        state[f"{names[layer]}.{kind}"] = value.detach().to(torch.float32).clone()
+    return _checkpoint(target, state, classes, preprocessing, source)
+
+
+# ------------------------------------------------------------------------------------------------------ Caffe
+
+
+def _detect_caffe_model(layers: Sequence[CaffeLayerLike]) -> str:
+    names = {layer.name for layer in layers}
+    if "score_pool3" in names:
+        return "fcn8s_atonce" if any(layer.type == "Scale" for layer in layers) else "fcn8s"
+    return "fcn16s" if "score_pool4" in names else "fcn32s"
+
+
+def _outputs(layer: CaffeLayerLike) -> int:
+    """Output channels of a Convolution / InnerProduct layer (legacy blobs: 1 x 1 x out x in for InnerProduct)."""
+    shape = tuple(layer.blobs[0].shape)
+    if layer.type == "InnerProduct" and len(shape) == 4:
+        return int(shape[2])
+    return int(shape[0])
+
+
+def _fit_blob(blob: np.ndarray, shape: torch.Size, layer: CaffeLayerLike, what: str, source: str) -> torch.Tensor:
+    """A Caffe blob as a tensor of ``shape``: legacy 4-D blobs carry leading 1s (a bias as 1 x 1 x 1 x N), and an
+    InnerProduct layer's matrix is a convolution kernel with the same numbers (convolutionalisation)."""
+    squeezed = tuple(blob.shape)
+    while len(squeezed) > len(shape) and squeezed[0] == 1:
+        squeezed = squeezed[1:]
+    fits = squeezed == tuple(shape) or (layer.type == "InnerProduct" and blob.size == shape.numel())
+    if not fits:
+        raise FcnsegError(
+            f"{source}: layer {layer.name!r} ({layer.type}) {what} has shape {tuple(blob.shape)}, "
+            f"fcnseg expects {tuple(shape)}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(blob, dtype=np.float32).reshape(tuple(shape)).copy())
+
+
+def _caffe_scales(layers: Sequence[CaffeLayerLike], source: str) -> dict[str, np.ndarray]:
+    """Scale layers (FCN-8s at once: pool4 x 0.01, pool3 x 1e-4): tap name -> per-channel factor."""
+    scales = {}
+    for layer in layers:
+        if layer.type != "Scale":
+            continue
+        tap = layer.bottoms[0] if layer.bottoms else layer.name.removeprefix("scale_")
+        if len(layer.blobs) != 1:
+            raise FcnsegError(f"{source}: Scale layer {layer.name!r} has a bias or no factor; expected one blob")
+        scales[tap] = np.asarray(layer.blobs[0], np.float64).reshape(-1)
+    return scales
+
+
+def caffe_to_fcnseg(
+    layers: Sequence[CaffeLayerLike],
+    *,
+    model: str | None = None,
+    classes: Sequence[str] | None = None,
+    preprocessing: Preprocessing = CAFFE,
+    source: str = "caffemodel",
+) -> dict[str, Any]:
+    """Layers of a VGG16 FCN ``.caffemodel`` (see :func:`fcnseg.models.caffe_proto.read_caffemodel`) -> an fcnseg
+    checkpoint dict (caffe alignment). The variant is found from the layer names unless ``model`` is given.
+
+    Layers of a type fcnseg does not compute, weighted layers without an fcnseg counterpart, missing layers and
+    blobs of the wrong shape are refused, naming the layer.
+    """
+    for layer in layers:
+        if layer.type not in _STRUCTURAL | _WEIGHTED | {"Scale"}:
+            raise FcnsegError(f"{source}: layer {layer.name!r} has type {layer.type!r}, which fcnseg cannot import")
+    weighted = [layer for layer in layers if layer.type in _WEIGHTED]
+    outputs = {}
+    for name in ("score_fr", "conv1_1", "fc6"):
+        layer = next((x for x in weighted if x.name == name and x.blobs), None)
+        if layer is None:
+            raise FcnsegError(f"{source}: no weighted layer {name!r}: not a VGG16 FCN caffemodel")
+        outputs[name] = _outputs(layer)
+    model = model or _detect_caffe_model(layers)
+    target = _meta_model(model, outputs["score_fr"], outputs["conv1_1"], outputs["fc6"])
+    names = caffe_layer_names(target)
+    own = target.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for layer in weighted:
+        if layer.name not in names:
+            raise FcnsegError(f"{source}: layer {layer.name!r} ({layer.type}) has no counterpart in fcnseg {model}")
+        prefix = names[layer.name]
+        kinds = ["weight", "bias"][: len(layer.blobs)]
+        if len(layer.blobs) > 2 or any(f"{prefix}.{k}" not in own for k in kinds):
+            raise FcnsegError(
+                f"{source}: layer {layer.name!r} has {len(layer.blobs)} blobs; fcnseg {model} expects "
+                f"{sum(f'{prefix}.{k}' in own for k in ('weight', 'bias'))}"
+            )
+        for kind, blob in zip(kinds, layer.blobs, strict=False):
+            state[f"{prefix}.{kind}"] = _fit_blob(blob, own[f"{prefix}.{kind}"].shape, layer, kind, source)
+    missing = sorted({k.rsplit(".", 1)[0] for k in set(own) - set(state)})
+    if missing:
+        by_module = {v: k for k, v in names.items()}
+        raise FcnsegError(f"{source}: no weights for layer(s) {', '.join(by_module.get(m, m) for m in missing)}")
+    _fold_scales(target, state, _caffe_scales(layers, source), source)
+    return _checkpoint(target, state, classes, preprocessing, source)
+
+
+def _fold_scales(model: nn.Module, state: dict[str, torch.Tensor], scales: dict[str, np.ndarray], source: str) -> None:
+    """score(s * x) = (W diag(s / s0)) (s0 * x): a Caffe Scale factor s per channel becomes the model's fixed
+    factor s0 with the rest folded into the score layer's input columns, which is exact."""
+    for tap, s in scales.items():
+        if tap not in model.skip_scales:
+            raise FcnsegError(f"{source}: Scale layer on {tap!r}, which fcnseg {model.build_config['name']} lacks")
+        key = f"score_skip.{tap}.weight"
+        w = state[key]
+        if s.size not in (1, w.shape[1]):
+            raise FcnsegError(f"{source}: Scale on {tap!r} has {s.size} factors, expected 1 or {w.shape[1]}")
+        ratio = s / model.skip_scales[tap]
+        if np.allclose(ratio, 1.0, rtol=1e-6, atol=0):
+            continue  # the released factors, stored in float32: nothing to fold
+        ratio_t = torch.as_tensor(np.broadcast_to(ratio, (w.shape[1],)).copy(), dtype=torch.float64)
+        state[key] = (w.double() * ratio_t.view(1, -1, 1, 1)).float()

@@ -1,0 +1,329 @@
+"""Published FCN weights, as an Enum in the style of torchvision's weights enums.
+
+Each entry records where the file lives, its hash where one is known, the format it comes in, the fcnseg model it
+converts to, the input it expects (the Caffe release: BGR, 0-255, minus the mean), the class names and the
+metrics its authors reported. ``fcnseg.load("fcn8s-heavy-pascal")`` downloads the file on first use into torch.hub's
+cache folder (``$TORCH_HOME/hub/checkpoints``), checks the hash, converts it once and keeps the fcnseg checkpoint
+beside it. A copy obtained by hand is used instead when passed as ``file=`` (``--weights-file``) or placed in that
+folder under the file name shown by ``fcnseg weights``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..errors import FcnsegError
+from ..palette import VOC_CLASSES
+from ..preprocessing import CAFFE, Preprocessing
+
+NYUD_CLASSES: tuple[str, ...] = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
+    "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes",
+    "ceiling", "books", "refridgerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard",
+    "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture",
+    "otherprop",
+)  # fmt: skip
+
+NYUD_CAFFE = Preprocessing(mean=(116.190, 97.203, 92.318), std=(1.0, 1.0, 1.0), channel_order="BGR", value_range=255.0)
+"""The release's NYUDv2 colour input: BGR, 0-255, minus the NYUDv2 mean."""
+
+Format = Literal["caffe", "torchfcn", "fcnseg"]
+
+
+def _metrics(pixel_acc: float, mean_acc: float, mean_iu: float, fw_iu: float) -> dict[str, float]:
+    return {"pixel_acc": pixel_acc, "mean_acc": mean_acc, "mean_iu": mean_iu, "fw_iu": fw_iu}
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    """One published model: where to get it and what it needs."""
+
+    url: str
+    file_name: str
+    format: Format
+    model: str
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    metrics: Mapping[str, Mapping[str, float]]
+    """dataset -> {pixel_acc, mean_acc, mean_iu, fw_iu} in %, as reported."""
+    alignment: str = "caffe"
+    md5: str | None = None
+    sha256: str | None = None
+    description: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Extra arguments for the importer (e.g. ``{"model": "fcn8s_atonce"}`` for torchfcn's FCN8sAtOnce)."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+_DL = "http://dl.caffe.berkeleyvision.org"
+_DRIVE = "https://drive.google.com/uc?id="
+_HEAVY = "Caffe release ('heavy' PAMI-era training), converted on load"
+_TORCHFCN = "torchfcn's PyTorch copy of the Caffe release weights"
+# Reported by torchfcn's authors for the released models on seg11valid (facts file, section 1).
+_VOC = {
+    "fcn32s": {"seg11valid": _metrics(90.48, 76.48, 63.63, 83.46)},
+    "fcn16s": {"seg11valid": _metrics(91.00, 78.07, 65.01, 84.26)},
+    "fcn8s": {"seg11valid": _metrics(91.22, 77.61, 65.51, 84.54)},
+    "fcn8s_atonce": {"seg11valid": _metrics(91.13, 78.50, 65.40, 84.43)},
+}
+
+
+def _caffe(model: str, file_name: str, **kw: Any) -> PublishedWeights:
+    kw.setdefault("classes", VOC_CLASSES)
+    kw.setdefault("preprocessing", CAFFE)
+    kw.setdefault("metrics", _VOC.get(model, {}))
+    return PublishedWeights(f"{_DL}/{file_name}", file_name, "caffe", model, description=_HEAVY, **kw)
+
+
+def _torchfcn(model: str, file_name: str, *, drive_id: str, md5: str) -> PublishedWeights:
+    return PublishedWeights(
+        _DRIVE + drive_id, file_name, "torchfcn", model, VOC_CLASSES, CAFFE, _VOC[model],
+        md5=md5, description=_TORCHFCN, options={"model": model},
+    )  # fmt: skip
+
+
+class FCNWeights(Enum):
+    """Published FCN models. ``FCNWeights.FCN8S_HEAVY_PASCAL.value`` holds the entry; ``.id`` the CLI name."""
+
+    FCN32S_HEAVY_PASCAL = _caffe("fcn32s", "fcn32s-heavy-pascal.caffemodel")
+    FCN16S_HEAVY_PASCAL = _caffe("fcn16s", "fcn16s-heavy-pascal.caffemodel")
+    FCN8S_HEAVY_PASCAL = _caffe("fcn8s", "fcn8s-heavy-pascal.caffemodel")
+    FCN8S_ATONCE_PASCAL = _caffe("fcn8s_atonce", "fcn8s-atonce-pascal.caffemodel")
+    NYUD_FCN32S_COLOR_HEAVY = _caffe(
+        "fcn32s",
+        "nyud-fcn32s-color-heavy.caffemodel",
+        classes=NYUD_CLASSES,
+        preprocessing=NYUD_CAFFE,
+        metrics={"nyudv2-test": _metrics(60.0, 42.2, 29.2, 43.9)},
+    )
+    TORCHFCN_FCN32S = _torchfcn(
+        "fcn32s",
+        "fcn32s_from_caffe.pth",
+        drive_id="11k2Q0bvRQgQbT6-jYWeh6nmAsWlSCY3f",
+        md5="d3eb467a80e7da0468a20dfcbc13e6c8",
+    )
+    TORCHFCN_FCN16S = _torchfcn(
+        "fcn16s",
+        "fcn16s_from_caffe.pth",
+        drive_id="1bctu58B6YH9bu6lBBSBB2rUeGlGhYLoP",
+        md5="a2d4035f669f09483b39c9a14a0d6670",
+    )
+    TORCHFCN_FCN8S = _torchfcn(
+        "fcn8s",
+        "fcn8s_from_caffe.pth",
+        drive_id="1ieXWyoG68xqoHJPWdyrDyaIaaWlfmUxI",
+        md5="de93e540ec79512f8770033849c8ae89",
+    )
+    TORCHFCN_FCN8S_ATONCE = _torchfcn(
+        "fcn8s_atonce",
+        "fcn8s-atonce_from_caffe.pth",
+        drive_id="0B9P1L--7Wd2vblE1VUIxV1o2d2M",
+        md5="bfed4437e941fef58932891217fe6464",
+    )
+
+    @property
+    def id(self) -> str:
+        """The name used on the command line: ``fcn8s-heavy-pascal``, ``torchfcn-fcn8s``, ..."""
+        return self.name.lower().replace("_", "-")
+
+
+def list_weights() -> list[str]:
+    return [w.id for w in FCNWeights]
+
+
+def get_weights(name: str | FCNWeights) -> FCNWeights:
+    """An entry by CLI name (``fcn8s-heavy-pascal``) or Enum name (``FCN8S_HEAVY_PASCAL``)."""
+    if isinstance(name, FCNWeights):
+        return name
+    key = name.strip().upper().replace("-", "_")
+    try:
+        return FCNWeights[key]
+    except KeyError:
+        raise FcnsegError(f"unknown weights {name!r}; expected one of: {', '.join(list_weights())}") from None
+
+
+def is_weights_name(name: str) -> bool:
+    return name.strip().upper().replace("-", "_") in FCNWeights.__members__
+
+
+# ------------------------------------------------------------------------------------------------ downloading
+
+
+def cache_dir() -> Path:
+    """torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``), where torchvision keeps its weights too."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def file_digest(path: str | os.PathLike, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_hash(path: str | os.PathLike, *, md5: str | None = None, sha256: str | None = None) -> None:
+    """Raise :class:`FcnsegError` naming ``path`` if its digest differs from the expected one."""
+    for algorithm, expected in (("sha256", sha256), ("md5", md5)):
+        if expected:
+            got = file_digest(path, algorithm)
+            if got != expected.lower():
+                raise FcnsegError(f"{path}: {algorithm} is {got}, expected {expected} (a different or damaged file)")
+            return
+
+
+def _fetch(url: str, dst: Path, progress: bool) -> None:
+    """Download ``url`` to ``dst`` (which the caller removes on failure)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc == "drive.google.com":
+        from torchvision.datasets.utils import download_file_from_google_drive
+
+        file_id = urllib.parse.parse_qs(parsed.query)["id"][0]
+        download_file_from_google_drive(file_id, str(dst.parent), dst.name)
+        return
+    from tqdm import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "fcnseg"})
+    with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                f.write(chunk)
+                bar.update(len(chunk))
+
+
+def download(
+    url: str,
+    dst: str | os.PathLike,
+    *,
+    md5: str | None = None,
+    sha256: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Download ``url`` to ``dst``, checking the hash; on any failure nothing is left at ``dst`` or beside it.
+
+    The file is fetched into a temporary folder next to ``dst`` and renamed only once the hash matches.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        tmp = tmp_dir / dst.name
+        try:
+            _fetch(url, tmp, progress)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise FcnsegError(
+                f"cannot download {url} ({reason}); fetch it by hand and pass it as a local file, or place it at {dst}"
+            ) from None
+        try:
+            verify_hash(tmp, md5=md5, sha256=sha256)
+        except FcnsegError as e:
+            raise FcnsegError(f"download of {url} refused: {str(e).split(': ', 1)[1]}; nothing was kept") from None
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------ converting
+
+
+def import_file(
+    path: str | os.PathLike,
+    format: str = "auto",
+    *,
+    model: str | None = None,
+    classes: Sequence[str] | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> dict[str, Any]:
+    """Read a torchfcn state dict or a Caffe ``.caffemodel`` and return an fcnseg checkpoint dict.
+
+    ``format``: ``"torchfcn"``, ``"caffe"`` or ``"auto"`` (by extension: ``.caffemodel`` is Caffe).
+    """
+    from .convert import caffe_to_fcnseg, torchfcn_to_fcnseg
+
+    path = Path(path)
+    if not path.is_file():
+        raise FcnsegError(f"{path}: no such file")
+    if format == "auto":
+        format = "caffe" if path.suffix.lower() == ".caffemodel" else "torchfcn"
+    kwargs: dict[str, Any] = {"model": model, "classes": classes, "source": str(path)}
+    if preprocessing is not None:
+        kwargs["preprocessing"] = preprocessing
+    if format == "caffe":
+        from .caffe_proto import read_caffemodel
+
+        _, layers = read_caffemodel(path)
+        return caffe_to_fcnseg(layers, **kwargs)
+    if format == "torchfcn":
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FcnsegError(f"{path}: not a readable PyTorch file ({e.__class__.__name__})") from None
+        if not isinstance(state, Mapping):
+            raise FcnsegError(f"{path}: holds a {type(state).__name__}, expected a torchfcn state dict")
+        return torchfcn_to_fcnseg(state, **kwargs)
+    raise FcnsegError(f"--format {format!r}: expected torchfcn, caffe or auto")
+
+
+def _checkpoint_for(entry: PublishedWeights, source: Path, cache: bool) -> dict[str, Any]:
+    from ..checkpoint import FORMAT, SCHEMA_VERSION
+
+    converted = source.with_name(f"{source.stem}.fcnseg-v{SCHEMA_VERSION}.pt")
+    if cache and converted.is_file():
+        ckpt = torch.load(converted, map_location="cpu", weights_only=True)
+        if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+            return ckpt
+    options = dict(entry.options)
+    ckpt = import_file(
+        source, entry.format, classes=entry.classes, preprocessing=entry.preprocessing, model=options.pop("model", None)
+    )
+    ckpt["extra"]["weights"] = {"metrics": {k: dict(v) for k, v in entry.metrics.items()}, "url": entry.url}
+    if cache:
+        from ..io import atomic_write
+
+        with contextlib.suppress(OSError), atomic_write(converted) as f:
+            torch.save(ckpt, f)
+    return ckpt
+
+
+def weights_checkpoint(
+    weights: str | FCNWeights | PublishedWeights,
+    *,
+    file: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The fcnseg checkpoint dict of published weights: from ``file`` if given, else from the cache, downloading
+    on first use. The hash is checked wherever the file comes from (when the entry knows one)."""
+    entry = weights if isinstance(weights, PublishedWeights) else get_weights(weights).value
+    if file is not None:
+        source = Path(file)
+        if not source.is_file():
+            raise FcnsegError(f"--weights-file {source}: no such file")
+        verify_hash(source, md5=entry.md5, sha256=entry.sha256)
+        return _checkpoint_for(entry, source, cache=False)
+    source = cache_dir() / entry.file_name
+    if source.is_file():
+        verify_hash(source, md5=entry.md5, sha256=entry.sha256)
+    else:
+        download(entry.url, source, md5=entry.md5, sha256=entry.sha256, progress=progress)
+    return _checkpoint_for(entry, source, cache=True)

@@ -1,0 +1,124 @@
+"""torchfcn -> fcnseg: converted models give torchfcn's own logits (torchfcn 1.9.7 from PyPI, the dev extra).
+
+torchfcn's package __init__ imports its trainer (pytz, scikit-image, the `fcn` package); its model modules need
+only torch, numpy and an importable `fcn` (used for downloads alone). The fixture loads `torchfcn.models` under a
+bare package with an empty `fcn` module standing in, and puts sys.modules back afterwards.
+"""
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from fcnseg.checkpoint import load, read_checkpoint
+from fcnseg.cli import main
+from fcnseg.errors import FcnsegError
+from fcnseg.models.convert import caffe_layer_names, torchfcn_to_fcnseg
+from fcnseg.models.registry import get_model
+from fcnseg.palette import VOC_CLASSES
+from fcnseg.preprocessing import CAFFE
+
+ARCHS = {"FCN32s": "fcn32s", "FCN16s": "fcn16s", "FCN8s": "fcn8s", "FCN8sAtOnce": "fcn8s_atonce"}
+SIZES = [(17, 29), (63, 101), (1, 1)]
+
+
+@pytest.fixture(scope="module")
+def torchfcn():
+    spec = importlib.util.find_spec("torchfcn")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("torchfcn is not installed: pip install --no-deps torchfcn==1.9.7 (README, 'Tests')")
+    saved = {k: v for k, v in sys.modules.items() if k == "fcn" or k == "torchfcn" or k.startswith("torchfcn.")}
+    package = types.ModuleType("torchfcn")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["fcn"] = types.ModuleType("fcn")
+    sys.modules["torchfcn"] = package
+    try:
+        yield importlib.import_module("torchfcn.models")
+    finally:
+        for k in [k for k in sys.modules if k == "fcn" or k == "torchfcn" or k.startswith("torchfcn.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def _randomised(cls, seed: int) -> torch.nn.Module:
+    # torchfcn starts every convolution at zero; He-scaled random weights everywhere (the upsamplers included,
+    # so that full C x C transposed convolutions are compared too) give logits of order 1.
+    torch.manual_seed(seed)
+    net = cls(n_class=21).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.normal_(0, (2 / p[0].numel()) ** 0.5)
+            else:
+                p.normal_(0, 0.1)
+    return net
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_converted_torchfcn_gives_torchfcn_logits(torchfcn, arch, tmp_path):
+    ref = _randomised(getattr(torchfcn, arch), seed=len(arch))
+    src, dst = tmp_path / f"{arch}.pth", tmp_path / f"{arch}.pt"
+    torch.save(ref.state_dict(), src)
+    args = ["convert", str(src), "--format", "torchfcn", "--model", ARCHS[arch], "--out", str(dst)]
+    classes = list(VOC_CLASSES)
+    if arch == "FCN16s":  # --classes: a text file of names, one a line
+        classes = [f"thing {i}" for i in range(21)]
+        (tmp_path / "names.txt").write_text("\n".join(classes) + "\n\n")
+        args += ["--classes", str(tmp_path / "names.txt")]
+    assert main(args) == 0
+    model = load(dst)
+    assert model.build_config["name"] == ARCHS[arch] and model.alignment == "caffe"
+    assert model.preprocessing == CAFFE and model.classes == classes
+    assert read_checkpoint(dst)["extra"]["converted_from"] == str(src)
+    torch.manual_seed(1)
+    for h, w in SIZES:
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            expected, got = ref(x), model(x)
+        assert got.shape == expected.shape == (1, 21, h, w)
+        span = (expected.max() - expected.min()).item()
+        assert span > 0.01  # 1 x 1 inputs give nearly flat maps; larger ones spread over units
+        assert (got - expected).abs().max().item() <= 1e-4 * span, (h, w)
+
+
+def test_every_torchfcn_tensor_lands_on_the_derived_name(torchfcn):
+    ref = torchfcn.FCN8s(n_class=21)
+    with torch.no_grad():
+        for i, p in enumerate(ref.parameters()):
+            p.fill_(i)  # each tensor identifiable by its value
+    ckpt = torchfcn_to_fcnseg(ref.state_dict(), model="fcn8s")
+    names = caffe_layer_names(get_model("fcn8s", alignment="caffe", width=0.25, fc_dim=8))
+    assert names["conv3_2"] == "backbone.features.12" and names["conv5_3"] == "backbone.features.28"
+    assert names["upscore2"] == "upsample_skip.pool4" and names["upscore_pool4"] == "upsample_skip.pool3"
+    assert names["upscore8"] == "upsample_out"
+    sd = ref.state_dict()
+    for key, value in sd.items():
+        layer, kind = key.rsplit(".", 1)
+        assert torch.equal(ckpt["state_dict"][f"{names[layer]}.{kind}"], value), key
+    assert len(ckpt["state_dict"]) == len(sd)
+
+
+def test_torchfcn_refusals(torchfcn, tmp_path, capsys):
+    sd = torchfcn.FCN8s(n_class=21).state_dict()
+    src = tmp_path / "fcn8s.pth"
+    torch.save(sd, src)
+    # A bare FCN-8s state dict cannot say whether it is the staged or the at-once network.
+    assert main(["convert", str(src), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "say which with --model fcn8s or --model fcn8s_atonce" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+    with pytest.raises(FcnsegError, match="holds a torchfcn fcn8s .* not the requested fcn16s"):
+        torchfcn_to_fcnseg(sd, model="fcn16s")
+    with pytest.raises(FcnsegError, match="not a torchfcn FCN state dict"):
+        torchfcn_to_fcnseg({"features.0.weight": torch.zeros(1)})
+    with pytest.raises(FcnsegError, match="'extra.weight' has no counterpart"):
+        torchfcn_to_fcnseg({**sd, "extra.weight": torch.zeros(1)}, model="fcn8s")
+
+
+def test_torchfcn_trainer_checkpoint_names_its_arch(torchfcn):
+    # torchfcn's Trainer saves {"arch": class name, "model_state_dict": ..., "optim_state_dict": ...}.
+    sd = torchfcn.FCN8sAtOnce(n_class=5).state_dict()
+    ckpt = torchfcn_to_fcnseg({"arch": "FCN8sAtOnce", "model_state_dict": sd, "iteration": 7})
+    assert ckpt["model"] == "fcn8s_atonce" and ckpt["num_classes"] == 5 and ckpt["classes"] == []
