@@ -196,6 +196,8 @@ def load(
         ckpt = weights_checkpoint(str(path), file=file)
     elif file is not None:
         raise FcnsegError(f"file={file!r} goes with published weights names only, not with {str(path)!r}")
+    elif not Path(path).exists() and not Path(path).suffix:
+        raise CheckpointError(f"{path}: no such checkpoint file, nor published weights of that name (fcnseg weights)")
     else:
         ckpt = read_checkpoint(path, map_location=map_location)
     if model is not None and ckpt["model"] != model:

@@ -103,6 +103,9 @@ def _check_writable(out: Path) -> None:
 def _checkpoint_and_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     # `predict CKPT IMAGES...` or `predict --weights NAME IMAGES...`: with --weights every positional is an input.
     if args.weights:
+        from .models.weights import get_weights
+
+        get_weights(args.weights)  # an unknown name fails here, listing the known ones
         return args.weights, list(args.items)
     if args.weights_file:
         raise FcnsegError("--weights-file goes with --weights NAME (the published weights it is a copy of)")

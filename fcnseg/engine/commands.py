@@ -22,12 +22,12 @@ _HELP = {
     "iters": "optimiser steps",
     "out": "run folder: config.yaml, last.pt, best.pt, log.csv, tensorboard/",
     "resume": "continue the run in --out from its last.pt",
-    "init_from": "checkpoint of a coarser net to start from (32s -> 16s -> 8s)",
+    "init_from": "checkpoint of a coarser net to start from (32s -> 16s -> 8s), or published weights by name",
     "accum_steps": "micro-batches per optimiser step (gradient accumulation)",
     "val_every": "validate and checkpoint every N iterations",
     "val_images": "validate on the first N images only",
     "crop_size": "random crop side in pixels; 0 = whole images",
-    "backbone_weights": "torchvision weights name (IMAGENET1K_V1) or a VGG16 state-dict file",
+    "backbone_weights": "torchvision IMAGENET1K_V1 / IMAGENET1K_FEATURES / DEFAULT, CAFFE, or a VGG16 state-dict file",
 }
 
 

@@ -29,6 +29,7 @@ from ..data.loader import make_loader
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import FcnsegError
 from ..models import get_model
+from ..preprocessing import Preprocessing
 from .config import TrainConfig
 from .distributed import (
     DistInfo,
@@ -82,9 +83,18 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def staged_init(model: nn.Module, path: str | Path) -> list[str]:
-    """Initialise from a coarser net's checkpoint (32s -> 16s -> 8s): copy every layer both nets have, with the
-    same shape; the new score layers keep their zero initialisation. Returns the names left as they were."""
-    src = read_checkpoint(path)["state_dict"]
+    """Initialise from a coarser net's checkpoint (32s -> 16s -> 8s) or from published weights by name: copy
+    every layer both nets have, with the same shape; the new score layers (and score layers for another number of
+    classes) keep their zero initialisation. The model takes over the source's preprocessing, which its weights
+    were trained with. Returns the names left as they were."""
+    from ..models.weights import is_weights_name, weights_checkpoint
+
+    if not Path(path).exists() and is_weights_name(str(path)):
+        ckpt = weights_checkpoint(str(path))
+    else:
+        ckpt = read_checkpoint(path)
+    src = ckpt["state_dict"]
+    model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
     own = model.state_dict()
     shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
     if not any(k.startswith("backbone.") for k in shared):

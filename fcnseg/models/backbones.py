@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models import vgg as tv_vgg
 
 from ..errors import FcnsegError
-from ..preprocessing import IMAGENET, Preprocessing
+from ..preprocessing import CAFFE, IMAGENET, Preprocessing
 from .geometry import CoordMap, compose
 
 Alignment = Literal["caffe", "aligned"]
@@ -148,22 +148,60 @@ def convolutionalise_vgg16(
     return out
 
 
-def load_vgg16_imagenet(backbone: VGG16Backbone, weights: str | os.PathLike) -> None:
-    """Fill ``backbone`` with ImageNet weights: a torchvision enum name ("IMAGENET1K_V1", "DEFAULT") or a file."""
-    path = os.fspath(weights)
-    if os.path.exists(path):
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise FcnsegError(f"{path}: cannot read VGG16 weights ({e.__class__.__name__})") from None
-    elif path in tv_vgg.VGG16_Weights.__members__ or path == "DEFAULT":
-        sd = tv_vgg.VGG16_Weights[path].get_state_dict(progress=True)
-    else:
+def preprocessing_of(weights: tv_vgg.VGG16_Weights) -> Preprocessing:
+    """The input a torchvision weights entry expects, read off its own transforms (mean and std on [0, 1])."""
+    t = weights.transforms()
+    return Preprocessing(mean=tuple(t.mean), std=tuple(t.std))
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FcnsegError(f"{path}: cannot read VGG16 weights ({e.__class__.__name__})") from None
+    if not isinstance(sd, Mapping):
+        raise FcnsegError(f"{path}: holds a {type(sd).__name__}, expected a torchvision VGG16 state dict")
+    return dict(sd)
+
+
+def _enum_state_dict(weights: tv_vgg.VGG16_Weights) -> dict[str, torch.Tensor]:
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as e:  # URLError included: no network, proxy, dead link
         raise FcnsegError(
-            f"backbone weights {path!r}: expected a file or one of {', '.join(tv_vgg.VGG16_Weights.__members__)}"
-        )
-    sd = convolutionalise_vgg16(sd)
-    mismatched = [k for k, v in sd.items() if backbone.state_dict()[k].shape != v.shape]
+            f"backbone weights {weights}: cannot download {weights.url} ({getattr(e, 'reason', e)}); "
+            "pass a local VGG16 state dict with --backbone-weights FILE"
+        ) from None
+
+
+def load_vgg16_imagenet(backbone: VGG16Backbone, weights: str | os.PathLike | tv_vgg.VGG16_Weights) -> None:
+    """Fill ``backbone`` with ImageNet weights and record the input they expect in ``backbone.preprocessing``.
+
+    ``weights``: a torchvision ``VGG16_Weights`` member or its name ("IMAGENET1K_V1", "IMAGENET1K_FEATURES",
+    "DEFAULT"; ImageNet RGB mean/std as the entry's transforms say), ``"CAFFE"`` (the Caffe VGG16 the FCN release
+    started from, as torchfcn publishes it: BGR, 0-255, mean subtraction) or a torchvision-layout VGG16 state-dict
+    file (taken to expect ImageNet RGB mean/std). ``IMAGENET1K_FEATURES`` has no classifier, so fc6/fc7 keep their
+    random initialisation.
+    """
+    label = str(weights)
+    features_only = False
+    if isinstance(weights, tv_vgg.VGG16_Weights) or label in tv_vgg.VGG16_Weights.__members__ or label == "DEFAULT":
+        enum = weights if isinstance(weights, tv_vgg.VGG16_Weights) else tv_vgg.VGG16_Weights[label]
+        sd, preprocessing = _enum_state_dict(enum), preprocessing_of(enum)
+        features_only = enum is tv_vgg.VGG16_Weights.IMAGENET1K_FEATURES
+    elif label.upper() == "CAFFE" and not os.path.exists(label):
+        from .weights import vgg16_caffe_state_dict
+
+        sd, preprocessing = vgg16_caffe_state_dict(), CAFFE
+    elif os.path.exists(label):
+        sd, preprocessing = _read_state_dict(label), IMAGENET
+    else:
+        choices = ", ".join([*tv_vgg.VGG16_Weights.__members__, "DEFAULT", "CAFFE"])
+        raise FcnsegError(f"backbone weights {label!r}: expected a file or one of {choices}")
+    sd = {k: v for k, v in sd.items() if k.startswith("features.")} if features_only else convolutionalise_vgg16(sd)
+    own = backbone.state_dict()
+    mismatched = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]
     if mismatched:
-        raise FcnsegError(f"backbone weights {path!r} do not fit this VGG16 (width/fc_dim differ): {mismatched[0]}")
-    backbone.load_state_dict(sd)
+        raise FcnsegError(f"backbone weights {label!r} do not fit this VGG16 (width/fc_dim differ): {mismatched[0]}")
+    backbone.load_state_dict(sd, strict=not features_only)
+    backbone.preprocessing = preprocessing

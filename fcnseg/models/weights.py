@@ -316,7 +316,7 @@ def weights_checkpoint(
     on first use. The hash is checked wherever the file comes from (when the entry knows one)."""
     entry = weights if isinstance(weights, PublishedWeights) else get_weights(weights).value
     if file is not None:
-        source = Path(file)
+        source = Path(file).expanduser()
         if not source.is_file():
             raise FcnsegError(f"--weights-file {source}: no such file")
         verify_hash(source, md5=entry.md5, sha256=entry.sha256)
@@ -327,3 +327,28 @@ def weights_checkpoint(
     else:
         download(entry.url, source, md5=entry.md5, sha256=entry.sha256, progress=progress)
     return _checkpoint_for(entry, source, cache=True)
+
+
+# The Caffe VGG16 (VGG_ILSVRC_16_layers) the release initialised FCN-32s from, as torchfcn publishes it in
+# torchvision's layout. It expects the Caffe input (BGR, 0-255, mean subtraction), which goes with the paper preset.
+VGG16_CAFFE = PublishedWeights(
+    _DRIVE + "1adDBTGY3GcEB_47dvcibajyzi872RAs3",
+    "vgg16_from_caffe.pth",
+    "torchfcn",
+    "vgg16",
+    (),
+    CAFFE,
+    {},
+    md5="aa75b158f4181e7f6230029eb96c1b13",
+    description="Caffe VGG16 ImageNet classifier in torchvision layout (torchfcn)",
+)
+
+
+def vgg16_caffe_state_dict(progress: bool = True) -> dict[str, torch.Tensor]:
+    """The Caffe VGG16 as a torchvision ``vgg16`` state dict, from torch.hub's cache or downloaded into it."""
+    path = cache_dir() / VGG16_CAFFE.file_name
+    if path.is_file():
+        verify_hash(path, md5=VGG16_CAFFE.md5)
+    else:
+        download(VGG16_CAFFE.url, path, md5=VGG16_CAFFE.md5, progress=progress)
+    return torch.load(path, map_location="cpu", weights_only=True)

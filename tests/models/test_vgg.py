@@ -1,11 +1,14 @@
 """Convolutionalisation: fc6/fc7/fc8 as convolutions compute exactly what the classifier computes."""
 
+import os
+
 import pytest
 import torch
-from torchvision.models import vgg16
+from torchvision.models import VGG16_Weights, vgg16
 
 from fcnseg.errors import FcnsegError
 from fcnseg.models import VGG16Backbone, convolutionalise_vgg16, get_model
+from fcnseg.preprocessing import CAFFE, IMAGENET
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +20,14 @@ def classifier():
             if isinstance(m, torch.nn.Linear):
                 m.bias.normal_(0, 0.1)
     return net
+
+
+@pytest.fixture(scope="module")
+def vgg_file(classifier, tmp_path_factory):
+    """The classifier's state dict on disk, written once (528 MB); tests link it where they need it."""
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    torch.save(classifier.state_dict(), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +83,98 @@ def test_dense_map_equals_the_classifier_on_every_window(classifier, converted):
                 assert (dense[:, :, i, j] - expected).abs().max().item() <= 1e-4, (i, j)
 
 
-def test_backbone_weights_from_a_local_file(tmp_path, classifier):
-    path = tmp_path / "vgg16.pth"
-    torch.save(classifier.state_dict(), path)
+def test_backbone_weights_from_a_local_file(tmp_path, classifier, vgg_file):
+    path = vgg_file
     model = get_model("fcn32s", backbone_weights=str(path))
     assert torch.equal(model.backbone.fc6.weight.flatten(1), classifier.classifier[0].weight)
     with pytest.raises(FcnsegError, match="expected a file or one of"):
         get_model("fcn32s", backbone_weights=str(tmp_path / "missing.pth"))
     with pytest.raises(FcnsegError, match="do not fit"):
         get_model("fcn32s", width=0.5, backbone_weights=str(path))
+
+
+def test_backbone_weights_file_through_fcnseg_train_reproduces_the_classifier(tmp_path, classifier, vgg_file):
+    # End to end: `fcnseg train --backbone-weights FILE` builds the net from a torchvision VGG16 state dict on disk;
+    # after one step at a vanishing rate the saved checkpoint's backbone, followed by the classifier's fc8 as a
+    # 1 x 1 convolution, gives the classifier's logits at 224 x 224.
+    from fcnseg.checkpoint import load
+    from fcnseg.cli import main
+
+    path = vgg_file
+    flags = "train --dataset synthetic --data-option size=48 --data-option num_images=2 --model fcn32s --iters 1 "
+    flags += "--optimizer sgd --lr 1e-30 --momentum 0 --weight-decay 0 --batch-size 1 --val-every 1 --val-images 1 "
+    flags += "--num-workers 0 --no-progress --device cpu"
+    assert main([*flags.split(), "--backbone-weights", str(path), "--out", str(tmp_path / "run")]) == 0
+    model = load(tmp_path / "run" / "last.pt")
+    assert model.preprocessing == IMAGENET
+    fc8 = torch.nn.Conv2d(4096, 1000, 1)
+    sd = classifier.state_dict()
+    fc8.load_state_dict({"weight": sd["classifier.6.weight"][:, :, None, None], "bias": sd["classifier.6.bias"]})
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        got = fc8(model.backbone(x)["fc7"])[:, :, 3, 3]
+        expected = classifier(x)
+    assert (got - expected).abs().max().item() <= 1e-4 and expected.abs().max().item() > 0.1
+
+
+@pytest.fixture
+def hub(tmp_path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    yield tmp_path / "hub" / "checkpoints"
+    torch.hub.set_dir(old)
+
+
+def test_torchvision_enum_names_load_from_the_hub_cache(hub, classifier, vgg_file):
+    # The weights enum's file, placed where torchvision's downloader keeps it, is used without any download.
+    os.link(vgg_file, hub / VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1])
+    for name in ("DEFAULT", VGG16_Weights.IMAGENET1K_V1):
+        model = get_model("fcn8s", backbone_weights=name)
+        assert torch.equal(model.backbone.fc6.weight.flatten(1), classifier.classifier[0].weight)
+        assert model.preprocessing == IMAGENET  # read off the enum's transforms
+    assert get_model("fcn8s").build_config["kwargs"]["backbone_weights"] is None
+
+
+def test_features_only_enum_keeps_fc6_random_and_records_its_input(hub, classifier):
+    # IMAGENET1K_FEATURES (the Caffe features, RGB 0-255 minus a mean) ships NaN classifier weights: fc6/fc7 are
+    # not taken from it.
+    sd = classifier.state_dict()
+    sd = {k: (torch.full_like(v, float("nan")) if k.startswith("classifier") else v) for k, v in sd.items()}
+    torch.save(sd, hub / VGG16_Weights.IMAGENET1K_FEATURES.url.rsplit("/", 1)[1])
+    model = get_model("fcn32s", backbone_weights="IMAGENET1K_FEATURES")
+    assert torch.equal(model.backbone.features[0].weight, sd["features.0.weight"])
+    assert torch.isfinite(model.backbone.fc6.weight).all()
+    p = model.preprocessing
+    assert p.mean == (0.48235, 0.45882, 0.40784) and p.std == pytest.approx((1 / 255,) * 3) and p.channel_order == "RGB"
+
+
+def test_caffe_vgg16_expects_the_caffe_input(hub, classifier, vgg_file, monkeypatch):
+    # torchfcn's vgg16_from_caffe.pth (md5-checked) in the cache: the backbone records BGR / 0-255 / mean input.
+    import dataclasses
+    import hashlib
+
+    from fcnseg.models import weights
+
+    path = hub / "vgg16_from_caffe.pth"
+    os.link(vgg_file, path)
+    with pytest.raises(FcnsegError, match="vgg16_from_caffe.pth: md5 is .* expected aa75b158"):
+        get_model("fcn32s", backbone_weights="CAFFE")
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    monkeypatch.setattr(weights, "VGG16_CAFFE", dataclasses.replace(weights.VGG16_CAFFE, md5=md5))
+    model = get_model("fcn32s", backbone_weights="CAFFE")
+    assert model.preprocessing == CAFFE
+    assert torch.equal(model.backbone.fc7.weight.flatten(1), classifier.classifier[3].weight)
+
+
+def test_enum_download_failure_is_one_line(hub, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(
+        FcnsegError, match="cannot download https://download.pytorch.org/.*vgg16.*--backbone-weights FILE"
+    ):
+        get_model("fcn32s", backbone_weights="IMAGENET1K_V1")

@@ -1,0 +1,247 @@
+"""The published-weights registry: entries, hash-checked downloads into torch.hub's cache, load / predict by name.
+
+Nothing is fetched from the internet: downloads go to file:// URLs and to a local HTTP server, and the registry's
+own entries are exercised with a stand-in file placed in the cache (the Caffe release publishes no hashes, so its
+entries take any file of the right layout; torchfcn's md5 refuses a stand-in).
+"""
+
+import functools
+import hashlib
+import http.server
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import fcnseg
+from fcnseg.cli import main
+from fcnseg.errors import FcnsegError
+from fcnseg.imageio import read_mask_png
+from fcnseg.models.caffe_proto import write_caffemodel
+from fcnseg.models.registry import list_models
+from fcnseg.models.weights import (
+    FCNWeights,
+    PublishedWeights,
+    cache_dir,
+    download,
+    get_weights,
+    weights_checkpoint,
+)
+from fcnseg.palette import VOC_CLASSES
+from fcnseg.preprocessing import CAFFE
+from tests.models.test_caffe_import import fcn_layers, reference_forward
+
+METRICS = {"pixel_acc", "mean_acc", "mean_iu", "fw_iu"}
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """torch.hub's folder in tmp_path for the test, restored afterwards."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield cache_dir()
+    torch.hub.set_dir(old)
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ------------------------------------------------------------------------------------------------ the entries
+
+
+@pytest.mark.parametrize("entry", list(FCNWeights), ids=lambda w: w.id)
+def test_every_entry_is_complete(entry):
+    w = entry.value
+    assert w.url.startswith(("http://", "https://")) and w.file_name
+    assert w.model in list_models() and w.alignment == "caffe"
+    assert w.num_classes == len(w.classes) >= 2 and len(set(w.classes)) == w.num_classes
+    # Every published FCN expects the Caffe input: BGR, 0-255, a mean subtracted, no std scaling.
+    p = w.preprocessing
+    assert p.channel_order == "BGR" and p.value_range == 255.0 and p.std == (1.0, 1.0, 1.0)
+    assert w.metrics and all(
+        set(m) == METRICS and 0 < min(m.values()) <= max(m.values()) < 100 for m in w.metrics.values()
+    )
+    assert w.format in ("caffe", "torchfcn") and (w.md5 or w.format == "caffe")
+    assert get_weights(entry.id) is entry and get_weights(entry.name) is entry
+
+
+def test_entries_carry_the_reported_numbers():
+    m = FCNWeights.FCN8S_HEAVY_PASCAL.value.metrics["seg11valid"]
+    assert m == {"pixel_acc": 91.22, "mean_acc": 77.61, "mean_iu": 65.51, "fw_iu": 84.54}
+    assert FCNWeights.FCN8S_HEAVY_PASCAL.value.preprocessing == CAFFE
+    assert FCNWeights.TORCHFCN_FCN8S_ATONCE.value.options == {"model": "fcn8s_atonce"}
+    assert FCNWeights.NYUD_FCN32S_COLOR_HEAVY.value.num_classes == 40
+    with pytest.raises(FcnsegError, match="unknown weights 'fcn9s'; expected one of: fcn32s-heavy-pascal"):
+        get_weights("fcn9s")
+
+
+# ------------------------------------------------------------------------------------------------ downloading
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A file served over file:// and over a local HTTP server."""
+    root = tmp_path / "server"
+    root.mkdir()
+    payload = root / "model.bin"
+    payload.write_bytes(np.random.default_rng(0).bytes(300_000))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield payload, {"file": payload.as_uri(), "http": f"http://127.0.0.1:{server.server_port}/model.bin"}
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("scheme", ["file", "http"])
+def test_download_checks_the_hash(served, scheme, tmp_path):
+    payload, urls = served
+    cache = tmp_path / "cache"
+    good = download(urls[scheme], cache / "a.bin", sha256=_sha256(payload), progress=False)
+    assert good.read_bytes() == payload.read_bytes() and _leftovers(cache) == ["a.bin"]
+    md5 = hashlib.md5(payload.read_bytes()).hexdigest()
+    assert download(urls[scheme], cache / "b.bin", md5=md5, progress=False).is_file()
+    with pytest.raises(
+        FcnsegError,
+        match=r"download of .* refused: sha256 is [0-9a-f]{64}, expected 0+ \(a different or damaged file\); nothing",
+    ):
+        download(urls[scheme], cache / "c.bin", sha256="0" * 64, progress=False)
+    assert _leftovers(cache) == ["a.bin", "b.bin"]  # no c.bin, no temporary folder
+
+
+def test_download_failure_is_one_line_and_leaves_nothing(served, tmp_path):
+    _, urls = served
+    cache = tmp_path / "cache"
+    for url in (urls["http"].replace("model.bin", "gone.bin"), (tmp_path / "nowhere.bin").as_uri()):
+        with pytest.raises(FcnsegError, match=r"cannot download .*; fetch it by hand .* or place it at .*x\.bin"):
+            download(url, cache / "x.bin", progress=False)
+    assert _leftovers(cache) == []
+
+
+def _fake_entry(tmp_path, **changes) -> tuple[PublishedWeights, list]:
+    """A published-weights entry whose 'published file' is a small FCN-16s caffemodel served over file://."""
+    layers = fcn_layers("fcn16s", classes=21, seed=11)
+    src = tmp_path / "server" / "fcn16s-test.caffemodel"
+    src.parent.mkdir(exist_ok=True)
+    write_caffemodel(src, layers)
+    entry = PublishedWeights(
+        src.as_uri(), src.name, "caffe", "fcn16s", VOC_CLASSES, CAFFE,
+        {"seg11valid": {"pixel_acc": 1.0, "mean_acc": 2.0, "mean_iu": 3.0, "fw_iu": 4.0}}, sha256=_sha256(src),
+    )  # fmt: skip
+    for k, v in changes.items():
+        object.__setattr__(entry, k, v)
+    return entry, layers
+
+
+def test_first_use_downloads_converts_and_caches(tmp_path, hub):
+    entry, layers = _fake_entry(tmp_path)
+    ckpt = weights_checkpoint(entry, progress=False)
+    assert ckpt["model"] == "fcn16s" and ckpt["preprocessing"] == CAFFE.to_dict()
+    assert ckpt["extra"]["weights"]["metrics"]["seg11valid"]["mean_iu"] == 3.0
+    assert _leftovers(hub) == ["fcn16s-test.caffemodel", "fcn16s-test.fcnseg-v1.pt"]
+    (tmp_path / "server" / "fcn16s-test.caffemodel").unlink()  # the second use needs no network
+    again = weights_checkpoint(entry, progress=False)
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
+
+
+def test_wrong_hash_is_refused_and_nothing_is_cached(tmp_path, hub):
+    entry, _ = _fake_entry(tmp_path, sha256="f" * 64)
+    with pytest.raises(
+        FcnsegError, match=r"refused: sha256 is .*, expected f+ \(a different or damaged file\); nothing was kept"
+    ):
+        weights_checkpoint(entry, progress=False)
+    assert _leftovers(hub) == []
+    # A local copy with the wrong hash is refused too, naming the file.
+    local = tmp_path / "server" / "fcn16s-test.caffemodel"
+    with pytest.raises(FcnsegError, match=f"{local}: sha256 is"):
+        weights_checkpoint(entry, file=local)
+
+
+# ------------------------------------------------------------------------------ the registry's own entries
+
+
+@pytest.fixture
+def stand_in(tmp_path, hub):
+    """A stand-in for fcn16s-heavy-pascal.caffemodel (the release publishes no hash), placed in the cache."""
+    layers = fcn_layers("fcn16s", classes=21, seed=5)
+    hub.mkdir(parents=True)
+    write_caffemodel(hub / "fcn16s-heavy-pascal.caffemodel", layers)
+    return layers
+
+
+def test_load_by_name_uses_the_cache_and_the_caffe_input(stand_in, tmp_path):
+    model = fcnseg.load("fcn16s-heavy-pascal")
+    assert model.build_config["name"] == "fcn16s" and model.alignment == "caffe"
+    assert model.preprocessing == CAFFE and model.classes == list(VOC_CLASSES)
+    # predict() feeds what the Caffe weights expect: BGR, 0-255, minus the mean, never RGB in [0, 1].
+    rgb = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    bgr = torch.from_numpy(rgb[:, :, ::-1].astype(np.float32).copy()).permute(2, 0, 1)
+    x = (bgr - torch.tensor([104.00699, 116.66877, 122.67892]).view(3, 1, 1)).unsqueeze(0)
+    with torch.no_grad():
+        expected = reference_forward(stand_in, "fcn16s", x)[0]
+    assert np.array_equal(model.predict(rgb), expected.argmax(0).numpy())
+    assert np.allclose(model.predict_proba(rgb), expected.softmax(0).numpy(), atol=1e-5)
+
+
+def test_predict_with_weights_name_and_a_local_file(stand_in, tmp_path, hub, capsys):
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(img)
+    assert main(["predict", "--weights", "fcn16s-heavy-pascal", str(img), "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    mask = read_mask_png(tmp_path / "a" / "in.png")
+    assert mask.shape == (30, 41) and np.array_equal(mask, fcnseg.load("fcn16s-heavy-pascal").predict(img))
+    # The same file given by hand, from anywhere (no cache involved).
+    local = tmp_path / "mine.caffemodel"
+    (hub / "fcn16s-heavy-pascal.caffemodel").rename(local)
+    for f in _leftovers(hub):
+        (hub / f).unlink()
+    args = ["predict", "--weights", "fcn16s-heavy-pascal", "--weights-file", str(local), str(img)]
+    assert main([*args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert np.array_equal(read_mask_png(tmp_path / "b" / "in.png"), mask)
+    assert _leftovers(hub) == []
+    capsys.readouterr()
+    assert main(["weights"]) == 0
+    listing = capsys.readouterr().out
+    assert "fcn8s-heavy-pascal" in listing and "65.51" in listing and "torchfcn-fcn8s-atonce" in listing
+
+
+def test_a_stand_in_for_a_hashed_file_is_refused(tmp_path, hub, capsys):
+    fake = tmp_path / "fcn8s_from_caffe.pth"
+    torch.save({"score_fr.weight": torch.zeros(21, 4096, 1, 1)}, fake)
+    img = tmp_path / "x.png"
+    args = ["predict", "--weights", "torchfcn-fcn8s", "--weights-file", str(fake), str(img), "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{fake}: md5 is" in err and "expected de93e540ec79512f8770033849c8ae89" in err
+    assert main(["predict", "--weights", "fcn99s", str(img), "--out", str(tmp_path)]) == 2
+    assert "unknown weights 'fcn99s'" in capsys.readouterr().err
+    with pytest.raises(FcnsegError, match="fcn99s: no such checkpoint file, nor published weights of that name"):
+        fcnseg.load("fcn99s")
+
+
+def test_training_from_published_weights_takes_their_input(stand_in, tmp_path):
+    from fcnseg.engine.train import staged_init
+
+    model = fcnseg.get_model("fcn8s", alignment="caffe", width=0.25, fc_dim=32, num_classes=21)
+    assert model.preprocessing != CAFFE
+    left = staged_init(model, "fcn16s-heavy-pascal")
+    assert model.preprocessing == CAFFE
+    # New in FCN-8s: the pool3 score layer and upsampler; the last upsampler is 16/8 instead of 32/16.
+    assert left == [
+        "score_skip.pool3.bias",
+        "score_skip.pool3.weight",
+        "upsample_out.weight",
+        "upsample_skip.pool3.weight",
+    ]
