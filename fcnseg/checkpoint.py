@@ -178,7 +178,7 @@ def _check_fit(model: nn.Module, state: Mapping[str, Any], source: str, name: st
 
 
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Any,
     *,
     map_location: Any = "cpu",
     model: str | None = None,
@@ -190,8 +190,10 @@ def load(
     downloaded on first use into torch.hub's cache, hash-checked and converted; ``file`` gives a local copy of
     that published file instead. ``model``: the architecture the caller expects; another one is refused.
     """
-    from .models.weights import is_weights_name, weights_checkpoint
+    from .models.weights import FCNWeights, is_weights_name, weights_checkpoint
 
+    if isinstance(path, FCNWeights):
+        path = path.id
     if not Path(path).exists() and is_weights_name(str(path)):
         ckpt = weights_checkpoint(str(path), file=file)
     elif file is not None:

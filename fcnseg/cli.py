@@ -189,19 +189,30 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_classes(path: str) -> list[str]:
+    try:
+        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise FcnsegError(f"--classes {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from .io import atomic_write
-    from .models.weights import import_file
+    from .models.weights import get_weights, import_file
 
-    classes = None
-    if args.classes:
-        try:
-            classes = [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise FcnsegError(f"--classes {args.classes}: cannot read ({e.strerror or e})") from None
-    ckpt = import_file(args.src, args.format, model=args.model, classes=classes)
+    options: dict = {"model": args.model, "classes": _read_classes(args.classes) if args.classes else None}
+    if args.weights:  # a published file converted by hand: the entry knows its model, classes and input
+        entry = get_weights(args.weights).value
+        options = {"model": args.model or entry.model, "classes": options["classes"] or entry.classes}
+        options["preprocessing"] = entry.preprocessing
+    try:
+        ckpt = import_file(args.src, args.format, **options)
+    except FcnsegError as e:
+        if args.classes and str(e).startswith("classes:"):  # a count that does not fit the weights
+            raise FcnsegError(f"--classes {args.classes}: {str(e).removeprefix('classes: ')}") from None
+        raise
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the fcnseg checkpoint to write (.pt)")
     p.add_argument("--model", help="fcnseg model name when the file cannot tell (torchfcn FCN8s vs FCN8sAtOnce)")
     p.add_argument("--classes", help="a text file of class names, one a line (default: VOC names for 21 classes)")
+    p.add_argument(
+        "--weights", metavar="NAME", help="SRC is this published file (fcnseg weights): take its classes and input"
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="train and evaluate FCN-32s/16s/8s on synthetic data")

@@ -268,6 +268,8 @@ def restore_run(run: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig
     if ts is None:
         raise FcnsegError(f"--resume: {path} holds no training state")
     _unwrap(model).load_state_dict(ckpt["state_dict"])
+    # The run may have started from weights with their own input (--init-from a Caffe model): keep it.
+    _unwrap(model).preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
     optimizer.load_state_dict(ts["optimizer"])
     scheduler.load_state_dict(ts["scheduler"])
     if ts["scaler"]:  # empty when the interrupted run had no fp16 loss scaling
@@ -389,7 +391,10 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainState
 
     run = Path(cfg.out)
     train_ds, val_ds, model, optimizer, scheduler, autocast, scaler = _setup(cfg, device, info)
-    state = restore_run(run, model, optimizer, scheduler, scaler, cfg) if cfg.resume else TrainState()
+    state = TrainState()
+    if cfg.resume:
+        state = restore_run(run, model, optimizer, scheduler, scaler, cfg)
+        attach_transforms(cfg, _unwrap(model), train_ds, val_ds)  # with the restored preprocessing
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         cfg.save(run / "config.yaml")

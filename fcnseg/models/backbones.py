@@ -172,6 +172,11 @@ def _enum_state_dict(weights: tv_vgg.VGG16_Weights) -> dict[str, torch.Tensor]:
             f"backbone weights {weights}: cannot download {weights.url} ({getattr(e, 'reason', e)}); "
             "pass a local VGG16 state dict with --backbone-weights FILE"
         ) from None
+    except Exception as e:  # a damaged file in torch.hub's cache
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise FcnsegError(
+            f"backbone weights {weights}: cannot read {cached} ({e.__class__.__name__}); delete it to download again"
+        ) from None
 
 
 def load_vgg16_imagenet(backbone: VGG16Backbone, weights: str | os.PathLike | tv_vgg.VGG16_Weights) -> None:
@@ -179,9 +184,9 @@ def load_vgg16_imagenet(backbone: VGG16Backbone, weights: str | os.PathLike | tv
 
     ``weights``: a torchvision ``VGG16_Weights`` member or its name ("IMAGENET1K_V1", "IMAGENET1K_FEATURES",
     "DEFAULT"; ImageNet RGB mean/std as the entry's transforms say), ``"CAFFE"`` (the Caffe VGG16 the FCN release
-    started from, as torchfcn publishes it: BGR, 0-255, mean subtraction) or a torchvision-layout VGG16 state-dict
-    file (taken to expect ImageNet RGB mean/std). ``IMAGENET1K_FEATURES`` has no classifier, so fc6/fc7 keep their
-    random initialisation.
+    started from, as torchfcn publishes it: BGR, 0-255, mean subtraction; ``"caffe:FILE"`` for a local copy of it)
+    or a torchvision-layout VGG16 state-dict file (taken to expect ImageNet RGB mean/std). ``IMAGENET1K_FEATURES``
+    has no classifier, so fc6/fc7 keep their random initialisation.
     """
     label = str(weights)
     features_only = False
@@ -193,10 +198,18 @@ def load_vgg16_imagenet(backbone: VGG16Backbone, weights: str | os.PathLike | tv
         from .weights import vgg16_caffe_state_dict
 
         sd, preprocessing = vgg16_caffe_state_dict(), CAFFE
+    elif label[:6].lower() == "caffe:":  # a local copy of the Caffe VGG16: md5-checked, Caffe input
+        from .weights import VGG16_CAFFE, verify_hash
+
+        path = os.path.expanduser(label[6:])
+        if not os.path.isfile(path):
+            raise FcnsegError(f"backbone weights {label!r}: no such file {path}")
+        verify_hash(path, md5=VGG16_CAFFE.md5)
+        sd, preprocessing = _read_state_dict(path), CAFFE
     elif os.path.exists(label):
         sd, preprocessing = _read_state_dict(label), IMAGENET
     else:
-        choices = ", ".join([*tv_vgg.VGG16_Weights.__members__, "DEFAULT", "CAFFE"])
+        choices = ", ".join([*tv_vgg.VGG16_Weights.__members__, "DEFAULT", "CAFFE", "caffe:FILE"])
         raise FcnsegError(f"backbone weights {label!r}: expected a file or one of {choices}")
     sd = {k: v for k, v in sd.items() if k.startswith("features.")} if features_only else convolutionalise_vgg16(sd)
     own = backbone.state_dict()

@@ -116,7 +116,9 @@ def torchfcn_to_fcnseg(
         if model is None and arch in TORCHFCN_ARCHS:
             model = TORCHFCN_ARCHS[arch]
         state_dict = state_dict["model_state_dict"]
-    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        if not isinstance(state_dict, Mapping):
+            raise FcnsegError(f"{source}: 'model_state_dict' is a {type(state_dict).__name__}, not a state dict")
+    tensors = {k: v for k, v in state_dict.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     layers = {k.rsplit(".", 1)[0] for k in tensors}
     if "score_fr" not in layers:
         raise FcnsegError(f"{source}: not a torchfcn FCN state dict (no 'score_fr.weight')")
@@ -135,12 +137,22 @@ def torchfcn_to_fcnseg(
         raise FcnsegError(f"{source}: not a torchfcn VGG16 FCN state dict (no conv1_1 or fc6 weights)")
     target = _meta_model(model, shape["score_fr"], shape["conv1_1"], shape["fc6"])
     names = caffe_layer_names(target)
+    own = target.state_dict()
     state: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        layer, kind = key.rsplit(".", 1)
-        if layer not in names:
+        layer, _, kind = key.rpartition(".")
+        ours = f"{names.get(layer)}.{kind}"
+        if ours not in own:
             raise FcnsegError(f"{source}: parameter {key!r} has no counterpart in fcnseg {model}")
-        state[f"{names[layer]}.{kind}"] = value.detach().to(torch.float32).clone()
+        if value.shape != own[ours].shape:
+            raise FcnsegError(
+                f"{source}: parameter {key!r} has shape {tuple(value.shape)}, fcnseg expects {tuple(own[ours].shape)}"
+            )
+        state[ours] = value.detach().to(torch.float32).clone()
+    by_module = {v: k for k, v in names.items()}
+    missing = sorted(f"{by_module[k.rpartition('.')[0]]}.{k.rpartition('.')[2]}" for k in set(own) - set(state))
+    if missing:
+        raise FcnsegError(f"{source}: missing torchfcn parameter(s) {', '.join(missing)}")
     return _checkpoint(target, state, classes, preprocessing, source)
 
 
@@ -178,14 +190,24 @@ def _fit_blob(blob: np.ndarray, shape: torch.Size, layer: CaffeLayerLike, what: 
 
 
 def _caffe_scales(layers: Sequence[CaffeLayerLike], source: str) -> dict[str, np.ndarray]:
-    """Scale layers (FCN-8s at once: pool4 x 0.01, pool3 x 1e-4): tap name -> per-channel factor."""
+    """Scale layers (FCN-8s at once: pool4 x 0.01, pool3 x 1e-4): the blob they scale -> per-channel factor.
+
+    Caffe's net saves the Split layers it inserts where a blob feeds several layers (pool4 feeds conv5_1 and
+    scale_pool4), so a Scale's bottom may be a split output such as ``pool4_pool4_0_split_1``: followed back to
+    ``pool4``.
+    """
+    split_source = {
+        top: layer.bottoms[0] for layer in layers if layer.type == "Split" and layer.bottoms for top in layer.tops
+    }
     scales = {}
     for layer in layers:
         if layer.type != "Scale":
             continue
-        tap = layer.bottoms[0] if layer.bottoms else layer.name.removeprefix("scale_")
         if len(layer.blobs) != 1:
             raise FcnsegError(f"{source}: Scale layer {layer.name!r} has a bias or no factor; expected one blob")
+        tap = layer.bottoms[0] if layer.bottoms else layer.name.removeprefix("scale_")
+        while tap in split_source:
+            tap = split_source[tap]
         scales[tap] = np.asarray(layer.blobs[0], np.float64).reshape(-1)
     return scales
 
@@ -240,16 +262,19 @@ def caffe_to_fcnseg(
 
 
 def _fold_scales(model: nn.Module, state: dict[str, torch.Tensor], scales: dict[str, np.ndarray], source: str) -> None:
-    """score(s * x) = (W diag(s / s0)) (s0 * x): a Caffe Scale factor s per channel becomes the model's fixed
-    factor s0 with the rest folded into the score layer's input columns, which is exact."""
-    for tap, s in scales.items():
-        if tap not in model.skip_scales:
-            raise FcnsegError(f"{source}: Scale layer on {tap!r}, which fcnseg {model.build_config['name']} lacks")
+    """score(s * x) = (W diag(s / s0)) (s0 * x): the Caffe net's factor s on a tap (1 where it has no Scale layer)
+    becomes the model's fixed factor s0 with the rest folded into the score layer's input columns, which is exact.
+    So an FCN-8s-at-once file imported as staged FCN-8s, or the reverse, still computes what the file computes."""
+    unknown = sorted(set(scales) - set(model.skip_scales))
+    if unknown:
+        raise FcnsegError(f"{source}: Scale layer on {unknown[0]!r}, which fcnseg {model.build_config['name']} lacks")
+    for tap, s0 in model.skip_scales.items():
         key = f"score_skip.{tap}.weight"
         w = state[key]
+        s = scales.get(tap, np.ones(1))
         if s.size not in (1, w.shape[1]):
             raise FcnsegError(f"{source}: Scale on {tap!r} has {s.size} factors, expected 1 or {w.shape[1]}")
-        ratio = s / model.skip_scales[tap]
+        ratio = s / s0
         if np.allclose(ratio, 1.0, rtol=1e-6, atol=0):
             continue  # the released factors, stored in float32: nothing to fold
         ratio_t = torch.as_tensor(np.broadcast_to(ratio, (w.shape[1],)).copy(), dtype=torch.float64)

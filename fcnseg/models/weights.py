@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -65,8 +65,6 @@ class PublishedWeights:
     md5: str | None = None
     sha256: str | None = None
     description: str = ""
-    options: Mapping[str, Any] = field(default_factory=dict)
-    """Extra arguments for the importer (e.g. ``{"model": "fcn8s_atonce"}`` for torchfcn's FCN8sAtOnce)."""
 
     @property
     def num_classes(self) -> int:
@@ -96,7 +94,7 @@ def _caffe(model: str, file_name: str, **kw: Any) -> PublishedWeights:
 def _torchfcn(model: str, file_name: str, *, drive_id: str, md5: str) -> PublishedWeights:
     return PublishedWeights(
         _DRIVE + drive_id, file_name, "torchfcn", model, VOC_CLASSES, CAFFE, _VOC[model],
-        md5=md5, description=_TORCHFCN, options={"model": model},
+        md5=md5, description=_TORCHFCN,
     )  # fmt: skip
 
 
@@ -174,9 +172,12 @@ def cache_dir() -> Path:
 
 def file_digest(path: str | os.PathLike, algorithm: str) -> str:
     h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise FcnsegError(f"{path}: cannot read ({e.strerror or e})") from None
     return h.hexdigest()
 
 
@@ -194,6 +195,7 @@ def _fetch(url: str, dst: Path, progress: bool) -> None:
     """Download ``url`` to ``dst`` (which the caller removes on failure)."""
     parsed = urllib.parse.urlparse(url)
     if parsed.netloc == "drive.google.com":
+        # torchvision's Google Drive helper handles the confirmation page of large files (it needs gdown).
         from torchvision.datasets.utils import download_file_from_google_drive
 
         file_id = urllib.parse.parse_qs(parsed.query)["id"][0]
@@ -202,12 +204,16 @@ def _fetch(url: str, dst: Path, progress: bool) -> None:
     from tqdm import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "fcnseg"})
+    received = 0
     with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 f.write(chunk)
+                received += len(chunk)
                 bar.update(len(chunk))
+    if total is not None and received != total:  # the connection closed early: a truncated file
+        raise OSError(f"received {received} of {total} bytes")
 
 
 def download(
@@ -223,14 +229,20 @@ def download(
     The file is fetched into a temporary folder next to ``dst`` and renamed only once the hash matches.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    except OSError as e:
+        raise FcnsegError(
+            f"{dst.parent}: cannot write the weights cache ({e.strerror or e}); set TORCH_HOME to a writable "
+            "folder or pass a local copy of the file"
+        ) from None
     try:
         tmp = tmp_dir / dst.name
         try:
             _fetch(url, tmp, progress)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
+        except Exception as e:  # urllib, http.client, gdown and torchvision each raise their own types
+            reason = getattr(e, "reason", None) or (str(e).splitlines()[0] if str(e) else e.__class__.__name__)
             raise FcnsegError(
                 f"cannot download {url} ({reason}); fetch it by hand and pass it as a local file, or place it at {dst}"
             ) from None
@@ -285,24 +297,36 @@ def import_file(
     raise FcnsegError(f"--format {format!r}: expected torchfcn, caffe or auto")
 
 
-def _checkpoint_for(entry: PublishedWeights, source: Path, cache: bool) -> dict[str, Any]:
-    from ..checkpoint import FORMAT, SCHEMA_VERSION
+def _source_id(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
-    converted = source.with_name(f"{source.stem}.fcnseg-v{SCHEMA_VERSION}.pt")
-    if cache and converted.is_file():
-        ckpt = torch.load(converted, map_location="cpu", weights_only=True)
-        if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
-            return ckpt
-    options = dict(entry.options)
+
+def _cached_conversion(converted: Path, source: Path) -> dict[str, Any] | None:
+    """The cached fcnseg checkpoint of ``source`` if it is readable and was made from this very file."""
+    from ..checkpoint import read_checkpoint
+    from ..errors import CheckpointError
+
+    if not converted.is_file():
+        return None
+    try:
+        ckpt = read_checkpoint(converted)
+    except CheckpointError:
+        return None  # damaged or from another fcnseg: convert again
+    return ckpt if ckpt["extra"].get("weights", {}).get("source") == _source_id(source) else None
+
+
+def _convert(entry: PublishedWeights, source: Path) -> dict[str, Any]:
     ckpt = import_file(
-        source, entry.format, classes=entry.classes, preprocessing=entry.preprocessing, model=options.pop("model", None)
+        source, entry.format, classes=entry.classes, preprocessing=entry.preprocessing, model=entry.model
     )
-    ckpt["extra"]["weights"] = {"metrics": {k: dict(v) for k, v in entry.metrics.items()}, "url": entry.url}
-    if cache:
-        from ..io import atomic_write
-
-        with contextlib.suppress(OSError), atomic_write(converted) as f:
-            torch.save(ckpt, f)
+    if ckpt["alignment"] != entry.alignment:
+        raise FcnsegError(f"{source}: converts to {ckpt['alignment']} alignment, expected {entry.alignment}")
+    ckpt["extra"]["weights"] = {
+        "metrics": {k: dict(v) for k, v in entry.metrics.items()},
+        "url": entry.url,
+        "source": _source_id(source),
+    }
     return ckpt
 
 
@@ -313,20 +337,38 @@ def weights_checkpoint(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The fcnseg checkpoint dict of published weights: from ``file`` if given, else from the cache, downloading
-    on first use. The hash is checked wherever the file comes from (when the entry knows one)."""
+    on first use. The hash is checked wherever the file comes from (when the entry knows one); the conversion of
+    a cached file is cached beside it."""
+    from ..checkpoint import SCHEMA_VERSION
+    from ..io import atomic_write
+
     entry = weights if isinstance(weights, PublishedWeights) else get_weights(weights).value
     if file is not None:
         source = Path(file).expanduser()
         if not source.is_file():
             raise FcnsegError(f"--weights-file {source}: no such file")
         verify_hash(source, md5=entry.md5, sha256=entry.sha256)
-        return _checkpoint_for(entry, source, cache=False)
+        return _convert(entry, source)
     source = cache_dir() / entry.file_name
-    if source.is_file():
-        verify_hash(source, md5=entry.md5, sha256=entry.sha256)
-    else:
+    fresh = not source.is_file()
+    if fresh:
         download(entry.url, source, md5=entry.md5, sha256=entry.sha256, progress=progress)
-    return _checkpoint_for(entry, source, cache=True)
+    else:
+        verify_hash(source, md5=entry.md5, sha256=entry.sha256)
+    converted = source.with_name(f"{source.stem}.fcnseg-v{SCHEMA_VERSION}.pt")
+    ckpt = _cached_conversion(converted, source)
+    if ckpt is not None:
+        return ckpt
+    try:
+        ckpt = _convert(entry, source)
+    except FcnsegError as e:
+        if fresh:  # an error page or a wrong file, with no hash to catch it: do not keep it
+            source.unlink(missing_ok=True)
+            raise FcnsegError(f"{e} (downloaded from {entry.url}; removed)") from None
+        raise FcnsegError(f"{e} (the cached copy; delete {source} to download it again)") from None
+    with contextlib.suppress(OSError), atomic_write(converted) as f:  # a read-only cache only costs time
+        torch.save(ckpt, f)
+    return ckpt
 
 
 # The Caffe VGG16 (VGG_ILSVRC_16_layers) the release initialised FCN-32s from, as torchfcn publishes it in

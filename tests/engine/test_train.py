@@ -256,3 +256,24 @@ def test_user_mistakes_are_one_line(tmp_path, capsys, flags, message):
                  "--fc-dim", "8", "--iters", "1", "--no-progress", "--out", str(tmp_path / "r"), *flags])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_init_from_weights_with_another_input_keeps_it_through_resume(tmp_path, monkeypatch):
+    # A model initialised from Caffe-input weights trains, saves and resumes with the Caffe input, never the default.
+    from fcnseg.preprocessing import CAFFE
+
+    src = fcnseg.get_model("fcn32s", num_classes=7, width=1 / 16, fc_dim=16)
+    fcnseg.save_checkpoint(src, tmp_path / "caffe_input.pt", preprocessing=CAFFE)
+    seen = []
+    real_attach = train_mod.attach_transforms
+
+    def spy(cfg, model, train_ds, val_ds):
+        real_attach(cfg, model, train_ds, val_ds)
+        seen.append(train_ds.transforms.transforms[-1].preprocessing)
+
+    monkeypatch.setattr(train_mod, "attach_transforms", spy)
+    train(_cfg(tmp_path, iters=2, val_every=2, init_from=str(tmp_path / "caffe_input.pt")))
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["preprocessing"] == CAFFE.to_dict()
+    train(_cfg(tmp_path, iters=3, val_every=2, resume=True))
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["preprocessing"] == CAFFE.to_dict()
+    assert seen[0] == CAFFE and seen[-1] == CAFFE

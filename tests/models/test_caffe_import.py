@@ -174,6 +174,11 @@ def test_legacy_v1_caffemodel(name, tmp_path):
     assert types["relu1_1"] == "ReLU" and types["loss"] == "SoftmaxWithLoss" and "Deconvolution" in types.values()
     model = load_converted(src, tmp_path)
     assert model.build_config["name"] == name
+    state, names = model.state_dict(), caffe_layer_names(model)
+    for layer in layers:  # every tensor, the 4-D legacy blobs and the flattened fc matrices included
+        for kind, blob in zip(["weight", "bias"], layer.blobs, strict=False):
+            ours = state[f"{names[layer.name]}.{kind}"]
+            assert torch.equal(ours.flatten(), torch.from_numpy(blob).flatten()), layer.name
     _check_outputs(model, layers, name)
 
 
@@ -243,3 +248,32 @@ def test_forced_model_must_fit_the_layers(tmp_path):
     assert ckpt["model"] == "fcn16s" and ckpt["num_classes"] == 5
     assert ckpt["config"]["width"] == 0.25 and ckpt["config"]["fc_dim"] == 32
     assert get_model("fcn16s", **ckpt["config"]).alignment == "caffe"
+
+
+def test_split_layers_caffe_saved_are_followed_back(tmp_path):
+    # Caffe inserts Split layers where a blob feeds several layers and saves them: pool4 feeds conv5_1 and
+    # scale_pool4, so the Scale layer's bottom is the split's output, not "pool4".
+    layers = fcn_layers("fcn8s_atonce", seed=2)
+    out = []
+    for layer in layers:
+        if layer.type == "Scale":
+            tap = layer.bottoms[0]
+            split_top = f"{tap}_{tap}_0_split_1"
+            out.append(CaffeLayer(f"{tap}_{tap}_0_split", "Split", [], [tap], [f"{tap}_{tap}_0_split_0", split_top]))
+            layer = CaffeLayer(layer.name, "Scale", layer.blobs, [split_top], layer.tops)
+        out.append(layer)
+    write_caffemodel(tmp_path / "split.caffemodel", out)
+    model = load_converted(tmp_path / "split.caffemodel", tmp_path)
+    assert model.build_config["name"] == "fcn8s_atonce"
+    _check_outputs(model, layers, "fcn8s_atonce")
+
+
+@pytest.mark.parametrize("source, forced", [("fcn8s", "fcn8s_atonce"), ("fcn8s_atonce", "fcn8s")])
+def test_forcing_the_other_fcn8s_still_computes_the_file(source, forced, tmp_path):
+    # The at-once factors (or their absence) are folded into the score layers: same outputs either way.
+    from fcnseg.checkpoint import model_from_checkpoint
+
+    layers = fcn_layers(source, seed=4)
+    model = model_from_checkpoint(caffe_to_fcnseg(layers, model=forced))
+    assert model.build_config["name"] == forced
+    _check_outputs(model, layers, source)

@@ -1,4 +1,5 @@
-"""torchfcn -> fcnseg: converted models give torchfcn's own logits (torchfcn 1.9.7 from PyPI, the dev extra).
+"""torchfcn -> fcnseg: converted models give torchfcn's own logits (torchfcn 1.9.7 from PyPI, installed --no-deps
+by the README's test command and .ci/run).
 
 torchfcn's package __init__ imports its trainer (pytz, scikit-image, the `fcn` package); its model modules need
 only torch, numpy and an importable `fcn` (used for downloads alone). The fixture loads `torchfcn.models` under a
@@ -115,6 +116,17 @@ def test_torchfcn_refusals(torchfcn, tmp_path, capsys):
         torchfcn_to_fcnseg({"features.0.weight": torch.zeros(1)})
     with pytest.raises(FcnsegError, match="'extra.weight' has no counterpart"):
         torchfcn_to_fcnseg({**sd, "extra.weight": torch.zeros(1)}, model="fcn8s")
+    with pytest.raises(FcnsegError, match="'nodot' has no counterpart"):
+        torchfcn_to_fcnseg({**sd, "nodot": torch.zeros(1)}, model="fcn8s")
+    bad = {**sd, "score_pool4.weight": torch.zeros(21, 256, 1, 1)}
+    with pytest.raises(
+        FcnsegError, match=r"'score_pool4.weight' has shape \(21, 256, 1, 1\), fcnseg expects \(21, 512"
+    ):
+        torchfcn_to_fcnseg(bad, model="fcn8s", source="x.pth")
+    with pytest.raises(FcnsegError, match=r"x.pth: missing torchfcn parameter\(s\) score_pool3.bias"):
+        torchfcn_to_fcnseg({k: v for k, v in sd.items() if k != "score_pool3.bias"}, model="fcn8s", source="x.pth")
+    with pytest.raises(FcnsegError, match="'model_state_dict' is a list"):
+        torchfcn_to_fcnseg({"model_state_dict": [1, 2]})
 
 
 def test_torchfcn_trainer_checkpoint_names_its_arch(torchfcn):

@@ -165,6 +165,17 @@ def test_caffe_vgg16_expects_the_caffe_input(hub, classifier, vgg_file, monkeypa
     model = get_model("fcn32s", backbone_weights="CAFFE")
     assert model.preprocessing == CAFFE
     assert torch.equal(model.backbone.fc7.weight.flatten(1), classifier.classifier[3].weight)
+    # A local copy anywhere: "caffe:FILE" (md5-checked, Caffe input); a plain FILE would mean ImageNet input.
+    model = get_model("fcn32s", backbone_weights=f"caffe:{vgg_file}")
+    assert model.preprocessing == CAFFE
+    with pytest.raises(FcnsegError, match="no such file"):
+        get_model("fcn32s", backbone_weights="caffe:/nowhere/vgg.pth")
+
+
+def test_damaged_enum_file_in_the_cache_is_one_line(hub):
+    (hub / VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]).write_bytes(b"not a zip")
+    with pytest.raises(FcnsegError, match=r"cannot read .*vgg16-397923af.pth .*delete it to download again"):
+        get_model("fcn32s", width=1 / 16, backbone_weights="IMAGENET1K_V1")
 
 
 def test_enum_download_failure_is_one_line(hub, monkeypatch):

@@ -75,7 +75,7 @@ def test_entries_carry_the_reported_numbers():
     m = FCNWeights.FCN8S_HEAVY_PASCAL.value.metrics["seg11valid"]
     assert m == {"pixel_acc": 91.22, "mean_acc": 77.61, "mean_iu": 65.51, "fw_iu": 84.54}
     assert FCNWeights.FCN8S_HEAVY_PASCAL.value.preprocessing == CAFFE
-    assert FCNWeights.TORCHFCN_FCN8S_ATONCE.value.options == {"model": "fcn8s_atonce"}
+    assert FCNWeights.TORCHFCN_FCN8S_ATONCE.value.model == "fcn8s_atonce"
     assert FCNWeights.NYUD_FCN32S_COLOR_HEAVY.value.num_classes == 40
     with pytest.raises(FcnsegError, match="unknown weights 'fcn9s'; expected one of: fcn32s-heavy-pascal"):
         get_weights("fcn9s")
@@ -144,15 +144,79 @@ def _fake_entry(tmp_path, **changes) -> tuple[PublishedWeights, list]:
     return entry, layers
 
 
-def test_first_use_downloads_converts_and_caches(tmp_path, hub):
+def test_first_use_downloads_converts_and_caches(tmp_path, hub, monkeypatch):
+    from fcnseg.models import weights
+
     entry, layers = _fake_entry(tmp_path)
     ckpt = weights_checkpoint(entry, progress=False)
     assert ckpt["model"] == "fcn16s" and ckpt["preprocessing"] == CAFFE.to_dict()
     assert ckpt["extra"]["weights"]["metrics"]["seg11valid"]["mean_iu"] == 3.0
     assert _leftovers(hub) == ["fcn16s-test.caffemodel", "fcn16s-test.fcnseg-v1.pt"]
-    (tmp_path / "server" / "fcn16s-test.caffemodel").unlink()  # the second use needs no network
+    (tmp_path / "server" / "fcn16s-test.caffemodel").unlink()  # the second use needs no network...
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(weights, "import_file", no_conversion)  # ...and no conversion
     again = weights_checkpoint(entry, progress=False)
     assert all(torch.equal(again["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
+    # A damaged cached conversion is made again from the cached file, not trusted.
+    monkeypatch.undo()
+    (hub / "fcn16s-test.fcnseg-v1.pt").write_bytes(b"junk")
+    assert torch.equal(
+        weights_checkpoint(entry)["state_dict"]["score_fr.weight"], ckpt["state_dict"]["score_fr.weight"]
+    )
+
+
+def test_a_download_that_does_not_convert_is_not_kept(tmp_path, hub, capsys):
+    # The Caffe entries have no hash: an error page saved under the model's name must not stay in the cache.
+    page = tmp_path / "server" / "page.caffemodel"
+    page.parent.mkdir()
+    page.write_bytes(b"<html>quota exceeded</html>")
+    entry = PublishedWeights(page.as_uri(), "x.caffemodel", "caffe", "fcn8s", VOC_CLASSES, CAFFE, {})
+    with pytest.raises(FcnsegError, match=r"x.caffemodel: .*not a Caffe model.*\(downloaded from file:.*; removed\)"):
+        weights_checkpoint(entry, progress=False)
+    assert _leftovers(hub) == []
+
+
+def test_truncated_download_is_refused(tmp_path):
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 10)  # and the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(FcnsegError, match="cannot download .*received 10 of 1000 bytes"):
+            download(f"http://127.0.0.1:{server.server_port}/f", tmp_path / "c" / "f", progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _leftovers(tmp_path / "c") == []
+
+
+def test_google_drive_and_cache_failures_are_one_line(tmp_path, hub, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def no_gdown(*args, **kwargs):
+        raise RuntimeError("To download files from GDrive, 'gdown' is required.")
+
+    monkeypatch.setattr(tv_utils, "download_file_from_google_drive", no_gdown)
+    with pytest.raises(
+        FcnsegError, match=r"cannot download https://drive.google.com/.*'gdown' is required.*place it at"
+    ):
+        weights_checkpoint("torchfcn-fcn32s", progress=False)
+    assert _leftovers(hub) == []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(FcnsegError, match="cannot write the weights cache .* set TORCH_HOME"):
+        download("file:///nowhere", blocker / "sub" / "x.bin")
 
 
 def test_wrong_hash_is_refused_and_nothing_is_cached(tmp_path, hub):
@@ -181,7 +245,7 @@ def stand_in(tmp_path, hub):
 
 
 def test_load_by_name_uses_the_cache_and_the_caffe_input(stand_in, tmp_path):
-    model = fcnseg.load("fcn16s-heavy-pascal")
+    model = fcnseg.load(FCNWeights.FCN16S_HEAVY_PASCAL)
     assert model.build_config["name"] == "fcn16s" and model.alignment == "caffe"
     assert model.preprocessing == CAFFE and model.classes == list(VOC_CLASSES)
     # predict() feeds what the Caffe weights expect: BGR, 0-255, minus the mean, never RGB in [0, 1].
@@ -245,3 +309,26 @@ def test_training_from_published_weights_takes_their_input(stand_in, tmp_path):
         "upsample_out.weight",
         "upsample_skip.pool3.weight",
     ]
+
+
+def test_convert_a_published_file_by_hand(stand_in, hub, tmp_path, capsys):
+    # --weights NAME: the entry gives the model, the classes and the input (the NYUDv2 mean here).
+    from fcnseg.checkpoint import read_checkpoint
+    from fcnseg.models.weights import NYUD_CAFFE, NYUD_CLASSES
+
+    nyud = fcn_layers("fcn32s", classes=40, seed=9)
+    write_caffemodel(tmp_path / "nyud.caffemodel", nyud)
+    out = tmp_path / "nyud.pt"
+    assert (
+        main(["convert", str(tmp_path / "nyud.caffemodel"), "--weights", "nyud-fcn32s-color-heavy", "--out", str(out)])
+        == 0
+    )
+    ckpt = read_checkpoint(out)
+    assert ckpt["preprocessing"] == NYUD_CAFFE.to_dict() and ckpt["classes"] == list(NYUD_CLASSES)
+    # A file of another variant than the entry's is refused, and so is a --classes file of the wrong length.
+    args = ["convert", str(hub / "fcn16s-heavy-pascal.caffemodel"), "--out", str(tmp_path / "y.pt")]
+    assert main([*args, "--weights", "fcn32s-heavy-pascal"]) == 2
+    assert "layer 'upscore2' (Deconvolution) has no counterpart in fcnseg fcn32s" in capsys.readouterr().err
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    assert main([*args, "--classes", str(tmp_path / "three.txt")]) == 2
+    assert f"--classes {tmp_path / 'three.txt'}: 3 names given for a model of 21 classes" in capsys.readouterr().err
