@@ -12,11 +12,13 @@ import fcnseg
 from fcnseg.cli import main
 from fcnseg.engine.evaluate import boundary_band
 from fcnseg.imageio import read_mask_png
+from fcnseg.preprocessing import CAFFE, IMAGENET
 from tests.engine.test_train import _blocks_tree
 
 
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
+@pytest.fixture(scope="module", params=["imagenet", "caffe"])
+def evaluated(tmp_path_factory, request):
+    # Once with the default input and once with the Caffe one (BGR, 0-255, mean): eval must use the recorded one.
     tmp = tmp_path_factory.mktemp("eval")
     _blocks_tree(tmp / "data", n=4, size=40)
     torch.manual_seed(0)
@@ -25,7 +27,9 @@ def evaluated(tmp_path_factory):
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5) if p.dim() > 1 else p.zero_()
-    ckpt = fcnseg.save_checkpoint(model, tmp / "m.pt", classes=["background", "red", "green", "blue"])
+    preprocessing = {"imagenet": IMAGENET, "caffe": CAFFE}[request.param]
+    classes = ["background", "red", "green", "blue"]
+    ckpt = fcnseg.save_checkpoint(model, tmp / "m.pt", classes=classes, preprocessing=preprocessing)
     out = tmp / "report"
     assert main(["eval", str(ckpt), "--dataset", "folder", "--root", str(tmp / "data"), "--split", "val",
                  "--out", str(out), "--num-workers", "0", "--device", "cpu"]) == 0  # fmt: skip
@@ -56,6 +60,9 @@ def test_eval_figures_equal_an_independent_computation(evaluated):
     for k, v in expected.items():
         assert doc[k] == pytest.approx(v, abs=1e-12), k
     assert 0 < doc["mean_iu"] < 1  # neither trivial case
+    other = fcnseg.load(tmp / "m.pt")
+    other.preprocessing = CAFFE if model.preprocessing != CAFFE else IMAGENET
+    assert _independent(tmp, other)[1]["mean_iu"] != pytest.approx(doc["mean_iu"], abs=1e-12)  # the input matters
     assert list(doc["per_class"]) == ["background", "red", "green", "blue"]
     assert [doc["per_class"][c]["pixels"] for c in doc["per_class"]] == mat.sum(1).tolist()
     with open(out / "confusion.csv") as f:
