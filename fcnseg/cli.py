@@ -7,6 +7,7 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import sys
@@ -114,6 +115,40 @@ def _checkpoint_and_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     return args.items[0], list(args.items[1:])
 
 
+def _runner_for(args: argparse.Namespace, model, files: Sequence[Path]):
+    """The execution path asked for; onnx-int8 calibrates on --calibration images or the first inputs."""
+    from .imageio import load_image
+    from .runtime import check_path, make_runner, normalised
+
+    check_path(args.runtime)
+    if args.runtime == "eager":
+        return None
+    calibration = []
+    if args.runtime == "onnx-int8":
+        sources, problems = collect_inputs([args.calibration]) if args.calibration else (list(files), [])
+        if problems:
+            raise FcnsegError(f"--calibration {args.calibration}: {problems[0]}")
+        images = []
+        for f in sources[: args.calibration_images]:
+            with contextlib.suppress(FcnsegError):  # a bad file is reported when it is predicted
+                images.append(load_image(f))
+        calibration = normalised(model, images)
+    return make_runner(model, args.runtime, calibration=calibration)
+
+
+def _report_agreement(model, runner, first: Path | None, quiet: bool) -> None:
+    # Reduced precision changes some pixels: say how many, on the first image, against eager fp32.
+    if runner is None or first is None or quiet:
+        return
+    from .imageio import load_image
+    from .predict import default_runner
+    from .runtime import agreement, normalised
+
+    with contextlib.suppress(FcnsegError):
+        share = agreement(runner, default_runner(model), normalised(model, [load_image(first)]))
+        print(f"runtime agrees with eager fp32 on {100 * share:.2f}% of the pixels of {first.name}", file=sys.stderr)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -122,21 +157,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .imageio import load_image, overlay, save_mask_png, save_rgb
     from .io import atomic_write
     from .palette import palette_for
-    from .predict import predict_logits
+    from .predict import predict_logits, predict_mask
 
     checkpoint, inputs = _checkpoint_and_inputs(args)
     files, problems = collect_inputs(inputs)
     model = load(checkpoint, map_location=args.device, file=args.weights_file)
     out = Path(args.out)
     _check_writable(out)
+    runner = _runner_for(args, model, files)
+    _report_agreement(model, runner, files[0] if files else None, args.quiet)
+    tiling = {"tile": args.tile, "overlap": args.overlap}
     colors = np.asarray(model.palette or palette_for(model.classes, model.num_classes), np.uint8)
     written = 0
     bar = tqdm(files, unit="img", disable=len(files) <= 1 or args.quiet, file=sys.stderr)
     for path, stem in zip(bar, _output_stems(files), strict=True):
         try:
             rgb = load_image(path)
-            logits = predict_logits(model, rgb)
-            mask = logits.argmax(0).cpu().numpy().astype(np.uint8)
+            if args.probs:
+                logits = predict_logits(model, rgb, runner=runner, **tiling)
+                mask = logits.argmax(0).cpu().numpy().astype(np.uint8)
+            else:  # labels only: with --tile, made band by band in bounded memory
+                mask = predict_mask(model, rgb, runner=runner, **tiling)
             save_mask_png(out / f"{stem}.png", mask, colors)
             if args.overlay:
                 save_rgb(out / f"{stem}_overlay.{args.overlay}", overlay(rgb, mask, colors))
@@ -151,6 +192,55 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for p in problems:
         _error(p)
     return 2 if problems else 0
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load
+    from .export import export
+
+    model = load(args.checkpoint, file=args.weights_file)
+    report = export(model, args.out, args.format, opset=args.opset)
+    sizes = ", ".join(f"{k} {v:.1e}" for k, v in report.max_rel_diff.items())
+    opset = f", opset {report.opset}" if report.opset else ""
+    print(f"wrote {report.path} ({report.format}{opset}, any input height and width); "
+          f"max |exported - eager| / logit range: {sizes}")  # fmt: skip
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_model, format_results, write_json
+    from .checkpoint import load
+    from .imageio import load_image
+    from .models import get_model
+    from .runtime import normalised
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        h, w = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise FcnsegError(f"--size {args.size!r}: expected HEIGHTxWIDTH, e.g. 375x500") from None
+    if args.checkpoint:
+        model = load(args.checkpoint)
+    else:
+        model = get_model(args.model, num_classes=args.num_classes, alignment=args.alignment)
+    check = None
+    if args.images:
+        files, problems = collect_inputs([args.images])
+        if problems:
+            raise FcnsegError(f"--images {args.images}: {problems[0]}")
+        check = normalised(model, [load_image(f) for f in files[:8]])
+    doc = bench_model(model, size=(h, w), batch=args.batch, paths=args.paths, runs=args.runs, warmup=args.warmup,
+                      check=check, progress=not args.quiet)  # fmt: skip
+    print(format_results(doc))
+    if args.json:
+        write_json(doc, args.json)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -263,8 +353,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probs", action="store_true", help="also write <stem>.npy, C x H x W probabilities")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--runtime", default="eager", help="eager (fp32), bf16, onnx, onnx-int8 or compile")
+    p.add_argument("--calibration", metavar="DIR", help="onnx-int8: images to calibrate on (default: the inputs)")
+    p.add_argument("--calibration-images", type=int, default=8, help="onnx-int8: how many (default: 8)")
+    p.add_argument("--tile", type=int, help="run overlapping TILE x TILE windows (a multiple of 32) for large images")
+    p.add_argument("--overlap", type=int, default=64, help="overlap of the --tile windows in pixels (default: 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (checked against PyTorch)")
+    p.add_argument("checkpoint", help="an fcnseg checkpoint (.pt) or published weights name")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--weights-file", metavar="FILE", help="a local copy of the published weights file")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="latency, throughput, GFLOP and memory of a model on each execution path")
+    p.add_argument("--model", default="fcn8s", help="a registered model (default: fcn8s), random weights")
+    p.add_argument("--checkpoint", help="bench this checkpoint instead of --model")
+    p.add_argument("--alignment", default="aligned", choices=["aligned", "caffe"])
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--size", default="375x500", help="input HEIGHTxWIDTH (default: 375x500)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--paths", nargs="+", default=["eager"], help="eager bf16 onnx onnx-int8 compile")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: torch's)")
+    p.add_argument("--images", metavar="DIR", help="images for int8 calibration and the fp32 agreement check")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("weights", help="list the published weights fcnseg can download and convert")
     p.set_defaults(func=cmd_weights)

@@ -13,3 +13,19 @@ TINY = {"width": 1 / 16, "fc_dim": 16}
 @pytest.fixture
 def tiny() -> dict:
     return dict(TINY)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """`fcnseg demo --quick`, run once per session: (output folder, printed text). Its trained FCN-8s and the
+    synthetic images are the demo model and demo images that the fast-inference tests check agreement on."""
+    import contextlib
+    import io
+
+    from fcnseg.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
+    return out, printed.getvalue()

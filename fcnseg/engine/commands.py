@@ -110,12 +110,26 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales, e.g. 0.75 1 1.25")
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", default="eager", help="eager (fp32), bf16, onnx, onnx-int8 (CPU) or compile")
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--download", action="store_true", help="fetch voc / sbd first (torchvision's downloader)")
     p.add_argument(
         "--data-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
         help="extra dataset argument, repeatable (e.g. download=true for voc, sbd_root=DIR for seg11valid)",
     )  # fmt: skip
+
+
+def _eval_runner(runtime: str, model, ds):
+    """None for eager; otherwise the execution path, int8 calibrated on the set's first 8 images."""
+    import torch
+
+    from ..runtime import check_path, make_runner
+
+    if check_path(runtime) == "eager":
+        return None
+    first = range(min(8, len(ds))) if runtime == "onnx-int8" else range(0)
+    calibration = [ds[i][0].as_subclass(torch.Tensor).unsqueeze(0) for i in first]
+    return make_runner(model, runtime, calibration=calibration)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -148,6 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"{ds.num_classes}"
             )
         loader = make_loader(ds, batch_size=1, sampler=ShardSampler(len(ds), info), num_workers=args.num_workers)
+        runner = _eval_runner(args.runtime, model, ds)
         with torch.inference_mode():
             cm = evaluate(
                 model,
@@ -157,6 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 flip=args.flip,
                 scales=args.scales,
                 class_names=list(ds.classes),
+                runner=runner,
             )
         if info.is_main:
             write_report(cm, list(ds.classes), args.out)

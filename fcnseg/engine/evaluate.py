@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +66,12 @@ def evaluate(
     scales: Sequence[float] = (1.0,),
     boundary_width: int | None = None,
     class_names: Sequence[str] | None = None,
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ConfusionMatrix | tuple[ConfusionMatrix, ConfusionMatrix]:
     """Accumulate one confusion matrix over ``loader`` (summed across ranks under DDP).
 
     With ``boundary_width`` also returns the matrix restricted to pixels within that distance of a class edge.
+    ``runner``: an execution path (:func:`fcnseg.runtime.make_runner`) used instead of calling ``model``.
     """
     was_training = model.training
     model.eval()
@@ -78,7 +80,7 @@ def evaluate(
     try:
         for images, masks in loader:
             images, masks = images.to(device), masks.to(device)
-            pred = predict_logits_batch(model, images, flip=flip, scales=scales).argmax(1)
+            pred = predict_logits_batch(runner or model, images, flip=flip, scales=scales).argmax(1).to(masks.device)
             cm.update(pred, masks)
             if band_cm is not None:
                 band = boundary_band(masks, boundary_width)

@@ -118,17 +118,23 @@ class FCN(nn.Module):
         o = self.out_offset
         return out[:, :, o : o + h, o : o + w]
 
-    def predict_proba(self, image: Any) -> np.ndarray:
-        """Class probabilities, C x H x W float32, for one image (path, PIL image or H x W x C array)."""
+    def predict_proba(self, image: Any, **kwargs: Any) -> np.ndarray:
+        """Class probabilities, C x H x W float32, for one image (path, PIL image or H x W x C array).
+
+        Keywords: ``runner`` (an execution path, :func:`fcnseg.runtime.make_runner`), ``tile`` and ``overlap``.
+        """
         from ..predict import predict_proba
 
-        return predict_proba(self, image)
+        return predict_proba(self, image, **kwargs)
 
-    def predict(self, image: Any) -> np.ndarray:
-        """Class indices, H x W, at the image's own size (path, PIL image or H x W x C array)."""
+    def predict(self, image: Any, **kwargs: Any) -> np.ndarray:
+        """Class indices, H x W, at the image's own size (path, PIL image or H x W x C array).
+
+        Keywords: ``runner`` (an execution path, :func:`fcnseg.runtime.make_runner`), ``tile`` and ``overlap``.
+        """
         from ..predict import predict_mask
 
-        return predict_mask(self, image)
+        return predict_mask(self, image, **kwargs)
 
 
 def _build(

@@ -55,7 +55,16 @@ class BilinearUpsample(nn.ConvTranspose2d):
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         # A frozen kernel that sits on the channel diagonal (always, unless learned weights were loaded) is applied
         # per channel: C times less work than the full C x C transposed convolution, same numbers.
-        w = None if self.weight.requires_grad or output_size is not None else self._diagonal_kernel()
+        # Tracing, export and compilation see the plain transposed convolution: the check below looks at the
+        # weight's values, which a traced graph cannot depend on.
+        tracing = (
+            torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export()
+        )
+        fast = not (self.weight.requires_grad or output_size is not None or tracing)
+        w = self._diagonal_kernel() if fast else None
         if w is None:
             return super().forward(x, output_size)
         return F.conv_transpose2d(x, w.to(x.dtype), None, self.stride, self.padding, groups=self.in_channels)

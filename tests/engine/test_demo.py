@@ -5,13 +5,10 @@ import json
 from PIL import Image
 
 import fcnseg
-from fcnseg.cli import main
 
 
-def test_quick_demo(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+def test_quick_demo(quick_demo):
+    out, printed = quick_demo
     results = json.loads((out / "results.json").read_text())
     models = results["models"]
     assert list(models) == ["fcn32s", "fcn16s", "fcn8s"]

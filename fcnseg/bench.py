@@ -1,0 +1,176 @@
+"""``fcnseg bench``: latency, throughput, GFLOP and peak memory of a model on each execution path.
+
+Every path runs the same input after its own warm-up; the figures are the median, min and max of N timed runs.
+GFLOP per image comes from torch's FlopCounterMode on the eager model (a multiply-add counts 2); memory is the
+peak resident set size above the level before the path was built, sampled every 5 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FcnsegError
+from .runtime import agreement, check_path, make_runner
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakRSS:
+    """Samples the process's resident set size in a background thread; ``peak`` is the largest seen."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.every, self.peak, self._stop = every, _rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.every)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+@dataclass
+class PathResult:
+    path: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    images_per_s: float
+    gflop_per_image: float
+    gflop_per_s: float
+    peak_mem_mb: float
+    build_s: float
+    agreement_with_fp32: float | None
+
+
+def count_gflop(model: nn.Module, x: torch.Tensor) -> float:
+    """GFLOP of one forward pass on ``x``, per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model.eval()(x)
+    return counter.get_total_flops() / 1e9 / x.shape[0]
+
+
+def time_runs(run, x: torch.Tensor, runs: int, warmup: int, progress: bool, label: str) -> list[float]:
+    from tqdm import tqdm
+
+    for _ in range(warmup):
+        run(x)
+    times = []
+    for _ in tqdm(range(runs), desc=label, disable=not progress, file=sys.stderr, leave=False):
+        t0 = time.perf_counter()
+        run(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def bench_model(
+    model: nn.Module,
+    *,
+    size: tuple[int, int] = (375, 500),
+    batch: int = 1,
+    paths: Sequence[str] = ("eager",),
+    runs: int = 10,
+    warmup: int = 2,
+    calibration: Sequence[torch.Tensor] | None = None,
+    check: Sequence[torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Time ``model`` on each of ``paths``; ``check`` inputs (default: the bench input) measure agreement."""
+    for p in paths:
+        check_path(p)
+    if runs < 1 or warmup < 0 or batch < 1 or min(size) < 1:
+        raise FcnsegError("--runs and --batch must be >= 1, --warmup >= 0 and --size positive")
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0))
+    gflop = count_gflop(model, x[:1])
+    reference = make_runner(model, "eager")
+    check = list(check) if check else [x[:1]]
+    calibration = list(calibration) if calibration else check
+    results = []
+    for p in paths:
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            before = _rss_bytes()
+            run = make_runner(model, p, calibration=calibration)
+            build = time.perf_counter() - t0
+            times = time_runs(run, x, runs, warmup, progress, p)
+        median = statistics.median(times)
+        results.append(
+            PathResult(
+                path=p,
+                median_ms=median,
+                min_ms=min(times),
+                max_ms=max(times),
+                images_per_s=batch / (median / 1000),
+                gflop_per_image=gflop,
+                gflop_per_s=gflop * batch / (median / 1000),
+                peak_mem_mb=(mem.peak - before) / 2**20,
+                build_s=build,
+                agreement_with_fp32=None if p == "eager" else agreement(run, reference, check),
+            )
+        )
+    return {
+        "model": getattr(model, "build_config", {}).get("name"),
+        "alignment": getattr(model, "alignment", None),
+        "size": list(size),
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "runs": runs,
+        "warmup": warmup,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def format_results(doc: dict[str, Any]) -> str:
+    h, w = doc["size"]
+    lines = [
+        f"{doc['model']} ({doc['alignment']}), {h}x{w}, batch {doc['batch']}, {doc['threads']} threads, "
+        f"median of {doc['runs']} after {doc['warmup']} warm-up",
+        f"{'path':<10} {'median ms':>10} {'min':>8} {'max':>8} {'img/s':>7} {'GFLOP':>7} {'GFLOP/s':>8} "
+        f"{'peak MB':>8} {'agree':>7}",
+    ]
+    for r in doc["results"]:
+        agree = "-" if r["agreement_with_fp32"] is None else f"{100 * r['agreement_with_fp32']:.2f}%"
+        lines.append(
+            f"{r['path']:<10} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {r['max_ms']:>8.1f} "
+            f"{r['images_per_s']:>7.2f} {r['gflop_per_image']:>7.1f} {r['gflop_per_s']:>8.1f} "
+            f"{r['peak_mem_mb']:>8.0f} {agree:>7}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(doc: dict[str, Any], path: str | Path) -> None:
+    from .io import atomic_write
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            json.dump(doc, f, indent=2)
+    except OSError as e:
+        raise FcnsegError(f"--json {path}: cannot write ({e.strerror or e})") from None

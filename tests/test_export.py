@@ -1,0 +1,92 @@
+"""Export: ONNX (ONNX Runtime) and TorchScript equal eager PyTorch at sizes other than the traced one."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import fcnseg
+from fcnseg.cli import main
+from fcnseg.errors import FcnsegError
+from fcnseg.export import ONNX_OPSET, TRACE_SIZE, export_onnx, export_torchscript
+from fcnseg.models.registry import list_models
+
+
+def _model(name="fcn8s", alignment="aligned", seed=0):
+    torch.manual_seed(seed)
+    model = fcnseg.get_model(name, num_classes=5, width=1 / 16, fc_dim=16, alignment=alignment).eval()
+    with torch.no_grad():  # He-scaled random weights everywhere: logits of order 1, not all-zero scores
+        for p in model.parameters():
+            p.normal_(0, (2 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
+    model.classes = ["a", "b", "c", "d", "e"]
+    return model
+
+
+def _max_rel_diff(got: np.ndarray, expected: torch.Tensor) -> float:
+    span = (expected.max() - expected.min()).item()
+    assert span > 0.1
+    return float(np.abs(got - expected.numpy()).max()) / span
+
+
+@pytest.mark.parametrize("alignment", ["aligned", "caffe"])
+def test_onnx_equals_eager_at_other_sizes(alignment, tmp_path):
+    model = _model(alignment=alignment)
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report.opset == ONNX_OPSET and all(v <= 1e-4 for v in report.max_rel_diff.values())
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert any(o.version == ONNX_OPSET for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["fcnseg"])
+    assert meta["alignment"] == alignment and meta["classes"] == model.classes and meta["preprocessing"]["mean"]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(5)
+    for h, w in [(37, 211), (224, 96), (1, 1), TRACE_SIZE]:  # odd, tall, tiny and the traced size
+        x = torch.randn(2, 3, h, w, generator=g)
+        got = session.run(None, {"image": x.numpy()})[0]
+        with torch.no_grad():
+            expected = model(x)
+        assert got.shape == (2, 5, h, w)
+        if h > 1:
+            assert _max_rel_diff(got, expected) <= 1e-4, (h, w)
+
+
+@pytest.mark.parametrize("alignment", ["aligned", "caffe"])
+def test_torchscript_equals_eager_at_other_sizes(alignment, tmp_path):
+    model = _model("fcn16s", alignment=alignment, seed=1)
+    export_torchscript(model, tmp_path / "m.pt")
+    extra = {"fcnseg.json": ""}
+    loaded = torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
+    assert json.loads(extra["fcnseg.json"])["model"] == "fcn16s"
+    for h, w in [(45, 77), (130, 33)]:
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            assert _max_rel_diff(loaded(x).numpy(), model(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_exports(name, tmp_path):
+    report = export_onnx(_model(name, seed=2), tmp_path / f"{name}.onnx", check_sizes=[(50, 70), (96, 33)])
+    assert set(report.max_rel_diff) == {"50x70", "96x33"}
+
+
+def test_cli_export_and_a_failed_check_keeps_nothing(tmp_path, capsys, monkeypatch):
+    ckpt = fcnseg.save_checkpoint(_model(), tmp_path / "m.pt")
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "out" / "m.onnx")]) == 0
+    assert "opset 18, any input height and width" in capsys.readouterr().out
+    # An export that does not match eager (simulated: the check compares against a changed model) is refused.
+    import fcnseg.export as export_mod
+
+    real = export_mod._compare
+
+    def strict(name, run, model, sizes, tolerance):
+        return real(name, lambda x: run(x) + 1.0, model, sizes, tolerance)
+
+    monkeypatch.setattr(export_mod, "_compare", strict)
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "differs from eager at 97x131" in err and "the file was not kept" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "out"]
+    with pytest.raises(FcnsegError, match="expected onnx or torchscript"):
+        export_mod.export(_model(), tmp_path / "x", "tflite")

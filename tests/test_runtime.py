@@ -1,0 +1,112 @@
+"""Execution paths: bf16 and ONNX int8 agree with fp32 on the demo model and demo images; predict, eval, bench."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fcnseg
+from fcnseg.cli import main
+from fcnseg.data import get_dataset
+from fcnseg.errors import FcnsegError
+from fcnseg.imageio import read_mask_png
+from fcnseg.runtime import PATHS, agreement, make_runner
+
+
+def _demo_inputs(model, split, n):
+    ds = get_dataset("synthetic", split=split)
+    return [model.preprocessing(ds[i][0].as_subclass(torch.Tensor)).unsqueeze(0) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def demo(quick_demo):
+    out, _ = quick_demo
+    model = fcnseg.load(out / "fcn8s" / "best.pt")
+    return model, _demo_inputs(model, "train", 8), _demo_inputs(model, "val", 24)
+
+
+@pytest.mark.parametrize("path, bar", [("bf16", 0.99), ("onnx-int8", 0.99), ("onnx", 0.9999)])
+def test_reduced_precision_agrees_with_fp32_on_the_demo(demo, path, bar):
+    model, calibration, images = demo
+    fp32 = make_runner(model, "eager")
+    run = make_runner(model, path, calibration=calibration)  # int8: calibrated on training images
+    share = agreement(run, fp32, images)  # judged on held-out validation images
+    assert share >= bar, (path, share)
+    assert run(images[0]).dtype == torch.float32 and run(images[0]).shape == fp32(images[0]).shape
+
+
+def test_channels_last_eager_equals_the_plain_forward(demo):
+    model, _, images = demo
+    with torch.no_grad():
+        expected = model.eval()(images[0])
+    assert torch.allclose(make_runner(model, "eager")(images[0]), expected, atol=1e-4)
+
+
+def test_runtime_errors_are_one_line(demo):
+    model, _, _ = demo
+    with pytest.raises(FcnsegError, match="--runtime 'fp8': expected one of eager, bf16, onnx, onnx-int8, compile"):
+        make_runner(model, "fp8")
+    with pytest.raises(FcnsegError, match="onnx-int8 needs calibration images"):
+        make_runner(model, "onnx-int8", calibration=[])
+    assert PATHS == ("eager", "bf16", "onnx", "onnx-int8", "compile")
+
+
+def test_predict_cli_runtime_and_tiling_on_a_4000_x_3000_image(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = fcnseg.get_model("fcn8s", num_classes=5, width=1 / 16, fc_dim=16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, (2 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
+    ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt")
+    rng = np.random.default_rng(0)
+    big = np.repeat(np.repeat(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), 10, 0), 10, 1)
+    Image.fromarray(big).save(tmp_path / "big.png")  # 4000 x 3000, smooth enough to give a mixed mask
+    args = ["predict", str(ckpt), str(tmp_path / "big.png"), "--out", str(tmp_path / "o"), "--tile", "512"]
+    assert main([*args, "--overlap", "64", "--quiet"]) == 0
+    mask = read_mask_png(tmp_path / "o" / "big.png")
+    assert mask.shape == (3000, 4000) and mask.max() < 5 and len(np.unique(mask)) > 1
+    # A tile that holds the whole image gives the untiled labels exactly (seams: tests/test_tiling.py).
+    crop = big[:300, :416]
+    assert np.array_equal(model.predict(crop, tile=512, overlap=64), model.predict(crop))
+    # bf16 through the CLI reports its agreement with fp32 on the first image.
+    Image.fromarray(big[:200, :300]).save(tmp_path / "small.png")
+    args = ["predict", str(ckpt), str(tmp_path / "small.png"), "--out", str(tmp_path / "b"), "--runtime", "bf16"]
+    assert main(args) == 0
+    assert "runtime agrees with eager fp32 on" in capsys.readouterr().err
+    assert main([*args[:-1], "warp9"]) == 2
+
+
+def test_eval_cli_with_onnx_gives_the_eager_figures(quick_demo, tmp_path):
+    out, _ = quick_demo
+    ckpt = out / "fcn8s" / "best.pt"
+    common = ["eval", str(ckpt), "--dataset", "synthetic", "--split", "val", "--num-workers", "0", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "e")]) == 0
+    assert main([*common, "--runtime", "onnx", "--out", str(tmp_path / "o")]) == 0
+    eager = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    onnx = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert onnx["mean_iu"] == pytest.approx(eager["mean_iu"], abs=1e-3) and eager["mean_iu"] > 0.3
+
+
+def test_bench_cli_writes_json(tmp_path, capsys):
+    ckpt = fcnseg.save_checkpoint(fcnseg.get_model("fcn32s", num_classes=3, width=1 / 16, fc_dim=8), tmp_path / "m.pt")
+    args = ["bench", "--checkpoint", str(ckpt), "--size", "65x97", "--paths", "eager", "bf16", "--runs", "3"]
+    assert main([*args, "--warmup", "1", "--json", str(tmp_path / "b.json"), "--quiet"]) == 0
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["size"] == [65, 97] and [r["path"] for r in doc["results"]] == ["eager", "bf16"]
+    for r in doc["results"]:
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["gflop_per_image"] > 0
+        assert r["gflop_per_s"] == pytest.approx(r["gflop_per_image"] / (r["median_ms"] / 1000))
+    assert doc["results"][0]["agreement_with_fp32"] is None
+    assert 0.9 <= doc["results"][1]["agreement_with_fp32"] <= 1
+    assert "median ms" in capsys.readouterr().out
+    assert main(["bench", "--size", "abc", "--quiet"]) == 2
+
+
+def test_flop_count_matches_the_closed_form():
+    from fcnseg.bench import count_gflop
+
+    conv = torch.nn.Conv2d(3, 8, 5, padding=2)
+    # 2 FLOP per multiply-add, 3 x 5 x 5 multiply-adds per output value, 8 x 40 x 30 outputs per image.
+    assert count_gflop(conv, torch.randn(2, 3, 40, 30)) == pytest.approx(2 * 3 * 25 * 8 * 40 * 30 / 1e9)
