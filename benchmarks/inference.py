@@ -12,16 +12,9 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import fcnseg
-
-
-def gflop(model: torch.nn.Module, x: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        model(x)
-    return counter.get_total_flops() / 1e9
+from fcnseg.bench import count_gflop
 
 
 def latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int, warmup: int) -> list[float]:
@@ -58,7 +51,7 @@ def main() -> None:
     for name in args.models:
         for mode in args.modes:
             model = fcnseg.get_model(name, num_classes=21, alignment=mode).eval()
-            flops = gflop(model, x)
+            flops = count_gflop(model, x)
             t = latency_ms(model, x, args.runs, args.warmup)
             med = statistics.median(t)
             rows.append(

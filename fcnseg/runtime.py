@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,11 @@ def quantize_onnx(
     return Path(out)
 
 
+def bf16_is_native() -> bool:
+    """Whether this CPU computes bf16 convolutions natively (AVX-512 BF16 or AMX), as oneDNN reports it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def make_runner(
     model: nn.Module,
     path: str = "eager",
@@ -140,6 +146,12 @@ def make_runner(
     if path == "eager":
         return _eager(model, torch.float32, channels_last)
     if path == "bf16":
+        if _device(model).type == "cpu" and not bf16_is_native():
+            warnings.warn(
+                f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 instructions: the bf16 path is "
+                "emulated and slower than fp32; use onnx or onnx-int8 for speed",
+                stacklevel=2,
+            )
         return _eager(copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16, channels_last)
     if path == "compile":
         compiled = torch.compile(model.eval(), dynamic=True)

@@ -6,10 +6,7 @@ only torch, numpy and an importable `fcn` (used for downloads alone). The fixtur
 bare package with an empty `fcn` module standing in, and puts sys.modules back afterwards.
 """
 
-import importlib
-import importlib.util
 import sys
-import types
 
 import pytest
 import torch
@@ -28,16 +25,13 @@ SIZES = [(17, 29), (63, 101), (1, 1)]
 
 @pytest.fixture(scope="module")
 def torchfcn():
-    spec = importlib.util.find_spec("torchfcn")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("torchfcn is not installed: pip install --no-deps torchfcn==1.9.7 (README, 'Tests')")
+    from benchmarks.torchfcn_loader import load_torchfcn_models
+
     saved = {k: v for k, v in sys.modules.items() if k == "fcn" or k == "torchfcn" or k.startswith("torchfcn.")}
-    package = types.ModuleType("torchfcn")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["fcn"] = types.ModuleType("fcn")
-    sys.modules["torchfcn"] = package
     try:
-        yield importlib.import_module("torchfcn.models")
+        yield load_torchfcn_models()
+    except ImportError as e:
+        pytest.fail(f"{e} (README, 'Tests')")
     finally:
         for k in [k for k in sys.modules if k == "fcn" or k == "torchfcn" or k.startswith("torchfcn.")]:
             del sys.modules[k]
