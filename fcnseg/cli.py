@@ -416,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("check-data", help="read every image and mask of a dataset split and report every problem")
-    p.add_argument("--dataset", required=True, help="dataset name (voc, sbd, seg11valid, folder, synthetic)")
+    p.add_argument(
+        "--dataset", required=True, help="dataset name (voc, sbd, seg11valid, nyud, siftflow, folder, synthetic)"
+    )
     p.add_argument("--root", help="the dataset's folder")
     p.add_argument("--split", default="train", help="split to read (default: train)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary; problems only")

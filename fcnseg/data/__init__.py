@@ -1,7 +1,8 @@
 """Datasets (one module each), paired transforms, batching and the synthetic demo set.
 
 ``get_dataset(name, root=..., split=...)`` builds any registered dataset: ``voc``, ``sbd``, ``seg11valid``,
-``folder`` and ``synthetic``.
+``nyud`` (``modality=rgb|hha|rgbd|rgb-hha``), ``siftflow`` (``target=semantic|geometric|both``), ``folder`` and
+``synthetic``.
 """
 
 from .base import IGNORE_INDEX, SegmentationDataset, get_dataset, list_datasets, register_dataset

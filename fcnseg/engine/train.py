@@ -10,7 +10,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +31,7 @@ from ..data import get_dataset
 from ..data.base import IGNORE_INDEX, SegmentationDataset, check_data_options
 from ..data.loader import make_loader
 from ..data.transforms import eval_transforms, train_transforms
-from ..errors import FcnsegError
+from ..errors import CheckpointError, FcnsegError
 from ..models import get_model
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
@@ -253,17 +257,36 @@ def save_run(run: Path, model, classes, optimizer, scheduler, scaler, state: Tra
         },
         "config": cfg.to_dict(),
     }
-    save_checkpoint(_unwrap(model), run / "last.pt", classes=classes, extra=extra)
+    # The previous last.pt is kept as last.prev.pt: each file is written atomically, and if the newest one is ever
+    # lost or damaged (a crash between the two renames, a bad disk), --resume falls back to the one before.
+    last = run / "last.pt"
+    if last.is_file():
+        os.replace(last, run / "last.prev.pt")
+    save_checkpoint(_unwrap(model), last, classes=classes, extra=extra)
     if best:
         extra = {"config": cfg.to_dict(), "iteration": state.iteration, "mean_iu": state.best_miou}
         save_checkpoint(_unwrap(model), run / "best.pt", classes=classes, extra=extra)
 
 
+def _resume_checkpoint(run: Path) -> tuple[Path, dict[str, Any]]:
+    """RUN/last.pt, or RUN/last.prev.pt with a warning when last.pt is missing or damaged."""
+    last, prev = run / "last.pt", run / "last.prev.pt"
+    if not last.is_file() and not prev.is_file():
+        raise FcnsegError(f"--resume: {last} not found; nothing to resume")
+    try:
+        return last, read_checkpoint(last)
+    except CheckpointError as e:
+        if not prev.is_file():
+            raise FcnsegError(f"--resume: {e}") from None
+        ckpt = read_checkpoint(prev)
+        it = ckpt["extra"].get("train_state", {}).get("iteration")
+        reason = "missing" if not last.exists() else "damaged"
+        print(f"fcnseg: warning: {last} is {reason}; resuming from {prev} (iteration {it})", file=sys.stderr)
+        return prev, ckpt
+
+
 def restore_run(run: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig) -> TrainState:
-    path = run / "last.pt"
-    if not path.is_file():
-        raise FcnsegError(f"--resume: {path} not found; nothing to resume")
-    ckpt = read_checkpoint(path)
+    path, ckpt = _resume_checkpoint(run)
     ts = ckpt["extra"].get("train_state")
     if ts is None:
         raise FcnsegError(f"--resume: {path} holds no training state")
@@ -402,6 +425,39 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainState
     data = batches(train_ds, cfg, info, state)
     bar = tqdm(total=cfg.iters, initial=state.iteration, disable=not (info.is_main and cfg.progress), unit="it")
     model.train()
+    with _stop_on_sigint(info) as stop:
+        _loop(
+            cfg, run, data, bar, log, stop, model, val_ds, info, device, optimizer, scheduler, autocast, scaler, state
+        )
+    bar.close()
+    log.close()
+    return state
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(info: DistInfo) -> Iterator[threading.Event]:
+    """Ctrl-C asks the loop to stop after the current step and save; a second Ctrl-C interrupts at once.
+
+    Under torchrun every process gets the signal at slightly different steps, which a collective cannot
+    survive, so distributed runs keep Python's default (interrupt at once; resume from the last checkpoint).
+    """
+    stop = threading.Event()
+    if info.enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _loop(cfg, run, data, bar, log, stop, model, val_ds, info, device, optimizer, scheduler, autocast, scaler, state):
     while state.iteration < cfg.iters:
         t0 = time.perf_counter()
         micro = [next(data) for _ in range(cfg.accum_steps)]
@@ -418,9 +474,13 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainState
             log.row(iteration=state.iteration, loss=loss, lr=lr, images_per_s=ips)
         if state.iteration % cfg.val_every == 0 or state.iteration == cfg.iters:
             _validate_and_save(cfg, run, model, val_ds, info, device, optimizer, scheduler, scaler, state, log)
-    bar.close()
-    log.close()
-    return state
+        elif stop.is_set():  # Ctrl-C: keep the steps done so far
+            save_run(run, model, list(val_ds.classes), optimizer, scheduler, scaler, state, cfg, best=False)
+        if stop.is_set():
+            bar.close()
+            print(f"\ninterrupted at iteration {state.iteration}; saved {run / 'last.pt'}; continue with --resume",
+                  file=sys.stderr)  # fmt: skip
+            raise KeyboardInterrupt
 
 
 def _validate_and_save(cfg, run, model, val_ds, info, device, optimizer, scheduler, scaler, state, log) -> None:
