@@ -50,8 +50,10 @@ def _image_file(mode: str, size=(23, 17)):
     def make(tmp: Path) -> Path:
         rng = np.random.default_rng(0)
         rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-        img = rgb.convert(mode) if mode not in ("I;16", "I", "F") else rgb.convert("L").convert(mode)
-        path = tmp / f"img_{mode.replace(';', '')}.{'tif' if mode in ('I', 'F', 'CMYK', 'YCbCr') else 'png'}"
+        img = rgb.convert(mode) if mode not in ("I;16", "I;16B", "I", "F") else rgb.convert("L").convert(mode)
+        path = (
+            tmp / f"img_{mode.replace(';', '')}.{'tif' if mode in ('I', 'F', 'CMYK', 'YCbCr', 'PA', 'LAB') else 'png'}"
+        )
         img.save(path)
         return path
 
@@ -96,6 +98,9 @@ PREDICT_CASES = [
     ("mode-F", _image_file("F"), "ok:17x23"),
     ("mode-CMYK", _image_file("CMYK"), "ok:17x23"),
     ("mode-YCbCr", _image_file("YCbCr"), "ok:17x23"),
+    ("mode-PA", _image_file("PA"), "ok:17x23"),
+    ("mode-LAB", _image_file("LAB"), "ok:17x23"),
+    ("mode-I;16B", _image_file("I;16B"), "ok:17x23"),
     ("one-pixel", _image_file("RGB", (1, 1)), "ok:1x1"),
     ("one-by-5000", _image_file("RGB", (5000, 1)), "ok:1x5000"),
 ]
@@ -283,6 +288,18 @@ def test_argument_corpus(name, argv, message, ckpt, tmp_path, capsys):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("mode", Image.MODES)
+def test_every_pil_mode_in_memory(mode, ckpt):
+    # Every mode PIL knows, handed to the API as an image object (some cannot be saved to any file format).
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (9, 14, 3), dtype=np.uint8))
+    try:
+        img = rgb.convert(mode)
+    except ValueError:
+        img = rgb.convert("L").convert(mode)
+    mask = fcnseg.load(ckpt).predict(img)
+    assert mask.shape == (9, 14) and mask.dtype == np.uint8 and mask.max() < 4
+
+
 def test_the_corpus_has_at_least_30_cases():
     n = len(PREDICT_CASES) + len(DATA_CASES) + 1 + len(CKPT_CASES) + len(CONFIG_CASES) + 1 + 2 + len(ARGUMENT_CASES)
     assert n >= 30, n
@@ -297,7 +314,10 @@ def test_predict_any_size_and_mode_gives_a_valid_palette_mask(ckpt, tmp_path, h,
     model = fcnseg.load(ckpt)
     rgb = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
     img = rgb.convert(mode) if mode not in ("I;16", "I", "F") else rgb.convert("L").convert(mode)
-    path = tmp_path / f"in_{mode.replace(';', '')}_{h}x{w}.{'tif' if mode in ('I', 'F', 'CMYK', 'YCbCr') else 'png'}"
+    path = (
+        tmp_path
+        / f"in_{mode.replace(';', '')}_{h}x{w}.{'tif' if mode in ('I', 'F', 'CMYK', 'YCbCr', 'PA', 'LAB') else 'png'}"
+    )
     img.save(path)
     out = tmp_path / f"out_{h}x{w}_{seed}"
     assert main(["predict", str(ckpt), str(path), "--out", str(out), "--quiet"]) == 0
