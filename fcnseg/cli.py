@@ -319,7 +319,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.check import run_check_data
 
-    return run_check_data(args.dataset, args.root, args.split, quiet=args.quiet, download=args.download)
+    options = dict(args.data_option)
+    return run_check_data(
+        args.dataset, args.root, args.split, quiet=args.quiet, download=args.download, options=options
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -405,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    from .engine.commands import add_eval_arguments, add_train_arguments, cmd_eval, cmd_train
+    from .engine.commands import add_eval_arguments, add_train_arguments, cmd_eval, cmd_train, parse_key_value
 
     p = sub.add_parser("train", help="train a model (paper or modern recipe)")
     add_train_arguments(p)
@@ -423,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split to read (default: train)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary; problems only")
     p.add_argument("--download", action="store_true", help="fetch voc / sbd first (torchvision's downloader)")
+    p.add_argument(
+        "--data-option", action="append", type=parse_key_value, default=[], metavar="KEY=VALUE",
+        help="extra dataset argument, repeatable (e.g. modality=rgbd for nyud, target=both for siftflow)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_check_data)
     return parser
 

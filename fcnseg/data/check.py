@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -231,11 +231,24 @@ def print_problems(problems: Iterable[Problem]) -> None:
         print(f"fcnseg: error: {p.line()}", file=sys.stderr)
 
 
-def run_check_data(name: str, root: str | None, split: str, *, quiet: bool = False, download: bool = False) -> int:
-    """The ``check-data`` command: 0 when the dataset is clean, else every problem on stderr and 2."""
-    from .base import get_dataset
+def run_check_data(
+    name: str,
+    root: str | None,
+    split: str,
+    *,
+    quiet: bool = False,
+    download: bool = False,
+    options: dict[str, Any] | None = None,
+) -> int:
+    """The ``check-data`` command: 0 when the dataset is clean, else every problem on stderr and 2.
 
-    ds = get_dataset(name, root=root, split=split, **({"download": True} if download else {}))
+    ``options``: extra dataset arguments (``--data-option modality=rgbd`` reads NYUDv2's depth files too).
+    """
+    from .base import check_data_options, get_dataset
+
+    options = dict(options or {})
+    check_data_options(options)
+    ds = get_dataset(name, root=root, split=split, **options, **({"download": True} if download else {}))
     report = check_dataset(ds, title=f"{name} split {split!r}", progress=not quiet)
     if not quiet:
         print(report.summary())

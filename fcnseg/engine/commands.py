@@ -53,7 +53,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                 dest=f.name,
                 action="append",
                 metavar="KEY=VALUE",
-                type=_key_value,
+                type=parse_key_value,
                 help="extra dataset argument, repeatable (e.g. size=96 for synthetic, year=2011 for voc)",
             )
         elif options == [bool]:
@@ -62,7 +62,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=options[0], default=None, metavar=f.name.upper(), help=help_text)
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def parse_key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -114,7 +114,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--download", action="store_true", help="fetch voc / sbd first (torchvision's downloader)")
     p.add_argument(
-        "--data-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+        "--data-option", action="append", type=parse_key_value, default=[], metavar="KEY=VALUE",
         help="extra dataset argument, repeatable (e.g. download=true for voc, sbd_root=DIR for seg11valid)",
     )  # fmt: skip
 

@@ -387,3 +387,14 @@ def test_flip_and_crop_keep_six_channels_and_mask_aligned(root: Path) -> None:
             assert torch.equal(mask.as_subclass(torch.Tensor), m0[top : top + 9, left : left + 11])
             flips.add(flipped)
     assert flips == {False, True}
+
+
+def test_check_data_cli_takes_the_modality(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --data-option modality=rgbd makes check-data read the depth images too; plain rgb does not see them.
+    (root / "data" / "depth" / "img_5003.png").write_bytes(b"broken")
+    assert main(["check-data", "--dataset", "nyud", "--root", str(root), "--quiet"]) == 0
+    argv = ["check-data", "--dataset", "nyud", "--root", str(root), "--quiet", "--data-option", "modality=rgbd"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "[unreadable-image]" in err and err.count("fcnseg: error: ") == 1
+    assert main([*argv[:-1], "colour=yes"]) == 2
