@@ -41,15 +41,49 @@ def _error(msg: str) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
+    from .bench import count_gflop
     from .models import get_model, list_models
+    from .models.upsampling import BilinearUpsample
 
-    print(f"{'model':<14} {'skips':<12} {'trainable':>12}   crops (caffe mode)")
+    size = 500
+
+    def gflop(model: torch.nn.Module) -> float:
+        """GFLOP of one size x size image, counted on the meta device (shapes only: no memory, no arithmetic).
+
+        A frozen upsampler runs per class (``BilinearUpsample``), but whether its weight is diagonal cannot be
+        read off a meta tensor: it is counted as the full C x C transposed convolution, and the C - 1 parts in C
+        that the per-class run skips are taken off again."""
+        extra: list[float] = []
+
+        def dense_part(up: torch.nn.Module, inputs: tuple[torch.Tensor, ...], _: object) -> None:
+            _, c, h, w = inputs[0].shape  # FlopCounterMode counts 2 x N x H x W x k x k x C_in x C_out
+            k = up.kernel_size[0] * up.kernel_size[1]
+            extra.append(2 * h * w * k * c * (c - 1) / 1e9)  # per image
+
+        hooks = []
+        for m in model.modules():
+            if isinstance(m, BilinearUpsample):
+                m.weight.requires_grad_(True)  # the full transposed convolution, which meta tensors can run
+                hooks.append(m.register_forward_hook(dense_part))
+        try:
+            total = count_gflop(model, torch.empty(1, 3, size, size, device="meta"))
+        finally:
+            for h in hooks:
+                h.remove()
+        return total - sum(extra)
+
+    print(f"{'model':<26} {'skips':<24} {'trainable':>12} {f'GFLOP at {size}x{size}':>22}   crops (caffe mode)")
+    print(f"{'':<26} {'':<24} {'':>12} {'caffe':>10} {'aligned':>11}")
     for name in list_models():
         with torch.device("meta"):  # shapes only: no memory, no initialisation time
-            model = get_model(name, alignment="caffe")
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        crops = ", ".join(f"{k} {v}" for k, v in model.crop_offsets.items())
-        print(f"{name:<14} {'+'.join(model.skips) or '-':<12} {params:>12,}   {crops}")
+            caffe = get_model(name, alignment="caffe")
+            aligned = get_model(name, alignment="aligned")
+        params = sum(p.numel() for p in caffe.parameters() if p.requires_grad)
+        crops = ", ".join(f"{k} {v}" for k, v in caffe.crop_offsets.items())
+        print(
+            f"{name:<26} {'+'.join(caffe.skips) or '-':<24} {params:>12,} {gflop(caffe):>10.1f} {gflop(aligned):>11.1f}"
+            f"   {crops}"
+        )
     return 0
 
 

@@ -1,21 +1,53 @@
 """Models: backbones, the parametric FCN, upsampling and the registry."""
 
 from .backbones import VGG16Backbone, convolutionalise_vgg16
-from .fcn import FCN, fcn8s, fcn8s_atonce, fcn16s, fcn32s
+from .backbones_tv import (
+    AlexNetBackbone,
+    GoogLeNetBackbone,
+    MobileNetV3LargeBackbone,
+    ResNetBackbone,
+    convolutionalise_alexnet,
+    load_torchvision_weights,
+)
+from .fcn import (
+    FCN,
+    fcn8s,
+    fcn8s_atonce,
+    fcn8s_googlenet,
+    fcn8s_mobilenet_v3_large,
+    fcn8s_resnet50,
+    fcn8s_resnet101,
+    fcn16s,
+    fcn32s,
+    fcn32s_alexnet,
+    fcn32s_googlenet,
+)
 from .registry import get_model, list_models, register_model
 from .upsampling import BilinearUpsample, bilinear_kernel
 
 __all__ = [
     "FCN",
+    "AlexNetBackbone",
     "BilinearUpsample",
+    "GoogLeNetBackbone",
+    "MobileNetV3LargeBackbone",
+    "ResNetBackbone",
     "VGG16Backbone",
     "bilinear_kernel",
+    "convolutionalise_alexnet",
     "convolutionalise_vgg16",
     "fcn8s",
     "fcn8s_atonce",
+    "fcn8s_googlenet",
+    "fcn8s_mobilenet_v3_large",
+    "fcn8s_resnet50",
+    "fcn8s_resnet101",
     "fcn16s",
     "fcn32s",
+    "fcn32s_alexnet",
+    "fcn32s_googlenet",
     "get_model",
     "list_models",
+    "load_torchvision_weights",
     "register_model",
 ]

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torchvision.models import WeightsEnum
 from torchvision.models import vgg as tv_vgg
 
 from ..errors import FcnsegError
@@ -148,29 +149,29 @@ def convolutionalise_vgg16(
     return out
 
 
-def preprocessing_of(weights: tv_vgg.VGG16_Weights) -> Preprocessing:
+def preprocessing_of(weights: WeightsEnum) -> Preprocessing:
     """The input a torchvision weights entry expects, read off its own transforms (mean and std on [0, 1])."""
     t = weights.transforms()
     return Preprocessing(mean=tuple(t.mean), std=tuple(t.std))
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: str, arch: str = "VGG16") -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FcnsegError(f"{path}: cannot read VGG16 weights ({e.__class__.__name__})") from None
+        raise FcnsegError(f"{path}: cannot read {arch} weights ({e.__class__.__name__})") from None
     if not isinstance(sd, Mapping):
-        raise FcnsegError(f"{path}: holds a {type(sd).__name__}, expected a torchvision VGG16 state dict")
+        raise FcnsegError(f"{path}: holds a {type(sd).__name__}, expected a torchvision {arch} state dict")
     return dict(sd)
 
 
-def _enum_state_dict(weights: tv_vgg.VGG16_Weights) -> dict[str, torch.Tensor]:
+def _enum_state_dict(weights: WeightsEnum, arch: str = "VGG16") -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=True)
     except OSError as e:  # URLError included: no network, proxy, dead link
         raise FcnsegError(
             f"backbone weights {weights}: cannot download {weights.url} ({getattr(e, 'reason', e)}); "
-            "pass a local VGG16 state dict with --backbone-weights FILE"
+            f"pass a local {arch} state dict with --backbone-weights FILE"
         ) from None
     except Exception as e:  # a damaged file in torch.hub's cache
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))

@@ -2,12 +2,16 @@
 
 One parametric model serves every variant: FCN-32s scores the coarsest map only; FCN-16s and FCN-8s upsample the
 coarse scores 2x at a time and add scores from finer backbone maps (pool4, pool3) before the last upsampling
-("combining what and where"). All crop offsets come from the layers' geometry (``geometry.py``).
+("combining what and where"). All crop offsets, and the upsampling kernels and paddings, come from the layers'
+geometry (``geometry.py``). Backbones: VGG16 as released (``backbones.py``); AlexNet, GoogLeNet, ResNet-50/101 and
+MobileNetV3-Large from torchvision (``backbones_tv.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,6 +22,14 @@ from torch import nn
 from ..errors import FcnsegError
 from ..preprocessing import Preprocessing
 from .backbones import Backbone, VGG16Backbone, check_alignment, load_vgg16_imagenet
+from .backbones_tv import (
+    AlexNetBackbone,
+    GoogLeNetBackbone,
+    MobileNetV3LargeBackbone,
+    ResNetBackbone,
+    TorchvisionBackbone,
+    load_torchvision_weights,
+)
 from .geometry import CoordMap, crop_offset, layer_map
 from .registry import register_model
 from .upsampling import BilinearUpsample
@@ -40,6 +52,8 @@ class FCN(nn.Module):
         skips: finer taps to fuse, e.g. ``("pool4", "pool3")`` for FCN-8s; ``()`` for FCN-32s.
         skip_scales: factor applied to a tap before its score layer (FCN-8s at once: pool4 0.01, pool3 1e-4).
         learnable_upsampling: train the upsampling kernels (the release keeps them fixed).
+        upsample_kernels: kernel size per upsampler, keyed by the tap it upsamples into or ``"out"`` for the last
+            one (FCN-AlexNet: ``{"out": 63}``); by default the one whose crops are whole pixels, 2 x factor first.
 
     ``forward`` maps N x 3 x H x W normalised images to N x num_classes x H x W logits for every H, W >= 1.
     """
@@ -52,6 +66,7 @@ class FCN(nn.Module):
         skips: Sequence[str] = (),
         skip_scales: Mapping[str, float] | None = None,
         learnable_upsampling: bool = False,
+        upsample_kernels: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -77,33 +92,95 @@ class FCN(nn.Module):
         self.score_skip = nn.ModuleDict()
         self.upsample_skip = nn.ModuleDict()
         self.offsets: dict[str, int] = {}
-        cmap, stride = maps[self.top], self.stride
+        kernels = dict(upsample_kernels or {})
+        extra = sorted(set(kernels) - {*self.skips, "out"})
+        if extra:
+            raise FcnsegError(f"upsample_kernels names {extra}; expected some of {[*self.skips, 'out']}")
+        cmap = maps[self.top]
         for name in self.skips:
-            up = self._upsampler(stride // maps[name].stride, learnable_upsampling)
-            cmap = cmap.then(layer_map(up))
+            up = self._upsampler(cmap, maps[name], kernels.get(name), learnable_upsampling, final=False)
+            cmap = cmap.then(layer_map(up))  # the fused map keeps the upsampled map's grid (the tap is cropped to it)
             self.offsets[name] = crop_offset(maps[name], cmap)
             self.upsample_skip[name] = up
             self.score_skip[name] = _score_layer(backbone.channels[name], num_classes)
-            stride = maps[name].stride
-        self.upsample_out = self._upsampler(stride, learnable_upsampling)
+        self.upsample_out = self._upsampler(cmap, CoordMap(), kernels.get("out"), learnable_upsampling, final=True)
         self.out_offset = crop_offset(cmap.then(layer_map(self.upsample_out)), CoordMap())
+        self._margin = self._aligned_margin(maps) if self.alignment == "aligned" else 0
 
-    def _upsampler(self, factor: int, learnable: bool) -> BilinearUpsample:
-        # Kernel 2 x factor as released (4/2, 16/8, 32/16, 64/32). The release pads nothing and crops afterwards;
-        # in aligned mode padding (k - s) / 2 trims the overhang so that the output grid lands on the input's.
-        pad = 0 if self.alignment == "caffe" else factor // 2
-        return BilinearUpsample(self.num_classes, 2 * factor, factor, padding=pad, learnable=learnable)
+    def _upsampler(
+        self, coarse: CoordMap, fine: CoordMap, kernel: int | None, learnable: bool, *, final: bool
+    ) -> BilinearUpsample:
+        """The bilinear upsampler from the ``coarse`` grid to the ``fine`` one (a finer tap, or the input).
+
+        Kernel 2 x factor as released (4/2, 16/8, 32/16, 64/32) puts each coarse cell between two fine pixels, which
+        fits backbones whose cells sit at block centres (VGG16). Where the cells sit on fine pixels (odd kernels with
+        "same" padding, the AlexNet release) only an odd kernel lands on whole pixels: 2 x factor - 1 (3/2, 63/32).
+        The kernel whose crop is a whole number is taken unless ``kernel`` says which.
+
+        Padding: the release pads nothing and crops afterwards (caffe mode); a skip's upsampler is padded only where
+        its output would start before the tap (then crop 0). In aligned mode the padding trims the overhang so that
+        the upsampled grid starts exactly on the fine one's first pixel: no crops.
+        """
+        factor = Fraction(coarse.stride, fine.stride)
+        if factor.denominator != 1 or factor < 2:
+            raise FcnsegError(f"cannot upsample from stride {coarse.stride} to stride {fine.stride}")
+        f = int(factor)
+        for k in [kernel] if kernel else [2 * f, 2 * f - 1]:
+            # Where the first upsampled pixel lies on the fine grid, in fine pixels, before any padding; each pixel
+            # of padding moves it one further.
+            probe = coarse.then(layer_map(nn.ConvTranspose2d(1, 1, k, f, device="meta")))
+            start = (probe.offset - fine.offset) / fine.scale
+            if start.denominator == 1:
+                break
+        else:
+            raise FcnsegError(f"a {k}/{f} upsampling cannot land on whole pixels here (it starts at {start})")
+        # Aligned: pad so that the upsampled grid starts on the fine one's first pixel. Caffe: the release pads
+        # nothing; only a skip whose upsampled scores would start before the tap gets the padding for crop 0.
+        pad = -start if self.alignment == "aligned" else 0 if final else max(0, -start)
+        if not 0 <= pad <= k - 1:
+            raise FcnsegError(f"the {k}/{f} upsampling would need padding {pad} to align; this backbone cannot")
+        return BilinearUpsample(self.num_classes, k, f, padding=int(pad), learnable=learnable)
+
+    def _aligned_margin(self, maps: Mapping[str, CoordMap]) -> int:
+        """How much further than the next multiple of the stride the input must be padded (aligned mode) so that
+        the output covers it; 0 for VGG16, whose last upsampling reaches the end of the last 32 x 32 block.
+
+        In aligned mode a backbone keeps every cell: an input of n x stride gives n x stride / s cells at stride s.
+        Following the sizes through the upsamplers gives the output's size, n x stride + c; the margin is -c where c
+        is negative (31 where the cells sit on block corners: the last cell's pixel ends the output)."""
+
+        def up(size: int, layer: nn.ConvTranspose2d) -> int:
+            return (size - 1) * layer.stride[0] - 2 * layer.padding[0] + layer.kernel_size[0]
+
+        short = 0
+        for n in range(1, 5):
+            size = n
+            for name in self.skips:  # the upsampled scores are cut to the tap's size where they run past it
+                size = min(up(size, self.upsample_skip[name]), n * self.stride // maps[name].stride)
+            short = max(short, n * self.stride - up(size, self.upsample_out))
+        return short
 
     @property
     def crop_offsets(self) -> dict[str, int]:
         """Every crop, named as in the release: skip taps and ``"out"`` for the final one."""
         return {**self.offsets, "out": self.out_offset}
 
+    @property
+    def upsample_kernels(self) -> dict[str, int]:
+        """Kernel size of every upsampler, keyed like :attr:`crop_offsets`."""
+        ups = {**self.upsample_skip, "out": self.upsample_out}
+        return {k: up.kernel_size[0] for k, up in ups.items()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if self.alignment == "aligned":
             # Pad bottom/right up to a multiple of the stride: the top-left origin, and so the geometry, is kept.
-            x = F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride))
+            # Backbones whose cells sit on block corners need a margin beyond that (``_aligned_margin``).
+            e = self._margin
+            if e:
+                x = F.pad(x, (0, (-(w + e)) % self.stride + e, 0, (-(h + e)) % self.stride + e))
+            else:
+                x = F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride))
         feats = self.backbone(x)
         score = self.score_fr(feats[self.top])  # 1/32
         for name in self.skips:  # pool4 (1/16), then pool3 (1/8)
@@ -113,6 +190,8 @@ class FCN(nn.Module):
                 tap = tap * self.skip_scales[name]
             skip = self.score_skip[name](tap)
             o = self.offsets[name]
+            # The upsampled scores can run past the tap's end (never with VGG16, where this cuts nothing): cut them.
+            score = score[:, :, : skip.shape[2] - o, : skip.shape[3] - o]
             score = score + skip[:, :, o : o + score.shape[2], o : o + score.shape[3]]
         out = self.upsample_out(score)  # 1/1
         o = self.out_offset
@@ -232,3 +311,201 @@ def fcn8s_atonce(
 ) -> FCN:
     """FCN-8s trained in one stage: pool4 scaled by 0.01 and pool3 by 0.0001 before their score layers."""
     return _build(("pool4", "pool3"), skip_scales={"pool4": 0.01, "pool3": 1e-4}, **locals())
+
+
+# ------------------------------------------------------------------------------ other torchvision backbones
+#
+# Every builder takes the VGG16 builders' options, so that one training configuration (``fcnseg train`` passes
+# them all) and the registry-wide tests serve every model. Options a network has no use for are documented as
+# ignored: ``fc_dim`` and ``dropout`` where nothing fully connected is left, ``batch_norm`` where the network
+# has batch norm by construction.
+
+
+def _check_common(alignment: str, width: float, fc_dim: int, dropout: float) -> None:
+    check_alignment(alignment)
+    if not 0 <= dropout < 1:
+        raise FcnsegError(f"dropout must be in [0, 1), got {dropout}")
+    if width <= 0 or fc_dim < 1:
+        raise FcnsegError(f"width must be > 0 and fc_dim >= 1, got width={width}, fc_dim={fc_dim}")
+
+
+def _build_tv(
+    backbone: TorchvisionBackbone,
+    skips: Sequence[str],
+    *,
+    num_classes: int,
+    learnable_upsampling: bool,
+    backbone_weights: str | None,
+    upsample_kernels: Mapping[str, int] | None = None,
+) -> FCN:
+    if backbone_weights is not None:
+        load_torchvision_weights(backbone, backbone_weights)
+    return FCN(
+        backbone,
+        num_classes,
+        skips=skips,
+        learnable_upsampling=learnable_upsampling,
+        upsample_kernels=upsample_kernels,
+    )
+
+
+@register_model()
+def fcn32s_alexnet(
+    *,
+    num_classes: int = 21,
+    alignment: str = "aligned",
+    width: float = 1.0,
+    fc_dim: int = 4096,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    learnable_upsampling: bool = False,
+    backbone_weights: str | None = None,
+) -> FCN:
+    """FCN-AlexNet as released: FCN-32s on AlexNet (fc6 a 6 x 6, fc7 a 1 x 1 convolution), one 63/32 upsampling;
+    final crop 18 in caffe mode. ``batch_norm`` must be False (AlexNet has no batch-norm variant).
+
+    ``backbone_weights``: ``"IMAGENET1K_V1"`` / ``"DEFAULT"`` or a torchvision ``alexnet`` state-dict file.
+    """
+    _check_common(alignment, width, fc_dim, dropout)
+    if batch_norm:
+        raise FcnsegError("fcn32s_alexnet has no batch-norm variant; leave batch_norm off")
+    backbone = AlexNetBackbone(alignment=alignment, width=width, fc_dim=fc_dim, dropout=dropout)  # type: ignore[arg-type]
+    # 63, not 64: AlexNet's fc7 cells sit on whole input pixels, and only an odd kernel keeps them there.
+    return _build_tv(
+        backbone,
+        (),
+        num_classes=num_classes,
+        learnable_upsampling=learnable_upsampling,
+        backbone_weights=backbone_weights,
+        upsample_kernels={"out": 63},
+    )
+
+
+def _tv_model(
+    make_backbone: Callable[[str, float], TorchvisionBackbone],
+    skips: Sequence[str],
+    *,
+    num_classes: int,
+    alignment: str,
+    width: float,
+    fc_dim: int,
+    batch_norm: bool,
+    dropout: float,
+    learnable_upsampling: bool,
+    backbone_weights: str | None,
+) -> FCN:
+    """A network without fully connected layers and with batch norm: fc_dim, dropout and batch_norm unused."""
+    _check_common(alignment, width, fc_dim, dropout)
+    return _build_tv(
+        make_backbone(alignment, width),
+        skips,
+        num_classes=num_classes,
+        learnable_upsampling=learnable_upsampling,
+        backbone_weights=backbone_weights,
+    )
+
+
+def _googlenet(alignment: str, width: float) -> GoogLeNetBackbone:
+    return GoogLeNetBackbone(alignment=alignment, width=width)  # type: ignore[arg-type]
+
+
+@register_model()
+def fcn32s_googlenet(
+    *,
+    num_classes: int = 21,
+    alignment: str = "aligned",
+    width: float = 1.0,
+    fc_dim: int = 4096,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    learnable_upsampling: bool = False,
+    backbone_weights: str | None = None,
+) -> FCN:
+    """The paper's FCN-GoogLeNet: FCN-32s on GoogLeNet without its pooling, classifier and auxiliary heads.
+
+    ``fc_dim``, ``dropout`` and ``batch_norm`` are ignored (nothing fully connected is left; batch norm always).
+    ``backbone_weights``: ``"IMAGENET1K_V1"`` / ``"DEFAULT"`` or a torchvision ``googlenet`` state-dict file.
+    """
+    return _tv_model(_googlenet, (), **locals())
+
+
+@register_model()
+def fcn8s_googlenet(
+    *,
+    num_classes: int = 21,
+    alignment: str = "aligned",
+    width: float = 1.0,
+    fc_dim: int = 4096,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    learnable_upsampling: bool = False,
+    backbone_weights: str | None = None,
+) -> FCN:
+    """FCN-8s on GoogLeNet: skips from inception4e (1/16) and inception3b (1/8). Options as ``fcn32s_googlenet``."""
+    return _tv_model(_googlenet, ("inception4e", "inception3b"), **locals())
+
+
+def _resnet(depth: int, alignment: str, width: float) -> ResNetBackbone:
+    return ResNetBackbone(depth, alignment=alignment, width=width)  # type: ignore[arg-type]
+
+
+@register_model()
+def fcn8s_resnet50(
+    *,
+    num_classes: int = 21,
+    alignment: str = "aligned",
+    width: float = 1.0,
+    fc_dim: int = 4096,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    learnable_upsampling: bool = False,
+    backbone_weights: str | None = None,
+) -> FCN:
+    """FCN-8s on ResNet-50: scores on layer4 (1/32) with skips from layer3 (1/16) and layer2 (1/8).
+
+    ``fc_dim``, ``dropout`` and ``batch_norm`` are ignored (nothing fully connected is left; batch norm always).
+    ``backbone_weights``: ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``, ``"DEFAULT"`` or a torchvision state-dict file.
+    """
+    return _tv_model(partial(_resnet, 50), ("layer3", "layer2"), **locals())
+
+
+@register_model()
+def fcn8s_resnet101(
+    *,
+    num_classes: int = 21,
+    alignment: str = "aligned",
+    width: float = 1.0,
+    fc_dim: int = 4096,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    learnable_upsampling: bool = False,
+    backbone_weights: str | None = None,
+) -> FCN:
+    """FCN-8s on ResNet-101: scores on layer4 (1/32) with skips from layer3 (1/16) and layer2 (1/8).
+    Options as ``fcn8s_resnet50``."""
+    return _tv_model(partial(_resnet, 101), ("layer3", "layer2"), **locals())
+
+
+def _mobilenet_v3_large(alignment: str, width: float) -> MobileNetV3LargeBackbone:
+    return MobileNetV3LargeBackbone(alignment=alignment, width=width)  # type: ignore[arg-type]
+
+
+@register_model()
+def fcn8s_mobilenet_v3_large(
+    *,
+    num_classes: int = 21,
+    alignment: str = "aligned",
+    width: float = 1.0,
+    fc_dim: int = 4096,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    learnable_upsampling: bool = False,
+    backbone_weights: str | None = None,
+) -> FCN:
+    """FCN-8s on MobileNetV3-Large: scores on its last 1 x 1 convolution (1/32), skips from the last 112-channel
+    (1/16) and 40-channel (1/8) blocks. ``width`` is torchvision's width multiplier (channels rounded to 8).
+
+    ``fc_dim``, ``dropout`` and ``batch_norm`` are ignored (nothing fully connected is left; batch norm always).
+    ``backbone_weights``: ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``, ``"DEFAULT"`` or a torchvision state-dict file.
+    """
+    return _tv_model(_mobilenet_v3_large, ("features12", "features6"), **locals())
