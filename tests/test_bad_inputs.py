@@ -328,3 +328,15 @@ def test_predict_any_size_and_mode_gives_a_valid_palette_mask(ckpt, tmp_path, h,
     assert palette.tolist() == model.palette  # the checkpoint's colours, class c at index c
     assert labels.max() < model.num_classes
     assert np.array_equal(labels, model.predict(path))
+
+
+def test_a_closed_pipe_ends_quietly():
+    # `fcnseg weights | head -1`: the reader leaves early; no traceback, like any Unix tool.
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        f"'{sys.executable}' -m fcnseg weights | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.startswith("name") and done.stdout.count("\n") == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
