@@ -229,11 +229,7 @@ def _build(
     backbone_weights: str | None,
     skip_scales: Mapping[str, float] | None = None,
 ) -> FCN:
-    check_alignment(alignment)
-    if not 0 <= dropout < 1:
-        raise FcnsegError(f"dropout must be in [0, 1), got {dropout}")
-    if width <= 0 or fc_dim < 1:
-        raise FcnsegError(f"width must be > 0 and fc_dim >= 1, got width={width}, fc_dim={fc_dim}")
+    _check_common(alignment, width, fc_dim, dropout)
     backbone = VGG16Backbone(alignment=alignment, width=width, fc_dim=fc_dim, batch_norm=batch_norm, dropout=dropout)  # type: ignore[arg-type]
     if backbone_weights is not None:
         load_vgg16_imagenet(backbone, backbone_weights)
