@@ -141,6 +141,7 @@ def make_runner(
     bfloat16 copy of the model (the original stays fp32). ``onnx`` / ``onnx-int8``: exported (and checked) into
     ``workdir`` (a temporary folder by default), int8 statically quantised on ``calibration`` inputs.
     ``compile``: torch.compile with dynamic shapes (the first call of each new size compiles).
+    The eager paths put ``model`` in eval mode (and channels_last) for good; the others leave it as it is.
     """
     check_path(path)
     if path == "eager":
@@ -161,7 +162,10 @@ def make_runner(
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fcnseg-onnx-"))
     fp32 = folder / "model.onnx"
     if not fp32.is_file():
-        export_onnx(model.float().cpu(), fp32)
+        # ONNX Runtime runs on the CPU in fp32: export a CPU fp32 copy when the model lives elsewhere.
+        p = next(model.parameters())
+        on_cpu = p.device.type == "cpu" and p.dtype == torch.float32
+        export_onnx(model if on_cpu else copy.deepcopy(model).float().cpu(), fp32)
     if path == "onnx":
         return _ort_session(fp32)
     int8 = folder / "model.int8.onnx"

@@ -110,3 +110,13 @@ def test_flop_count_matches_the_closed_form():
     conv = torch.nn.Conv2d(3, 8, 5, padding=2)
     # 2 FLOP per multiply-add, 3 x 5 x 5 multiply-adds per output value, 8 x 40 x 30 outputs per image.
     assert count_gflop(conv, torch.randn(2, 3, 40, 30)) == pytest.approx(2 * 3 * 25 * 8 * 40 * 30 / 1e9)
+
+
+def test_onnx_path_leaves_a_non_fp32_model_as_it_was():
+    torch.manual_seed(0)
+    model = fcnseg.get_model("fcn32s", num_classes=3, width=1 / 16, fc_dim=8).double().eval()
+    run = make_runner(model, "onnx")  # exports an fp32 CPU copy
+    assert next(model.parameters()).dtype == torch.float64
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.allclose(run(x), model(x.double()).float(), atol=1e-4)
