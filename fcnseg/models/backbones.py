@@ -127,22 +127,32 @@ def convolutionalise_vgg16(
     kernel. fc8 (the ImageNet classifier) is dropped unless ``keep_fc8``, when it comes back as ``fc8.weight`` /
     ``fc8.bias`` 1 x 1 kernels.
     """
-    out = {k: v for k, v in state_dict.items() if k.startswith("features.")}
+    return convolutionalise(state_dict, "VGG16", {"fc6": "classifier.0", "fc7": "classifier.3"}, 7, keep_fc8)
+
+
+def convolutionalise(
+    state_dict: Mapping[str, torch.Tensor], arch: str, fc: Mapping[str, str], side: int, keep_fc8: bool
+) -> dict[str, torch.Tensor]:
+    """A torchvision classifier's state dict with its fully connected layers as convolutions (a pure function).
+
+    ``fc`` maps fc6 / fc7 to their ``classifier.N`` modules; fc6 becomes a ``side`` x ``side`` kernel over the
+    pooled map (torchvision flattens it in C, H, W order, a kernel's layout), fc7 and fc8 1 x 1 kernels. fc8 is
+    ``classifier.6`` in both AlexNet and VGG16.
+    """
+    out = {k: v.clone() for k, v in state_dict.items() if k.startswith("features.")}
     if not out:
-        raise FcnsegError("not a torchvision VGG16 state dict: no 'features.*' keys")
-    fc = {"fc6": "classifier.0", "fc7": "classifier.3"}
-    if keep_fc8:
-        fc["fc8"] = "classifier.6"
+        raise FcnsegError(f"not a torchvision {arch} state dict: no 'features.*' keys")
+    fc = {**fc, **({"fc8": "classifier.6"} if keep_fc8 else {})}
     for name, src in fc.items():
         try:
             w, b = state_dict[f"{src}.weight"], state_dict[f"{src}.bias"]
         except KeyError as e:
-            raise FcnsegError(f"not a torchvision VGG16 state dict: missing {e.args[0]!r}") from None
+            raise FcnsegError(f"not a torchvision {arch} state dict: missing {e.args[0]!r}") from None
         if name == "fc6":
-            c_in = w.shape[1] // 49
-            if c_in * 49 != w.shape[1]:
-                raise FcnsegError(f"fc6 weight of shape {tuple(w.shape)} is not over 7 x 7 maps")
-            out["fc6.weight"] = w.reshape(w.shape[0], c_in, 7, 7).clone()
+            c_in = w.shape[1] // side**2
+            if c_in * side**2 != w.shape[1]:
+                raise FcnsegError(f"fc6 weight of shape {tuple(w.shape)} is not over {side} x {side} maps")
+            out["fc6.weight"] = w.reshape(w.shape[0], c_in, side, side).clone()
         else:
             out[f"{name}.weight"] = w.reshape(w.shape[0], w.shape[1], 1, 1).clone()
         out[f"{name}.bias"] = b.clone()

@@ -36,7 +36,15 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
 from ..errors import FcnsegError
 from ..preprocessing import IMAGENET, Preprocessing
-from .backbones import Alignment, Backbone, _enum_state_dict, _read_state_dict, check_alignment, preprocessing_of
+from .backbones import (
+    Alignment,
+    Backbone,
+    _enum_state_dict,
+    _read_state_dict,
+    check_alignment,
+    convolutionalise,
+    preprocessing_of,
+)
 from .geometry import CoordMap, layer_map
 
 CAFFE_PAD = 100  # the release's padding of the first convolution
@@ -194,24 +202,7 @@ def convolutionalise_alexnet(
     fc6 (4096 x 9216, over the 256 x 6 x 6 pooled map flattened in C, H, W order) becomes a 4096 x 256 x 6 x 6
     kernel holding the same numbers, fc7 a 1 x 1 kernel; fc8 is dropped unless ``keep_fc8``.
     """
-    out = {k: v.clone() for k, v in state_dict.items() if k.startswith("features.")}
-    if not out:
-        raise FcnsegError("not a torchvision AlexNet state dict: no 'features.*' keys")
-    fc = {"fc6": "classifier.1", "fc7": "classifier.4"} | ({"fc8": "classifier.6"} if keep_fc8 else {})
-    for name, src in fc.items():
-        try:
-            w, b = state_dict[f"{src}.weight"], state_dict[f"{src}.bias"]
-        except KeyError as e:
-            raise FcnsegError(f"not a torchvision AlexNet state dict: missing {e.args[0]!r}") from None
-        if name == "fc6":
-            c_in = w.shape[1] // 36
-            if c_in * 36 != w.shape[1]:
-                raise FcnsegError(f"fc6 weight of shape {tuple(w.shape)} is not over 6 x 6 maps")
-            out["fc6.weight"] = w.reshape(w.shape[0], c_in, 6, 6).clone()
-        else:
-            out[f"{name}.weight"] = w.reshape(w.shape[0], w.shape[1], 1, 1).clone()
-        out[f"{name}.bias"] = b.clone()
-    return out
+    return convolutionalise(state_dict, "AlexNet", {"fc6": "classifier.1", "fc7": "classifier.4"}, 6, keep_fc8)
 
 
 # -------------------------------------------------------------------------------------------------- GoogLeNet
