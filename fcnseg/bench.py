@@ -105,7 +105,7 @@ def bench_model(
         check_path(p)
     if runs < 1 or warmup < 0 or batch < 1 or min(size) < 1:
         raise FcnsegError("--runs and --batch must be >= 1, --warmup >= 0 and --size positive")
-    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, getattr(model, "in_channels", 3), *size, generator=torch.Generator().manual_seed(0))
     gflop = count_gflop(model, x[:1])
     reference = make_runner(model, "eager")
     check = list(check) if check else [x[:1]]

@@ -70,6 +70,8 @@ def checkpoint_dict(
         "classes": classes,
         "palette": [[int(v) for v in c] for c in palette],
         "preprocessing": preprocessing.to_dict(),
+        # Two-headed models: every head's class names (the first head's are ``classes``).
+        "head_classes": {k: list(v or []) for k, v in (getattr(model, "head_classes", None) or {}).items()},
         "state_dict": _tensors(model, state_dict),
         "extra": dict(extra or {}),
     }
@@ -151,6 +153,8 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, source: str = "checkpoint"
     model.classes = list(ckpt.get("classes") or []) or None
     model.palette = [list(c) for c in ckpt["palette"]] if ckpt.get("palette") else None
     model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
+    if ckpt.get("head_classes") and hasattr(model, "head_classes"):
+        model.head_classes = {k: list(v) or None for k, v in ckpt["head_classes"].items()}
     model.eval()
     return model
 

@@ -66,7 +66,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 m.weight.requires_grad_(True)  # the full transposed convolution, which meta tensors can run
                 hooks.append(m.register_forward_hook(dense_part))
         try:
-            total = count_gflop(model, torch.empty(1, 3, size, size, device="meta"))
+            total = count_gflop(model, torch.empty(1, getattr(model, "in_channels", 3), size, size, device="meta"))
         finally:
             for h in hooks:
                 h.remove()
@@ -183,6 +183,34 @@ def _report_agreement(model, runner, first: Path | None, quiet: bool) -> None:
         print(f"runtime agrees with eager fp32 on {100 * share:.2f}% of the pixels of {first.name}", file=sys.stderr)
 
 
+def _check_predictable(model, args: argparse.Namespace, checkpoint: str | None) -> None:
+    source = checkpoint or args.weights_file or "the model"
+    if model.in_channels != 3:
+        raise FcnsegError(
+            f"{source}: the model takes {model.in_channels} input channels (colour, then depth or HHA) and predict "
+            "reads colour images; expected a 3-channel model (use model.predict(array) or fcnseg eval for fusion nets)"
+        )
+    if len(model.heads) > 1 and (args.probs or args.tile or args.overlay):
+        raise FcnsegError(f"{source}: --probs, --tile and --overlay are for one-headed models; this one has "
+                          f"heads {', '.join(model.heads)}")  # fmt: skip
+
+
+def _save_heads(model, rgb, out: Path, stem: str, runner) -> int:
+    """A two-headed model's masks: STEM.png for the first head, STEM_<head>.png for the others."""
+    import numpy as np
+
+    from .imageio import save_mask_png
+    from .palette import palette_for
+
+    masks = model.predict(rgb, runner=runner)
+    names = getattr(model, "head_classes", {}) or {}
+    for i, (head, mask) in enumerate(masks.items()):
+        classes = names.get(head) or None
+        colours = model.palette if i == 0 and model.palette else palette_for(classes, model.heads[head])
+        save_mask_png(out / (f"{stem}.png" if i == 0 else f"{stem}_{head}.png"), mask, np.asarray(colours, np.uint8))
+    return 1
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -196,6 +224,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     checkpoint, inputs = _checkpoint_and_inputs(args)
     files, problems = collect_inputs(inputs)
     model = load(checkpoint, map_location=args.device, file=args.weights_file)
+    _check_predictable(model, args, checkpoint)
     out = Path(args.out)
     _check_writable(out)
     runner = _runner_for(args, model, files)
@@ -207,6 +236,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path, stem in zip(bar, _output_stems(files), strict=True):
         try:
             rgb = load_image(path)
+            if len(model.heads) > 1:
+                written += _save_heads(model, rgb, out, stem, runner)
+                continue
             if args.probs:
                 logits = predict_logits(model, rgb, runner=runner, **tiling)
                 mask = logits.argmax(0).cpu().numpy().astype(np.uint8)

@@ -48,7 +48,17 @@ def describe(model: nn.Module) -> dict[str, Any]:
     from .checkpoint import checkpoint_dict
 
     ckpt = checkpoint_dict(model) if getattr(model, "build_config", None) else {}
-    keys = ("model", "config", "alignment", "num_classes", "classes", "palette", "preprocessing", "fcnseg_version")
+    keys = (
+        "model",
+        "config",
+        "alignment",
+        "num_classes",
+        "classes",
+        "head_classes",
+        "palette",
+        "preprocessing",
+        "fcnseg_version",
+    )
     return {k: ckpt[k] for k in keys if k in ckpt}
 
 
@@ -62,14 +72,18 @@ def _eval_cpu(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def _inputs(sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+def _inputs(sizes: Sequence[tuple[int, int]], channels: int = 3) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(1, 3, h, w, generator=g) for h, w in sizes]
+    return [torch.randn(1, channels, h, w, generator=g) for h, w in sizes]
+
+
+def _channels(model: nn.Module) -> int:
+    return getattr(model, "in_channels", 3)
 
 
 def _compare(name: str, run, model: nn.Module, sizes: Sequence[tuple[int, int]], tolerance: float) -> dict[str, float]:
     diffs = {}
-    for x in _inputs(sizes):
+    for x in _inputs(sizes, _channels(model)):
         with torch.inference_mode():
             expected = model(x).float()
         got = torch.as_tensor(np.asarray(run(x)), dtype=torch.float32)
@@ -139,7 +153,7 @@ def _torch_export_onnx(model: nn.Module, opset: int):
     import logging
 
     # Traced with a batch of 2: torch.export specialises sizes of 0 and 1 to constants.
-    x = _inputs([TRACE_SIZE])[0].expand(2, -1, -1, -1).contiguous()
+    x = _inputs([TRACE_SIZE], _channels(model))[0].expand(2, -1, -1, -1).contiguous()
     dims = {
         0: torch.export.Dim("batch", min=1, max=4096),
         2: torch.export.Dim("height", min=1, max=16384),
@@ -186,7 +200,7 @@ def export_torchscript(
     with _eval_cpu(model), _staging(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit's deprecation notices
-            traced = torch.jit.trace(model, _inputs([TRACE_SIZE])[0], check_trace=False)
+            traced = torch.jit.trace(model, _inputs([TRACE_SIZE], _channels(model))[0], check_trace=False)
             torch.jit.save(traced, str(tmp), _extra_files={"fcnseg.json": json.dumps(describe(model))})
             loaded = torch.jit.load(str(tmp))
         diffs = _compare(str(path), lambda x: loaded(x).detach(), model, check_sizes, tolerance)

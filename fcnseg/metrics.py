@@ -60,11 +60,17 @@ class ConfusionMatrix:
         class_names: Sequence[str] | None = None,
         *,
         device: torch.device | str | None = None,
+        exclude: Sequence[int] = (),
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = num_classes
         self.class_names = self._check_names(class_names)
+        # Classes left out of mean accuracy and mean IU (SIFT Flow's test set lacks three classes; the paper
+        # excludes them). Pixel accuracy and f.w. IU count every pixel as before.
+        self.exclude = tuple(sorted({int(c) for c in exclude}))
+        if any(not 0 <= c < num_classes for c in self.exclude):
+            raise ValueError(f"exclude: class indices must be in 0..{num_classes - 1}, got {list(exclude)}")
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
         # Without an explicit device the matrix follows the data of the first update, so that
         # counting CUDA batches needs no host transfer of the (large) label maps.
@@ -157,7 +163,7 @@ class ConfusionMatrix:
 
     def copy(self) -> ConfusionMatrix:
         """An independent copy (same device, names and counts)."""
-        new = ConfusionMatrix(self.num_classes, self.class_names, device=self.mat.device)
+        new = ConfusionMatrix(self.num_classes, self.class_names, device=self.mat.device, exclude=self.exclude)
         new.mat.copy_(self.mat)
         new._placed = self._placed
         return new
@@ -186,10 +192,12 @@ class ConfusionMatrix:
             fw_iu = float((gt[present] * iu[present]).sum() / total)
         else:
             pixel_acc = fw_iu = math.nan
+        keep = np.ones(len(tp), dtype=bool)
+        keep[list(self.exclude)] = False
         return {
             "pixel_acc": pixel_acc,
-            "mean_acc": _nanmean(acc),
-            "mean_iu": _nanmean(iu),
+            "mean_acc": _nanmean(acc[keep]),
+            "mean_iu": _nanmean(iu[keep]),
             "fw_iu": fw_iu,
             "per_class_iu": [float(v) for v in iu],
             "per_class_acc": [float(v) for v in acc],
@@ -209,9 +217,13 @@ class ConfusionMatrix:
         width = max(5, *(len(s) for s in names))
         lines = [f"{'class':<{width}}  {'IU %':>7}  {'acc %':>7}  {'pixels':>12}"]
         lines.append("-" * len(lines[0]))
-        for name, iu, acc, pix in zip(names, r["per_class_iu"], r["per_class_acc"], r["pixels"], strict=True):
-            lines.append(f"{name:<{width}}  {pct(iu):>7}  {pct(acc):>7}  {pix:>12d}")
+        rows = zip(names, r["per_class_iu"], r["per_class_acc"], r["pixels"], strict=True)
+        for i, (name, iu, acc, pix) in enumerate(rows):
+            mark = "  (excluded)" if i in self.exclude else ""
+            lines.append(f"{name:<{width}}  {pct(iu):>7}  {pct(acc):>7}  {pix:>12d}{mark}")
         lines.append("-" * len(lines[0]))
+        if self.exclude:
+            lines.append(f"means over {self.num_classes - len(self.exclude)} classes: {len(self.exclude)} excluded")
         lines.append(
             f"pixel acc {pct(r['pixel_acc'])}  mean acc {pct(r['mean_acc'])}  "
             f"mean IU {pct(r['mean_iu'])}  f.w. IU {pct(r['fw_iu'])}"

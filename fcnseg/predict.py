@@ -10,7 +10,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import FcnsegError
 from .imageio import as_rgb_array
+
+
+def model_input(model: nn.Module, image: Any) -> torch.Tensor:
+    """``image`` normalised for ``model``: a colour image (path, PIL image, array), or for a model of more input
+    channels (colour plus depth or HHA) an H x W x C uint8 array in the model's channel order."""
+    pp = model.preprocessing
+    if pp.channels == 3:
+        return pp(as_rgb_array(image))
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == pp.channels):
+        got = f"shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise FcnsegError(
+            f"this model takes {pp.channels} input channels (colour first, then depth or HHA): expected an "
+            f"H x W x {pp.channels} uint8 array, got {got}"
+        )
+    if image.dtype != np.uint8:
+        raise FcnsegError(f"expected a uint8 array of 0-255 values for the {pp.channels} channels, got {image.dtype}")
+    return pp(image)
 
 
 @contextlib.contextmanager
@@ -51,7 +69,7 @@ def predict_logits(
     ``runner``: an execution path from :func:`fcnseg.runtime.make_runner` (default: eager fp32). ``tile`` /
     ``overlap``: run overlapping ``tile`` x ``tile`` windows and blend them (large images).
     """
-    x = model.preprocessing(as_rgb_array(image))
+    x = model_input(model, image)
     run = runner or default_runner(model)
     if tile:
         from .tiling import tiled_logits
@@ -78,7 +96,7 @@ def predict_mask(
     if tile:
         from .tiling import tiled_mask
 
-        x = model.preprocessing(as_rgb_array(image))
+        x = model_input(model, image)
         run = runner or default_runner(model)
         return tiled_mask(run, x, model.num_classes, tile=tile, overlap=overlap, align=model.stride)
     labels = predict_logits(model, image, runner=runner).argmax(0).cpu().numpy()

@@ -18,21 +18,44 @@ import torch
 class Preprocessing:
     """Per-channel normalisation: ``(pixel / 255 * value_range - mean) / std`` in ``channel_order``.
 
-    ``mean`` and ``std`` are given in the model's channel order and on the ``value_range`` scale.
+    ``mean`` and ``std`` are given in the model's channel order and on the ``value_range`` scale, one value per
+    input channel. The first three channels are colour; ``channel_order="BGR"`` reverses those three only, so
+    channels after them (depth, HHA, as in the release's NYUDv2 readers) keep their order.
     """
 
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     channel_order: Literal["RGB", "BGR"] = "RGB"
     value_range: float = 1.0
 
     def __post_init__(self) -> None:
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("mean and std must have 3 values each")
+        if len(self.mean) != len(self.std) or len(self.mean) < 3:
+            raise ValueError(f"mean and std must have one value per channel (3 or more), got {self.mean}, {self.std}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @property
+    def channels(self) -> int:
+        """Input channels: 3 for colour images, more for colour plus depth or HHA."""
+        return len(self.mean)
+
+    def colour(self) -> Preprocessing:
+        """The first three (colour) channels only."""
+        return Preprocessing(self.mean[:3], self.std[:3], self.channel_order, self.value_range)
+
+    def with_extra_channels(self, means: tuple[float, ...] | list[float]) -> Preprocessing:
+        """This colour normalisation followed by channels whose means are ``means`` (on the 0-255 scale).
+
+        The extra channels are scaled as the colour is: divided by the colour channels' average std, which is 1
+        (none) for Caffe-style input and about 0.226 for ImageNet-style input, so that every channel of a fused
+        input reaches the first layer on one scale.
+        """
+        c = self.colour()
+        scale = sum(c.std) / 3
+        extra = tuple(m * self.value_range / 255.0 for m in means)
+        return Preprocessing(c.mean + extra, c.std + (scale,) * len(extra), c.channel_order, c.value_range)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,18 +70,22 @@ class Preprocessing:
         )
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Normalise uint8 RGB pixels: H x W x 3 array or N x 3 x H x W / 3 x H x W tensor -> float32."""
+        """Normalise uint8 pixels: H x W x C array or N x C x H x W / C x H x W tensor -> float32 (C = channels)."""
+        c = self.channels
         if isinstance(images, np.ndarray):
-            if images.ndim != 3 or images.shape[2] != 3:
-                raise ValueError(f"expected an H x W x 3 RGB array, got shape {images.shape}")
+            if images.ndim != 3 or images.shape[2] != c:
+                what = "RGB" if c == 3 else f"{c}-channel (RGB first)"
+                raise ValueError(f"expected an H x W x {c} {what} array, got shape {images.shape}")
             if not images.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
                 images = images.copy()
             images = torch.from_numpy(np.ascontiguousarray(images)).permute(2, 0, 1)
+        if images.ndim < 3 or images.shape[-3] != c:
+            raise ValueError(f"expected {c} channels (dimension -3), got shape {tuple(images.shape)}")
         x = images.to(torch.float32)
         if self.channel_order == "BGR":
-            x = x.flip(-3)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+            x = torch.cat([x[..., :3, :, :].flip(-3), x[..., 3:, :, :]], dim=-3) if c > 3 else x.flip(-3)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(c, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(c, 1, 1)
         return (x * (self.value_range / 255.0) - mean) / std
 
 

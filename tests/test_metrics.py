@@ -88,6 +88,23 @@ def test_hand_case_absent_and_never_predicted_classes() -> None:
     assert_close(r["fw_iu"], (3 * (2 / 4) + 2 * (1 / 4) + 2 * 0) / 7)
 
 
+def test_excluded_classes_leave_the_means_only() -> None:
+    # The same hand case with class 3 excluded (as SIFT Flow's test set excludes the classes it lacks): its IU of 0
+    # (predicted, never present) leaves the mean IU; pixel acc and f.w. IU count every pixel as before.
+    target = torch.tensor([0, 0, 0, 1, 1, 2, 2, 255])
+    pred = torch.tensor([0, 0, 3, 1, 0, 1, 1, 4])
+    cm = ConfusionMatrix(5, exclude=[3]).update(pred, target)
+    r = cm.compute()
+    assert_close(r["mean_iu"], (2 / 4 + 1 / 4 + 0) / 3)
+    assert_close(r["mean_acc"], (2 / 3 + 1 / 2 + 0) / 3)
+    assert_close(r["pixel_acc"], 3 / 7)
+    assert_close(r["fw_iu"], (3 * (2 / 4) + 2 * (1 / 4) + 2 * 0) / 7)
+    assert_list_close(r["per_class_iu"], [2 / 4, 1 / 4, 0.0, 0.0, math.nan])  # still reported per class
+    assert cm.copy().exclude == (3,) and "(excluded)" in cm.table()
+    with pytest.raises(ValueError, match="exclude"):
+        ConfusionMatrix(5, exclude=[5])
+
+
 def test_hand_case_batched_uint8_labels_do_not_overflow() -> None:
     # uint8 maps with 255 void: n * target must be computed in int64 (21 * 255 wraps in uint8).
     target = torch.tensor([[[20, 255], [3, 20]], [[255, 0], [3, 3]]], dtype=torch.uint8)

@@ -231,9 +231,9 @@ class NYUDSegmentation(SegmentationDataset):
     Masks are ``segmentation`` minus 1: classes 0..39, void 255. Splits (ids 5001..6449): train 381, val 414,
     test 654, trainval 795. The paper's test results (pixel acc / mean acc / mean IU / f.w. IU): FCN-32s RGB
     60.0/42.2/29.2/43.9, RGBD early fusion 61.5/42.4/30.5/45.5, HHA 57.1/35.2/24.2/40.4, RGB-HHA late fusion
-    64.3/44.9/32.8/48.0, FCN-16s RGB-HHA 65.4/46.1/34.0/49.5. Only 3-channel images suit the 3-channel
-    ``Normalize`` of :mod:`fcnseg.data.transforms`; the others need a model that normalises its own channels
-    (see :data:`NYUD_MEAN_BGR`, :data:`NYUD_MEAN_HHA`, :data:`NYUD_MEAN_LOG_DEPTH`).
+    64.3/44.9/32.8/48.0, FCN-16s RGB-HHA 65.4/46.1/34.0/49.5. ``rgbd`` trains any model built with
+    ``in_channels=4`` (early fusion), ``rgb-hha`` the late-fusion ``fcn32s_rgb_hha`` / ``fcn16s_rgb_hha``; their
+    extra channels are normalised with :attr:`extra_channel_means`.
     """
 
     def __init__(
@@ -269,6 +269,16 @@ class NYUDSegmentation(SegmentationDataset):
     def channels(self) -> int:
         """Channels of the images this dataset returns."""
         return NYUD_MODALITIES[self.modality]
+
+    @property
+    def extra_channel_means(self) -> tuple[float, ...]:
+        """Means (0-255 scale) of the channels after colour, from the release's readers: the encoded depth of
+        FCN's mean log depth (about 2.55 m: 65.0), or the HHA mean. Training normalises those channels with them."""
+        if self.modality == "rgbd":
+            return (float(np.exp(NYUD_MEAN_LOG_DEPTH)) * 255 / DEPTH_MAX_MM,)
+        if self.modality == "rgb-hha":
+            return NYUD_MEAN_HHA
+        return ()
 
     def image_path(self, index: int) -> Path:
         folder = "hha" if self.modality == "hha" else "images"

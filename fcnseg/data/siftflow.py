@@ -158,6 +158,21 @@ class SIFTFlowSegmentation(SegmentationDataset):
         self.geo_palette = palette_for(SIFTFLOW_GEO_CLASSES, len(SIFTFLOW_GEO_CLASSES))
 
     @property
+    def head_classes(self) -> dict[str, tuple[str, ...]]:
+        """Class names per label set this dataset returns: both sets with ``target="both"``, else one."""
+        if self.target == "both":
+            return {"semantic": SIFTFLOW_CLASSES, "geometric": SIFTFLOW_GEO_CLASSES}
+        return {self._mask_kind: self.classes}
+
+    @property
+    def excluded_classes(self) -> dict[str, tuple[str, ...]]:
+        """Classes left out of the mean accuracy and mean IU, per label set: on the test split the semantic
+        classes that never occur there (cow, desert, moon), as the paper does; nothing elsewhere."""
+        if self.split != "test" or self.target == "geometric":
+            return {}
+        return {"semantic": SIFTFLOW_ABSENT_IN_TEST}
+
+    @property
     def _mask_kind(self) -> str:
         return "geometric" if self.target == "geometric" else "semantic"
 

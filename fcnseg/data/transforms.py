@@ -136,6 +136,9 @@ def pad_collate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(image C x H x W, mask H x W)`` pairs of different sizes into ``(N x C x Hmax x Wmax, N x Hmax x Wmax)``.
 
+    Masks may also be K x H x W, one label map per head of a multi-headed model (SIFT Flow's semantic and
+    geometric labels); the batch's masks are then N x K x Hmax x Wmax.
+
     Padding goes at the bottom and right so every image keeps its top-left origin, which is where the FCN's
     crop offsets are anchored: each image's scores stay on its own pixel grid (near the bottom/right edge the
     receptive fields see the padding instead of the network's own zero padding, a small border effect). Images are
@@ -144,19 +147,26 @@ def pad_collate(
     if len(batch) == 0:
         raise ValueError("pad_collate got an empty batch")
     channels = batch[0][0].shape[0]
+    lead = tuple(batch[0][1].shape[:-2])  # () for one label map, (K,) for K heads
     for i, (image, mask) in enumerate(batch):
-        if image.ndim != 3 or image.shape[0] != channels or mask.ndim != 2 or image.shape[-2:] != mask.shape:
+        if (
+            image.ndim != 3
+            or image.shape[0] != channels
+            or mask.ndim not in (2, 3)
+            or tuple(mask.shape[:-2]) != lead
+            or image.shape[-2:] != mask.shape[-2:]
+        ):
             raise ValueError(
-                f"batch item {i}: expected image C x H x W (same C for all) and mask H x W of the same size, "
-                f"got {tuple(image.shape)} and {tuple(mask.shape)}"
+                f"batch item {i}: expected image C x H x W and mask H x W (or K x H x W) of the same size, with the "
+                f"same C and K for all, got {tuple(image.shape)} and {tuple(mask.shape)}"
             )
     height = max(image.shape[-2] for image, _ in batch)
     width = max(image.shape[-1] for image, _ in batch)
     images = torch.zeros((len(batch), channels, height, width), dtype=batch[0][0].dtype)
-    masks = torch.full((len(batch), height, width), IGNORE_INDEX, dtype=torch.int64)
+    masks = torch.full((len(batch), *lead, height, width), IGNORE_INDEX, dtype=torch.int64)
     for i, (image, mask) in enumerate(batch):
-        h, w = mask.shape
+        h, w = mask.shape[-2:]
         # as_subclass: plain tensors out, whatever tv_tensor type came in.
         images[i, :, :h, :w] = image.as_subclass(torch.Tensor)
-        masks[i, :h, :w] = mask.as_subclass(torch.Tensor)
+        masks[i, ..., :h, :w] = mask.as_subclass(torch.Tensor)
     return images, masks

@@ -94,9 +94,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     state = train(config_from_args(args))
     if state.history:
         last = state.history[-1]
+        # A two-headed model's other heads: their pixel accuracy (the paper reports SIFT Flow's geometric one).
+        others = "".join(
+            f", {k.split('/')[0]} pixel acc {100 * v:.2f}" for k, v in last.items() if k.endswith("/pixel_acc")
+        )
         print(
             f"iteration {state.iteration}: mean IU {100 * last['mean_iu']:.2f}, pixel acc {100 * last['pixel_acc']:.2f}"
-            f" (best mean IU {100 * state.best_miou:.2f}); checkpoints in {args.out or TrainConfig.out}"
+            f"{others} (best mean IU {100 * state.best_miou:.2f}); checkpoints in {args.out or TrainConfig.out}"
         )
     return 0
 
@@ -132,6 +136,57 @@ def _eval_runner(runtime: str, model, ds):
     return make_runner(model, runtime, calibration=calibration)
 
 
+def _check_fits(args: argparse.Namespace, model, ds) -> None:
+    from .train import head_classes
+
+    heads = head_classes(ds)
+    model_heads = getattr(model, "heads", {"out": model.num_classes})
+    if len(model_heads) != len(heads) or list(model_heads.values())[0] != len(next(iter(heads.values()))):
+        raise FcnsegError(
+            f"{args.checkpoint}: model predicts {_describe(model_heads)} but --dataset {args.dataset} gives "
+            f"{_describe({k: len(v) for k, v in heads.items()})}"
+        )
+    channels = getattr(ds, "channels", 3)
+    if model.in_channels != channels:
+        raise FcnsegError(
+            f"{args.checkpoint}: model takes {model.in_channels} input channels but --dataset {args.dataset} gives "
+            f"{channels}; expected the --data-option modality it was trained on"
+        )
+
+
+def _describe(heads: dict[str, int]) -> str:
+    if len(heads) == 1:
+        return f"{next(iter(heads.values()))} classes"
+    return " and ".join(f"{n} {k} classes" for k, n in heads.items())
+
+
+def _evaluate_all(args: argparse.Namespace, model, ds, loader, runner, device) -> dict:
+    """``{report subfolder: (confusion matrix, class names)}``: one for most models, one per head otherwise."""
+    from .evaluate import evaluate, evaluate_heads
+    from .train import excluded_indices, head_classes
+
+    heads = head_classes(ds)
+    exclude = excluded_indices(ds)
+    if len(heads) > 1:
+        if args.flip or tuple(args.scales) != (1.0,):
+            raise FcnsegError("--flip / --scales: test-time augmentation is for one-headed models")
+        cms = evaluate_heads(model, loader, heads, device=device, exclude=exclude, runner=runner)
+        return {name: (cm, list(heads[name])) for name, cm in cms.items()}
+    names = list(ds.classes)
+    cm = evaluate(
+        model,
+        loader,
+        ds.num_classes,
+        device=device,
+        flip=args.flip,
+        scales=args.scales,
+        class_names=names,
+        runner=runner,
+        exclude=exclude.get(next(iter(heads)), ()),
+    )
+    return {"": (cm, names)}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -141,7 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data.loader import make_loader
     from ..data.transforms import eval_transforms
     from .distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
-    from .evaluate import evaluate, write_report
+    from .evaluate import write_report
     from .train import pick_device
 
     check_data_options(dict(args.data_option))
@@ -156,28 +211,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
             transforms=eval_transforms(model.preprocessing),
             **{**dict(args.data_option), **({"download": True} if args.download else {})},
         )
-        if ds.num_classes != model.num_classes:
-            raise FcnsegError(
-                f"{args.checkpoint}: model has {model.num_classes} classes but --dataset {args.dataset} has "
-                f"{ds.num_classes}"
-            )
+        _check_fits(args, model, ds)
         loader = make_loader(ds, batch_size=1, sampler=ShardSampler(len(ds), info), num_workers=args.num_workers)
         runner = _eval_runner(args.runtime, model, ds)
         with torch.inference_mode():
-            cm = evaluate(
-                model,
-                loader,
-                ds.num_classes,
-                device=device,
-                flip=args.flip,
-                scales=args.scales,
-                class_names=list(ds.classes),
-                runner=runner,
-            )
+            reports = _evaluate_all(args, model, ds, loader, runner, device)
         if info.is_main:
-            write_report(cm, list(ds.classes), args.out)
-            print(cm.table(list(ds.classes)))
-            print(f"wrote metrics.json, confusion.csv, confusion.png and per_class.png to {args.out}")
+            for sub, (cm, names) in reports.items():
+                write_report(cm, names, Path(args.out) / sub)
+                if sub:
+                    print(f"{sub}:")
+                print(cm.table(names))
+            print(f"wrote metrics.json, confusion.csv, confusion.png and per_class.png to {args.out}"
+                  + (f" ({', '.join(f'{k}/' for k in reports)})" if len(reports) > 1 else ""))  # fmt: skip
     finally:
         cleanup_distributed()
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +67,18 @@ def evaluate(
     boundary_width: int | None = None,
     class_names: Sequence[str] | None = None,
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    exclude: Sequence[int] = (),
 ) -> ConfusionMatrix | tuple[ConfusionMatrix, ConfusionMatrix]:
     """Accumulate one confusion matrix over ``loader`` (summed across ranks under DDP).
 
     With ``boundary_width`` also returns the matrix restricted to pixels within that distance of a class edge.
     ``runner``: an execution path (:func:`fcnseg.runtime.make_runner`) used instead of calling ``model``.
+    ``exclude``: class indices left out of the mean accuracy and mean IU (classes a test set lacks).
     """
     was_training = model.training
     model.eval()
-    cm = ConfusionMatrix(num_classes, class_names)
-    band_cm = ConfusionMatrix(num_classes, class_names) if boundary_width is not None else None
+    cm = ConfusionMatrix(num_classes, class_names, exclude=exclude)
+    band_cm = ConfusionMatrix(num_classes, class_names, exclude=exclude) if boundary_width is not None else None
     try:
         for images, masks in loader:
             images, masks = images.to(device), masks.to(device)
@@ -94,6 +96,43 @@ def evaluate(
     return cm
 
 
+@torch.no_grad()
+def evaluate_heads(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    head_classes: Mapping[str, Sequence[str]],
+    *,
+    device: torch.device | str = "cpu",
+    exclude: Mapping[str, Sequence[int]] | None = None,
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, ConfusionMatrix]:
+    """One confusion matrix per head of a multi-headed model (SIFT Flow: semantic and geometric), in one pass.
+
+    ``loader`` yields masks N x K x H x W whose k-th map labels the k-th head; ``head_classes`` names each head's
+    classes in the model's head order; ``exclude`` maps a head to class indices left out of its means.
+    """
+    from ..models.multi import split_heads
+
+    if len(getattr(model, "heads", {})) != len(head_classes):
+        raise ValueError(f"the model has heads {list(getattr(model, 'heads', {}))}, the data {list(head_classes)}")
+    cms = {
+        name: ConfusionMatrix(len(names), list(names), exclude=(exclude or {}).get(name, ()))
+        for name, names in head_classes.items()
+    }
+    was_training = model.training
+    model.eval()
+    try:
+        for images, masks in loader:
+            logits = (runner or model)(images.to(device))
+            for k, (cm, scores) in enumerate(zip(cms.values(), split_heads(model, logits).values(), strict=True)):
+                cm.update(scores.argmax(1).to(masks.device), masks[:, k])
+    finally:
+        model.train(was_training)
+    for cm in cms.values():
+        cm.all_reduce()
+    return cms
+
+
 def _clean(v: float) -> float | None:
     return None if math.isnan(v) else v
 
@@ -101,7 +140,9 @@ def _clean(v: float) -> float | None:
 def metrics_dict(cm: ConfusionMatrix, class_names: Sequence[str]) -> dict[str, Any]:
     """The ``metrics.json`` document: the four figures (fractions) and a per-class table."""
     r = cm.compute()
+    excluded = {"excluded_from_means": [class_names[i] for i in cm.exclude]} if cm.exclude else {}
     return {
+        **excluded,
         "pixel_acc": _clean(r["pixel_acc"]),
         "mean_acc": _clean(r["mean_acc"]),
         "mean_iu": _clean(r["mean_iu"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import math
 import os
 import random
@@ -33,6 +34,8 @@ from ..data.loader import make_loader
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import CheckpointError, FcnsegError
 from ..models import get_model
+from ..models.backbones import widen_input_weight
+from ..models.multi import split_heads
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
 from .distributed import (
@@ -45,7 +48,7 @@ from .distributed import (
     init_distributed,
     world_size,
 )
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_heads
 
 
 class TrainingDiverged(FcnsegError):
@@ -72,10 +75,11 @@ def pick_device(name: str) -> torch.device:
         raise FcnsegError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    return get_model(
+def build_model(cfg: TrainConfig, ds: SegmentationDataset) -> nn.Module:
+    """The model ``cfg`` names, fitted to the data: its classes, its input channels (NYUDv2 RGBD widens the
+    first layer: early fusion) and, for a two-headed model, both label sets."""
+    model = get_model(
         cfg.model,
-        num_classes=num_classes,
         alignment=cfg.alignment,
         width=cfg.width,
         fc_dim=cfg.fc_dim,
@@ -83,7 +87,56 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         dropout=cfg.dropout,
         learnable_upsampling=cfg.learnable_upsampling,
         backbone_weights=cfg.backbone_weights,
+        **_data_options(cfg, ds),
     )
+    model.classes = list(ds.classes)
+    if hasattr(model, "head_classes"):
+        model.head_classes = {k: list(v) for k, v in head_classes(ds).items()}
+    fit_input(model, ds)
+    return model
+
+
+def _data_options(cfg: TrainConfig, ds: SegmentationDataset) -> dict[str, Any]:
+    """The builder options the data decides (classes, heads, input channels), checked against the model."""
+    from ..models.registry import get_builder
+
+    accepted = inspect.signature(get_builder(cfg.model)).parameters
+    heads = head_classes(ds)
+    options: dict[str, Any] = {"num_classes": len(next(iter(heads.values())))}
+    if len(heads) > 1 and "second_classes" not in accepted:
+        raise FcnsegError(
+            f"--model {cfg.model}: --dataset {cfg.dataset} gives {len(heads)} label sets ({', '.join(heads)}); "
+            "expected a two-headed model (fcn16s_twohead) or one label set (e.g. --data-option target=semantic)"
+        )
+    if len(heads) == 1 and "second_classes" in accepted:
+        raise FcnsegError(
+            f"--model {cfg.model} is two-headed: expected a dataset with two label sets "
+            "(SIFT Flow: --data-option target=both)"
+        )
+    if len(heads) > 1:
+        options.update(second_classes=len(list(heads.values())[1]), head_names=tuple(heads))
+    channels = getattr(ds, "channels", 3)
+    fixed = accepted["in_channels"].default  # 3: any one-stream model, whose first layer widens (early fusion)
+    if fixed not in (3, channels):
+        raise FcnsegError(
+            f"--model {cfg.model} takes {fixed} input channels but --dataset {cfg.dataset} gives {channels}; "
+            "pick a model or a --data-option modality that match"
+        )
+    if channels != fixed:
+        options["in_channels"] = channels
+    return options
+
+
+def head_classes(ds: SegmentationDataset) -> dict[str, tuple[str, ...]]:
+    """Class names per label set of ``ds``: ``{"out": classes}`` for one, SIFT Flow's two with target=both."""
+    return dict(getattr(ds, "head_classes", None) or {"out": tuple(ds.classes)})
+
+
+def fit_input(model: nn.Module, ds: SegmentationDataset) -> None:
+    """Normalise channels beyond colour (depth, HHA) with the dataset's means, scaled like the colour channels."""
+    means = tuple(getattr(ds, "extra_channel_means", ()))
+    if means and len(means) == model.preprocessing.channels - 3:
+        model.preprocessing = model.preprocessing.colour().with_extra_channels(means)
 
 
 def staged_init(model: nn.Module, path: str | Path) -> list[str]:
@@ -97,14 +150,27 @@ def staged_init(model: nn.Module, path: str | Path) -> list[str]:
         ckpt = weights_checkpoint(str(path))
     else:
         ckpt = read_checkpoint(path)
-    src = ckpt["state_dict"]
-    model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
+    src = dict(ckpt["state_dict"])
+    source_pp = Preprocessing.from_dict(ckpt["preprocessing"])
     own = model.state_dict()
+    for k, v in src.items():
+        # A colour net's first layer starts an early-fusion net (the paper's RGBD from its RGB FCN-32s).
+        if k in own and v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] > 3 and v.shape[2:] == own[k].shape[2:]:
+            src[k] = widen_input_weight(v, own[k].shape[1])
+    model.preprocessing = _adopt_input(source_pp, model.preprocessing.channels)
     shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
     if not any(k.startswith("backbone.") for k in shared):
         raise FcnsegError(f"--init-from {path}: shares no backbone layer with {model.build_config['name']}")
     model.load_state_dict(shared, strict=False)
     return sorted(set(own) - set(shared))
+
+
+def _adopt_input(source: Preprocessing, channels: int) -> Preprocessing:
+    """The source's input for a model of ``channels`` channels; extra channels it lacks are normalised like grey."""
+    if source.channels == channels:
+        return source
+    grey = sum(source.mean[:3]) / 3 * 255.0 / source.value_range
+    return source.colour().with_extra_channels((grey,) * (channels - 3))
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -184,6 +250,17 @@ def batches(ds: SegmentationDataset, cfg: TrainConfig, info: DistInfo, state: Tr
         yield images, masks
 
 
+def summed_loss(model: nn.Module, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the valid pixels. A two-headed net (masks N x K x H x W) is trained with the sum
+    of its heads' losses, the paper's SIFT Flow recipe: both label sets shape the one trunk."""
+    if masks.dim() == 3:
+        return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    heads = split_heads(model, logits).values()
+    return sum(
+        F.cross_entropy(s.float(), masks[:, k], ignore_index=IGNORE_INDEX, reduction="sum") for k, s in enumerate(heads)
+    )
+
+
 def train_step(model, micro_batches, optimizer, scaler, cfg: TrainConfig, device, autocast) -> float:
     """One optimiser step over ``accum_steps`` micro-batches; returns the loss summed over this step's pixels
     (``sum``) or averaged over them (``mean``), as reported."""
@@ -197,7 +274,7 @@ def train_step(model, micro_batches, optimizer, scaler, cfg: TrainConfig, device
     for images, masks in micro_batches:
         with autocast():
             logits = model(images.to(device, non_blocking=True))
-        loss = F.cross_entropy(logits.float(), masks.to(device), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = summed_loss(_unwrap(model), logits, masks.to(device))
         scaler.scale(loss * scale).backward()
         total += loss.detach()
     total = all_reduce_sum(total) / (1.0 if cfg.loss == "sum" else max(valid, 1.0))
@@ -217,8 +294,31 @@ def validate(model, val_ds, cfg: TrainConfig, info: DistInfo, device) -> dict[st
             f"--val-images: {len(ds)} validation image(s) cannot be shared among {info.world_size} processes"
         )
     loader = make_loader(ds, batch_size=1, sampler=ShardSampler(len(ds), info), num_workers=0, seed=cfg.seed)
-    cm = evaluate(model, loader, val_ds.num_classes, device=device)
+    heads = head_classes(val_ds)
+    exclude = excluded_indices(val_ds)
+    if len(heads) == 1:
+        cm = evaluate(model, loader, val_ds.num_classes, device=device, exclude=exclude.get(next(iter(heads)), ()))
+        return _figures(cm)
+    # Two heads: the first head's figures pick the best checkpoint; the others are logged as head/figure.
+    cms = list(evaluate_heads(_unwrap(model), loader, heads, device=device, exclude=exclude).items())
+    out = _figures(cms[0][1])
+    for name, cm in cms[1:]:
+        out.update({f"{name}/{k}": v for k, v in _figures(cm).items()})
+    return out
+
+
+def _figures(cm) -> dict[str, float]:
     return {k: v for k, v in cm.compute().items() if not isinstance(v, list)}
+
+
+def excluded_indices(ds: SegmentationDataset) -> dict[str, list[int]]:
+    """Per label set, the indices of the classes the dataset leaves out of the means (SIFT Flow's test set)."""
+    heads = head_classes(ds)
+    out = {}
+    for name, excluded in (getattr(ds, "excluded_classes", None) or {}).items():
+        key = name if name in heads else next(iter(heads))
+        out[key] = [heads[key].index(c) for c in excluded]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ checkpoints & logs
@@ -394,10 +494,10 @@ def train(cfg: TrainConfig) -> TrainState:
 def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo):
     seed_everything(cfg.seed + info.rank, cfg.deterministic)
     train_ds, val_ds = build_data(cfg)
-    model = build_model(cfg, train_ds.num_classes)
-    model.classes = list(train_ds.classes)
+    model = build_model(cfg, train_ds)
     if cfg.init_from and not cfg.resume:
         staged_init(model, cfg.init_from)
+        fit_input(model, train_ds)
     attach_transforms(cfg, model, train_ds, val_ds)
     model.to(device)
     if info.enabled:
@@ -501,9 +601,11 @@ def _val_picture(model: nn.Module, val_ds: SegmentationDataset) -> np.ndarray:
     from ..predict import predict_mask
 
     image, mask = val_ds.load_pair(0)  # decoded once; predict_mask normalises as the model expects
-    pred = predict_mask(model, image)
+    pred = model.predict(image) if len(getattr(model, "heads", {})) > 1 else predict_mask(model, image)
+    if isinstance(pred, dict):  # a two-headed model: the first head's labels, which load_pair returns
+        pred = next(iter(pred.values()))
     colours = np.asarray(val_ds.palette, np.uint8)
-    return np.concatenate([image, colorize(mask, colours), colorize(pred, colours)], axis=1)
+    return np.concatenate([image[:, :, :3], colorize(mask, colours), colorize(pred, colours)], axis=1)
 
 
 def _diverged_message(loss: float, state: TrainState, run: Path) -> str:

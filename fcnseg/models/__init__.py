@@ -22,11 +22,14 @@ from .fcn import (
     fcn32s_alexnet,
     fcn32s_googlenet,
 )
+from .multi import LateFusionFCN, TwoHeadFCN, fcn16s_rgb_hha, fcn16s_twohead, fcn32s_rgb_hha, split_heads
 from .registry import get_model, list_models, register_model
 from .upsampling import BilinearUpsample, bilinear_kernel
 
 __all__ = [
     "FCN",
+    "LateFusionFCN",
+    "TwoHeadFCN",
     "AlexNetBackbone",
     "BilinearUpsample",
     "GoogLeNetBackbone",
@@ -43,11 +46,15 @@ __all__ = [
     "fcn8s_resnet50",
     "fcn8s_resnet101",
     "fcn16s",
+    "fcn16s_rgb_hha",
+    "fcn16s_twohead",
     "fcn32s",
+    "fcn32s_rgb_hha",
     "fcn32s_alexnet",
     "fcn32s_googlenet",
     "get_model",
     "list_models",
     "load_torchvision_weights",
     "register_model",
+    "split_heads",
 ]

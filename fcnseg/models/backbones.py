@@ -39,6 +39,35 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+def first_conv(module: nn.Module) -> nn.Conv2d:
+    """The convolution that sees the input: the first one a backbone registers."""
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
+def widen_input_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A first-layer weight (out x 3 x k x k, colour) for ``in_channels`` >= 3 inputs: the colour filters are kept
+    as they are and each extra channel (depth, HHA) starts with the mean of the three colour filters.
+
+    Early fusion (the paper's RGBD net) starts from a net trained on colour: with its colour filters untouched the
+    widened net computes exactly what the colour net did wherever the extra channels are at their mean (0 after
+    normalisation), and the extra channels start out seen as a grey colour pixel would be. A pure function.
+    """
+    if weight.dim() != 4 or weight.shape[1] != 3 or in_channels < 3:
+        raise FcnsegError(f"cannot widen a first layer of shape {tuple(weight.shape)} to {in_channels} input channels")
+    extra = weight.mean(dim=1, keepdim=True).expand(-1, in_channels - 3, -1, -1)
+    return torch.cat([weight, extra], dim=1).contiguous()
+
+
+def widen_first_conv(backbone: nn.Module, in_channels: int) -> None:
+    """Give ``backbone``'s first convolution ``in_channels`` inputs (:func:`widen_input_weight`), in place."""
+    conv = first_conv(backbone)
+    if in_channels == conv.in_channels:
+        return
+    with torch.no_grad():
+        conv.weight = nn.Parameter(widen_input_weight(conv.weight.detach(), in_channels))
+    conv.in_channels = in_channels
+
+
 class VGG16Backbone(Backbone):
     """VGG16 (torchvision's configuration "D") with fc6 as a 7x7 and fc7 as a 1x1 convolution.
 

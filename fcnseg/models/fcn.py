@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import FcnsegError
 from ..preprocessing import Preprocessing
-from .backbones import Backbone, VGG16Backbone, check_alignment, load_vgg16_imagenet
+from .backbones import Backbone, VGG16Backbone, check_alignment, first_conv, load_vgg16_imagenet, widen_first_conv
 from .backbones_tv import (
     AlexNetBackbone,
     GoogLeNetBackbone,
@@ -43,22 +43,15 @@ def _score_layer(in_channels: int, num_classes: int) -> nn.Conv2d:
     return conv
 
 
-class FCN(nn.Module):
-    """A backbone, class-score layers on its taps, and bilinear-initialised transposed-convolution upsampling.
+class ScoreHead(nn.Module):
+    """Class-score layers on a backbone's taps and the bilinear-initialised transposed convolutions that bring them
+    to the input's grid: everything of an FCN but its backbone. A two-headed FCN has one per label set."""
 
-    Args:
-        backbone: returns ``{tap: map}`` and knows each tap's coordinate map.
-        num_classes: number of output classes.
-        skips: finer taps to fuse, e.g. ``("pool4", "pool3")`` for FCN-8s; ``()`` for FCN-32s.
-        skip_scales: factor applied to a tap before its score layer (FCN-8s at once: pool4 0.01, pool3 1e-4).
-        learnable_upsampling: train the upsampling kernels (the release keeps them fixed).
-        upsample_kernels: kernel size per upsampler, keyed by the tap it upsamples into or ``"out"`` for the last
-            one (FCN-AlexNet: ``{"out": 63}``); by default the one whose crops are whole pixels, 2 x factor first.
+    def __init__(self, backbone: Backbone, num_classes: int, **options: Any) -> None:
+        super().__init__()
+        self._build_head(backbone, num_classes, **options)
 
-    ``forward`` maps N x 3 x H x W normalised images to N x num_classes x H x W logits for every H, W >= 1.
-    """
-
-    def __init__(
+    def _build_head(
         self,
         backbone: Backbone,
         num_classes: int,
@@ -68,16 +61,10 @@ class FCN(nn.Module):
         learnable_upsampling: bool = False,
         upsample_kernels: Mapping[str, int] | None = None,
     ) -> None:
-        super().__init__()
         if num_classes < 1:
             raise FcnsegError(f"num_classes must be >= 1, got {num_classes}")
-        self.backbone = backbone
         self.num_classes = num_classes
         self.alignment: str = backbone.alignment
-        self.preprocessing: Preprocessing = backbone.preprocessing
-        self.classes: list[str] | None = None
-        self.palette: list[list[int]] | None = None
-
         maps = backbone.coord_maps()
         self.top = backbone.taps[-1]
         unknown = [s for s in skips if s not in backbone.taps[:-1]]
@@ -171,17 +158,8 @@ class FCN(nn.Module):
         ups = {**self.upsample_skip, "out": self.upsample_out}
         return {k: up.kernel_size[0] for k, up in ups.items()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if self.alignment == "aligned":
-            # Pad bottom/right up to a multiple of the stride: the top-left origin, and so the geometry, is kept.
-            # Backbones whose cells sit on block corners need a margin beyond that (``_aligned_margin``).
-            e = self._margin
-            if e:
-                x = F.pad(x, (0, (-(w + e)) % self.stride + e, 0, (-(h + e)) % self.stride + e))
-            else:
-                x = F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride))
-        feats = self.backbone(x)
+    def decode(self, feats: Mapping[str, torch.Tensor], h: int, w: int) -> torch.Tensor:
+        """Scores at the input's ``h`` x ``w`` from the backbone's taps."""
         score = self.score_fr(feats[self.top])  # 1/32
         for name in self.skips:  # pool4 (1/16), then pool3 (1/8)
             score = self.upsample_skip[name](score)  # 2x up
@@ -196,6 +174,56 @@ class FCN(nn.Module):
         out = self.upsample_out(score)  # 1/1
         o = self.out_offset
         return out[:, :, o : o + h, o : o + w]
+
+
+class FCN(ScoreHead):
+    """A backbone, class-score layers on its taps, and bilinear-initialised transposed-convolution upsampling.
+
+    Args:
+        backbone: returns ``{tap: map}`` and knows each tap's coordinate map.
+        num_classes: number of output classes.
+        skips: finer taps to fuse, e.g. ``("pool4", "pool3")`` for FCN-8s; ``()`` for FCN-32s.
+        skip_scales: factor applied to a tap before its score layer (FCN-8s at once: pool4 0.01, pool3 1e-4).
+        learnable_upsampling: train the upsampling kernels (the release keeps them fixed).
+        upsample_kernels: kernel size per upsampler, keyed by the tap it upsamples into or ``"out"`` for the last
+            one (FCN-AlexNet: ``{"out": 63}``); by default the one whose crops are whole pixels, 2 x factor first.
+
+    ``forward`` maps N x C x H x W normalised images (C = :attr:`in_channels`, 3 unless the first layer was
+    widened for extra input channels) to N x num_classes x H x W logits for every H, W >= 1.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, **options: Any) -> None:
+        nn.Module.__init__(self)  # the backbone is registered first, so its layers come first in the state dict
+        self.backbone = backbone
+        self.preprocessing: Preprocessing = backbone.preprocessing
+        self.classes: list[str] | None = None
+        self.palette: list[list[int]] | None = None
+        self._build_head(backbone, num_classes, **options)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input: 3, or more where the first layer takes depth or HHA too (early fusion)."""
+        return first_conv(self.backbone).in_channels
+
+    @property
+    def heads(self) -> dict[str, int]:
+        """Output channels per label set, in the order ``forward`` concatenates them."""
+        return {"out": self.num_classes}
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.alignment != "aligned":
+            return x
+        h, w = x.shape[-2:]
+        # Pad bottom/right up to a multiple of the stride: the top-left origin, and so the geometry, is kept.
+        # Backbones whose cells sit on block corners need a margin beyond that (``_aligned_margin``).
+        e = self._margin
+        if e:
+            return F.pad(x, (0, (-(w + e)) % self.stride + e, 0, (-(h + e)) % self.stride + e))
+        return F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return self.decode(self.backbone(self._pad(x)), h, w)
 
     def predict_proba(self, image: Any, **kwargs: Any) -> np.ndarray:
         """Class probabilities, C x H x W float32, for one image (path, PIL image or H x W x C array).
@@ -227,19 +255,36 @@ def _build(
     dropout: float,
     learnable_upsampling: bool,
     backbone_weights: str | None,
+    in_channels: int = 3,
     skip_scales: Mapping[str, float] | None = None,
 ) -> FCN:
-    _check_common(alignment, width, fc_dim, dropout)
+    _check_common(alignment, width, fc_dim, dropout, in_channels)
     backbone = VGG16Backbone(alignment=alignment, width=width, fc_dim=fc_dim, batch_norm=batch_norm, dropout=dropout)  # type: ignore[arg-type]
     if backbone_weights is not None:
         load_vgg16_imagenet(backbone, backbone_weights)
-    return FCN(
+    model = FCN(
         backbone,
         num_classes,
         skips=skips,
         skip_scales=skip_scales,
         learnable_upsampling=learnable_upsampling,
     )
+    return with_input_channels(model, in_channels)
+
+
+def with_input_channels(model: FCN, in_channels: int) -> FCN:
+    """``model`` taking ``in_channels`` (colour first, then e.g. depth): the first layer widened by
+    :func:`~fcnseg.models.backbones.widen_input_weight` (after any ImageNet weights were loaded) and the
+    preprocessing extended with channels normalised like the average colour channel until a dataset says better
+    (``fcnseg train`` takes NYUDv2's depth and HHA means)."""
+    if in_channels == 3:
+        return model
+    widen_first_conv(model.backbone, in_channels)
+    pp = model.preprocessing
+    grey = sum(pp.mean[:3]) / 3 * 255.0 / pp.value_range
+    model.preprocessing = pp.with_extra_channels((grey,) * (in_channels - 3))
+    model.backbone.preprocessing = model.preprocessing
+    return model
 
 
 @register_model()
@@ -253,10 +298,12 @@ def fcn32s(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """FCN-32s on VGG16: scores at stride 32, one 64/32 upsampling.
 
     ``backbone_weights``: torchvision enum name ("IMAGENET1K_V1") or a VGG16 state-dict file; None = random.
+    ``in_channels``: 3 for colour; 4 for the paper's RGBD early fusion (colour, then depth).
     """
     return _build((), **locals())
 
@@ -272,6 +319,7 @@ def fcn16s(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """FCN-16s on VGG16: stride-32 scores upsampled 2x, plus pool4 scores, upsampled 32/16."""
     return _build(("pool4",), **locals())
@@ -288,6 +336,7 @@ def fcn8s(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """FCN-8s on VGG16 (staged training): FCN-16s plus pool3 scores, upsampled 16/8."""
     return _build(("pool4", "pool3"), **locals())
@@ -304,6 +353,7 @@ def fcn8s_atonce(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """FCN-8s trained in one stage: pool4 scaled by 0.01 and pool3 by 0.0001 before their score layers."""
     return _build(("pool4", "pool3"), skip_scales={"pool4": 0.01, "pool3": 1e-4}, **locals())
@@ -312,13 +362,16 @@ def fcn8s_atonce(
 # ------------------------------------------------------------------------------ other torchvision backbones
 #
 # Every builder takes the VGG16 builders' options, so that one training configuration (``fcnseg train`` passes
-# them all) and the registry-wide tests serve every model. Options a network has no use for are documented as
-# ignored: ``fc_dim`` and ``dropout`` where nothing fully connected is left, ``batch_norm`` where the network
-# has batch norm by construction.
+# them all) and the registry-wide tests serve every model. ``in_channels`` > 3 (every builder) widens the first
+# layer for colour plus depth: the paper's early fusion (:func:`with_input_channels`). Options a network has no
+# use for are documented as ignored: ``fc_dim`` and ``dropout`` where nothing fully connected is left,
+# ``batch_norm`` where the network has batch norm by construction.
 
 
-def _check_common(alignment: str, width: float, fc_dim: int, dropout: float) -> None:
+def _check_common(alignment: str, width: float, fc_dim: int, dropout: float, in_channels: int = 3) -> None:
     check_alignment(alignment)
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 3:
+        raise FcnsegError(f"in_channels must be an integer >= 3 (colour first, then depth or HHA), got {in_channels!r}")
     if not 0 <= dropout < 1:
         raise FcnsegError(f"dropout must be in [0, 1), got {dropout}")
     if width <= 0 or fc_dim < 1:
@@ -332,17 +385,19 @@ def _build_tv(
     num_classes: int,
     learnable_upsampling: bool,
     backbone_weights: str | None,
+    in_channels: int = 3,
     upsample_kernels: Mapping[str, int] | None = None,
 ) -> FCN:
     if backbone_weights is not None:
         load_torchvision_weights(backbone, backbone_weights)
-    return FCN(
+    model = FCN(
         backbone,
         num_classes,
         skips=skips,
         learnable_upsampling=learnable_upsampling,
         upsample_kernels=upsample_kernels,
     )
+    return with_input_channels(model, in_channels)
 
 
 @register_model()
@@ -356,13 +411,14 @@ def fcn32s_alexnet(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """FCN-AlexNet as released: FCN-32s on AlexNet (fc6 a 6 x 6, fc7 a 1 x 1 convolution), one 63/32 upsampling;
     final crop 18 in caffe mode. ``batch_norm`` must be False (AlexNet has no batch-norm variant).
 
     ``backbone_weights``: ``"IMAGENET1K_V1"`` / ``"DEFAULT"`` or a torchvision ``alexnet`` state-dict file.
     """
-    _check_common(alignment, width, fc_dim, dropout)
+    _check_common(alignment, width, fc_dim, dropout, in_channels)
     if batch_norm:
         raise FcnsegError("fcn32s_alexnet has no batch-norm variant; leave batch_norm off")
     backbone = AlexNetBackbone(alignment=alignment, width=width, fc_dim=fc_dim, dropout=dropout)  # type: ignore[arg-type]
@@ -373,6 +429,7 @@ def fcn32s_alexnet(
         num_classes=num_classes,
         learnable_upsampling=learnable_upsampling,
         backbone_weights=backbone_weights,
+        in_channels=in_channels,
         upsample_kernels={"out": 63},
     )
 
@@ -389,15 +446,17 @@ def _tv_model(
     dropout: float,
     learnable_upsampling: bool,
     backbone_weights: str | None,
+    in_channels: int,
 ) -> FCN:
     """A network without fully connected layers and with batch norm: fc_dim, dropout and batch_norm unused."""
-    _check_common(alignment, width, fc_dim, dropout)
+    _check_common(alignment, width, fc_dim, dropout, in_channels)
     return _build_tv(
         make_backbone(alignment, width),
         skips,
         num_classes=num_classes,
         learnable_upsampling=learnable_upsampling,
         backbone_weights=backbone_weights,
+        in_channels=in_channels,
     )
 
 
@@ -416,6 +475,7 @@ def fcn32s_googlenet(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """The paper's FCN-GoogLeNet: FCN-32s on GoogLeNet without its pooling, classifier and auxiliary heads.
 
@@ -436,6 +496,7 @@ def fcn8s_googlenet(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """FCN-8s on GoogLeNet: skips from inception4e (1/16) and inception3b (1/8). Options as ``fcn32s_googlenet``."""
     return _tv_model(_googlenet, ("inception4e", "inception3b"), **locals())
@@ -456,6 +517,7 @@ def fcn8s_resnet50(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """FCN-8s on ResNet-50: scores on layer4 (1/32) with skips from layer3 (1/16) and layer2 (1/8).
 
@@ -476,6 +538,7 @@ def fcn8s_resnet101(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """FCN-8s on ResNet-101: scores on layer4 (1/32) with skips from layer3 (1/16) and layer2 (1/8).
     Options as ``fcn8s_resnet50``."""
@@ -497,6 +560,7 @@ def fcn8s_mobilenet_v3_large(
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
+    in_channels: int = 3,
 ) -> FCN:
     """FCN-8s on MobileNetV3-Large: scores on its last 1 x 1 convolution (1/32), skips from the last 112-channel
     (1/16) and 40-channel (1/8) blocks. ``width`` is torchvision's width multiplier (channels rounded to 8).

@@ -210,6 +210,25 @@ def test_normalize_flips_channels_for_bgr():
     assert imagenet == pytest.approx([(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225], abs=1e-5)
 
 
+def test_normalize_more_channels_flips_colour_only():
+    # RGB-D / RGB-HHA input: BGR reverses the colour channels, the others keep their place (the release's readers).
+    pre = CAFFE.with_extra_channels((65.0, 132.431))
+    assert pre.channels == 5 and pre.std == (1.0,) * 5 and pre.mean[3:] == (65.0, 132.431)
+    pixel = tv_tensors.Image(torch.tensor([255, 10, 0, 100, 200], dtype=torch.uint8).view(5, 1, 1))
+    out = Normalize(pre)(pixel).flatten().tolist()
+    expected = [0 - 104.00699, 10 - 116.66877, 255 - 122.67892, 100 - 65.0, 200 - 132.431]
+    assert out == pytest.approx(expected, abs=1e-4)
+    # ImageNet-style input: the extra channels on [0, 1], divided by the colour channels' mean std.
+    pre = IMAGENET.with_extra_channels((51.0,))
+    assert pre.mean[3] == pytest.approx(0.2) and pre.std[3] == pytest.approx((0.229 + 0.224 + 0.225) / 3)
+    out = pre(np.full((1, 1, 4), 102, np.uint8)).flatten().tolist()
+    assert out[3] == pytest.approx((0.4 - 0.2) / pre.std[3], abs=1e-6) and pre.colour() == IMAGENET
+    with pytest.raises(ValueError, match="H x W x 4"):
+        pre(np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(ValueError, match="one value per channel"):
+        Preprocessing(mean=(0.0,) * 4, std=(1.0,) * 3)
+
+
 def test_normalize_plain_tensor_and_rejects_float():
     image = torch.full((3, 2, 2), 255, dtype=torch.uint8)
     out = Normalize(PLAIN)(image)

@@ -232,7 +232,7 @@ def test_resume_takes_the_new_learning_rate(tmp_path):
     # After a divergence the message says "lower --lr": the resumed run must use it, not the saved one.
     train(_cfg(tmp_path, iters=2, val_every=2, lr=0.01, warmup_iters=0, poly_power=0.0))
     cfg = _cfg(tmp_path, iters=3, val_every=3, lr=0.001, warmup_iters=0, poly_power=0.0, resume=True).resolved()
-    model = train_mod.build_model(cfg, 7)
+    model = train_mod.build_model(cfg, train_mod.build_data(cfg)[0])
     optimizer = train_mod.build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
     _, scaler = train_mod.amp_context(cfg, torch.device("cpu"))

@@ -22,6 +22,7 @@ from fcnseg.models import (
     get_model,
     list_models,
 )
+from fcnseg.models.backbones import Backbone
 from fcnseg.models.geometry import CoordMap, compose, crop_offset, layer_map
 from fcnseg.preprocessing import IMAGENET, Preprocessing
 from tests.conftest import TINY
@@ -94,7 +95,9 @@ def _linearised(name: str, mode: str) -> nn.Module:
 
 
 def _is_vgg16(name: str) -> bool:
-    return isinstance(_meta(name, **TINY).backbone, VGG16Backbone)
+    # Late fusion has a VGG16 per stream (each an fcn32s / fcn16s, whose geometry test_fcn.py checks).
+    backbones = [m for m in _meta(name, **TINY).modules() if isinstance(m, Backbone)]
+    return all(isinstance(b, VGG16Backbone) for b in backbones)
 
 
 @pytest.mark.parametrize("mode", MODES)

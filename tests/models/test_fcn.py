@@ -16,11 +16,16 @@ MODELS = list_models()
 
 def _is_vgg16(name: str) -> bool:
     with torch.device("meta"):  # shapes only: instant
-        return isinstance(get_model(name, **TINY).backbone, VGG16Backbone)
+        return isinstance(getattr(get_model(name, **TINY), "backbone", None), VGG16Backbone)
+
+
+def _out_channels(model: torch.nn.Module) -> int:
+    return sum(model.heads.values())  # every head's scores, concatenated (two-headed models)
 
 
 # The impulse test counts cells in VGG16's grid by hand; test_backbones_tv.py checks every model's output
-# geometry (test_output_pixels_sit_on_their_input_pixels).
+# geometry (test_output_pixels_sit_on_their_input_pixels). Late fusion (two VGG16 streams) is left to both through
+# its streams, which are fcn32s / fcn16s; test_multi.py checks that it sums them.
 VGG16_MODELS = [m for m in MODELS if _is_vgg16(m)]
 
 
@@ -54,8 +59,8 @@ def test_get_model_errors_name_the_problem():
 def test_output_size_equals_input_size(name, mode, h, w):
     model = _tiny(name, mode)
     with torch.no_grad():
-        y = model(torch.randn(1, 3, h, w))
-    assert y.shape == (1, 5, h, w)
+        y = model(torch.randn(1, model.in_channels, h, w))
+    assert y.shape == (1, _out_channels(model), h, w)
 
 
 _CACHE: dict = {}
@@ -77,9 +82,10 @@ def test_backward_reaches_every_trainable_layer(name, mode):
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0 and p.dim() == 4:
                 p.normal_(0, 0.1)
-    x = torch.randn(2, 3, 37, 29)
+    x = torch.randn(2, model.in_channels, 37, 29)
     target = torch.randint(0, 4, (2, 37, 29))
     target[0, :5] = 255
+    # Over every head's channels at once: the softmax couples them, so each head's layers get a gradient.
     loss = torch.nn.functional.cross_entropy(model(x), target, ignore_index=255)
     loss.backward()
     for pname, p in model.named_parameters():
@@ -87,7 +93,8 @@ def test_backward_reaches_every_trainable_layer(name, mode):
             assert p.grad is not None and torch.isfinite(p.grad).all(), pname
         else:
             assert p.grad is None, pname
-    assert model.score_fr.weight.grad.abs().sum() > 0
+    scores = [p for n, p in model.named_parameters() if n.endswith("score_fr.weight")]
+    assert scores and all(p.grad.abs().sum() > 0 for p in scores)
 
 
 def _impulse_model(name: str, mode: str) -> FCN:
@@ -177,5 +184,6 @@ def test_build_config_records_the_builder_arguments():
             "dropout": 0.5,
             "learnable_upsampling": False,
             "backbone_weights": None,
+            "in_channels": 3,
         },
     }

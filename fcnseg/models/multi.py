@@ -1,0 +1,219 @@
+"""The paper's nets with more than one input or output: late fusion (NYUDv2 RGB-HHA) and two heads (SIFT Flow).
+
+- :class:`LateFusionFCN` runs one FCN per input (colour, HHA) and sums their score maps, as the paper's RGB-HHA
+  nets do "at the final layer"; the sum is trained end to end.
+- :class:`TwoHeadFCN` shares one trunk between two score heads (semantic and geometric labels) and is trained with
+  the sum of both losses. ``forward`` concatenates the heads' scores along the channels, so export, the execution
+  paths and tiling handle it like any FCN; :func:`split_heads` takes them apart again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import FcnsegError
+from ..preprocessing import Preprocessing
+from .fcn import FCN, ScoreHead, _build, _check_common
+from .registry import register_model
+
+__all__ = ["LateFusionFCN", "TwoHeadFCN", "split_heads"]
+
+
+def split_heads(model: nn.Module, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{head: N x classes x H x W}`` from a model's concatenated output (one entry, ``"out"``, for most models)."""
+    heads: dict[str, int] = getattr(model, "heads", None) or {"out": logits.shape[1]}
+    return dict(zip(heads, logits.split(list(heads.values()), dim=1), strict=True))
+
+
+class LateFusionFCN(nn.Module):
+    """One FCN per input stream (e.g. ``{"rgb": ..., "hha": ...}``); the input's channels are dealt out to the
+    streams in order and their score maps summed.
+
+    All streams must have the same classes, alignment and output stride. ``preprocessing`` covers every channel
+    (the streams' in order); ``skips``, ``crop_offsets`` and ``stride`` are the first stream's.
+    """
+
+    def __init__(self, streams: Mapping[str, FCN]) -> None:
+        super().__init__()
+        if len(streams) < 2:
+            raise FcnsegError(f"late fusion needs two or more streams, got {len(streams)}")
+        self.streams = nn.ModuleDict(streams)
+        first = next(iter(streams.values()))
+        for name, s in streams.items():
+            if (s.num_classes, s.alignment, s.stride) != (first.num_classes, first.alignment, first.stride):
+                raise FcnsegError(f"stream {name!r} differs from the first in classes, alignment or stride")
+        self.num_classes = first.num_classes
+        self.alignment = first.alignment
+        self.stride = first.stride
+        pps = [s.preprocessing for s in streams.values()]
+        if len({(p.channel_order, p.value_range) for p in pps}) != 1:
+            raise FcnsegError("late fusion streams must share the channel order and value range of their input")
+        self.preprocessing = Preprocessing(
+            sum((p.mean for p in pps), ()), sum((p.std for p in pps), ()), pps[0].channel_order, pps[0].value_range
+        )
+        self.classes: list[str] | None = None
+        self.palette: list[list[int]] | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return sum(s.in_channels for s in self.streams.values())
+
+    @property
+    def heads(self) -> dict[str, int]:
+        return {"out": self.num_classes}
+
+    @property
+    def skips(self) -> tuple[str, ...]:
+        return next(iter(self.streams.values())).skips
+
+    @property
+    def crop_offsets(self) -> dict[str, int]:
+        return next(iter(self.streams.values())).crop_offsets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        start = 0
+        for stream in self.streams.values():
+            n = stream.in_channels
+            score = stream(x[:, start : start + n])  # every stream scores at the input's own H x W
+            out = score if out is None else out + score
+            start += n
+        assert out is not None
+        return out
+
+    predict_proba = FCN.predict_proba
+    predict = FCN.predict
+
+
+class TwoHeadFCN(FCN):
+    """An FCN with further score heads on the same trunk: ``heads`` maps head name -> classes, in output order.
+
+    The first head's layers are the FCN's own (``score_fr``, ``score_skip``, ...), so its weights load like any
+    FCN's; the others live in ``extra_heads``. ``forward`` returns N x sum(classes) x H x W (the heads' scores
+    concatenated); :meth:`predict` returns ``{head: H x W mask}``.
+    """
+
+    def __init__(self, backbone: nn.Module, heads: Mapping[str, int], **options: Any) -> None:
+        names = list(heads)
+        if len(names) < 2:
+            raise FcnsegError(f"a two-headed FCN needs two or more heads, got {names}")
+        super().__init__(backbone, heads[names[0]], **options)
+        self.extra_heads = nn.ModuleDict({n: ScoreHead(backbone, heads[n], **options) for n in names[1:]})
+        self._heads = {n: int(c) for n, c in heads.items()}
+        self.head_classes: dict[str, list[str] | None] = {n: None for n in names}
+
+    @property
+    def heads(self) -> dict[str, int]:
+        return dict(self._heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        feats = self.backbone(self._pad(x))  # one trunk pass for every head
+        scores = [self.decode(feats, h, w), *(head.decode(feats, h, w) for head in self.extra_heads.values())]
+        return torch.cat(scores, dim=1)
+
+    def predict_proba(self, image: Any, **kwargs: Any) -> dict[str, np.ndarray]:  # type: ignore[override]
+        """``{head: classes x H x W}`` float32 probabilities for one image."""
+        from ..predict import predict_logits
+
+        logits = predict_logits(self, image, **kwargs)[None]
+        return {k: v[0].softmax(0).cpu().numpy() for k, v in split_heads(self, logits).items()}
+
+    def predict(self, image: Any, **kwargs: Any) -> dict[str, np.ndarray]:  # type: ignore[override]
+        """``{head: H x W}`` uint8 class indices for one image."""
+        from ..predict import predict_logits
+
+        if kwargs.get("tile"):
+            raise FcnsegError("tiled prediction is for one-headed models; predict a two-headed model whole")
+        logits = predict_logits(self, image, **kwargs)[None]
+        return {k: v[0].argmax(0).to(torch.uint8).cpu().numpy() for k, v in split_heads(self, logits).items()}
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+@register_model()
+def fcn16s_twohead(
+    *,
+    num_classes: int = 33,
+    second_classes: int = 3,
+    head_names: Sequence[str] = ("semantic", "geometric"),
+    alignment: str = "aligned",
+    width: float = 1.0,
+    fc_dim: int = 4096,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    learnable_upsampling: bool = False,
+    backbone_weights: str | None = None,
+    in_channels: int = 3,
+) -> TwoHeadFCN:
+    """The paper's SIFT Flow net: FCN-16s on VGG16 with two heads on one trunk, ``head_names[0]`` with
+    ``num_classes`` (33 semantic classes) and ``head_names[1]`` with ``second_classes`` (3 geometric classes:
+    sky, horizontal, vertical). Other options as :func:`~fcnseg.models.fcn16s`."""
+    if len(head_names) != 2 or len(set(head_names)) != 2:
+        raise FcnsegError(f"head_names must be two different names, got {list(head_names)}")
+    one = _build(
+        ("pool4",),
+        num_classes=num_classes,
+        alignment=alignment,
+        width=width,
+        fc_dim=fc_dim,
+        batch_norm=batch_norm,
+        dropout=dropout,
+        learnable_upsampling=learnable_upsampling,
+        backbone_weights=backbone_weights,
+        in_channels=in_channels,
+    )
+    heads = {head_names[0]: num_classes, head_names[1]: second_classes}
+    model = TwoHeadFCN(one.backbone, heads, skips=("pool4",), learnable_upsampling=learnable_upsampling)
+    model.preprocessing = one.preprocessing
+    return model
+
+
+def _rgb_hha(skips: tuple[str, ...], **options: Any) -> LateFusionFCN:
+    if options.pop("in_channels") != 6:
+        raise FcnsegError("in_channels: a colour + HHA late-fusion net takes 6 channels (RGB, then HHA)")
+    _check_common(options["alignment"], options["width"], options["fc_dim"], options["dropout"])
+    # The HHA stream starts from the same (ImageNet) weights as the colour one: HHA is read as a 3-channel image.
+    return LateFusionFCN({"rgb": _build(skips, **options), "hha": _build(skips, **options)})
+
+
+@register_model()
+def fcn32s_rgb_hha(
+    *,
+    num_classes: int = 40,
+    alignment: str = "aligned",
+    width: float = 1.0,
+    fc_dim: int = 4096,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    learnable_upsampling: bool = False,
+    backbone_weights: str | None = None,
+    in_channels: int = 6,
+) -> LateFusionFCN:
+    """The paper's NYUDv2 late fusion: an FCN-32s on colour and one on HHA, score maps summed. Input: 6 channels,
+    RGB then HHA (``fcnseg train --dataset nyud --data-option modality=rgb-hha``). Options as ``fcn32s``; the
+    backbone weights initialise both streams."""
+    return _rgb_hha((), **locals())
+
+
+@register_model()
+def fcn16s_rgb_hha(
+    *,
+    num_classes: int = 40,
+    alignment: str = "aligned",
+    width: float = 1.0,
+    fc_dim: int = 4096,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    learnable_upsampling: bool = False,
+    backbone_weights: str | None = None,
+    in_channels: int = 6,
+) -> LateFusionFCN:
+    """Late fusion of two FCN-16s (colour and HHA), the paper's best NYUDv2 net. Options as ``fcn32s_rgb_hha``."""
+    return _rgb_hha(("pool4",), **locals())

@@ -1,0 +1,349 @@
+"""The paper's fusion and multi-task nets: early fusion (RGBD), late fusion (RGB-HHA), two-headed SIFT Flow FCN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import fcnseg
+from fcnseg.cli import main
+from fcnseg.data import get_dataset
+from fcnseg.data.nyud import NYUD_MEAN_HHA, NYUD_MEAN_LOG_DEPTH
+from fcnseg.data.siftflow import SIFTFLOW_CLASSES, SIFTFLOW_FOLDER
+from fcnseg.data.transforms import pad_collate
+from fcnseg.engine.config import TrainConfig
+from fcnseg.engine.train import build_model, staged_init, summed_loss, train
+from fcnseg.errors import FcnsegError
+from fcnseg.metrics import ConfusionMatrix
+from fcnseg.models import LateFusionFCN, TwoHeadFCN, get_model, split_heads
+from fcnseg.models.backbones import first_conv, widen_input_weight
+from fcnseg.models.fcn import with_input_channels
+from tests.conftest import TINY
+from tests.data.test_nyud import TEST as NYUD_TEST
+from tests.data.test_nyud import make_nyud
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """He-scaled random weights everywhere (score layers too), so that no output is trivially zero."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, (2 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- early fusion
+
+
+def test_widened_weight_keeps_colour_and_averages_it_for_the_extra_channels():
+    w = torch.randn(8, 3, 3, 3)
+    before = w.clone()
+    out = widen_input_weight(w, 5)
+    assert out.shape == (8, 5, 3, 3) and torch.equal(w, before)  # pure: the input is untouched
+    assert torch.equal(out[:, :3], w)
+    for c in (3, 4):
+        torch.testing.assert_close(out[:, c], (w[:, 0] + w[:, 1] + w[:, 2]) / 3)
+    with pytest.raises(FcnsegError, match="cannot widen"):
+        widen_input_weight(torch.randn(8, 4, 3, 3), 5)
+
+
+@pytest.mark.parametrize("name", ["fcn32s", "fcn32s_alexnet"])
+def test_early_fusion_computes_the_colour_net_plus_depth_spread_over_colour(name):
+    # The extra channel's filters are the mean of the colour ones, and the first layer is linear: a depth map d
+    # adds what d / 3 added to each colour channel would. So the widened net on (rgb, d) equals the colour net on
+    # rgb + d / 3, exactly up to float rounding, and on (rgb, 0) it equals the colour net on rgb.
+    rgb_net = _randomise(get_model(name, num_classes=3, alignment="caffe", **TINY))
+    rgbd_net = get_model(name, num_classes=3, alignment="caffe", in_channels=4, **TINY).eval()
+    state = rgb_net.state_dict()
+    key = next(k for k, v in state.items() if v.dim() == 4)  # the first layer's weight
+    state[key] = widen_input_weight(state[key], 4)
+    rgbd_net.load_state_dict(state)
+    assert rgbd_net.in_channels == 4 and first_conv(rgbd_net).weight.shape[1] == 4
+    torch.manual_seed(1)
+    rgb, d = torch.randn(1, 3, 41, 53), torch.randn(1, 1, 41, 53)
+    with torch.no_grad():
+        expected = rgb_net(rgb + d / 3)
+        got = rgbd_net(torch.cat([rgb, d], 1))
+        torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+        torch.testing.assert_close(rgbd_net(torch.cat([rgb, 0 * d], 1)), rgb_net(rgb), atol=1e-5, rtol=1e-5)
+
+
+def test_in_channels_extends_the_input_normalisation():
+    model = get_model("fcn32s", in_channels=4, **TINY)
+    pp = model.preprocessing
+    assert pp.channels == 4 and pp.mean[:3] == (0.485, 0.456, 0.406)
+    assert pp.mean[3] == pytest.approx(sum(pp.mean[:3]) / 3) and pp.std[3] == pytest.approx(sum(pp.std[:3]) / 3)
+    assert model.build_config["kwargs"]["in_channels"] == 4
+    with pytest.raises(FcnsegError, match="in_channels must be an integer >= 3"):
+        get_model("fcn8s", in_channels=1, **TINY)
+    assert with_input_channels(model, 4) is model  # already 4: unchanged
+
+
+def test_staged_init_widens_a_colour_checkpoint(tmp_path):
+    # The paper trains its RGBD net from the RGB FCN-32s: the colour checkpoint's first layer is widened on load.
+    rgb = _randomise(get_model("fcn32s", num_classes=40, **TINY))
+    ckpt = fcnseg.save_checkpoint(rgb, tmp_path / "rgb.pt")
+    rgbd = get_model("fcn32s", num_classes=40, in_channels=4, **TINY)
+    left = staged_init(rgbd, ckpt)
+    assert left == []  # every layer came from the colour net
+    w_rgb, w = first_conv(rgb).weight, first_conv(rgbd).weight
+    assert torch.equal(w[:, :3], w_rgb) and torch.allclose(w[:, 3], w_rgb.mean(1))
+    assert rgbd.preprocessing.channels == 4 and rgbd.preprocessing.colour() == rgb.preprocessing
+
+
+# ----------------------------------------------------------------------------------------------- late fusion
+
+
+@pytest.mark.parametrize("name", ["fcn32s_rgb_hha", "fcn16s_rgb_hha"])
+def test_late_fusion_sums_the_two_streams_score_maps(name):
+    model = _randomise(get_model(name, alignment="caffe", **TINY))
+    assert isinstance(model, LateFusionFCN) and model.in_channels == 6 and model.num_classes == 40
+    assert list(model.streams) == ["rgb", "hha"]
+    x = torch.randn(2, 6, 45, 38)
+    with torch.no_grad():
+        rgb, hha = model.streams["rgb"](x[:, :3]), model.streams["hha"](x[:, 3:])
+        fused = model(x)
+    assert rgb.abs().max() > 0.1 and hha.abs().max() > 0.1 and not torch.allclose(rgb, hha)
+    torch.testing.assert_close(fused, rgb + hha, atol=0, rtol=0)
+    # Trained end to end: a loss on the sum reaches both streams.
+    model.train()
+    F.cross_entropy(model(x), torch.randint(0, 40, (2, 45, 38))).backward()
+    for stream in model.streams.values():
+        assert stream.backbone.features[0].weight.grad.abs().sum() > 0
+
+
+def test_late_fusion_refuses_other_inputs_and_mismatched_streams():
+    with pytest.raises(FcnsegError, match="takes 6 channels"):
+        get_model("fcn32s_rgb_hha", in_channels=4, **TINY)
+    a = get_model("fcn32s", num_classes=5, **TINY)
+    with pytest.raises(FcnsegError, match="differs from the first"):
+        LateFusionFCN({"rgb": a, "hha": get_model("fcn32s", num_classes=6, **TINY)})
+    with pytest.raises(FcnsegError, match="two or more streams"):
+        LateFusionFCN({"rgb": a})
+
+
+# ------------------------------------------------------------------------------------- NYUDv2 train and eval
+
+
+def _nyud_train(tmp_path: Path, root: Path, modality: str, model: str) -> Path:
+    run = tmp_path / f"run-{modality}"
+    args = ["train", "--dataset", "nyud", "--root", str(root), "--data-option", f"modality={modality}",
+            "--model", model, "--width", "0.0625", "--fc-dim", "16", "--iters", "2", "--val-every", "2",
+            "--batch-size", "2", "--crop-size", "32", "--num-workers", "0", "--out", str(run),
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    return run / "last.pt"
+
+
+def _eval_by_hand(model, ds) -> ConfusionMatrix:
+    cm = ConfusionMatrix(40)
+    for i in range(len(ds)):
+        image, mask = ds.load_pair(i)
+        cm.update(torch.from_numpy(model.predict(image).astype(np.int64)), torch.from_numpy(mask.astype(np.int64)))
+    return cm
+
+
+@pytest.mark.parametrize(
+    ("modality", "model_name", "extra_means"),
+    [("rgbd", "fcn32s", (np.exp(NYUD_MEAN_LOG_DEPTH) * 255 / 10_000,)), ("rgb-hha", "fcn32s_rgb_hha", NYUD_MEAN_HHA)],
+)
+def test_nyud_fusion_trains_and_evaluates(tmp_path, capsys, modality, model_name, extra_means):
+    root = make_nyud(tmp_path / "nyud")
+    ckpt = _nyud_train(tmp_path, root, modality, model_name)
+    model = fcnseg.load(ckpt)
+    channels = 4 if modality == "rgbd" else 6
+    assert model.in_channels == channels and model.build_config["name"] == model_name
+    # The extra channels are normalised with the release's depth / HHA means, on the colour channels' scale.
+    pp = model.preprocessing
+    assert pp.channels == channels
+    assert pp.mean[3:] == pytest.approx(tuple(m / 255 for m in extra_means)) and pp.std[3:] == (0.226,) * len(
+        extra_means
+    )
+    out = tmp_path / f"eval-{modality}"
+    args = ["eval", str(ckpt), "--dataset", "nyud", "--root", str(root), "--split", "test",
+            "--data-option", f"modality={modality}", "--out", str(out), "--num-workers", "0"]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    # The command's figures are those of the model's own predictions on the test images, counted here by hand.
+    ds = get_dataset("nyud", root=root, split="test", modality=modality)
+    assert len(ds) == len(NYUD_TEST)
+    hand = _eval_by_hand(model, ds).compute()
+    for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
+        assert doc[k] == pytest.approx(hand[k], abs=1e-12), k
+
+
+def test_nyud_modality_and_model_must_match(tmp_path, capsys):
+    root = make_nyud(tmp_path / "nyud")
+    cfg = TrainConfig(dataset="nyud", root=str(root), model="fcn32s_rgb_hha", data_options={"modality": "rgbd"}, **TINY)
+    ds = get_dataset("nyud", root=root, split="train", modality="rgbd")
+    with pytest.raises(FcnsegError, match="takes 6 input channels but --dataset nyud gives 4"):
+        build_model(cfg, ds)
+    assert main(["predict", str(_nyud_train(tmp_path, root, "rgbd", "fcn32s")), str(root / "data" / "images"),
+                 "--out", str(tmp_path / "p")]) == 2  # fmt: skip
+    assert "the model takes 4 input channels" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ two-headed FCN
+
+
+def test_two_headed_fcn_shares_one_trunk():
+    model = get_model("fcn16s_twohead", **TINY)
+    assert isinstance(model, TwoHeadFCN) and model.heads == {"semantic": 33, "geometric": 3}
+    backbones = [n for n, _ in model.named_modules() if n.endswith("backbone")]
+    assert backbones == ["backbone"]  # one trunk
+    _randomise(model)
+    x = torch.randn(1, 3, 40, 52)
+    with torch.no_grad():
+        out = model(x)
+        heads = split_heads(model, out)
+        feats = model.backbone(model._pad(x))
+        geo = model.extra_heads["geometric"].decode(feats, 40, 52)
+    assert out.shape == (1, 36, 40, 52) and {k: v.shape[1] for k, v in heads.items()} == model.heads
+    torch.testing.assert_close(heads["geometric"], geo, atol=0, rtol=0)
+    # The first head is the FCN's own layers: its logits are an fcn16s's with the same weights.
+    single = get_model("fcn16s", num_classes=33, **TINY).eval()
+    single.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("extra_heads.")})
+    with torch.no_grad():
+        torch.testing.assert_close(heads["semantic"], single(x), atol=0, rtol=0)
+
+
+def test_sum_of_both_losses():
+    model = _randomise(get_model("fcn16s_twohead", **TINY))
+    x = torch.randn(2, 3, 24, 30)
+    masks = torch.stack([torch.randint(0, 33, (2, 24, 30)), torch.randint(0, 3, (2, 24, 30))], 1)
+    masks[0, 1, :4] = 255
+    logits = model(x)
+    expected = F.cross_entropy(logits[:, :33], masks[:, 0], reduction="sum") + F.cross_entropy(
+        logits[:, 33:], masks[:, 1], ignore_index=255, reduction="sum"
+    )
+    torch.testing.assert_close(summed_loss(model, logits, masks), expected)
+
+
+def test_pad_collate_stacks_one_mask_per_head():
+    a = (torch.ones(3, 4, 5, dtype=torch.uint8), torch.zeros(2, 4, 5, dtype=torch.int64))
+    b = (torch.ones(3, 6, 2, dtype=torch.uint8), torch.ones(2, 6, 2, dtype=torch.int64))
+    images, masks = pad_collate([a, b])
+    assert images.shape == (2, 3, 6, 5) and masks.shape == (2, 2, 6, 5)
+    assert (masks[0, :, 4:] == 255).all() and (masks[0, :, :4] == 0).all()
+    assert (masks[1, :, :, 2:] == 255).all() and (masks[1, :, :, :2] == 1).all()
+    with pytest.raises(ValueError, match="K x H x W"):
+        pad_collate([a, (b[0], b[1][0])])  # one item with one label map, the other with two
+
+
+# A tiny SIFT Flow of structured scenes a small net can fit: sky above a horizon, a building on the left and road on
+# the right below it (geometric: sky / vertical / horizontal), a void band along the bottom; the horizon and the
+# building's width differ per image, so the net must read the pixels.
+SCENES = {"coast_natu1": (18, 30), "street_par2": (26, 20), "highway_bost3": (34, 40)}
+SIZE = 64
+SEM = {name: SIFTFLOW_CLASSES.index(name) + 1 for name in ("sky", "building", "road")}  # as stored: class + 1
+
+
+def _scene(horizon: int, split: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(horizon)
+    image = np.empty((SIZE, SIZE, 3), np.float64)
+    sem = np.zeros((SIZE, SIZE), np.float64)
+    geo = np.full((SIZE, SIZE), -1.0)
+    image[:horizon], sem[:horizon], geo[:horizon] = (90, 150, 230), SEM["sky"], 1
+    image[horizon:, :split], sem[horizon:, :split], geo[horizon:, :split] = (150, 120, 100), SEM["building"], 3
+    image[horizon:, split:], sem[horizon:, split:], geo[horizon:, split:] = (60, 60, 60), SEM["road"], 2
+    sem[-3:], geo[-3:] = 0, -1  # void
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), sem, geo
+
+
+def make_scenes(root: Path) -> Path:
+    for top in ("Images", "SemanticLabels", "GeoLabels"):
+        (root / top / SIFTFLOW_FOLDER).mkdir(parents=True, exist_ok=True)
+    for name, (horizon, split) in SCENES.items():
+        image, sem, geo = _scene(horizon, split)
+        Image.fromarray(image).save(root / "Images" / SIFTFLOW_FOLDER / f"{name}.jpg", quality=95)
+        scipy.io.savemat(root / "SemanticLabels" / SIFTFLOW_FOLDER / f"{name}.mat", {"S": sem})
+        scipy.io.savemat(root / "GeoLabels" / SIFTFLOW_FOLDER / f"{name}.mat", {"S": geo})
+    (root / "train.txt").write_text("".join(f"{n}\n" for n in SCENES))
+    (root / "test.txt").write_text("".join(f"{n}\n" for n in SCENES))
+    return root
+
+
+def test_two_headed_fcn_overfits_a_few_siftflow_images_on_both_heads(tmp_path):
+    root = make_scenes(tmp_path / "siftflow")
+    cfg = TrainConfig(
+        dataset="siftflow", root=str(root), split="train", val_split="train", data_options={"target": "both"},
+        model="fcn16s_twohead", width=1 / 8, fc_dim=32, batch_norm=True, preset="modern", optimizer="adamw",
+        lr=3e-3, iters=60, warmup_iters=0, batch_size=3, crop_size=0, scale_min=1.0, scale_max=1.0, flip=False,
+        val_every=60, num_workers=0, out=str(tmp_path / "run"), progress=False, deterministic=True,
+    )  # fmt: skip
+    state = train(cfg)
+    last = state.history[-1]
+    # Both heads fit the three training images: semantic (3 classes present) and geometric pixel accuracy.
+    assert last["pixel_acc"] > 0.95 and last["geometric/pixel_acc"] > 0.95, last
+    model = fcnseg.load(tmp_path / "run" / "last.pt")
+    assert model.head_classes["geometric"] == ["sky", "horizontal", "vertical"]
+    ds = get_dataset("siftflow", root=root, split="train", target="both")
+    image, _ = ds.load_pair(0)
+    pred = model.predict(image)
+    _, sem, geo = _scene(*SCENES["coast_natu1"])
+    valid = sem > 0
+    assert set(pred) == {"semantic", "geometric"}
+    assert (pred["semantic"][valid] == sem[valid] - 1).mean() > 0.95
+    assert (pred["geometric"][valid] == geo[valid] - 1).mean() > 0.95
+
+
+def test_siftflow_eval_reports_both_heads_and_excludes_absent_classes(tmp_path):
+    root = make_scenes(tmp_path / "siftflow")
+    model = get_model("fcn16s_twohead", **TINY)
+    model.classes = list(SIFTFLOW_CLASSES)
+    model.head_classes = {"semantic": list(SIFTFLOW_CLASSES), "geometric": ["sky", "horizontal", "vertical"]}
+    _randomise(model, seed=3)
+    ckpt = fcnseg.save_checkpoint(model, tmp_path / "two.pt")
+    out = tmp_path / "eval"
+    args = ["eval", str(ckpt), "--dataset", "siftflow", "--root", str(root), "--split", "test",
+            "--data-option", "target=both", "--out", str(out), "--num-workers", "0"]  # fmt: skip
+    assert main(args) == 0
+    sem = json.loads((out / "semantic" / "metrics.json").read_text())
+    geo = json.loads((out / "geometric" / "metrics.json").read_text())
+    assert sem["excluded_from_means"] == ["cow", "desert", "moon"] and "excluded_from_means" not in geo
+    assert set(geo["per_class"]) == {"sky", "horizontal", "vertical"}
+    # By hand: the model's own predictions, one confusion matrix per head; the semantic means leave out the test
+    # set's absent classes (their IU would be 0 wherever the model predicts them, NaN elsewhere).
+    ds = get_dataset("siftflow", root=root, split="test", target="both")
+    hand = {k: ConfusionMatrix(n) for k, n in model.heads.items()}
+    for i in range(len(ds)):
+        image, _ = ds.load_pair(i)
+        _, s, g = _scene(*SCENES[ds.ids[i]])
+        pred = model.predict(image)
+        hand["semantic"].update(
+            torch.from_numpy(pred["semantic"].astype(np.int64)),
+            torch.from_numpy(np.where(s == 0, 255, s - 1).astype(np.int64)),
+        )
+        hand["geometric"].update(
+            torch.from_numpy(pred["geometric"].astype(np.int64)),
+            torch.from_numpy(np.where(g < 0, 255, g - 1).astype(np.int64)),
+        )
+    r_sem, r_geo = hand["semantic"].compute(), hand["geometric"].compute()
+    keep = [i for i, c in enumerate(SIFTFLOW_CLASSES) if c not in ("cow", "desert", "moon")]
+    iu = np.asarray(r_sem["per_class_iu"])
+    assert np.nanmean(iu) != pytest.approx(np.nanmean(iu[keep]))  # the model predicts an absent class: it matters
+    assert sem["mean_iu"] == pytest.approx(np.nanmean(np.asarray(r_sem["per_class_iu"])[keep]), abs=1e-12)
+    assert sem["mean_acc"] == pytest.approx(np.nanmean(np.asarray(r_sem["per_class_acc"])[keep]), abs=1e-12)
+    assert sem["pixel_acc"] == pytest.approx(r_sem["pixel_acc"], abs=1e-12)
+    assert geo["pixel_acc"] == pytest.approx(r_geo["pixel_acc"], abs=1e-12)
+    assert geo["mean_iu"] == pytest.approx(r_geo["mean_iu"], abs=1e-12)
+
+
+def test_two_headed_model_needs_two_label_sets_and_the_reverse(tmp_path):
+    root = make_scenes(tmp_path / "siftflow")
+    one = get_dataset("siftflow", root=root, split="train", target="semantic")
+    both = get_dataset("siftflow", root=root, split="train", target="both")
+    cfg = TrainConfig(dataset="siftflow", model="fcn16s_twohead", **TINY)
+    with pytest.raises(FcnsegError, match="is two-headed: expected a dataset with two label sets"):
+        build_model(cfg, one)
+    cfg = TrainConfig(dataset="siftflow", model="fcn16s", **TINY)
+    with pytest.raises(FcnsegError, match="gives 2 label sets .*expected a two-headed model"):
+        build_model(cfg, both)
