@@ -216,6 +216,9 @@ def build_data(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDatas
 
 def attach_transforms(cfg: TrainConfig, model: nn.Module, train_ds, val_ds) -> None:
     """Normalise the way the model's weights expect (``model.preprocessing``), never a hard-coded mean."""
+    if cfg.jitter and getattr(train_ds, "channels", 3) != 3:
+        raise FcnsegError(f"--jitter: colour jitter is for colour images; --dataset {cfg.dataset} gives "
+                          f"{train_ds.channels} channels (depth or HHA too): expected --jitter 0")  # fmt: skip
     scale = None if cfg.scale_min == cfg.scale_max == 1.0 else (cfg.scale_min, cfg.scale_max)
     train_ds.transforms = train_transforms(
         model.preprocessing, crop_size=cfg.crop_size or None, scale_range=scale, flip=cfg.flip, jitter=cfg.jitter

@@ -27,20 +27,15 @@ from typing import Any, Literal
 
 import torch
 
+from ..data.nyud import NYUD_CLASSES, NYUD_MEAN_BGR, NYUD_MEAN_HHA
 from ..errors import FcnsegError
 from ..palette import VOC_CLASSES
 from ..preprocessing import CAFFE, Preprocessing
 
-NYUD_CLASSES: tuple[str, ...] = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
-    "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes",
-    "ceiling", "books", "refridgerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard",
-    "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture",
-    "otherprop",
-)  # fmt: skip
-
-NYUD_CAFFE = Preprocessing(mean=(116.190, 97.203, 92.318), std=(1.0, 1.0, 1.0), channel_order="BGR", value_range=255.0)
+NYUD_CAFFE = Preprocessing(mean=NYUD_MEAN_BGR, std=(1.0, 1.0, 1.0), channel_order="BGR", value_range=255.0)
 """The release's NYUDv2 colour input: BGR, 0-255, minus the NYUDv2 mean."""
+NYUD_CAFFE_HHA = Preprocessing(mean=NYUD_MEAN_HHA, std=(1.0, 1.0, 1.0), channel_order="RGB", value_range=255.0)
+"""The release's NYUDv2 HHA input: the HHA image's channels as stored (not reversed), 0-255, minus the HHA mean."""
 
 Format = Literal["caffe", "torchfcn", "fcnseg"]
 
@@ -111,6 +106,13 @@ class FCNWeights(Enum):
         classes=NYUD_CLASSES,
         preprocessing=NYUD_CAFFE,
         metrics={"nyudv2-test": _metrics(60.0, 42.2, 29.2, 43.9)},
+    )
+    NYUD_FCN32S_HHA_HEAVY = _caffe(
+        "fcn32s",
+        "nyud-fcn32s-hha-heavy.caffemodel",
+        classes=NYUD_CLASSES,
+        preprocessing=NYUD_CAFFE_HHA,
+        metrics={"nyudv2-test": _metrics(57.1, 35.2, 24.2, 40.4)},
     )
     TORCHFCN_FCN32S = _torchfcn(
         "fcn32s",

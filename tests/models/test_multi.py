@@ -152,13 +152,18 @@ def _eval_by_hand(model, ds) -> ConfusionMatrix:
 
 @pytest.mark.parametrize(
     ("modality", "model_name", "extra_means"),
-    [("rgbd", "fcn32s", (np.exp(NYUD_MEAN_LOG_DEPTH) * 255 / 10_000,)), ("rgb-hha", "fcn32s_rgb_hha", NYUD_MEAN_HHA)],
+    [
+        ("rgb", "fcn32s", ()),
+        ("hha", "fcn32s", ()),
+        ("rgbd", "fcn32s", (np.exp(NYUD_MEAN_LOG_DEPTH) * 255 / 10_000,)),
+        ("rgb-hha", "fcn32s_rgb_hha", NYUD_MEAN_HHA),
+    ],
 )
 def test_nyud_fusion_trains_and_evaluates(tmp_path, capsys, modality, model_name, extra_means):
     root = make_nyud(tmp_path / "nyud")
     ckpt = _nyud_train(tmp_path, root, modality, model_name)
     model = fcnseg.load(ckpt)
-    channels = 4 if modality == "rgbd" else 6
+    channels = {"rgb": 3, "hha": 3, "rgbd": 4, "rgb-hha": 6}[modality]
     assert model.in_channels == channels and model.build_config["name"] == model_name
     # The extra channels are normalised with the release's depth / HHA means, on the colour channels' scale.
     pp = model.preprocessing
@@ -177,6 +182,14 @@ def test_nyud_fusion_trains_and_evaluates(tmp_path, capsys, modality, model_name
     hand = _eval_by_hand(model, ds).compute()
     for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
         assert doc[k] == pytest.approx(hand[k], abs=1e-12), k
+
+
+def test_colour_jitter_is_refused_for_depth_and_hha(tmp_path):
+    root = make_nyud(tmp_path / "nyud")
+    cfg = TrainConfig(dataset="nyud", root=str(root), model="fcn32s", data_options={"modality": "rgbd"}, jitter=0.2,
+                      iters=1, num_workers=0, out=str(tmp_path / "run"), progress=False, **TINY)  # fmt: skip
+    with pytest.raises(FcnsegError, match="--jitter: colour jitter is for colour images; --dataset nyud gives 4"):
+        train(cfg)
 
 
 def test_nyud_modality_and_model_must_match(tmp_path, capsys):
@@ -212,6 +225,8 @@ def test_two_headed_fcn_shares_one_trunk():
     single.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("extra_heads.")})
     with torch.no_grad():
         torch.testing.assert_close(heads["semantic"], single(x), atol=0, rtol=0)
+    with pytest.raises(FcnsegError, match="tiled prediction is for one-headed models"):
+        model.predict(np.zeros((8, 8, 3), np.uint8), tile=64)
 
 
 def test_sum_of_both_losses():

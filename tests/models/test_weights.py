@@ -61,9 +61,11 @@ def test_every_entry_is_complete(entry):
     assert w.url.startswith(("http://", "https://")) and w.file_name
     assert w.model in list_models() and w.alignment == "caffe"
     assert w.num_classes == len(w.classes) >= 2 and len(set(w.classes)) == w.num_classes
-    # Every published FCN expects the Caffe input: BGR, 0-255, a mean subtracted, no std scaling.
+    # Every published FCN expects the Caffe input: 0-255, a mean subtracted, no std scaling; colour images in BGR
+    # order (the HHA net takes its images' channels as stored).
     p = w.preprocessing
-    assert p.channel_order == "BGR" and p.value_range == 255.0 and p.std == (1.0, 1.0, 1.0)
+    assert p.channel_order == ("RGB" if "hha" in w.file_name else "BGR")
+    assert p.value_range == 255.0 and p.std == (1.0, 1.0, 1.0)
     assert w.metrics and all(
         set(m) == METRICS and 0 < min(m.values()) <= max(m.values()) < 100 for m in w.metrics.values()
     )
@@ -332,3 +334,16 @@ def test_convert_a_published_file_by_hand(stand_in, hub, tmp_path, capsys):
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
     assert main([*args, "--classes", str(tmp_path / "three.txt")]) == 2
     assert f"--classes {tmp_path / 'three.txt'}: 3 names given for a model of 21 classes" in capsys.readouterr().err
+
+
+def test_nyud_hha_entry_takes_the_hha_image_as_stored():
+    # The release's HHA net subtracts the HHA mean from the image's channels in their stored order (its reader
+    # reverses only colour images), so the entry's input reverses nothing.
+    from fcnseg.data.nyud import NYUD_CLASSES
+    from fcnseg.models.weights import FCNWeights
+
+    entry = FCNWeights.NYUD_FCN32S_HHA_HEAVY.value
+    assert entry.model == "fcn32s" and entry.classes == NYUD_CLASSES and entry.file_name.endswith(".caffemodel")
+    assert entry.metrics["nyudv2-test"] == {"pixel_acc": 57.1, "mean_acc": 35.2, "mean_iu": 24.2, "fw_iu": 40.4}
+    hha = np.array([[[10, 20, 30]]], np.uint8)
+    assert entry.preprocessing(hha).flatten().tolist() == pytest.approx([10 - 132.431, 20 - 94.076, 30 - 118.477])
