@@ -130,7 +130,7 @@ def bench_model(
                 gflop_per_s=gflop * batch / (median / 1000),
                 peak_mem_mb=(mem.peak - before) / 2**20,
                 build_s=build,
-                agreement_with_fp32=None if p == "eager" else agreement(run, reference, check),
+                agreement_with_fp32=None if p == "eager" else agreement(run, reference, check, model),
             )
         )
     return {

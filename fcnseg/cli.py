@@ -179,7 +179,7 @@ def _report_agreement(model, runner, first: Path | None, quiet: bool) -> None:
     from .runtime import agreement, normalised
 
     with contextlib.suppress(FcnsegError):
-        share = agreement(runner, default_runner(model), normalised(model, [load_image(first)]))
+        share = agreement(runner, default_runner(model), normalised(model, [load_image(first)]), model)
         print(f"runtime agrees with eager fp32 on {100 * share:.2f}% of the pixels of {first.name}", file=sys.stderr)
 
 
@@ -190,19 +190,19 @@ def _check_predictable(model, args: argparse.Namespace, checkpoint: str | None) 
             f"{source}: the model takes {model.in_channels} input channels (colour, then depth or HHA) and predict "
             "reads colour images; expected a 3-channel model (use model.predict(array) or fcnseg eval for fusion nets)"
         )
-    if len(model.heads) > 1 and (args.probs or args.tile or args.overlay):
-        raise FcnsegError(f"{source}: --probs, --tile and --overlay are for one-headed models; this one has "
+    if len(model.heads) > 1 and (args.probs or args.overlay):
+        raise FcnsegError(f"{source}: --probs and --overlay are for one-headed models; this one has "
                           f"heads {', '.join(model.heads)}")  # fmt: skip
 
 
-def _save_heads(model, rgb, out: Path, stem: str, runner) -> int:
+def _save_heads(model, rgb, out: Path, stem: str, runner, tiling: dict) -> int:
     """A two-headed model's masks: STEM.png for the first head, STEM_<head>.png for the others."""
     import numpy as np
 
     from .imageio import save_mask_png
     from .palette import palette_for
 
-    masks = model.predict(rgb, runner=runner)
+    masks = model.predict(rgb, runner=runner, **tiling)
     names = getattr(model, "head_classes", {}) or {}
     for i, (head, mask) in enumerate(masks.items()):
         classes = names.get(head) or None
@@ -237,7 +237,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             rgb = load_image(path)
             if len(model.heads) > 1:
-                written += _save_heads(model, rgb, out, stem, runner)
+                written += _save_heads(model, rgb, out, stem, runner, tiling)
                 continue
             if args.probs:
                 logits = predict_logits(model, rgb, runner=runner, **tiling)

@@ -118,6 +118,8 @@ class ConfusionMatrix:
             raise TypeError(f"can only merge a ConfusionMatrix, got {type(other).__name__}")
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge confusion matrices of {self.num_classes} and {other.num_classes} classes")
+        if other.exclude != self.exclude:
+            raise ValueError(f"cannot merge confusion matrices excluding {self.exclude} and {other.exclude}")
         self.mat += other.mat.to(self.mat.device)
         if self.class_names is None:
             self.class_names = other.class_names
@@ -237,6 +239,7 @@ class ConfusionMatrix:
         return {
             "num_classes": self.num_classes,
             "class_names": None if self.class_names is None else list(self.class_names),
+            "exclude": list(self.exclude),
             "mat": self.mat.detach().cpu().clone(),
         }
 
@@ -250,14 +253,19 @@ class ConfusionMatrix:
         self.mat = mat.to(self.mat.device)
         if state.get("class_names") is not None:
             self.class_names = self._check_names(state["class_names"])
+        self.exclude = tuple(int(c) for c in state.get("exclude", ()))
 
     @classmethod
     def from_matrix(
-        cls, mat: _ArrayLike | Sequence[Sequence[int]], class_names: Sequence[str] | None = None
+        cls,
+        mat: _ArrayLike | Sequence[Sequence[int]],
+        class_names: Sequence[str] | None = None,
+        *,
+        exclude: Sequence[int] = (),
     ) -> ConfusionMatrix:
         """A matrix holding the given n x n counts (rows = ground truth, columns = prediction)."""
         m = cls._check_matrix(mat)
-        cm = cls(m.shape[0], class_names, device=m.device)
+        cm = cls(m.shape[0], class_names, device=m.device, exclude=exclude)
         cm.mat = m.clone()
         return cm
 

@@ -74,7 +74,8 @@ def predict_logits(
     if tile:
         from .tiling import tiled_logits
 
-        return tiled_logits(run, x, model.num_classes, tile=tile, overlap=overlap, align=model.stride)
+        channels = sum(getattr(model, "heads", {"out": model.num_classes}).values())  # every head's scores
+        return tiled_logits(run, x, channels, tile=tile, overlap=overlap, align=model.stride)
     return run(x.unsqueeze(0))[0]
 
 

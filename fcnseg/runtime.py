@@ -65,7 +65,7 @@ def _ort_session(path: str | os.PathLike):
 
 
 class _Calibration:
-    """ONNX Runtime's calibration reader protocol over normalised 1 x 3 x H x W inputs."""
+    """ONNX Runtime's calibration reader protocol over normalised 1 x C x H x W inputs."""
 
     def __init__(self, name: str, inputs: Sequence[torch.Tensor]) -> None:
         self._items = iter([{name: x.float().cpu().numpy()} for x in inputs])
@@ -77,14 +77,24 @@ class _Calibration:
 def float_layers(model: nn.Module) -> list[str]:
     """Parameter prefixes left in float by int8 quantisation: the convolutions before the first pooling (full
     resolution, fed the 8-bit-quantised image itself), the class-score layers and the upsamplers, where the
-    argmax is decided. The bulk of the work (conv2 to fc7) runs in int8."""
-    keep = ["score_", "upsample_"]
-    features = getattr(getattr(model, "backbone", None), "features", None)
-    for i, m in enumerate(features or []):
-        if isinstance(m, nn.MaxPool2d):
-            break
-        if isinstance(m, nn.Conv2d):
-            keep.append(f"backbone.features.{i}.")
+    argmax is decided. The bulk of the work (conv2 to fc7) runs in int8. Every stream of a late-fusion net and
+    every head of a two-headed one is covered (their parameters sit under ``streams.<name>.`` or
+    ``extra_heads.<name>.``)."""
+    from .models.fcn import ScoreHead
+
+    keep: list[str] = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, ScoreHead):
+            keep += [f"{prefix}score_", f"{prefix}upsample_"]
+        features = (
+            getattr(getattr(module, "backbone", None), "features", None) if isinstance(module, ScoreHead) else None
+        )
+        for i, m in enumerate(features or []):
+            if isinstance(m, nn.MaxPool2d):
+                break
+            if isinstance(m, nn.Conv2d):
+                keep.append(f"{prefix}backbone.features.{i}.")
     return keep
 
 
@@ -95,7 +105,7 @@ def quantize_onnx(
     keep_float: Sequence[str] = (),
 ) -> Path:
     """Static int8 quantisation (QDQ, per-channel int8 weights, uint8 activations, min-max ranges) calibrated on
-    ``calibration`` (normalised 1 x 3 x H x W inputs, a few images of the user's own data). Nodes whose weight
+    ``calibration`` (normalised 1 x C x H x W inputs, a few images of the user's own data). Nodes whose weight
     name starts with one of ``keep_float`` stay in float."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -173,18 +183,26 @@ def make_runner(
     return _ort_session(int8)
 
 
-def agreement(run: Runner, reference: Runner, inputs: Iterable[torch.Tensor]) -> float:
-    """Fraction of pixels, over ``inputs``, where ``run``'s argmax equals ``reference``'s."""
+def agreement(run: Runner, reference: Runner, inputs: Iterable[torch.Tensor], model: nn.Module | None = None) -> float:
+    """Fraction of pixels, over ``inputs``, where ``run``'s argmax equals ``reference``'s. With ``model``, a
+    two-headed model's heads are compared one by one (their scores are concatenated in one output) and the
+    pixels of every head counted."""
+    from .models.multi import split_heads
+
     same = total = 0
     for x in inputs:
-        a, b = run(x).argmax(1), reference(x).argmax(1)
-        same += int((a == b).sum())
-        total += a.numel()
+        outs, refs = run(x), reference(x)
+        heads = split_heads(model, outs).values() if model else [outs]
+        for out, ref in zip(heads, split_heads(model, refs).values() if model else [refs], strict=True):
+            a, b = out.argmax(1), ref.argmax(1)
+            same += int((a == b).sum())
+            total += a.numel()
     return same / max(total, 1)
 
 
 def normalised(model: nn.Module, images: Iterable[Any]) -> list[torch.Tensor]:
-    """Images (paths, PIL images or arrays) as the model's normalised 1 x 3 x H x W inputs."""
-    from .imageio import as_rgb_array
+    """Images (paths, PIL images or arrays) as the model's normalised 1 x C x H x W inputs (arrays of C channels for
+    a fusion net; an error naming what was expected otherwise)."""
+    from .predict import model_input
 
-    return [model.preprocessing(as_rgb_array(im)).unsqueeze(0) for im in images]
+    return [model_input(model, im).unsqueeze(0) for im in images]

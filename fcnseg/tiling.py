@@ -126,7 +126,7 @@ def _add_window(
     height, width = x.shape[-2:]
     logits = run(x[:, y0 : y0 + h, x0 : x0 + w].unsqueeze(0))
     if logits.shape[0] != 1 or logits.shape[2:] != (h, w) or logits.shape[1] != acc.shape[0]:
-        raise ValueError(f"run must map 1 x 3 x {h} x {w} to 1 x {acc.shape[0]} x {h} x {w}, got {tuple(logits.shape)}")
+        raise ValueError(f"run must map 1 x C x {h} x {w} to 1 x {acc.shape[0]} x {h} x {w}, got {tuple(logits.shape)}")
     weight = blend_weights(window, height, width, overlap).to(acc.device)
     # Multiply, then add, as two separately rounded steps (no fused multiply-add): tiled_mask and tiled_logits then
     # get bit-identical sums whatever shape their accumulators have, so their argmaxes agree exactly.

@@ -101,6 +101,12 @@ def test_excluded_classes_leave_the_means_only() -> None:
     assert_close(r["fw_iu"], (3 * (2 / 4) + 2 * (1 / 4) + 2 * 0) / 7)
     assert_list_close(r["per_class_iu"], [2 / 4, 1 / 4, 0.0, 0.0, math.nan])  # still reported per class
     assert cm.copy().exclude == (3,) and "(excluded)" in cm.table()
+    restored = ConfusionMatrix(5)
+    restored.load_state_dict(cm.state_dict())
+    assert restored.exclude == (3,) and restored.compute()["mean_iu"] == r["mean_iu"]
+    assert ConfusionMatrix.from_matrix(cm.mat, exclude=[3]).compute()["mean_iu"] == r["mean_iu"]
+    with pytest.raises(ValueError, match="excluding"):
+        cm.merge(ConfusionMatrix(5))
     with pytest.raises(ValueError, match="exclude"):
         ConfusionMatrix(5, exclude=[5])
 

@@ -233,7 +233,7 @@ class NYUDSegmentation(SegmentationDataset):
     60.0/42.2/29.2/43.9, RGBD early fusion 61.5/42.4/30.5/45.5, HHA 57.1/35.2/24.2/40.4, RGB-HHA late fusion
     64.3/44.9/32.8/48.0, FCN-16s RGB-HHA 65.4/46.1/34.0/49.5. ``rgbd`` trains any model built with
     ``in_channels=4`` (early fusion), ``rgb-hha`` the late-fusion ``fcn32s_rgb_hha`` / ``fcn16s_rgb_hha``; their
-    extra channels are normalised with :attr:`extra_channel_means`.
+    depth and HHA channels are normalised with :attr:`channel_means`.
     """
 
     def __init__(
@@ -271,14 +271,16 @@ class NYUDSegmentation(SegmentationDataset):
         return NYUD_MODALITIES[self.modality]
 
     @property
-    def extra_channel_means(self) -> tuple[float, ...]:
-        """Means (0-255 scale) of the channels after colour, from the release's readers: the encoded depth of
-        FCN's mean log depth (about 2.55 m: 65.0), or the HHA mean. Training normalises those channels with them."""
-        if self.modality == "rgbd":
-            return (float(np.exp(NYUD_MEAN_LOG_DEPTH)) * 255 / DEPTH_MAX_MM,)
-        if self.modality == "rgb-hha":
-            return NYUD_MEAN_HHA
-        return ()
+    def channel_means(self) -> tuple[float | None, ...]:
+        """Per channel, the mean (0-255 scale) of a channel that is not colour, from the release's readers: the
+        encoded depth of FCN's mean log depth (about 2.55 m: 65.0) or the HHA mean; None for a colour channel.
+        Training normalises the non-colour channels with these, scaled like the colour channels and never reversed
+        (the release reverses colour only)."""
+        depth = float(np.exp(NYUD_MEAN_LOG_DEPTH)) * 255 / DEPTH_MAX_MM
+        colour: tuple[float | None, ...] = (None, None, None)
+        return {"rgb": colour, "hha": NYUD_MEAN_HHA, "rgbd": (*colour, depth), "rgb-hha": (*colour, *NYUD_MEAN_HHA)}[
+            self.modality
+        ]
 
     def image_path(self, index: int) -> Path:
         folder = "hha" if self.modality == "hha" else "images"

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +116,11 @@ def _data_options(cfg: TrainConfig, ds: SegmentationDataset) -> dict[str, Any]:
     if len(heads) > 1:
         options.update(second_classes=len(list(heads.values())[1]), head_names=tuple(heads))
     channels = getattr(ds, "channels", 3)
-    fixed = accepted["in_channels"].default  # 3: any one-stream model, whose first layer widens (early fusion)
+    # 3: any one-stream model, whose first layer widens (early fusion); a builder without the option takes colour.
+    fixed = accepted["in_channels"].default if "in_channels" in accepted else 3
+    if "in_channels" not in accepted and channels != 3:
+        raise FcnsegError(f"--model {cfg.model} takes colour images only; --dataset {cfg.dataset} gives {channels} "
+                          "channels")  # fmt: skip
     if fixed not in (3, channels):
         raise FcnsegError(
             f"--model {cfg.model} takes {fixed} input channels but --dataset {cfg.dataset} gives {channels}; "
@@ -133,36 +137,63 @@ def head_classes(ds: SegmentationDataset) -> dict[str, tuple[str, ...]]:
 
 
 def fit_input(model: nn.Module, ds: SegmentationDataset) -> None:
-    """Normalise channels beyond colour (depth, HHA) with the dataset's means, scaled like the colour channels."""
-    means = tuple(getattr(ds, "extra_channel_means", ()))
-    if means and len(means) == model.preprocessing.channels - 3:
-        model.preprocessing = model.preprocessing.colour().with_extra_channels(means)
+    """Normalise the channels that are not colour (depth, HHA) with the dataset's means (``channel_means``), scaled
+    like the model's colour channels and never reversed; colour channels keep the model's own normalisation."""
+    means = tuple(getattr(ds, "channel_means", ()) or ())
+    if not means or all(m is None for m in means) or len(means) != model.preprocessing.channels:
+        return
+    pp = model.preprocessing.colour()
+    if means[:3] == (None, None, None):  # colour first, then depth / HHA
+        model.preprocessing = pp.with_extra_channels(means[3:])
+    elif None not in means:  # no colour at all (HHA alone): every channel is an "extra" one
+        scale = sum(pp.std) / 3
+        mean = tuple(m * pp.value_range / 255.0 for m in means)
+        model.preprocessing = Preprocessing(mean, (scale,) * len(means), "RGB", pp.value_range)
+
+
+def _has_non_colour(ds: SegmentationDataset) -> bool:
+    return any(m is not None for m in (getattr(ds, "channel_means", ()) or ()))
 
 
 def staged_init(model: nn.Module, path: str | Path) -> list[str]:
     """Initialise from a coarser net's checkpoint (32s -> 16s -> 8s) or from published weights by name: copy
     every layer both nets have, with the same shape; the new score layers (and score layers for another number of
-    classes) keep their zero initialisation. The model takes over the source's preprocessing, which its weights
-    were trained with. Returns the names left as they were."""
+    classes) keep their zero initialisation. A colour net's first layer is widened for an early-fusion net (the
+    paper's RGBD from its RGB FCN-32s), and a one-stream net starts every stream of a late-fusion one. The model
+    takes over the source's preprocessing, which its weights were trained with. Returns the names left as they
+    were."""
     from ..models.weights import is_weights_name, weights_checkpoint
 
-    if not Path(path).exists() and is_weights_name(str(path)):
-        ckpt = weights_checkpoint(str(path))
-    else:
-        ckpt = read_checkpoint(path)
-    src = dict(ckpt["state_dict"])
-    source_pp = Preprocessing.from_dict(ckpt["preprocessing"])
+    ckpt = (
+        weights_checkpoint(str(path))
+        if not Path(path).exists() and is_weights_name(str(path))
+        else read_checkpoint(path)
+    )
     own = model.state_dict()
-    for k, v in src.items():
-        # A colour net's first layer starts an early-fusion net (the paper's RGBD from its RGB FCN-32s).
-        if k in own and v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] > 3 and v.shape[2:] == own[k].shape[2:]:
-            src[k] = widen_input_weight(v, own[k].shape[1])
-    model.preprocessing = _adopt_input(source_pp, model.preprocessing.channels)
+    src = _fit_source(dict(ckpt["state_dict"]), own)
+    model.preprocessing = _adopt_input(Preprocessing.from_dict(ckpt["preprocessing"]), model.preprocessing.channels)
     shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
-    if not any(k.startswith("backbone.") for k in shared):
+    if not any(".backbone." in f".{k}" for k in shared):
         raise FcnsegError(f"--init-from {path}: shares no backbone layer with {model.build_config['name']}")
     model.load_state_dict(shared, strict=False)
-    return sorted(set(own) - set(shared))
+    left = sorted(set(own) - set(shared))
+    missed = [k for k in left if ".backbone." in f".{k}"]
+    if missed:  # a trunk layer of another shape (e.g. another width) keeps its random start: say so
+        print(f"fcnseg: warning: --init-from {path}: {len(missed)} backbone tensor(s) do not fit and keep their "
+              f"initialisation, e.g. {missed[0]}", file=sys.stderr)  # fmt: skip
+    return left
+
+
+def _fit_source(src: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A source state dict renamed and reshaped to fit ``own``: a one-stream net's tensors go to every stream of
+    a late-fusion net; a colour first layer is widened (:func:`widen_input_weight`) for more input channels."""
+    streams = sorted({k.split(".")[1] for k in own if k.startswith("streams.")})
+    if streams and not any(k.startswith("streams.") for k in src):
+        src = {f"streams.{s}.{k}": v for s in streams for k, v in src.items()}
+    for k, v in list(src.items()):
+        if k in own and v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] > 3 and v.shape[2:] == own[k].shape[2:]:
+            src[k] = widen_input_weight(v, own[k].shape[1])
+    return src
 
 
 def _adopt_input(source: Preprocessing, channels: int) -> Preprocessing:
@@ -216,9 +247,9 @@ def build_data(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDatas
 
 def attach_transforms(cfg: TrainConfig, model: nn.Module, train_ds, val_ds) -> None:
     """Normalise the way the model's weights expect (``model.preprocessing``), never a hard-coded mean."""
-    if cfg.jitter and getattr(train_ds, "channels", 3) != 3:
-        raise FcnsegError(f"--jitter: colour jitter is for colour images; --dataset {cfg.dataset} gives "
-                          f"{train_ds.channels} channels (depth or HHA too): expected --jitter 0")  # fmt: skip
+    if cfg.jitter and _has_non_colour(train_ds):
+        raise FcnsegError(f"--jitter: colour jitter is for colour images; --dataset {cfg.dataset} gives depth or HHA "
+                          "channels: expected --jitter 0")  # fmt: skip
     scale = None if cfg.scale_min == cfg.scale_max == 1.0 else (cfg.scale_min, cfg.scale_max)
     train_ds.transforms = train_transforms(
         model.preprocessing, crop_size=cfg.crop_size or None, scale_range=scale, flip=cfg.flip, jitter=cfg.jitter
@@ -430,9 +461,11 @@ LOG_FIELDS = ["iteration", "loss", "lr", "images_per_s", "pixel_acc", "mean_acc"
 class RunLog:
     """log.csv (one row per logged step or validation) and TensorBoard scalars/images; rank 0 only."""
 
-    def __init__(self, run: Path, enabled: bool, start_iteration: int) -> None:
+    def __init__(self, run: Path, enabled: bool, start_iteration: int, heads: Sequence[str] = ()) -> None:
         self.enabled = enabled
         self.writer = None
+        # A two-headed model's further heads get their own columns: geometric/pixel_acc, ...
+        self.fields = LOG_FIELDS + [f"{h}/{k}" for h in heads for k in LOG_FIELDS[4:]]
         if not enabled:
             return
         self.path = run / "log.csv"
@@ -441,7 +474,7 @@ class RunLog:
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start_iteration]
         with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_FIELDS)
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         try:
@@ -455,12 +488,13 @@ class RunLog:
         if not self.enabled:
             return
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, LOG_FIELDS).writerow({k: values.get(k, "") for k in LOG_FIELDS})
+            csv.DictWriter(f, self.fields).writerow({k: values.get(k, "") for k in self.fields})
         if self.writer is not None:
             it = values["iteration"]
             for k, v in values.items():
                 if k != "iteration" and isinstance(v, float) and math.isfinite(v):
-                    self.writer.add_scalar(("val/" if k in LOG_FIELDS[4:] else "train/") + k, v, it)
+                    val = k.rsplit("/", 1)[-1] in LOG_FIELDS[4:]
+                    self.writer.add_scalar(("val/" if val else "train/") + k, v, it)
 
     def image(self, tag: str, picture: np.ndarray, iteration: int) -> None:
         if self.writer is not None:
@@ -524,7 +558,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainState
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         cfg.save(run / "config.yaml")
-    log = RunLog(run, info.is_main, state.iteration)
+    log = RunLog(run, info.is_main, state.iteration, list(getattr(_unwrap(model), "heads", {}))[1:])
     data = batches(train_ds, cfg, info, state)
     bar = tqdm(total=cfg.iters, initial=state.iteration, disable=not (info.is_main and cfg.progress), unit="it")
     model.train()

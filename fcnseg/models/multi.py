@@ -117,24 +117,18 @@ class TwoHeadFCN(FCN):
         scores = [self.decode(feats, h, w), *(head.decode(feats, h, w) for head in self.extra_heads.values())]
         return torch.cat(scores, dim=1)
 
-    @staticmethod
-    def _check_untiled(kwargs: Mapping[str, Any]) -> None:
-        if kwargs.get("tile"):
-            raise FcnsegError("tiled prediction is for one-headed models; predict a two-headed model whole")
-
     def predict_proba(self, image: Any, **kwargs: Any) -> dict[str, np.ndarray]:  # type: ignore[override]
         """``{head: classes x H x W}`` float32 probabilities for one image."""
         from ..predict import predict_logits
 
-        self._check_untiled(kwargs)
         logits = predict_logits(self, image, **kwargs)[None]
         return {k: v[0].softmax(0).cpu().numpy() for k, v in split_heads(self, logits).items()}
 
     def predict(self, image: Any, **kwargs: Any) -> dict[str, np.ndarray]:  # type: ignore[override]
-        """``{head: H x W}`` uint8 class indices for one image."""
+        """``{head: H x W}`` uint8 class indices for one image (``tile``: the heads' scores are blended window by
+        window, then split)."""
         from ..predict import predict_logits
 
-        self._check_untiled(kwargs)
         logits = predict_logits(self, image, **kwargs)[None]
         return {k: v[0].argmax(0).to(torch.uint8).cpu().numpy() for k, v in split_heads(self, logits).items()}
 

@@ -150,46 +150,79 @@ def _eval_by_hand(model, ds) -> ConfusionMatrix:
     return cm
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEPTH_MEAN = float(np.exp(NYUD_MEAN_LOG_DEPTH)) * 255 / 10_000  # FCN's mean log depth, encoded: about 65
+
+
+def _expected_input(modality: str, pixel: list[int]) -> list[float]:
+    """One pixel normalised by hand: colour channels with the ImageNet mean/std (the model's own input), depth and
+    HHA with the release's means, divided by the colour channels' mean std, in their stored order."""
+    means = {"rgb": [None] * 3, "hha": list(NYUD_MEAN_HHA), "rgbd": [None] * 3 + [DEPTH_MEAN],
+             "rgb-hha": [None] * 3 + list(NYUD_MEAN_HHA)}[modality]  # fmt: skip
+    out = []
+    for c, (v, m) in enumerate(zip(pixel, means, strict=True)):
+        if m is None:
+            out.append((v / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
+        else:
+            out.append((v - m) / 255 / (sum(IMAGENET_STD) / 3))
+    return out
+
+
 @pytest.mark.parametrize(
-    ("modality", "model_name", "extra_means"),
-    [
-        ("rgb", "fcn32s", ()),
-        ("hha", "fcn32s", ()),
-        ("rgbd", "fcn32s", (np.exp(NYUD_MEAN_LOG_DEPTH) * 255 / 10_000,)),
-        ("rgb-hha", "fcn32s_rgb_hha", NYUD_MEAN_HHA),
-    ],
+    ("modality", "model_name"),
+    [("rgb", "fcn32s"), ("hha", "fcn32s"), ("rgbd", "fcn32s"), ("rgb-hha", "fcn32s_rgb_hha")],
 )
-def test_nyud_fusion_trains_and_evaluates(tmp_path, capsys, modality, model_name, extra_means):
+def test_nyud_fusion_trains_and_evaluates(tmp_path, modality, model_name):
     root = make_nyud(tmp_path / "nyud")
     ckpt = _nyud_train(tmp_path, root, modality, model_name)
     model = fcnseg.load(ckpt)
     channels = {"rgb": 3, "hha": 3, "rgbd": 4, "rgb-hha": 6}[modality]
     assert model.in_channels == channels and model.build_config["name"] == model_name
-    # The extra channels are normalised with the release's depth / HHA means, on the colour channels' scale.
-    pp = model.preprocessing
-    assert pp.channels == channels
-    assert pp.mean[3:] == pytest.approx(tuple(m / 255 for m in extra_means)) and pp.std[3:] == (0.226,) * len(
-        extra_means
-    )
+    # The checkpoint's input: a known pixel normalised as worked out by hand, channel by channel.
+    pixel = [200, 10, 90, 65, 132, 7][:channels]
+    got = model.preprocessing(np.array([[pixel]], np.uint8)).flatten().tolist()
+    assert got == pytest.approx(_expected_input(modality, pixel), abs=1e-5)
+    # Evaluated with random weights (two training steps barely move the zero-started scores): the command's
+    # figures are those of the model's own, varied, predictions on the test images, counted here by hand.
+    _randomise(model, seed=5)
+    ckpt = fcnseg.save_checkpoint(model, tmp_path / "random.pt")
     out = tmp_path / f"eval-{modality}"
     args = ["eval", str(ckpt), "--dataset", "nyud", "--root", str(root), "--split", "test",
             "--data-option", f"modality={modality}", "--out", str(out), "--num-workers", "0"]  # fmt: skip
     assert main(args) == 0
     doc = json.loads((out / "metrics.json").read_text())
-    # The command's figures are those of the model's own predictions on the test images, counted here by hand.
     ds = get_dataset("nyud", root=root, split="test", modality=modality)
     assert len(ds) == len(NYUD_TEST)
-    hand = _eval_by_hand(model, ds).compute()
+    cm = _eval_by_hand(model, ds)
+    assert int((cm.mat.sum(0) > 0).sum()) >= 2  # more than one class predicted
+    hand = cm.compute()
     for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
         assert doc[k] == pytest.approx(hand[k], abs=1e-12), k
 
 
-def test_colour_jitter_is_refused_for_depth_and_hha(tmp_path):
+@pytest.mark.parametrize("modality", ["rgbd", "hha"])
+def test_colour_jitter_is_refused_for_depth_and_hha(tmp_path, modality):
     root = make_nyud(tmp_path / "nyud")
-    cfg = TrainConfig(dataset="nyud", root=str(root), model="fcn32s", data_options={"modality": "rgbd"}, jitter=0.2,
-                      iters=1, num_workers=0, out=str(tmp_path / "run"), progress=False, **TINY)  # fmt: skip
-    with pytest.raises(FcnsegError, match="--jitter: colour jitter is for colour images; --dataset nyud gives 4"):
+    options = {"modality": modality}
+    run = str(tmp_path / "run")
+    cfg = TrainConfig(dataset="nyud", root=str(root), model="fcn32s", data_options=options, jitter=0.2, iters=1,
+                      num_workers=0, out=run, progress=False, **TINY)  # fmt: skip
+    with pytest.raises(FcnsegError, match="--jitter: colour jitter is for colour images; --dataset nyud gives depth"):
         train(cfg)
+
+
+def test_late_fusion_starts_from_one_stream_or_a_coarser_fusion_net(tmp_path):
+    # FCN-16s RGB-HHA from FCN-32s RGB-HHA (the paper's staged route), and both streams from a one-stream net.
+    coarse = _randomise(get_model("fcn32s_rgb_hha", **TINY))
+    fine = get_model("fcn16s_rgb_hha", **TINY)
+    left = staged_init(fine, fcnseg.save_checkpoint(coarse, tmp_path / "c.pt"))
+    assert all(".score_skip.pool4." in k or ".upsample_" in k for k in left) and left
+    assert torch.equal(fine.streams["hha"].backbone.fc7.weight, coarse.streams["hha"].backbone.fc7.weight)
+    single = _randomise(get_model("fcn32s", num_classes=40, **TINY))
+    fused = get_model("fcn32s_rgb_hha", **TINY)
+    assert staged_init(fused, fcnseg.save_checkpoint(single, tmp_path / "s.pt")) == []
+    for stream in fused.streams.values():
+        assert torch.equal(stream.score_fr.weight, single.score_fr.weight)
 
 
 def test_nyud_modality_and_model_must_match(tmp_path, capsys):
@@ -225,8 +258,10 @@ def test_two_headed_fcn_shares_one_trunk():
     single.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("extra_heads.")})
     with torch.no_grad():
         torch.testing.assert_close(heads["semantic"], single(x), atol=0, rtol=0)
-    with pytest.raises(FcnsegError, match="tiled prediction is for one-headed models"):
-        model.predict(np.zeros((8, 8, 3), np.uint8), tile=64)
+    # Tiled: each head's mask equals the untiled one away from the windows' seams (here one window covers all).
+    image = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    whole, tiled = model.predict(image), model.predict(image, tile=64, overlap=0)
+    assert all(np.array_equal(whole[k], tiled[k]) for k in model.heads)
 
 
 def test_sum_of_both_losses():
@@ -298,6 +333,9 @@ def test_two_headed_fcn_overfits_a_few_siftflow_images_on_both_heads(tmp_path):
     last = state.history[-1]
     # Both heads fit the three training images: semantic (3 classes present) and geometric pixel accuracy.
     assert last["pixel_acc"] > 0.95 and last["geometric/pixel_acc"] > 0.95, last
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    header, final = rows[0].split(","), dict(zip(rows[0].split(","), rows[-1].split(","), strict=True))
+    assert "geometric/pixel_acc" in header and float(final["geometric/pixel_acc"]) == last["geometric/pixel_acc"]
     model = fcnseg.load(tmp_path / "run" / "last.pt")
     assert model.head_classes["geometric"] == ["sky", "horizontal", "vertical"]
     ds = get_dataset("siftflow", root=root, split="train", target="both")
@@ -362,3 +400,37 @@ def test_two_headed_model_needs_two_label_sets_and_the_reverse(tmp_path):
     cfg = TrainConfig(dataset="siftflow", model="fcn16s", **TINY)
     with pytest.raises(FcnsegError, match="gives 2 label sets .*expected a two-headed model"):
         build_model(cfg, both)
+
+
+def test_int8_keeps_every_stream_and_head_edge_in_float(tmp_path):
+    # The layers quantisation leaves in float (first convolutions, score layers, upsamplers) are found in every
+    # stream and every head, under the names the exported graph gives their weights.
+    import onnx
+
+    from fcnseg.export import export_onnx
+    from fcnseg.runtime import float_layers
+
+    for name, expected in [
+        ("fcn16s_twohead", ["score_", "upsample_", "extra_heads.geometric.score_", "backbone.features.2."]),
+        ("fcn16s_rgb_hha", ["streams.rgb.score_", "streams.hha.upsample_", "streams.hha.backbone.features.0."]),
+    ]:
+        model = _randomise(get_model(name, **TINY))
+        keep = float_layers(model)
+        assert set(expected) <= set(keep), (name, keep)
+        export_onnx(model, tmp_path / f"{name}.onnx", check_sizes=[(32, 32)])
+        weights = [i.name for i in onnx.load(str(tmp_path / f"{name}.onnx")).graph.initializer]
+        for prefix in keep:
+            assert any(w.startswith(prefix) for w in weights), (name, prefix)
+
+
+def test_agreement_compares_each_head_on_its_own():
+    # Two heads of 2 classes; the runs agree on the first head everywhere and on the second nowhere: 50 %. Over
+    # the 4 joined channels the first head's larger scores would decide every pixel and give 100 %.
+    from fcnseg.runtime import agreement
+
+    model = get_model("fcn16s_twohead", num_classes=2, second_classes=2, **TINY)
+    a = torch.tensor([9.0, 0.0, 1.0, 0.0]).view(1, 4, 1, 1).expand(1, 4, 3, 3)
+    b = torch.tensor([9.0, 0.0, 0.0, 1.0]).view(1, 4, 1, 1).expand(1, 4, 3, 3)
+    x = [torch.zeros(1, 3, 3, 3)]
+    assert agreement(lambda _: a, lambda _: b, x, model) == 0.5
+    assert agreement(lambda _: a, lambda _: b, x) == 1.0
