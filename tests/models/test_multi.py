@@ -434,3 +434,36 @@ def test_agreement_compares_each_head_on_its_own():
     x = [torch.zeros(1, 3, 3, 3)]
     assert agreement(lambda _: a, lambda _: b, x, model) == 0.5
     assert agreement(lambda _: a, lambda _: b, x) == 1.0
+
+
+def test_two_headed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    # Killed in step 3 of 4 (checkpoint at 2) and resumed: the same weights, bit for bit, as 4 steps in one go.
+    import fcnseg.engine.train as train_mod
+
+    root = make_scenes(tmp_path / "siftflow")
+
+    def cfg(out: str, resume: bool = False) -> TrainConfig:
+        return TrainConfig(
+            dataset="siftflow", root=str(root), split="train", val_split="train", data_options={"target": "both"},
+            model="fcn16s_twohead", preset="modern", iters=4, batch_size=2, crop_size=32, val_every=2,
+            num_workers=0, out=str(tmp_path / out), progress=False, deterministic=True, resume=resume, **TINY,
+        )  # fmt: skip
+
+    train(cfg("once"))
+    real_step, calls = train_mod.train_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as a kill would stop it, without the checkpoint a Ctrl-C writes
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg("twice"))
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    state = train(cfg("twice", resume=True))
+    assert state.iteration == 4 and "geometric/mean_iu" in state.history[-1]
+    a, b = fcnseg.load(tmp_path / "once" / "last.pt"), fcnseg.load(tmp_path / "twice" / "last.pt")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
