@@ -333,13 +333,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_weights(args: argparse.Namespace) -> int:
     from .models.weights import FCNWeights, cache_dir
 
-    print(f"{'name':<26} {'model':<13} {'classes':>7} {'input':<5} {'mean IU':>8}  reported on / file")
-    for w in FCNWeights:
+    entries = list(FCNWeights)
+    wn, wm = (
+        max(len(x), 5) for x in (max((w.id for w in entries), key=len), max((w.value.model for w in entries), key=len))
+    )
+    print(f"{'name':<{wn}} {'model':<{wm}} {'classes':>7} {'input':<5} {'mean IU':>8}  reported on / file")
+    for w in entries:
         e = w.value
         dataset, m = next(iter(e.metrics.items()), ("-", {}))
         cached = "  (cached)" if (cache_dir() / e.file_name).is_file() else ""
         iu = f"{m['mean_iu']:.2f}" if m else "-"
-        print(f"{w.id:<26} {e.model:<13} {e.num_classes:>7} {e.preprocessing.channel_order:<5} {iu:>8}  "
+        print(f"{w.id:<{wn}} {e.model:<{wm}} {e.num_classes:>7} {e.preprocessing.channel_order:<5} {iu:>8}  "
               f"{dataset} / {e.file_name}{cached}")  # fmt: skip
     print(f"\ncache: {cache_dir()}; use: fcnseg predict --weights NAME IMAGES --out DIR, or fcnseg.load(NAME)")
     return 0
@@ -362,7 +366,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.weights:  # a published file converted by hand: the entry knows its model, classes and input
         entry = get_weights(args.weights).value
         options = {"model": args.model or entry.model, "classes": options["classes"] or entry.classes}
-        options["preprocessing"] = entry.preprocessing
+        options.update(preprocessing=entry.preprocessing, head_classes=entry.head_classes)
     try:
         ckpt = import_file(args.src, args.format, **options)
     except FcnsegError as e:

@@ -132,12 +132,17 @@ def _schema_file(package: str, *, raw_payloads: bool) -> descriptor_pb2.FileDesc
     for fname, number in (("num", 1), ("channels", 2), ("height", 3), ("width", 4)):
         _add_field(blob, fname, number, F.TYPE_INT64)
 
+    # Eltwise's coefficients: the release's late fusion averages its two score maps with them (coeff 0.5, 0.5).
+    eltwise = fd.message_type.add(name="EltwiseParameter")
+    _add_field(eltwise, "coeff", 2, F.TYPE_FLOAT, repeated=True)
+
     layer = fd.message_type.add(name="LayerParameter")
     _add_field(layer, "name", 1, F.TYPE_STRING)
     _add_field(layer, "type", 2, F.TYPE_STRING)
     _add_field(layer, "bottom", 3, F.TYPE_STRING, repeated=True)
     _add_field(layer, "top", 4, F.TYPE_STRING, repeated=True)
     _add_field(layer, "blobs", 7, F.TYPE_MESSAGE, repeated=True, type_name=ref("BlobProto"))
+    _add_field(layer, "eltwise_param", 110, F.TYPE_MESSAGE, type_name=ref("EltwiseParameter"))
 
     v1 = fd.message_type.add(name="V1LayerParameter")
     enum = v1.enum_type.add(name="LayerType")
@@ -150,6 +155,7 @@ def _schema_file(package: str, *, raw_payloads: bool) -> descriptor_pb2.FileDesc
     # would vanish into the unknown fields, leaving the layer silently untyped instead of reported.
     _add_field(v1, "type", 5, F.TYPE_INT32)
     _add_field(v1, "blobs", 6, F.TYPE_MESSAGE, repeated=True, type_name=ref("BlobProto"))
+    _add_field(v1, "eltwise_param", 24, F.TYPE_MESSAGE, type_name=ref("EltwiseParameter"))
 
     net = fd.message_type.add(name="NetParameter")
     _add_field(net, "name", 1, F.TYPE_STRING)
@@ -226,6 +232,7 @@ class CaffeLayer:
     blobs: list[np.ndarray] = field(default_factory=list)  # float32, shaped as the file says
     bottoms: list[str] = field(default_factory=list)
     tops: list[str] = field(default_factory=list)
+    coeff: list[float] = field(default_factory=list)  # Eltwise coefficients (``eltwise_param.coeff``), if any
 
 
 class _NeedExact(Exception):
@@ -288,6 +295,8 @@ def write_caffemodel(
         lp.name = layer.name
         lp.bottom.extend(layer.bottoms)
         lp.top.extend(layer.tops)
+        if layer.coeff:
+            lp.eltwise_param.coeff.extend(layer.coeff)
         for j, blob in enumerate(layer.blobs):
             a = np.asarray(blob, dtype="<f4")  # not ascontiguousarray: that makes a 0-d blob 1-D
             bp = lp.blobs.add()
@@ -352,15 +361,19 @@ def _convert(path: Path, net: Any, *, raw: bool) -> tuple[str, list[CaffeLayer]]
     for i, lp in enumerate(net.layer):
         label = lp.name or f"#{i}"
         blobs = [_blob(path, label, j, bp, raw) for j, bp in enumerate(lp.blobs)]
-        layers.append(CaffeLayer(lp.name, lp.type, blobs, list(lp.bottom), list(lp.top)))
+        layers.append(CaffeLayer(lp.name, lp.type, blobs, list(lp.bottom), list(lp.top), _coeff(lp)))
     for i, lp in enumerate(net.layers):
         label = lp.name or f"#{i}"
         entry = _V1_LAYER_TYPES.get(lp.type)
         if entry is None:
             raise FcnsegError(f"{path}: layer {label!r}: unknown V1 layer type enum value {lp.type}")
         blobs = [_blob(path, label, j, bp, raw) for j, bp in enumerate(lp.blobs)]
-        layers.append(CaffeLayer(lp.name, entry[1], blobs, list(lp.bottom), list(lp.top)))
+        layers.append(CaffeLayer(lp.name, entry[1], blobs, list(lp.bottom), list(lp.top), _coeff(lp)))
     return net.name, layers
+
+
+def _coeff(lp: Any) -> list[float]:
+    return [float(c) for c in lp.eltwise_param.coeff] if lp.HasField("eltwise_param") else []
 
 
 def _blob(path: Path, label: str, j: int, bp: Any, raw: bool) -> np.ndarray:

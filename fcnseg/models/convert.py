@@ -20,6 +20,7 @@ from ..errors import FcnsegError
 from ..palette import VOC_CLASSES
 from ..preprocessing import CAFFE, Preprocessing
 from .backbones import VGG16Backbone
+from .multi import LateFusionFCN
 from .registry import get_model
 
 # torchfcn class name -> fcnseg model. FCN8s and FCN8sAtOnce have the same parameters; only the forward differs
@@ -41,14 +42,41 @@ class CaffeLayerLike(Protocol):
     bottoms: list[str]
 
 
+# Suffixes the release gives the layers of a head or a stream: siftflow-fcn16s names its heads' layers
+# ``score_fr_sem`` / ``score_fr_geo`` (and so on), nyud-fcn32s-color-hha its streams' ``conv1_1color`` /
+# ``conv1_1hha``. Other head or stream names take ``_<head>`` / ``<stream>``.
+CAFFE_HEAD_SUFFIX = {"semantic": "_sem", "geometric": "_geo"}
+CAFFE_STREAM_SUFFIX = {"rgb": "color", "hha": "hha"}
+
+
 def caffe_layer_names(model: nn.Module) -> dict[str, str]:
     """Caffe layer name -> fcnseg module path (``"conv3_2" -> "backbone.features.12"``) for a VGG16 FCN.
 
     Convolutions are numbered block by block, a block ending at each max pooling; the upsamplers are named as the
     release names them: ``upscore2`` first, ``upscore_<tap>`` after fusing a tap, and ``upscore`` (FCN-32s) or
-    ``upscore<stride>`` for the last one.
+    ``upscore<stride>`` for the last one. A two-headed net's head layers carry the head's suffix
+    (:data:`CAFFE_HEAD_SUFFIX`), a late-fusion net's layers their stream's (:data:`CAFFE_STREAM_SUFFIX`), except the
+    upsamplers, which the release shares between streams (it upsamples the fused scores): those name the first
+    stream's, and the importer ties the others to them.
     """
-    backbone = model.backbone
+    if isinstance(model, LateFusionFCN):
+        names: dict[str, str] = {}
+        for stream, fcn in model.streams.items():
+            suffix = CAFFE_STREAM_SUFFIX.get(stream, stream)
+            for caffe, ours in caffe_layer_names(fcn).items():
+                shared = caffe.startswith("upscore")
+                names.setdefault(caffe if shared else caffe + suffix, f"streams.{stream}.{ours}")
+        return names
+    names = _backbone_names(model.backbone)
+    heads = {"": model, **dict(getattr(model, "extra_heads", {}).items())}
+    for (head, module), name in zip(heads.items(), model.heads, strict=True):
+        suffix = CAFFE_HEAD_SUFFIX.get(name, f"_{name}") if len(model.heads) > 1 else ""
+        prefix = f"extra_heads.{head}." if head else ""
+        names.update({caffe + suffix: prefix + ours for caffe, ours in _head_names(module).items()})
+    return names
+
+
+def _backbone_names(backbone: nn.Module) -> dict[str, str]:
     if not isinstance(backbone, VGG16Backbone) or any(isinstance(m, nn.BatchNorm2d) for m in backbone.features):
         raise FcnsegError("Caffe layer names exist for the VGG16 FCNs without batch norm only")
     names: dict[str, str] = {}
@@ -59,23 +87,30 @@ def caffe_layer_names(model: nn.Module) -> dict[str, str]:
             index += 1
         elif isinstance(m, nn.MaxPool2d):
             block, index = block + 1, 1
-    names.update({"fc6": "backbone.fc6", "fc7": "backbone.fc7", "score_fr": "score_fr"})
+    names.update({"fc6": "backbone.fc6", "fc7": "backbone.fc7"})
+    return names
+
+
+def _head_names(head: nn.Module) -> dict[str, str]:
+    names = {"score_fr": "score_fr"}
     previous = None
-    for tap in model.skips:
+    for tap in head.skips:
         names[f"score_{tap}"] = f"score_skip.{tap}"
         names["upscore2" if previous is None else f"upscore_{previous}"] = f"upsample_skip.{tap}"
         previous = tap
-    last = "upscore" if not model.skips else f"upscore{model.upsample_out.stride[0]}"
+    last = "upscore" if not head.skips else f"upscore{head.upsample_out.stride[0]}"
     names[last] = "upsample_out"
     return names
 
 
-def _meta_model(name: str, num_classes: int, conv1_channels: int, fc_dim: int) -> nn.Module:
+def _meta_model(name: str, num_classes: int, conv1_channels: int, fc_dim: int, **extra: Any) -> nn.Module:
     """The fcnseg model the weights describe, in caffe alignment; width and fc_dim are read off the weights
     (conv1_1's outputs / 64, fc6's outputs), so reduced-width networks convert too."""
     # Shapes only: building the full VGG16 on the meta device takes no memory and no initialisation time.
     with torch.device("meta"):
-        return get_model(name, num_classes=num_classes, alignment="caffe", width=conv1_channels / 64, fc_dim=fc_dim)
+        return get_model(
+            name, num_classes=num_classes, alignment="caffe", width=conv1_channels / 64, fc_dim=fc_dim, **extra
+        )
 
 
 def _checkpoint(
@@ -161,6 +196,10 @@ def torchfcn_to_fcnseg(
 
 def _detect_caffe_model(layers: Sequence[CaffeLayerLike]) -> str:
     names = {layer.name for layer in layers}
+    if "score_fr_sem" in names:  # siftflow-fcn16s: a semantic and a geometric head
+        return "fcn16s_twohead"
+    if "score_frcolor" in names:  # nyud-fcn32s-color-hha: colour and HHA streams
+        return "fcn16s_rgb_hha" if "score_pool4color" in names else "fcn32s_rgb_hha"
     if "score_pool3" in names:
         return "fcn8s_atonce" if any(layer.type == "Scale" for layer in layers) else "fcn8s"
     return "fcn16s" if "score_pool4" in names else "fcn32s"
@@ -219,9 +258,13 @@ def caffe_to_fcnseg(
     classes: Sequence[str] | None = None,
     preprocessing: Preprocessing = CAFFE,
     source: str = "caffemodel",
+    head_classes: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Layers of a VGG16 FCN ``.caffemodel`` (see :func:`fcnseg.models.caffe_proto.read_caffemodel`) -> an fcnseg
-    checkpoint dict (caffe alignment). The variant is found from the layer names unless ``model`` is given.
+    checkpoint dict (caffe alignment). The variant is found from the layer names unless ``model`` is given: the
+    VOC nets, the two-headed SIFT Flow net (``*_sem`` / ``*_geo`` layers) and the NYUDv2 colour-HHA late fusion
+    (``*color`` / ``*hha`` layers, their scores averaged by Eltwise coefficients, folded in). ``head_classes``
+    names a two-headed net's classes per head.
 
     Layers of a type fcnseg does not compute, weighted layers without an fcnseg counterpart, missing layers and
     blobs of the wrong shape are refused, naming the layer.
@@ -232,12 +275,19 @@ def caffe_to_fcnseg(
     weighted = [layer for layer in layers if layer.type in _WEIGHTED]
     outputs = {}
     for name in ("score_fr", "conv1_1", "fc6"):
-        layer = next((x for x in weighted if x.name == name and x.blobs), None)
+        # The first of that name, or of that name with a head's or a stream's suffix (score_fr_sem, conv1_1color).
+        layer = next((x for x in weighted if x.name == name and x.blobs), None) or next(
+            (x for x in weighted if x.name.startswith(name) and x.blobs), None
+        )
         if layer is None:
             raise FcnsegError(f"{source}: no weighted layer {name!r}: not a VGG16 FCN caffemodel")
         outputs[name] = _outputs(layer)
     model = model or _detect_caffe_model(layers)
-    target = _meta_model(model, outputs["score_fr"], outputs["conv1_1"], outputs["fc6"])
+    extra = {}
+    geo = next((x for x in weighted if x.name == "score_fr_geo" and x.blobs), None)
+    if model == "fcn16s_twohead" and geo is not None:
+        extra["second_classes"] = _outputs(geo)
+    target = _meta_model(model, outputs["score_fr"], outputs["conv1_1"], outputs["fc6"], **extra)
     names = caffe_layer_names(target)
     own = target.state_dict()
     state: dict[str, torch.Tensor] = {}
@@ -253,22 +303,57 @@ def caffe_to_fcnseg(
             )
         for kind, blob in zip(kinds, layer.blobs, strict=False):
             state[f"{prefix}.{kind}"] = _fit_blob(blob, own[f"{prefix}.{kind}"].shape, layer, kind, source)
+    _tie_shared_upsamplers(state, own)
     missing = sorted({k.rsplit(".", 1)[0] for k in set(own) - set(state)})
     if missing:
         by_module = {v: k for k, v in names.items()}
         raise FcnsegError(f"{source}: no weights for layer(s) {', '.join(by_module.get(m, m) for m in missing)}")
     _fold_scales(target, state, _caffe_scales(layers, source), source)
+    _fold_coefficients(layers, names, state, source)
+    if head_classes:
+        target.head_classes = {k: list(v) for k, v in head_classes.items()}
     return _checkpoint(target, state, classes, preprocessing, source)
+
+
+def _tie_shared_upsamplers(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """The release's late fusion upsamples the summed scores once; fcnseg upsamples each stream's (the same linear
+    map, so the sum is the same): every stream's upsampler gets the first stream's kernel."""
+    for key in own:
+        if key.startswith("streams.") and ".upsample_" in key and key not in state:
+            first = next((k for k in state if k.split(".", 2)[2] == key.split(".", 2)[2]), None)
+            if first is not None:
+                state[key] = state[first].clone()
+
+
+def _fold_coefficients(
+    layers: Sequence[CaffeLayerLike], names: Mapping[str, str], state: dict[str, torch.Tensor], source: str
+) -> None:
+    """Eltwise coefficients on summed score layers (the release's colour-HHA net averages its streams' scores:
+    coeff 0.5, 0.5) folded into those layers' weights and biases: c * (W x + b) = (c W) x + c b, exact. Any other
+    weighted sum is refused."""
+    by_top = {top: x.name for x in layers if x.type in _WEIGHTED for top in (x.tops or [x.name])}
+    for layer in layers:
+        coeff = list(getattr(layer, "coeff", None) or [])
+        if layer.type != "Eltwise" or not coeff or all(c == 1.0 for c in coeff):
+            continue
+        for bottom, c in zip(layer.bottoms, coeff, strict=False):
+            ours = names.get(by_top.get(bottom, bottom), "")
+            if not ours.endswith("score_fr"):
+                raise FcnsegError(f"{source}: Eltwise layer {layer.name!r} weighs {bottom!r} by {c}; fcnseg can fold "
+                                  "coefficients on score layers only")  # fmt: skip
+            for kind in ("weight", "bias"):
+                state[f"{ours}.{kind}"] = state[f"{ours}.{kind}"] * c
 
 
 def _fold_scales(model: nn.Module, state: dict[str, torch.Tensor], scales: dict[str, np.ndarray], source: str) -> None:
     """score(s * x) = (W diag(s / s0)) (s0 * x): the Caffe net's factor s on a tap (1 where it has no Scale layer)
     becomes the model's fixed factor s0 with the rest folded into the score layer's input columns, which is exact.
     So an FCN-8s-at-once file imported as staged FCN-8s, or the reverse, still computes what the file computes."""
-    unknown = sorted(set(scales) - set(model.skip_scales))
+    skip_scales = getattr(model, "skip_scales", {})
+    unknown = sorted(set(scales) - set(skip_scales))
     if unknown:
         raise FcnsegError(f"{source}: Scale layer on {unknown[0]!r}, which fcnseg {model.build_config['name']} lacks")
-    for tap, s0 in model.skip_scales.items():
+    for tap, s0 in skip_scales.items():
         key = f"score_skip.{tap}.weight"
         w = state[key]
         s = scales.get(tap, np.ones(1))

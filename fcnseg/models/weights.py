@@ -28,12 +28,20 @@ from typing import Any, Literal
 import torch
 
 from ..data.nyud import NYUD_CLASSES, NYUD_MEAN_BGR, NYUD_MEAN_HHA
+from ..data.siftflow import SIFTFLOW_CLASSES, SIFTFLOW_GEO_CLASSES, SIFTFLOW_MEAN_BGR
 from ..errors import FcnsegError
 from ..palette import VOC_CLASSES
 from ..preprocessing import CAFFE, Preprocessing
 
 NYUD_CAFFE = Preprocessing(mean=NYUD_MEAN_BGR, std=(1.0, 1.0, 1.0), channel_order="BGR", value_range=255.0)
 """The release's NYUDv2 colour input: BGR, 0-255, minus the NYUDv2 mean."""
+NYUD_CAFFE_RGB_HHA = Preprocessing(
+    mean=NYUD_MEAN_BGR + NYUD_MEAN_HHA, std=(1.0,) * 6, channel_order="BGR", value_range=255.0
+)
+"""The release's colour-HHA late fusion input: colour as ``NYUD_CAFFE`` (BGR: the first three channels only), then
+HHA as ``NYUD_CAFFE_HHA``."""
+SIFTFLOW_CAFFE = Preprocessing(mean=SIFTFLOW_MEAN_BGR, std=(1.0, 1.0, 1.0), channel_order="BGR", value_range=255.0)
+"""The release's SIFT Flow input: BGR, 0-255, minus the SIFT Flow mean."""
 NYUD_CAFFE_HHA = Preprocessing(mean=NYUD_MEAN_HHA, std=(1.0, 1.0, 1.0), channel_order="RGB", value_range=255.0)
 """The release's NYUDv2 HHA input: the HHA image's channels as stored (not reversed), 0-255, minus the HHA mean."""
 
@@ -60,6 +68,8 @@ class PublishedWeights:
     md5: str | None = None
     sha256: str | None = None
     description: str = ""
+    head_classes: Mapping[str, tuple[str, ...]] | None = None
+    """A two-headed model's class names per head (the first head's are ``classes``)."""
 
     @property
     def num_classes(self) -> int:
@@ -113,6 +123,22 @@ class FCNWeights(Enum):
         classes=NYUD_CLASSES,
         preprocessing=NYUD_CAFFE_HHA,
         metrics={"nyudv2-test": _metrics(57.1, 35.2, 24.2, 40.4)},
+    )
+    NYUD_FCN32S_COLOR_HHA_HEAVY = _caffe(
+        "fcn32s_rgb_hha",
+        "nyud-fcn32s-color-hha-heavy.caffemodel",
+        classes=NYUD_CLASSES,
+        preprocessing=NYUD_CAFFE_RGB_HHA,
+        metrics={"nyudv2-test": _metrics(64.3, 44.9, 32.8, 48.0)},
+    )
+    SIFTFLOW_FCN16S_HEAVY = _caffe(
+        "fcn16s_twohead",
+        "siftflow-fcn16s-heavy.caffemodel",
+        classes=SIFTFLOW_CLASSES,
+        head_classes={"semantic": SIFTFLOW_CLASSES, "geometric": SIFTFLOW_GEO_CLASSES},
+        preprocessing=SIFTFLOW_CAFFE,
+        # Semantic figures over the 30 classes of the test set; the geometric head: 94.3 pixel accuracy.
+        metrics={"siftflow-test": _metrics(85.2, 51.7, 39.5, 76.1), "siftflow-test-geometric": {"pixel_acc": 94.3}},
     )
     TORCHFCN_FCN32S = _torchfcn(
         "fcn32s",
@@ -268,6 +294,7 @@ def import_file(
     model: str | None = None,
     classes: Sequence[str] | None = None,
     preprocessing: Preprocessing | None = None,
+    head_classes: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Read a torchfcn state dict or a Caffe ``.caffemodel`` and return an fcnseg checkpoint dict.
 
@@ -287,7 +314,7 @@ def import_file(
         from .caffe_proto import read_caffemodel
 
         _, layers = read_caffemodel(path)
-        return caffe_to_fcnseg(layers, **kwargs)
+        return caffe_to_fcnseg(layers, head_classes=head_classes, **kwargs)
     if format == "torchfcn":
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -320,7 +347,12 @@ def _cached_conversion(converted: Path, source: Path) -> dict[str, Any] | None:
 
 def _convert(entry: PublishedWeights, source: Path) -> dict[str, Any]:
     ckpt = import_file(
-        source, entry.format, classes=entry.classes, preprocessing=entry.preprocessing, model=entry.model
+        source,
+        entry.format,
+        classes=entry.classes,
+        preprocessing=entry.preprocessing,
+        model=entry.model,
+        head_classes=entry.head_classes,
     )
     if ckpt["alignment"] != entry.alignment:
         raise FcnsegError(f"{source}: converts to {ckpt['alignment']} alignment, expected {entry.alignment}")

@@ -277,3 +277,87 @@ def test_forcing_the_other_fcn8s_still_computes_the_file(source, forced, tmp_pat
     model = model_from_checkpoint(caffe_to_fcnseg(layers, model=forced))
     assert model.build_config["name"] == forced
     _check_outputs(model, layers, source)
+
+
+# ----------------------------------------------------------------------------- two heads and late fusion
+
+TRUNK = ("data", "conv", "relu", "pool", "fc6", "fc7", "drop")
+
+
+def _split(layers):
+    """(trunk, head) layers of an fcn_layers() list: the VGG16 body, then the score / upsampling / loss layers."""
+    trunk = [x for x in layers if x.name.startswith(TRUNK)]
+    return trunk, [x for x in layers if not x.name.startswith(TRUNK)]
+
+
+def _suffixed(layers, suffix, keep=()):
+    return [
+        CaffeLayer(x.name if x.name in keep else x.name + suffix, x.type, x.blobs, x.bottoms, x.tops)
+        for x in layers
+        if x.name != "data"
+    ]
+
+
+def _span_close(got, expected):
+    span = (expected.max() - expected.min()).item()
+    assert span > 0.1 and (got - expected).abs().max().item() <= 1e-4 * span
+
+
+def test_siftflow_two_headed_file_converts_to_both_heads(tmp_path):
+    # siftflow-fcn16s's layout (its net.py): one VGG16 trunk, then score_fr_sem ... upscore16_sem and the same
+    # layers suffixed _geo, each head with its own pool4 scores and upsamplers.
+    sem, geo = fcn_layers("fcn16s", classes=5, seed=11), fcn_layers("fcn16s", classes=3, seed=12)
+    trunk, sem_head = _split(sem)
+    _, geo_head = _split(geo)
+    write_caffemodel(
+        tmp_path / "siftflow.caffemodel", trunk + _suffixed(sem_head, "_sem") + _suffixed(geo_head, "_geo")
+    )
+    _, layers = read_caffemodel(tmp_path / "siftflow.caffemodel")
+    names = {"semantic": list("abcde"), "geometric": ["sky", "horizontal", "vertical"]}
+    ckpt = caffe_to_fcnseg(layers, classes=names["semantic"], head_classes=names)
+    assert ckpt["model"] == "fcn16s_twohead" and ckpt["config"]["second_classes"] == 3
+    assert ckpt["head_classes"] == names
+    model = load(_save(ckpt, tmp_path / "siftflow.pt"))
+    x = torch.randn(1, 3, 37, 51)
+    with torch.no_grad():
+        out = model(x)
+        # Each head computes what the release's net computes from the shared trunk and that head's layers.
+        _span_close(out[:, :5], reference_forward(sem, "fcn16s", x))
+        _span_close(out[:, 5:], reference_forward(trunk + geo_head, "fcn16s", x))
+
+
+def test_colour_hha_file_converts_with_the_averaged_scores_folded_in(tmp_path):
+    # nyud-fcn32s-color-hha's layout (its net.py): every layer of a stream suffixed "color" / "hha", the two
+    # score_fr maps summed by an Eltwise with coeff 0.5, 0.5, one upscore and one crop for the sum.
+    colour, hha = fcn_layers("fcn32s", classes=5, seed=21), fcn_layers("fcn32s", classes=5, seed=22)
+    upscore = next(x for x in colour if x.name == "upscore")
+    streams = [
+        x
+        for x in _suffixed(colour, "color") + _suffixed(hha, "hha")
+        if not x.name.startswith(("upscore", "score", "loss"))
+    ]
+    streams += [x for x in _suffixed(colour, "color") + _suffixed(hha, "hha") if x.name.startswith("score_fr")]
+    fused = CaffeLayer("score_fused", "Eltwise", bottoms=["score_frcolor", "score_frhha"], tops=["score_fused"],
+                       coeff=[0.5, 0.5])  # fmt: skip
+    layers = [CaffeLayer("data", "Input"), *streams, fused, upscore, CaffeLayer("score", "Crop")]
+    write_caffemodel(tmp_path / "color-hha.caffemodel", layers)
+    _, read = read_caffemodel(tmp_path / "color-hha.caffemodel")
+    assert next(x for x in read if x.name == "score_fused").coeff == [0.5, 0.5]
+    ckpt = caffe_to_fcnseg(read)
+    assert ckpt["model"] == "fcn32s_rgb_hha"
+    model = load(_save(ckpt, tmp_path / "color-hha.pt"))
+    x = torch.randn(1, 6, 41, 30)
+    shared = [x if x.name != "upscore" else upscore for x in hha]  # one upsampling for the sum, the colour one's
+    with torch.no_grad():
+        expected = 0.5 * (reference_forward(colour, "fcn32s", x[:, :3]) + reference_forward(shared, "fcn32s", x[:, 3:]))
+        _span_close(model(x), expected)
+    # A weighted sum of anything but score layers is refused, naming the layer.
+    odd = [*layers[:-3], CaffeLayer("score_fused", "Eltwise", bottoms=["fc7color", "fc7hha"], coeff=[2.0, 1.0]),
+           *layers[-2:]]  # fmt: skip
+    with pytest.raises(FcnsegError, match="Eltwise layer 'score_fused' weighs 'fc7color' by 2.0"):
+        caffe_to_fcnseg(odd)
+
+
+def _save(ckpt, path):
+    torch.save(ckpt, path)
+    return path

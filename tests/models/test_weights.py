@@ -62,15 +62,23 @@ def test_every_entry_is_complete(entry):
     assert w.model in list_models() and w.alignment == "caffe"
     assert w.num_classes == len(w.classes) >= 2 and len(set(w.classes)) == w.num_classes
     # Every published FCN expects the Caffe input: 0-255, a mean subtracted, no std scaling; colour images in BGR
-    # order (the HHA net takes its images' channels as stored).
+    # order (reversing the colour channels only; the HHA-only net takes its images' channels as stored).
     p = w.preprocessing
-    assert p.channel_order == ("RGB" if "hha" in w.file_name else "BGR")
-    assert p.value_range == 255.0 and p.std == (1.0, 1.0, 1.0)
-    assert w.metrics and all(
-        set(m) == METRICS and 0 < min(m.values()) <= max(m.values()) < 100 for m in w.metrics.values()
-    )
+    assert p.channel_order == ("RGB" if w.file_name.startswith("nyud-fcn32s-hha") else "BGR")
+    assert p.value_range == 255.0 and p.std == (1.0,) * p.channels
+    assert p.channels == (6 if "color-hha" in w.file_name else 3)
+    # The four figures on the first data set; further entries may hold fewer (SIFT Flow's geometric pixel acc).
+    assert w.metrics and set(next(iter(w.metrics.values()))) == METRICS
+    assert all(set(m) <= METRICS and 0 < min(m.values()) <= max(m.values()) < 100 for m in w.metrics.values())
+    if get_model_heads(w.model) > 1:
+        assert w.head_classes and list(w.head_classes.values())[0] == w.classes
     assert w.format in ("caffe", "torchfcn") and (w.md5 or w.format == "caffe")
     assert get_weights(entry.id) is entry and get_weights(entry.name) is entry
+
+
+def get_model_heads(name: str) -> int:
+    with torch.device("meta"):
+        return len(fcnseg.get_model(name).heads)
 
 
 def test_entries_carry_the_reported_numbers():
@@ -347,3 +355,31 @@ def test_nyud_hha_entry_takes_the_hha_image_as_stored():
     assert entry.metrics["nyudv2-test"] == {"pixel_acc": 57.1, "mean_acc": 35.2, "mean_iu": 24.2, "fw_iu": 40.4}
     hha = np.array([[[10, 20, 30]]], np.uint8)
     assert entry.preprocessing(hha).flatten().tolist() == pytest.approx([10 - 132.431, 20 - 94.076, 30 - 118.477])
+
+
+def test_siftflow_and_colour_hha_entries_load_from_the_cache(hub, tmp_path):
+    # Stand-ins in the release's layouts (written as test_caffe_import.py writes them), placed where the download
+    # would put them: loaded by name, with both heads' names and the six-channel input.
+    from fcnseg.models.weights import NYUD_CAFFE_RGB_HHA, SIFTFLOW_CAFFE
+    from tests.models.test_caffe_import import _split, _suffixed
+
+    trunk, sem = _split(fcn_layers("fcn16s", classes=33, seed=1))
+    _, geo = _split(fcn_layers("fcn16s", classes=3, seed=2))
+    hub.mkdir(parents=True)
+    write_caffemodel(hub / "siftflow-fcn16s-heavy.caffemodel", trunk + _suffixed(sem, "_sem") + _suffixed(geo, "_geo"))
+    model = fcnseg.load("siftflow-fcn16s-heavy")
+    assert model.heads == {"semantic": 33, "geometric": 3} and model.preprocessing == SIFTFLOW_CAFFE
+    assert model.head_classes["geometric"] == ["sky", "horizontal", "vertical"] and model.classes[8] == "cow"
+    masks = model.predict(np.zeros((20, 24, 3), np.uint8))
+    assert masks["semantic"].shape == masks["geometric"].shape == (20, 24)
+    colour, hha = fcn_layers("fcn32s", classes=40, seed=3), fcn_layers("fcn32s", classes=40, seed=4)
+    layers = [
+        x
+        for x in _suffixed(colour, "color") + _suffixed(hha, "hha")
+        if not x.name.startswith(("upscore", "loss", "score"))
+    ]
+    layers += [x for x in _suffixed(colour, "color") + _suffixed(hha, "hha") if x.name.startswith("score_fr")]
+    layers += [x for x in colour if x.name == "upscore"]
+    write_caffemodel(hub / "nyud-fcn32s-color-hha-heavy.caffemodel", layers)
+    model = fcnseg.load("nyud-fcn32s-color-hha-heavy")
+    assert model.in_channels == 6 and model.preprocessing == NYUD_CAFFE_RGB_HHA
