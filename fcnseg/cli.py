@@ -185,14 +185,48 @@ def _report_agreement(model, runner, first: Path | None, quiet: bool) -> None:
 
 def _check_predictable(model, args: argparse.Namespace, checkpoint: str | None) -> None:
     source = checkpoint or args.weights_file or "the model"
-    if model.in_channels != 3:
+    if model.in_channels != 3 and not args.extra:
         raise FcnsegError(
-            f"{source}: the model takes {model.in_channels} input channels (colour, then depth or HHA) and predict "
-            "reads colour images; expected a 3-channel model (use model.predict(array) or fcnseg eval for fusion nets)"
+            f"{source}: the model takes {model.in_channels} input channels (colour, then depth or HHA); pass --extra "
+            "DIR, a folder of each image's depth or HHA image under the colour image's name (repeat in channel order)"
         )
+    if args.extra and model.in_channels == 3:
+        raise FcnsegError(f"--extra: {source} takes colour images only (3 channels); expected no --extra")
     if len(model.heads) > 1 and (args.probs or args.overlay):
         raise FcnsegError(f"{source}: --probs and --overlay are for one-headed models; this one has "
                           f"heads {', '.join(model.heads)}")  # fmt: skip
+
+
+def _with_extras(rgb, path: Path, folders: Sequence[str], channels: int):
+    """``rgb`` (H x W x 3) followed by the same-named depth or HHA image of each of ``folders``: a one-channel image
+    is depth (16-bit millimetres, encoded as the NYUDv2 dataset encodes it; 8 bits taken as encoded), a colour one
+    is HHA. Every problem is an FcnsegError naming the file."""
+    import numpy as np
+    from PIL import Image
+
+    from .data.nyud import read_depth
+    from .imageio import load_image
+
+    parts = [rgb]
+    for folder in folders:
+        found = [Path(folder) / path.name] if (Path(folder) / path.name).is_file() else []
+        found = found or sorted(Path(folder).glob(f"{glob.escape(path.stem)}.*"))
+        if not found:
+            raise FcnsegError(f"{path}: --extra {folder} holds no {path.stem}.*; expected its depth or HHA image there")
+        try:
+            with Image.open(found[0]) as im:
+                depth = im.mode in ("I", "L") or im.mode.startswith("I;16")
+        except Exception:
+            raise FcnsegError(f"{found[0]}: cannot read it as an image; expected a depth or HHA PNG") from None
+        extra = read_depth(found[0])[:, :, None] if depth else load_image(found[0])
+        if extra.shape[:2] != rgb.shape[:2]:
+            raise FcnsegError(f"{found[0]}: is {extra.shape[1]}x{extra.shape[0]} but {path.name} is "
+                              f"{rgb.shape[1]}x{rgb.shape[0]}; expected the same size")  # fmt: skip
+        parts.append(extra)
+    x = np.concatenate(parts, axis=2)
+    if x.shape[2] != channels:
+        raise FcnsegError(f"{path}: colour and --extra give {x.shape[2]} channels; the model takes {channels}")
+    return x
 
 
 def _save_heads(model, rgb, out: Path, stem: str, runner, tiling: dict) -> int:
@@ -236,14 +270,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path, stem in zip(bar, _output_stems(files), strict=True):
         try:
             rgb = load_image(path)
+            x = _with_extras(rgb, path, args.extra, model.in_channels) if args.extra else rgb
             if len(model.heads) > 1:
-                written += _save_heads(model, rgb, out, stem, runner, tiling)
+                written += _save_heads(model, x, out, stem, runner, tiling)
                 continue
             if args.probs:
-                logits = predict_logits(model, rgb, runner=runner, **tiling)
+                logits = predict_logits(model, x, runner=runner, **tiling)
                 mask = logits.argmax(0).cpu().numpy().astype(np.uint8)
             else:  # labels only: with --tile, made band by band in bounded memory
-                mask = predict_mask(model, rgb, runner=runner, **tiling)
+                mask = predict_mask(model, x, runner=runner, **tiling)
             save_mask_png(out / f"{stem}.png", mask, colors)
             if args.overlay:
                 save_rgb(out / f"{stem}_overlay.{args.overlay}", overlay(rgb, mask, colors))
@@ -432,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, help="run overlapping TILE x TILE windows (a multiple of 32) for large images")
     p.add_argument("--overlap", type=int, default=64, help="overlap of the --tile windows in pixels (default: 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument(
+        "--extra", action="append", default=[], metavar="DIR",
+        help="fusion nets: a folder of each image's depth (16-bit mm PNG) or HHA image, under the colour image's "
+        "name; repeat in channel order (RGBD: the depth folder; RGB-HHA: the HHA folder)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (checked against PyTorch)")
