@@ -57,6 +57,14 @@ class Preprocessing:
         extra = tuple(m * self.value_range / 255.0 for m in means)
         return Preprocessing(c.mean + extra, c.std + (scale,) * len(extra), c.channel_order, c.value_range)
 
+    def for_channels(self, channels: int) -> Preprocessing:
+        """This input for ``channels`` channels: itself if it has them, else its colour normalisation followed by
+        channels normalised like the average colour channel (until a dataset gives their own means)."""
+        if channels == self.channels:
+            return self
+        grey = sum(self.mean[:3]) / 3 * 255.0 / self.value_range
+        return self.colour().with_extra_channels((grey,) * (channels - 3))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

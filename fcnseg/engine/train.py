@@ -171,7 +171,7 @@ def staged_init(model: nn.Module, path: str | Path) -> list[str]:
     )
     own = model.state_dict()
     src = _fit_source(dict(ckpt["state_dict"]), own)
-    model.preprocessing = _adopt_input(Preprocessing.from_dict(ckpt["preprocessing"]), model.preprocessing.channels)
+    model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"]).for_channels(model.preprocessing.channels)
     shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
     if not any(".backbone." in f".{k}" for k in shared):
         raise FcnsegError(f"--init-from {path}: shares no backbone layer with {model.build_config['name']}")
@@ -194,14 +194,6 @@ def _fit_source(src: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -
         if k in own and v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] > 3 and v.shape[2:] == own[k].shape[2:]:
             src[k] = widen_input_weight(v, own[k].shape[1])
     return src
-
-
-def _adopt_input(source: Preprocessing, channels: int) -> Preprocessing:
-    """The source's input for a model of ``channels`` channels; extra channels it lacks are normalised like grey."""
-    if source.channels == channels:
-        return source
-    grey = sum(source.mean[:3]) / 3 * 255.0 / source.value_range
-    return source.colour().with_extra_channels((grey,) * (channels - 3))
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -280,9 +280,7 @@ def with_input_channels(model: FCN, in_channels: int) -> FCN:
     if in_channels == 3:
         return model
     widen_first_conv(model.backbone, in_channels)
-    pp = model.preprocessing
-    grey = sum(pp.mean[:3]) / 3 * 255.0 / pp.value_range
-    model.preprocessing = pp.with_extra_channels((grey,) * (in_channels - 3))
+    model.preprocessing = model.preprocessing.for_channels(in_channels)
     model.backbone.preprocessing = model.preprocessing
     return model
 
