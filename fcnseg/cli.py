@@ -415,6 +415,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             torch.save(ckpt, f)
     except OSError as e:
         raise FcnsegError(f"--out {out}: cannot write ({e.strerror or e})") from None
+    if ckpt["extra"].get("assumed_input"):
+        print(f"fcnseg: note: {args.src}: {ckpt['extra']['assumed_input']}", file=sys.stderr)
     n = sum(v.numel() for v in ckpt["state_dict"].values())
     print(f"wrote {out}: {ckpt['model']} ({ckpt['alignment']} alignment), {ckpt['num_classes']} classes, "
           f"{n:,} parameters, input {ckpt['preprocessing']['channel_order']}")  # fmt: skip
@@ -528,12 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("check-data", help="read every image and mask of a dataset split and report every problem")
+    p = sub.add_parser("check-data", help="read every image and mask of a dataset and report every problem")
     p.add_argument(
         "--dataset", required=True, help="dataset name (voc, sbd, seg11valid, nyud, siftflow, folder, synthetic)"
     )
     p.add_argument("--root", help="the dataset's folder")
-    p.add_argument("--split", default="train", help="split to read (default: train)")
+    p.add_argument(
+        "--split", help="only this split (default: every split, e.g. train and val; test too for nyud, synthetic)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary; problems only")
     p.add_argument("--download", action="store_true", help="fetch voc / sbd first (torchvision's downloader)")
     p.add_argument(

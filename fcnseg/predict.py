@@ -18,6 +18,12 @@ def model_input(model: nn.Module, image: Any) -> torch.Tensor:
     """``image`` normalised for ``model``: a colour image (path, PIL image, array), or for a model of more input
     channels (colour plus depth or HHA) an H x W x C uint8 array in the model's channel order."""
     pp = model.preprocessing
+    channels = getattr(model, "in_channels", pp.channels)
+    if pp.channels != channels:  # e.g. a fusion net converted with a colour-only input recorded
+        raise FcnsegError(
+            f"the model takes {channels} input channels but its recorded input normalisation has {pp.channels}; "
+            "convert or save it again with the right input (fcnseg convert --weights NAME)"
+        )
     if pp.channels == 3:
         return pp(as_rgb_array(image))
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == pp.channels):

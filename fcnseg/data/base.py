@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,6 +16,16 @@ from ..imageio import load_image
 
 IGNORE_INDEX = 255
 """Label of void pixels (object borders in VOC, unlabelled pixels elsewhere): ignored by loss and metrics."""
+
+
+class SplitError(FcnsegError):
+    """A split that cannot be opened (its list is missing or unreadable, or it holds no item), as opposed to a
+    dataset that cannot be opened at all. ``file`` and ``kind`` (a check-data problem kind) say what and where,
+    so that ``check-data`` reports it as one problem and goes on with the other splits."""
+
+    def __init__(self, file: str | Path, kind: str, message: str) -> None:
+        super().__init__(f"{file}: {message}")
+        self.file, self.kind, self.detail = str(file), kind, message
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -32,6 +42,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     palette: np.ndarray  # len(classes) x 3 uint8
     ids: list[str]
     split: str
+    disjoint_splits: ClassVar[tuple[str, ...]] = ("train", "val")
+    """The splits that together hold every item once (unions such as ``trainval`` left out): what ``check-data``
+    reads when no ``--split`` is given."""
 
     def __init__(self, transforms: Callable[..., Any] | None = None) -> None:
         self.transforms = transforms
@@ -87,9 +100,9 @@ def read_split_file(path: Path) -> list[str]:
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
-        raise FcnsegError(f"{path}: split file not found") from None
+        raise SplitError(path, "unreadable-split-file", "split file not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise FcnsegError(f"{path}: cannot read split file ({e.__class__.__name__})") from None
+        raise SplitError(path, "unreadable-split-file", f"cannot read split file ({e.__class__.__name__})") from None
     return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
 
 
@@ -110,6 +123,15 @@ def register_dataset(name: str) -> Callable[[Callable[..., SegmentationDataset]]
 
 def list_datasets() -> list[str]:
     return sorted(_DATASETS)
+
+
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The disjoint splits of dataset ``name`` (see :attr:`SegmentationDataset.disjoint_splits`)."""
+    from . import _register_all  # noqa: F401  (imports every dataset module once)
+
+    if name not in _DATASETS:
+        raise FcnsegError(f"--dataset {name!r}: unknown dataset; expected one of {', '.join(list_datasets())}")
+    return tuple(getattr(_DATASETS[name], "disjoint_splits", ("train",)))
 
 
 def get_dataset(

@@ -225,32 +225,49 @@ def check_dataset(dataset: SegmentationDataset, *, title: str | None = None, pro
     return report
 
 
-def print_problems(problems: Iterable[Problem]) -> None:
-    """Each problem as one ``fcnseg: error: <file>: <what is wrong> [<kind>]`` line on stderr."""
+def print_problems(problems: Iterable[Problem], file: Any = None) -> None:
+    """Each problem as one ``<file>: <what is wrong> [<kind>]`` line (on stdout unless ``file`` is given)."""
     for p in problems:
-        print(f"fcnseg: error: {p.line()}", file=sys.stderr)
+        print(p.line(), file=file or sys.stdout)
 
 
 def run_check_data(
     name: str,
     root: str | None,
-    split: str,
+    split: str | None = None,
     *,
     quiet: bool = False,
     download: bool = False,
     options: dict[str, Any] | None = None,
 ) -> int:
-    """The ``check-data`` command: 0 when the dataset is clean, else every problem on stderr and 2.
+    """The ``check-data`` command: every split of the dataset (or only ``split``), each split's summary followed by
+    its problem lines on stdout; 0 when all is clean, else a one-line count on stderr and 2.
 
-    ``options``: extra dataset arguments (``--data-option modality=rgbd`` reads NYUDv2's depth files too).
+    A split that cannot be opened (its list missing, say) is one problem and the other splits are still read; a
+    problem of the whole tree that several splits see is listed once. ``options``: extra dataset arguments
+    (``--data-option modality=rgbd`` reads NYUDv2's depth files too).
     """
-    from .base import check_data_options, get_dataset
+    from .base import SplitError, check_data_options, dataset_splits, get_dataset
 
-    options = dict(options or {})
+    options = {**(options or {}), **({"download": True} if download else {})}
     check_data_options(options)
-    ds = get_dataset(name, root=root, split=split, **options, **({"download": True} if download else {}))
-    report = check_dataset(ds, title=f"{name} split {split!r}", progress=not quiet)
-    if not quiet:
-        print(report.summary())
-    print_problems(report.problems)
-    return 0 if report.ok else 2
+    splits = (split,) if split else dataset_splits(name)
+    seen: set[tuple[str, str]] = set()  # (file, kind): a problem of the whole tree that every split sees, once
+    for one in splits:
+        try:
+            ds = get_dataset(name, root=root, split=one, **options)
+        except SplitError as e:
+            if split:  # the one split asked for: the usual one-line error
+                raise
+            problems = [Problem(e.file, e.kind, e.detail)]
+        else:
+            report = check_dataset(ds, title=f"{name} split {one!r}", progress=not quiet)
+            report.problems = problems = [p for p in report.problems if (p.file, p.kind) not in seen]
+            if not quiet:
+                print(report.summary())
+        print_problems(p for p in problems if (p.file, p.kind) not in seen)
+        seen.update((p.file, p.kind) for p in problems)
+    if seen:
+        print(f"fcnseg: error: {len(seen)} problem(s) in {name} split(s) {', '.join(splits)}", file=sys.stderr)
+        return 2
+    return 0

@@ -25,7 +25,7 @@ from PIL import Image
 from ..errors import FcnsegError
 from ..imageio import _read, image_to_array, read_mask_png
 from ..palette import VOID_COLOR, palette_for
-from .base import IGNORE_INDEX, SegmentationDataset, check_split, read_split_file, register_dataset
+from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
 
 __all__ = ["CLASSES_FORMAT", "FolderDataset", "MaskColourError", "read_classes_file"]
@@ -199,7 +199,9 @@ class FolderDataset(SegmentationDataset):
         self._tree = _Tree(self.root)
         self.ids = self._split_ids(split)
         if not self.ids:
-            raise FcnsegError(f"{self._split_source(split)}: split {split!r} is empty; {self._empty_reason(split)}")
+            raise SplitError(
+                self._split_source(split), "empty-split", f"split {split!r} is empty; {self._empty_reason(split)}"
+            )
 
     # -- splits ------------------------------------------------------------------------------------------
     def split_file(self, split: str) -> Path:
@@ -220,9 +222,11 @@ class FolderDataset(SegmentationDataset):
             path = self.split_file(split)
             if not path.exists():
                 other = "val" if split == "train" else "train"
-                raise FcnsegError(
-                    f"{path}: split file not found; {other}.txt exists, so splits come from files "
-                    f"(write {path.name} too, or remove {other}.txt for a split drawn at random)"
+                raise SplitError(
+                    path,
+                    "empty-split",
+                    f"split file not found; {other}.txt exists, so splits come from files "
+                    f"(write {path.name} too, or remove {other}.txt for a split drawn at random)",
                 )
             have = set(pairs)
             # Listed stems without both files are skipped, like images without masks; check-data reports them.

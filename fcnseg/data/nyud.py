@@ -27,7 +27,7 @@ from PIL import Image
 from ..errors import FcnsegError
 from ..imageio import _read, load_image
 from ..palette import palette_for
-from .base import SegmentationDataset, check_split, read_split_file, register_dataset
+from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
 
 __all__ = [
@@ -195,13 +195,15 @@ def read_nyud_split(nyud_dir: Path, split: str) -> list[str]:
 def _read_one(nyud_dir: Path, split: str, hint: str) -> list[str]:
     path = nyud_dir / f"{split}.txt"
     if not path.is_file():
-        raise FcnsegError(
-            f"{path}: split file not found{hint}; expected {split}.txt in the NYUDv2 folder, one id (e.g. 5001) a "
-            f"line, as in FCN's data/nyud/{split}.txt"
+        raise SplitError(
+            path,
+            "unreadable-split-file",
+            f"split file not found{hint}; expected {split}.txt in the NYUDv2 folder, one id (e.g. 5001) a line, as "
+            f"in FCN's data/nyud/{split}.txt",
         )
     ids = [i.removeprefix("img_") for i in read_split_file(path)]
     if not ids:
-        raise FcnsegError(f"{path}: split file lists no ids; expected one image id (e.g. 5001) a line")
+        raise SplitError(path, "empty-split", "split file lists no ids; expected one image id (e.g. 5001) a line")
     return list(dict.fromkeys(ids))
 
 
@@ -235,6 +237,8 @@ class NYUDSegmentation(SegmentationDataset):
     ``in_channels=4`` (early fusion), ``rgb-hha`` the late-fusion ``fcn32s_rgb_hha`` / ``fcn16s_rgb_hha``; their
     depth and HHA channels are normalised with :attr:`channel_means`.
     """
+
+    disjoint_splits = ("train", "val", "test")  # trainval is train + val
 
     def __init__(
         self,

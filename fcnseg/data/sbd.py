@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import FcnsegError
 from ..palette import VOC_CLASSES, voc_palette
-from .base import SegmentationDataset, check_split, read_split_file, register_dataset
+from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 
 __all__ = ["SBD_SPLITS", "SBDSegmentation", "find_sbd_dir", "read_sbd_mask", "read_sbd_split", "resolve_sbd_dir"]
 
@@ -58,10 +58,11 @@ def read_sbd_split(sbd_dir: Path, split: str, *, hint: str = _DOWNLOAD_HINT) -> 
     """Ids of ``<split>.txt``; a missing or empty list is an :class:`FcnsegError`."""
     split_file = sbd_dir / f"{split}.txt"
     if not split_file.is_file():
-        raise FcnsegError(f"{split_file}: split file not found; expected benchmark_RELEASE/dataset/{split}.txt{hint}")
+        expected = f"expected benchmark_RELEASE/dataset/{split}.txt{hint}"
+        raise SplitError(split_file, "unreadable-split-file", f"split file not found; {expected}")
     ids = read_split_file(split_file)
     if not ids:
-        raise FcnsegError(f"{split_file}: split file lists no ids; expected one image id per line")
+        raise SplitError(split_file, "empty-split", "split file lists no ids; expected one image id per line")
     return ids
 
 

@@ -25,6 +25,7 @@ class Seg11Valid(VOCSegmentation):
     because SBD trains on them.
     """
 
+    disjoint_splits = ("val",)
     _missing_hint = "; seg11valid needs the VOC2011 devkit (VOCtrainval_25-May-2011.tar) unpacked there"
 
     def __init__(

@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 
 from ..errors import FcnsegError
 from ..palette import palette_for
-from .base import IGNORE_INDEX, SegmentationDataset, check_split, read_split_file, register_dataset
+from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
 from .nyud import read_mat_labels, split_overlap_problems
 
@@ -93,13 +93,17 @@ def read_siftflow_split(root: Path, split: str) -> list[str]:
     found = next((root / n for n in names if (root / n).is_file()), None)
     if found is None:
         other = f" (or {', '.join(names[1:])})" if len(names) > 1 else ""
-        raise FcnsegError(
-            f"{root / names[0]}: split file not found; expected {names[0]}{other} in the SIFT Flow folder, one id "
-            "(e.g. coast_natu975) a line, as in FCN's data/sift-flow/"
+        raise SplitError(
+            root / names[0],
+            "unreadable-split-file",
+            f"split file not found; expected {names[0]}{other} in the SIFT Flow folder, one id (e.g. coast_natu975) "
+            "a line, as in FCN's data/sift-flow/",
         )
     ids = read_split_file(found)
     if not ids:
-        raise FcnsegError(f"{found}: split file lists no ids; expected one image id (e.g. coast_natu975) a line")
+        raise SplitError(
+            found, "empty-split", "split file lists no ids; expected one image id (e.g. coast_natu975) a line"
+        )
     return ids
 
 
@@ -125,6 +129,8 @@ class SIFTFlowSegmentation(SegmentationDataset):
     metrics. The paper's two-headed FCN-16s: 85.2 pixel acc, 51.7 mean acc, 39.5 mean IU, 76.1 f.w. IU,
     94.3 geometric pixel accuracy (2,688 images: 2,488 train, 200 test).
     """
+
+    disjoint_splits = ("train", "test")  # trainval is another name of train
 
     absent_in_test: tuple[str, ...] = SIFTFLOW_ABSENT_IN_TEST
     geo_classes: tuple[str, ...] = SIFTFLOW_GEO_CLASSES

@@ -385,6 +385,8 @@ class SyntheticShapes(SegmentationDataset):
         cache: keep generated items in memory (each worker process keeps its own).
     """
 
+    disjoint_splits = ("train", "val", "test")
+
     classes = CLASSES
     palette = generated_palette(len(CLASSES))
 

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import FcnsegError
 from ..imageio import read_mask_png
 from ..palette import VOC_CLASSES, voc_palette
-from .base import SegmentationDataset, check_split, read_split_file, register_dataset
+from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 
 __all__ = [
     "VOC_SPLITS",
@@ -103,10 +103,10 @@ def read_voc_split(voc_dir: Path, split: str, *, hint: str = _DOWNLOAD_HINT) -> 
     split_file = voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
     expected = f"expected {voc_dir.parent.name}/{voc_dir.name}/ImageSets/Segmentation/{split}.txt"
     if not split_file.is_file():
-        raise FcnsegError(f"{split_file}: split file not found; {expected}{hint}")
+        raise SplitError(split_file, "unreadable-split-file", f"split file not found; {expected}{hint}")
     ids = read_split_file(split_file)
     if not ids:
-        raise FcnsegError(f"{split_file}: split file lists no ids; expected one image id per line")
+        raise SplitError(split_file, "empty-split", "split file lists no ids; expected one image id per line")
     return ids
 
 

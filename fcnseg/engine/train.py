@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from ..data.base import IGNORE_INDEX, SegmentationDataset, check_data_options
 from ..data.loader import make_loader
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import CheckpointError, FcnsegError
+from ..io import atomic_write, crash_point, remove_stale_temporaries
 from ..models import get_model
 from ..models.backbones import widen_input_weight
 from ..models.multi import split_heads
@@ -370,7 +372,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_run(run: Path, model, classes, optimizer, scheduler, scaler, state: TrainState, cfg, best: bool) -> None:
-    """Write RUN/last.pt (atomically) with the full training state; copy it to best.pt when ``best``."""
+    """Write RUN/best.pt when ``best``, then RUN/last.pt with the full training state, each atomically.
+
+    The order matters for a kill at any instant: last.pt records the best score so far, so it may only land once
+    best.pt itself has. A kill before it leaves the previous last.pt, and the resumed run redoes the validation
+    and writes best.pt again.
+    """
+    if best:
+        extra = {"config": cfg.to_dict(), "iteration": state.iteration, "mean_iu": state.best_miou}
+        save_checkpoint(_unwrap(model), run / "best.pt", classes=classes, extra=extra)
     extra = {
         "train_state": {
             "iteration": state.iteration,
@@ -383,15 +393,13 @@ def save_run(run: Path, model, classes, optimizer, scheduler, scaler, state: Tra
         },
         "config": cfg.to_dict(),
     }
-    # The previous last.pt is kept as last.prev.pt: each file is written atomically, and if the newest one is ever
-    # lost or damaged (a crash between the two renames, a bad disk), --resume falls back to the one before.
+    # The previous last.pt is kept as last.prev.pt, so that --resume has a fallback if the newest is ever lost or
+    # damaged (a crash between the two renames, a bad disk). A file that is not even a whole zip archive (what
+    # torch.save writes) is never rotated over the fallback: it would replace the one good checkpoint.
     last = run / "last.pt"
-    if last.is_file():
+    if zipfile.is_zipfile(last):
         os.replace(last, run / "last.prev.pt")
     save_checkpoint(_unwrap(model), last, classes=classes, extra=extra)
-    if best:
-        extra = {"config": cfg.to_dict(), "iteration": state.iteration, "mean_iu": state.best_miou}
-        save_checkpoint(_unwrap(model), run / "best.pt", classes=classes, extra=extra)
 
 
 def _resume_checkpoint(run: Path) -> tuple[Path, dict[str, Any]]:
@@ -411,21 +419,47 @@ def _resume_checkpoint(run: Path) -> tuple[Path, dict[str, Any]]:
         return prev, ckpt
 
 
+# Options that fix the shape of the weights or of the optimiser state: a resumed run cannot change them.
+FIXED_ON_RESUME = ("model", "dataset", "alignment", "width", "fc_dim", "batch_norm", "learnable_upsampling",
+                   "optimizer")  # fmt: skip
+
+
+def check_resume_config(path: Path, saved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """Refuse, in one line naming the flag, an option that differs from the run being resumed and that its
+    weights or optimiser state cannot follow."""
+    for name in FIXED_ON_RESUME:
+        old, new = saved.get(name), getattr(cfg, name)
+        if name in saved and old != new:
+            flag = "--" + name.replace("_", "-")
+            raise FcnsegError(
+                f"--resume: {flag} {new} does not fit the run in {path.parent}, trained with {flag} {old}; drop "
+                f"{flag} to continue it, or start a new run with another --out"
+            )
+
+
 def restore_run(run: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig) -> TrainState:
     path, ckpt = _resume_checkpoint(run)
     ts = ckpt["extra"].get("train_state")
     if ts is None:
         raise FcnsegError(f"--resume: {path} holds no training state")
-    _unwrap(model).load_state_dict(ckpt["state_dict"])
+    check_resume_config(path, ckpt["extra"].get("config") or {}, cfg)
+    try:
+        _unwrap(model).load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ts["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # options the check above does not cover (e.g. the data)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FcnsegError(f"--resume: {path} does not fit the options given ({reason})") from None
     # The run may have started from weights with their own input (--init-from a Caffe model): keep it.
     _unwrap(model).preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
-    optimizer.load_state_dict(ts["optimizer"])
     scheduler.load_state_dict(ts["scheduler"])
     if ts["scaler"]:  # empty when the interrupted run had no fp16 loss scaling
         scaler.load_state_dict(ts["scaler"])
     set_rng_state(ts["rng"])
     state = TrainState(ts["iteration"], ts["samples_seen"], ts["best_miou"])
     _apply_rates(cfg, optimizer, scheduler, state.iteration)
+    if path.name != "last.pt" and (run / "last.pt").exists():
+        # Set the damaged file aside, so that the next save does not rotate it over the good fallback.
+        os.replace(run / "last.pt", run / "last.damaged.pt")
     return state
 
 
@@ -447,6 +481,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+# What a run folder holds (besides tensorboard/): the names whose temporary files a new start clears.
+RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "log.csv", "config.yaml")
 LOG_FIELDS = ["iteration", "loss", "lr", "images_per_s", "pixel_acc", "mean_acc", "mean_iu", "fw_iu"]
 
 
@@ -461,20 +497,29 @@ class RunLog:
         if not enabled:
             return
         self.path = run / "log.csv"
-        rows = []
-        if start_iteration > 0 and self.path.exists():  # resumed: drop rows the interrupted run wrote past it
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start_iteration]
-        with open(self.path, "w", newline="") as f:
+        rows = self._kept_rows(start_iteration)
+        # Never rewritten in place: a kill at any instant leaves either the old log or the new one.
+        with atomic_write(self.path, "w") as f:
             w = csv.DictWriter(f, self.fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
+            crash_point("rewrite:log.csv")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=start_iteration or None)
         except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
             self.writer = None
+
+    def _kept_rows(self, start_iteration: int) -> list[dict[str, str]]:
+        """On resume, the rows up to the checkpoint's iteration; the interrupted run's later rows are redone, and
+        a row cut short by a kill (fields missing) is dropped."""
+        if start_iteration <= 0 or not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        whole = [r for r in rows if None not in r and None not in r.values() and r["iteration"].isdigit()]
+        return [r for r in whole if int(r["iteration"]) <= start_iteration]
 
     def row(self, **values: Any) -> None:
         if not self.enabled:
@@ -549,6 +594,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainState
         attach_transforms(cfg, _unwrap(model), train_ds, val_ds)  # with the restored preprocessing
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run, RUN_FILES)  # left by writes a kill interrupted (each up to a checkpoint's size)
         cfg.save(run / "config.yaml")
     log = RunLog(run, info.is_main, state.iteration, list(getattr(_unwrap(model), "heads", {}))[1:])
     data = batches(train_ds, cfg, info, state)

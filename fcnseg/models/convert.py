@@ -205,6 +205,26 @@ def _detect_caffe_model(layers: Sequence[CaffeLayerLike]) -> str:
     return "fcn16s" if "score_pool4" in names else "fcn32s"
 
 
+def _key_outputs(weighted: Sequence[CaffeLayerLike], source: str) -> dict[str, int]:
+    """Output channels of score_fr (the classes), conv1_1 and fc6 (the widths)."""
+    outputs = {}
+    for name in ("score_fr", "conv1_1", "fc6"):
+        # The first of that name, or of that name with a head's or a stream's suffix (score_fr_sem, conv1_1color).
+        layer = next((x for x in weighted if x.name == name and x.blobs), None) or next(
+            (x for x in weighted if x.name.startswith(name) and x.blobs), None
+        )
+        if layer is None:
+            raise FcnsegError(f"{source}: no weighted layer {name!r}: not a VGG16 FCN caffemodel")
+        outputs[name] = _outputs(layer)
+    return outputs
+
+
+def caffe_signature(layers: Sequence[CaffeLayerLike], source: str = "caffemodel") -> tuple[str, int]:
+    """The fcnseg model a VGG16 FCN ``.caffemodel``'s layers describe, and its number of classes (first head)."""
+    weighted = [layer for layer in layers if layer.type in _WEIGHTED]
+    return _detect_caffe_model(layers), _key_outputs(weighted, source)["score_fr"]
+
+
 def _outputs(layer: CaffeLayerLike) -> int:
     """Output channels of a Convolution / InnerProduct layer (legacy blobs: 1 x 1 x out x in for InnerProduct)."""
     shape = tuple(layer.blobs[0].shape)
@@ -273,15 +293,7 @@ def caffe_to_fcnseg(
         if layer.type not in _STRUCTURAL | _WEIGHTED | {"Scale"}:
             raise FcnsegError(f"{source}: layer {layer.name!r} has type {layer.type!r}, which fcnseg cannot import")
     weighted = [layer for layer in layers if layer.type in _WEIGHTED]
-    outputs = {}
-    for name in ("score_fr", "conv1_1", "fc6"):
-        # The first of that name, or of that name with a head's or a stream's suffix (score_fr_sem, conv1_1color).
-        layer = next((x for x in weighted if x.name == name and x.blobs), None) or next(
-            (x for x in weighted if x.name.startswith(name) and x.blobs), None
-        )
-        if layer is None:
-            raise FcnsegError(f"{source}: no weighted layer {name!r}: not a VGG16 FCN caffemodel")
-        outputs[name] = _outputs(layer)
+    outputs = _key_outputs(weighted, source)
     model = model or _detect_caffe_model(layers)
     extra = {}
     geo = next((x for x in weighted if x.name == "score_fr_geo" and x.blobs), None)
@@ -312,6 +324,8 @@ def caffe_to_fcnseg(
     _fold_coefficients(layers, names, state, source)
     if head_classes:
         target.head_classes = {k: list(v) for k, v in head_classes.items()}
+    # A colour input given for a net of more channels (late fusion) is widened, never recorded short.
+    preprocessing = preprocessing.for_channels(target.preprocessing.channels)
     return _checkpoint(target, state, classes, preprocessing, source)
 
 

@@ -35,6 +35,16 @@ from .registry import register_model
 from .upsampling import BilinearUpsample
 
 
+def check_input(x: torch.Tensor, channels: int) -> None:
+    """The model's door: an input of another layout is the caller's mistake, said in one line (a wrong channel
+    count would otherwise surface deep inside a convolution as torch's own error)."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        what = "colour" if channels == 3 else "colour first, then depth or HHA"
+        raise FcnsegError(
+            f"input of shape {tuple(x.shape)}: this model takes N x {channels} x H x W normalised images ({what})"
+        )
+
+
 def _score_layer(in_channels: int, num_classes: int) -> nn.Conv2d:
     # The release starts the class-score layers at zero: the net first outputs all-zero logits and learns from there.
     conv = nn.Conv2d(in_channels, num_classes, 1)
@@ -222,6 +232,7 @@ class FCN(ScoreHead):
         return F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels)
         h, w = x.shape[-2:]
         return self.decode(self.backbone(self._pad(x)), h, w)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import FcnsegError
 from ..preprocessing import Preprocessing
-from .fcn import FCN, ScoreHead, _build, _check_common
+from .fcn import FCN, ScoreHead, _build, _check_common, check_input
 from .registry import register_model
 
 __all__ = ["LateFusionFCN", "TwoHeadFCN", "split_heads"]
@@ -76,6 +76,7 @@ class LateFusionFCN(nn.Module):
         return next(iter(self.streams.values())).crop_offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels)
         out: torch.Tensor | None = None
         start = 0
         for stream in self.streams.values():
@@ -112,6 +113,7 @@ class TwoHeadFCN(FCN):
         return dict(self._heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels)
         h, w = x.shape[-2:]
         feats = self.backbone(self._pad(x))  # one trunk pass for every head
         scores = [self.decode(feats, h, w), *(head.decode(feats, h, w) for head in self.extra_heads.values())]

@@ -287,6 +287,42 @@ def download(
 # ------------------------------------------------------------------------------------------------ converting
 
 
+def released_input(model: str, num_classes: int) -> tuple[PublishedWeights | None, str | None]:
+    """The published Caffe net whose input a converted file should record, from its model and class count.
+
+    ``(entry, None)`` when exactly one published net has that model and class count. Otherwise a note says which
+    input was assumed and how to choose another (``--weights``): several fit (NYUDv2's colour and HHA FCN-32s
+    have the same layers: the first is assumed); none fits but one of the same kind and class count does (an
+    FCN-16s colour-HHA net takes the released FCN-32s colour-HHA input); or none at all (``(None, note)``: the
+    PASCAL VOC input is assumed)."""
+    caffe = [w for w in FCNWeights if w.value.format == "caffe" and w.value.num_classes == num_classes]
+    exact = [w for w in caffe if w.value.model == model]
+    if len(exact) == 1:
+        return exact[0].value, None
+    fits = exact or [w for w in caffe if _kind(w.value.model) == _kind(model)]
+    if fits:
+        names = ", ".join(w.id for w in fits)
+        what = "fits several published nets" if len(exact) > 1 else "is no published net; the closest is"
+        return fits[0].value, (
+            f"{model} with {num_classes} classes {what} {names}: assumed the input of {fits[0].id} "
+            f"({_describe_input(fits[0].value.preprocessing)}); set another with --weights NAME"
+        )
+    return None, (
+        f"{model} with {num_classes} classes is no published net: assumed the PASCAL VOC input "
+        f"({_describe_input(CAFFE)}); set another with --weights NAME (fcnseg weights lists them)"
+    )
+
+
+def _kind(model: str) -> str:
+    """A model's name without its stride: fcn16s_rgb_hha -> rgb_hha, fcn8s -> ''."""
+    return model.partition("_")[2] if model.startswith("fcn") else model
+
+
+def _describe_input(pp: Preprocessing) -> str:
+    mean = ", ".join(f"{m:g}" for m in pp.mean)
+    return f"{pp.channel_order}, 0-{pp.value_range:g} minus mean ({mean})"
+
+
 def import_file(
     path: str | os.PathLike,
     format: str = "auto",
@@ -298,7 +334,10 @@ def import_file(
 ) -> dict[str, Any]:
     """Read a torchfcn state dict or a Caffe ``.caffemodel`` and return an fcnseg checkpoint dict.
 
-    ``format``: ``"torchfcn"``, ``"caffe"`` or ``"auto"`` (by extension: ``.caffemodel`` is Caffe).
+    ``format``: ``"torchfcn"``, ``"caffe"`` or ``"auto"`` (by extension: ``.caffemodel`` is Caffe). Without
+    ``preprocessing``, a Caffe file records the input of the published net its layers identify (with its classes
+    when none are given; :func:`released_input`); where they do not identify one, ``extra["assumed_input"]`` says
+    which input was assumed.
     """
     from .convert import caffe_to_fcnseg, torchfcn_to_fcnseg
 
@@ -314,7 +353,19 @@ def import_file(
         from .caffe_proto import read_caffemodel
 
         _, layers = read_caffemodel(path)
-        return caffe_to_fcnseg(layers, head_classes=head_classes, **kwargs)
+        note = None
+        if preprocessing is None:
+            from .convert import caffe_signature
+
+            detected, num_classes = caffe_signature(layers, str(path))
+            entry, note = released_input(model or detected, num_classes)
+            if entry is not None:
+                kwargs.update(preprocessing=entry.preprocessing, classes=classes or entry.classes)
+                head_classes = head_classes or entry.head_classes
+        ckpt = caffe_to_fcnseg(layers, head_classes=head_classes, **kwargs)
+        if note:
+            ckpt["extra"]["assumed_input"] = note
+        return ckpt
     if format == "torchfcn":
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

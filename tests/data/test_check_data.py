@@ -99,20 +99,24 @@ def _table(stdout: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split()[1:] for line in stdout.splitlines() if line.strip()}
 
 
-def _error_lines(stderr: str) -> list[str]:
-    """The problem lines; everything else on stderr must be the progress bar."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert all(line.startswith(("fcnseg: error: ", "check-data:")) for line in lines), stderr
-    return [line for line in lines if line.startswith("fcnseg: error: ")]
+PROBLEM_LINE = __import__("re").compile(r"^(?P<file>[^:]+): .* \[(?P<kind>[a-z-]+)\]$")
 
 
-def _reported(stderr: str) -> set[tuple[str, str]]:
-    out = set()
-    for line in _error_lines(stderr):
-        file = line[len("fcnseg: error: ") :].split(": ", 1)[0]
-        kind = line.rsplit("[", 1)[1].rstrip("]")
-        out.add((file, kind))
-    return out
+def _problem_lines(stdout: str) -> list[str]:
+    """The problem lines among the summaries on stdout: ``<file>: <message> [<kind>]``."""
+    return [line for line in stdout.splitlines() if PROBLEM_LINE.match(line)]
+
+
+def _reported(stdout: str) -> set[tuple[str, str]]:
+    return {PROBLEM_LINE.match(line).group("file", "kind") for line in _problem_lines(stdout)}
+
+
+def _only_progress(stderr: str, count: int | None = None) -> None:
+    """stderr holds the progress bar and, when there were problems, the one-line count."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("fcnseg: error: ")]
+    assert all(line.startswith("check-data:") for line in lines if line not in errors), stderr
+    assert errors == ([] if count is None else [errors[0]]) and (count is None or f" {count} problem(s) " in errors[0])
 
 
 # ------------------------------------------------------------------------------------------- clean
@@ -135,7 +139,8 @@ def test_clean_tree_passes_with_exact_counts(tmp_path, capsys):
     assert rows["void"] == ["3", "15.79%"]
     assert rows["total"] == ["19"]
     assert "no problems" in out
-    assert _error_lines(err) == [] and "check-data: 100%" in err  # the progress bar
+    assert _problem_lines(out) == [] and "check-data: 100%" in err  # the progress bar
+    _only_progress(err)
 
 
 def test_quiet_prints_nothing_when_clean(tmp_path, capsys):
@@ -170,12 +175,15 @@ def test_every_problem_is_found(tmp_path, capsys):
 
     assert main(["check-data", "--dataset", "folder", "--root", str(root)]) == 2
     out, err = capsys.readouterr()
-    assert _reported(err) == expected
-    assert len(_error_lines(err)) == len(expected)
+    # Every split by default; the empty val split was seen by train's tree-wide check already: listed once.
+    assert _reported(out) == expected
+    assert len(_problem_lines(out)) == len(expected)
     assert out.splitlines()[0] == "folder split 'train': 8 images, 3 read cleanly, 5 with problems"
     rows = _table(out)
     assert rows["background"] == ["8", "42.11%"] and rows["void"] == ["3", "15.79%"]
     assert "9 problem(s)" in out
+    assert sorted(out.splitlines()[8:]) == sorted(p.line() for p in report.problems)  # right after the summary
+    _only_progress(err, count=9)
     assert "Traceback" not in err
 
 
@@ -321,5 +329,51 @@ def test_subprocess_reports_problems_without_traceback(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
-    assert _reported(proc.stderr) == expected
+    assert "Traceback" not in proc.stderr
+    assert _reported(proc.stdout) == expected and len(proc.stdout.splitlines()) == len(expected)  # --quiet: no summary
+    assert proc.stderr == "fcnseg: error: 9 problem(s) in folder split(s) train, val\n"
+
+
+# ------------------------------------------------------------------------------------------- every split
+
+
+def _seeded_tree_with_a_bad_val_image(root: Path) -> tuple[Path, str]:
+    """Ten good pairs and no split files (a seeded 80/20 split); one of the val images is then truncated."""
+    root.mkdir()
+    (root / "classes.txt").write_text("background\ncat\n")
+    for i in range(10):
+        _image(root, f"im{i}.jpg", 24, 16)
+        _mask(root, f"im{i}", np.random.default_rng(i).integers(0, 2, (16, 24)))
+    val = FolderDataset(root, "val")
+    assert len(val) == 2
+    bad = val.image_path(0)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    return root, str(bad)
+
+
+def test_default_checks_every_split(tmp_path, capsys):
+    root, bad = _seeded_tree_with_a_bad_val_image(tmp_path / "data")
+    assert main(["check-data", "--dataset", "folder", "--root", str(root), "--split", "train"]) == 0
+    assert "no problems" in capsys.readouterr().out  # train alone is clean...
+    assert main(["check-data", "--dataset", "folder", "--root", str(root)]) == 2  # ...val is not
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "folder split 'train': 8 images, 8 read cleanly"
+    assert "folder split 'val': 2 images, 1 read cleanly, 1 with problems" in out.splitlines()
+    assert _reported(out) == {(bad, "unreadable-image")}
+    assert out.rstrip().splitlines()[-1].startswith(f"{bad}: cannot read image (")
+    _only_progress(err, count=1)
+
+
+def test_a_split_that_cannot_be_opened_is_one_problem_and_the_others_are_read(tmp_path, capsys):
+    from tests.data.test_nyud import make_nyud
+
+    root = make_nyud(tmp_path / "nyud")
+    (root / "val.txt").unlink()
+    assert main(["check-data", "--dataset", "nyud", "--root", str(root), "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert _reported(out) == {(str(root / "val.txt"), "unreadable-split-file")}
+    assert err == "fcnseg: error: 1 problem(s) in nyud split(s) train, val, test\n"
+    # Asked for by name, the same split is the usual one-line error.
+    assert main(["check-data", "--dataset", "nyud", "--root", str(root), "--split", "val"]) == 2
+    assert capsys.readouterr().err.startswith(f"fcnseg: error: {root / 'val.txt'}: split file not found")

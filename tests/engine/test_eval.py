@@ -103,3 +103,86 @@ def test_boundary_band_by_hand():
     expected[3, 3] = False
     assert torch.equal(boundary_band(v, 0), expected)
     assert torch.equal(boundary_band(torch.stack([t, v]), 0)[1], expected)  # batched
+
+
+# ---------------------------------------------------------------------------- multi-scale TTA, by hand
+
+
+def _random_fcn8s(num_classes=4):
+    """A tiny FCN-8s with random weights at a He scale, score and skip-score layers included (they start at zero):
+    its class scores vary over the image and depend on the scale it sees."""
+    torch.manual_seed(3)
+    model = fcnseg.get_model("fcn8s", num_classes=num_classes, width=1 / 16, fc_dim=16, dropout=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() > 1:
+                p.normal_(0, (2 / p[0].numel()) ** 0.5)
+    return model.eval()
+
+
+def _tta_by_hand(model, x, scales, flip):
+    """The mean of the class probabilities of every view: the image resized bilinearly (half-pixel centres, i.e.
+    align_corners=False) to scale s, and its mirror image when ``flip``; each view's scores mirrored back, resized
+    back to the input's size the same way, then turned into probabilities."""
+    h, w = x.shape[-2:]
+    probs = []
+    for s in scales:
+        size = (round(h * s), round(w * s))
+        assert size[0] == h * s and size[1] == w * s  # whole sizes: no rounding convention to agree on
+        xs = x if s == 1 else torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        for mirrored in (False, True) if flip else (False,):
+            scores = model(xs.flip(-1)).flip(-1) if mirrored else model(xs)
+            if s != 1:
+                scores = torch.nn.functional.interpolate(scores, size=(h, w), mode="bilinear", align_corners=False)
+            probs.append(scores.softmax(1))
+    return torch.stack(probs).mean(0)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_multi_scale_tta_is_the_mean_of_the_per_scale_outputs(flip):
+    from fcnseg.engine.evaluate import predict_logits_batch
+
+    model = _random_fcn8s()
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(4))
+    scales = (0.75, 1.0, 1.25)
+    with torch.no_grad():
+        expected = _tta_by_hand(model, x, scales, flip)
+        got = predict_logits_batch(model, x, flip=flip, scales=scales)
+        # The scales matter for this model: each one alone, and the plain prediction, are far from the mean.
+        for one in [(s,) for s in scales]:
+            assert (_tta_by_hand(model, x, one, flip) - expected).abs().max() > 0.05, one
+    assert got.shape == (2, 4, 48, 64)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.ones(2, 48, 64))  # a mean of probabilities, equally weighted
+
+
+def test_eval_scales_reach_the_confusion_matrix(tmp_path):
+    # `fcnseg eval --scales 0.75 1 1.25`: confusion.csv is that of the argmax of the hand-computed multi-scale mean,
+    # which differs from the single-scale one.
+    from fcnseg.data import get_dataset
+    from fcnseg.data.transforms import eval_transforms
+
+    _blocks_tree(tmp_path / "data", n=2, size=32)
+    classes = ["background", "red", "green", "blue"]
+    ckpt = fcnseg.save_checkpoint(_random_fcn8s(), tmp_path / "m.pt", classes=classes)
+    out = tmp_path / "report"
+    assert main(["eval", str(ckpt), "--dataset", "folder", "--root", str(tmp_path / "data"), "--split", "val",
+                 "--out", str(out), "--num-workers", "0", "--device", "cpu",
+                 "--scales", "0.75", "1", "1.25"]) == 0  # fmt: skip
+    with open(out / "confusion.csv") as f:
+        got = np.array([[int(v) for v in r[1:]] for r in list(csv.reader(f))[1:]])
+
+    model = fcnseg.load(ckpt).eval()
+    transforms = eval_transforms(model.preprocessing)
+    ds = get_dataset("folder", root=str(tmp_path / "data"), split="val", transforms=transforms)
+    mats = {}
+    for scales in ((0.75, 1.0, 1.25), (1.0,)):
+        mat = np.zeros((4, 4), np.int64)
+        for i in range(len(ds)):
+            image, mask = ds[i]
+            with torch.no_grad():
+                probs = _tta_by_hand(model, image.as_subclass(torch.Tensor)[None], scales, flip=False)
+            np.add.at(mat, (np.asarray(mask).ravel(), probs.argmax(1)[0].numpy().ravel()), 1)
+        mats[scales] = mat
+    assert got.tolist() == mats[(0.75, 1.0, 1.25)].tolist()
+    assert np.abs(mats[(0.75, 1.0, 1.25)] - mats[(1.0,)]).sum() > 20  # the scales change the predictions

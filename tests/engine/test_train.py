@@ -1,5 +1,7 @@
 """Training: overfitting, staged initialisation, exact resume, divergence, the CLI contract."""
 
+import contextlib
+import copy
 import csv
 import math
 
@@ -166,6 +168,31 @@ def test_paper_preset_uses_summed_loss_and_doubled_bias_rate(tmp_path):
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for g in groups for p in g["params"]} == trainable  # upsampling frozen, left out
 
+    # One step of the preset on one whole image with void pixels: the loss it reports is the per-pixel
+    # cross-entropy summed over the valid pixels (not their mean), and the biases (all zero before the step)
+    # moved by 2 x lr times the gradient of that sum (momentum starts from the first gradient).
+    assert cfg.loss == "sum" and cfg.batch_size == 1 and cfg.amp is False
+    model = _scored_model(num_classes=7)
+    g = torch.Generator().manual_seed(2)
+    masks = torch.randint(0, 7, (1, 48, 64), generator=g)
+    masks[0, :10] = 255
+    masks[torch.rand(1, 48, 64, generator=g) < 0.2] = 255
+    micro = [(torch.randn(1, 3, 48, 64, generator=g), masks)]
+    valid = int((masks != 255).sum())
+    expected, grads = _hand_loss(model, micro, "sum")
+    params = [p for p in model.parameters() if p.requires_grad]
+    biases = [(p, grad) for p, grad in zip(params, grads, strict=True) if p.dim() == 1]
+    assert biases and not any(p.any() for p, _ in biases)
+    optimizer = train_mod.build_optimizer(model, cfg)
+    _, scaler = train_mod.amp_context(cfg, torch.device("cpu"))
+    loss = train_mod.train_step(model, micro, optimizer, scaler, cfg, torch.device("cpu"), contextlib.nullcontext)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert valid > 1000  # so the sum is far from the mean
+    for p, grad in biases:
+        want = -2e-10 * grad
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert model.score_fr.bias.abs().max() > 1e-9  # the summed gradient is large: a mean's would be ~1e-12
+
 
 def test_lr_schedule_warmup_then_poly():
     cfg = TrainConfig(iters=110, warmup_iters=10, poly_power=0.9).resolved()
@@ -277,3 +304,98 @@ def test_init_from_weights_with_another_input_keeps_it_through_resume(tmp_path, 
     train(_cfg(tmp_path, iters=3, val_every=2, resume=True))
     assert read_checkpoint(tmp_path / "run" / "last.pt")["preprocessing"] == CAFFE.to_dict()
     assert seen[0] == CAFFE and seen[-1] == CAFFE
+
+
+# ------------------------------------------------------------------------ the loss through train_step, by hand
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """Plain SGD that keeps a copy of the gradients it steps with (train_step clears them afterwards)."""
+
+    def step(self, closure=None):
+        self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
+        return super().step(closure)
+
+
+def _scored_model(num_classes=3):
+    """A tiny FCN-32s with random weights at a He scale (the score layer included, which starts at zero) and zero
+    biases: logits of order 0.5 that vary over the image, so every pixel's cross-entropy counts."""
+    torch.manual_seed(0)
+    model = fcnseg.get_model("fcn32s", num_classes=num_classes, width=1 / 16, fc_dim=8, dropout=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() > 1:
+                p.normal_(0, (2 / p[0].numel()) ** 0.5)
+    return model
+
+
+def _void_micro_batches():
+    """Two micro-batches of two 48 x 64 images whose masks have void (255) pixels in very different amounts: a
+    band and a column in the first; a wholly void image and a mostly void one in the second."""
+    g = torch.Generator().manual_seed(1)
+    micro = []
+    for k in range(2):
+        images = torch.randn(2, 3, 48, 64, generator=g)
+        masks = torch.randint(0, 3, (2, 48, 64), generator=g)
+        masks[torch.rand(2, 48, 64, generator=g) < 0.1] = 255  # scattered void
+        if k == 0:
+            masks[0, :8] = 255
+            masks[1, :, :2] = 255
+        else:
+            masks[0] = 255
+            masks[1, 20:] = 255
+        micro.append((images, masks))
+    return micro
+
+
+def _hand_loss(model, micro, reduction):
+    """The step's loss in float64 on a copy of ``model``: -log softmax at the true class, summed over the valid
+    pixels of every micro-batch, divided by the step's valid-pixel count for ``mean``; and its gradient."""
+    ref = copy.deepcopy(model).double()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    total, valid = torch.zeros((), dtype=torch.float64), 0
+    for images, masks in micro:
+        logp = torch.log_softmax(ref(images.double()), dim=1)
+        keep = masks != 255
+        picked = logp.gather(1, torch.where(keep, masks, 0)[:, None])[:, 0]
+        total = total - picked[keep].sum()
+        valid += int(keep.sum())
+    loss = total if reduction == "sum" else total / valid
+    return loss.item(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("preset", ["modern", "paper"])
+def test_train_step_loss_and_gradient_equal_a_hand_computation_with_void_pixels(preset):
+    # The modern preset averages over the valid pixels of the whole step (all micro-batches together), never over
+    # void ones and never per micro-batch; the paper preset sums. Both the reported loss and the gradient.
+    cfg = TrainConfig(preset=preset, batch_size=2, accum_steps=2, amp=False).resolved()
+    assert cfg.loss == {"modern": "mean", "paper": "sum"}[preset]
+    model, micro = _scored_model(), _void_micro_batches()
+    valid = [int((m != 255).sum()) for _, m in micro]
+    assert valid[0] != valid[1] and sum(valid) < sum(m.numel() for _, m in micro)
+    expected, grads = _hand_loss(model, micro, cfg.loss)
+
+    # The hand value is not what the wrong reductions would give: the data tells them apart.
+    summed, _ = _hand_loss(model, micro, "sum")
+    per_micro = [_hand_loss(model, [mb], "sum")[0] / v for mb, v in zip(micro, valid, strict=True)]
+    if cfg.loss == "mean":
+        assert expected == pytest.approx(summed / sum(valid))
+        assert summed / sum(m.numel() for _, m in micro) < 0.8 * expected  # void pixels counted in the mean
+        for wrong in (sum(per_micro) / 2, sum(per_micro)):  # mean per micro-batch, then averaged or summed
+            assert wrong != pytest.approx(expected, rel=1e-3)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = _RecordingSGD(params, lr=1.0, momentum=0.0, weight_decay=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = train_mod.train_step(model, micro, optimizer, scaler, cfg, torch.device("cpu"), contextlib.nullcontext)
+
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert len(optimizer.grads) == len(grads)
+    for got, want in zip(optimizer.grads, grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-12)
+    score_grad = grads[[id(p) for p in params].index(id(model.score_fr.weight))]
+    assert score_grad.abs().max() > 1e-3 * (1 if cfg.loss == "mean" else sum(valid))  # not a vacuous check
+    # lr 1, no momentum, no decay: the step moved every weight by exactly minus its gradient.
+    for p, b, g in zip(params, before, optimizer.grads, strict=True):
+        torch.testing.assert_close(p.detach(), b - g)

@@ -303,15 +303,36 @@ def _span_close(got, expected):
     assert span > 0.1 and (got - expected).abs().max().item() <= 1e-4 * span
 
 
+def siftflow_layers(sem_classes, geo_classes):
+    """siftflow-fcn16s's layout: (semantic net, geometric net, the two-headed file's layers)."""
+    sem, geo = fcn_layers("fcn16s", classes=sem_classes, seed=11), fcn_layers("fcn16s", classes=geo_classes, seed=12)
+    trunk, sem_head = _split(sem)
+    _, geo_head = _split(geo)
+    return sem, geo, trunk + _suffixed(sem_head, "_sem") + _suffixed(geo_head, "_geo")
+
+
+def colour_hha_layers(classes):
+    """nyud-fcn32s-color-hha's layout: (colour net, HHA net, the late-fusion file's layers)."""
+    colour, hha = fcn_layers("fcn32s", classes=classes, seed=21), fcn_layers("fcn32s", classes=classes, seed=22)
+    upscore = next(x for x in colour if x.name == "upscore")
+    streams = [
+        x
+        for x in _suffixed(colour, "color") + _suffixed(hha, "hha")
+        if not x.name.startswith(("upscore", "score", "loss"))
+    ]
+    streams += [x for x in _suffixed(colour, "color") + _suffixed(hha, "hha") if x.name.startswith("score_fr")]
+    fused = CaffeLayer("score_fused", "Eltwise", bottoms=["score_frcolor", "score_frhha"], tops=["score_fused"],
+                       coeff=[0.5, 0.5])  # fmt: skip
+    return colour, hha, [CaffeLayer("data", "Input"), *streams, fused, upscore, CaffeLayer("score", "Crop")]
+
+
 def test_siftflow_two_headed_file_converts_to_both_heads(tmp_path):
     # siftflow-fcn16s's layout (its net.py): one VGG16 trunk, then score_fr_sem ... upscore16_sem and the same
     # layers suffixed _geo, each head with its own pool4 scores and upsamplers.
-    sem, geo = fcn_layers("fcn16s", classes=5, seed=11), fcn_layers("fcn16s", classes=3, seed=12)
-    trunk, sem_head = _split(sem)
+    sem, geo, layers = siftflow_layers(5, 3)
+    trunk, _ = _split(sem)
     _, geo_head = _split(geo)
-    write_caffemodel(
-        tmp_path / "siftflow.caffemodel", trunk + _suffixed(sem_head, "_sem") + _suffixed(geo_head, "_geo")
-    )
+    write_caffemodel(tmp_path / "siftflow.caffemodel", layers)
     _, layers = read_caffemodel(tmp_path / "siftflow.caffemodel")
     names = {"semantic": list("abcde"), "geometric": ["sky", "horizontal", "vertical"]}
     ckpt = caffe_to_fcnseg(layers, classes=names["semantic"], head_classes=names)
@@ -329,17 +350,8 @@ def test_siftflow_two_headed_file_converts_to_both_heads(tmp_path):
 def test_colour_hha_file_converts_with_the_averaged_scores_folded_in(tmp_path):
     # nyud-fcn32s-color-hha's layout (its net.py): every layer of a stream suffixed "color" / "hha", the two
     # score_fr maps summed by an Eltwise with coeff 0.5, 0.5, one upscore and one crop for the sum.
-    colour, hha = fcn_layers("fcn32s", classes=5, seed=21), fcn_layers("fcn32s", classes=5, seed=22)
+    colour, hha, layers = colour_hha_layers(5)
     upscore = next(x for x in colour if x.name == "upscore")
-    streams = [
-        x
-        for x in _suffixed(colour, "color") + _suffixed(hha, "hha")
-        if not x.name.startswith(("upscore", "score", "loss"))
-    ]
-    streams += [x for x in _suffixed(colour, "color") + _suffixed(hha, "hha") if x.name.startswith("score_fr")]
-    fused = CaffeLayer("score_fused", "Eltwise", bottoms=["score_frcolor", "score_frhha"], tops=["score_fused"],
-                       coeff=[0.5, 0.5])  # fmt: skip
-    layers = [CaffeLayer("data", "Input"), *streams, fused, upscore, CaffeLayer("score", "Crop")]
     write_caffemodel(tmp_path / "color-hha.caffemodel", layers)
     _, read = read_caffemodel(tmp_path / "color-hha.caffemodel")
     assert next(x for x in read if x.name == "score_fused").coeff == [0.5, 0.5]
@@ -361,3 +373,60 @@ def test_colour_hha_file_converts_with_the_averaged_scores_folded_in(tmp_path):
 def _save(ckpt, path):
     torch.save(ckpt, path)
     return path
+
+
+def _convert_cli(layers, tmp_path, capsys, *flags):
+    write_caffemodel(tmp_path / "net.caffemodel", layers)
+    assert main(["convert", str(tmp_path / "net.caffemodel"), "--out", str(tmp_path / "net.pt"), *flags]) == 0
+    return read_checkpoint(tmp_path / "net.pt"), capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "net, classes, weights",
+    [
+        ("siftflow", 33, "SIFTFLOW_FCN16S_HEAVY"),
+        ("colour-hha", 40, "NYUD_FCN32S_COLOR_HHA_HEAVY"),
+        ("fcn8s", 21, "FCN8S_HEAVY_PASCAL"),
+        ("fcn8s_atonce", 21, "FCN8S_ATONCE_PASCAL"),
+    ],
+)
+def test_convert_records_the_input_of_the_release_the_layers_identify(net, classes, weights, tmp_path, capsys):
+    from fcnseg.models.weights import FCNWeights
+
+    entry = FCNWeights[weights].value
+    layers = {
+        "siftflow": lambda: siftflow_layers(classes, 3)[2],
+        "colour-hha": lambda: colour_hha_layers(classes)[2],
+    }.get(net, lambda: fcn_layers(net, classes=classes))()
+    ckpt, err = _convert_cli(layers, tmp_path, capsys)
+    assert ckpt["model"] == entry.model and err == ""  # identified: nothing assumed, nothing to say
+    assert ckpt["preprocessing"] == entry.preprocessing.to_dict()  # SIFT Flow's mean; NYUDv2's six channels
+    assert ckpt["classes"] == list(entry.classes)
+    assert ckpt["head_classes"] == {k: list(v) for k, v in (entry.head_classes or {}).items()}
+    # What --weights gives by hand is what the layers gave.
+    ckpt2, _ = _convert_cli(layers, tmp_path, capsys, "--weights", FCNWeights[weights].id)
+    assert ckpt2["preprocessing"] == ckpt["preprocessing"] and ckpt2["classes"] == ckpt["classes"]
+
+
+def test_convert_says_which_input_it_assumed_when_the_layers_do_not_tell(tmp_path, capsys):
+    from fcnseg.models.weights import NYUD_CAFFE, NYUD_CAFFE_HHA
+
+    src = tmp_path / "net.caffemodel"
+    # NYUDv2's colour and HHA FCN-32s share their layers: the colour input is assumed, and said so in one line.
+    ckpt, err = _convert_cli(fcn_layers("fcn32s", classes=40), tmp_path, capsys)
+    assert ckpt["preprocessing"] == NYUD_CAFFE.to_dict()
+    assert err == (
+        f"fcnseg: note: {src}: fcn32s with 40 classes fits several published nets nyud-fcn32s-color-heavy, "
+        "nyud-fcn32s-hha-heavy: assumed the input of nyud-fcn32s-color-heavy (BGR, 0-255 minus mean (116.19, 97.203, "
+        "92.318)); set another with --weights NAME\n"
+    )
+    ckpt, err = _convert_cli(fcn_layers("fcn32s", classes=40), tmp_path, capsys, "--weights", "nyud-fcn32s-hha-heavy")
+    assert ckpt["preprocessing"] == NYUD_CAFFE_HHA.to_dict() and err == ""
+    # No published net at all: the VOC input, said so.
+    ckpt, err = _convert_cli(fcn_layers("fcn8s", classes=5), tmp_path, capsys)
+    assert ckpt["preprocessing"] == CAFFE.to_dict() and ckpt["classes"] == []
+    assert err.startswith(f"fcnseg: note: {src}: fcn8s with 5 classes is no published net: assumed the PASCAL VOC")
+    # A fusion net of another class count still records six channels: colour as assumed, HHA like grey.
+    ckpt, err = _convert_cli(colour_hha_layers(5)[2], tmp_path, capsys)
+    assert ckpt["preprocessing"] == CAFFE.for_channels(6).to_dict() and len(ckpt["preprocessing"]["mean"]) == 6
+    assert "assumed the PASCAL VOC input" in err

@@ -129,6 +129,34 @@ def test_late_fusion_refuses_other_inputs_and_mismatched_streams():
         LateFusionFCN({"rgb": a})
 
 
+@pytest.mark.parametrize("name", ["fcn32s", "fcn16s_rgb_hha", "fcn16s_twohead"])
+@pytest.mark.parametrize("delta", [-3, -1, 1])
+def test_a_wrong_channel_count_is_named_at_the_models_door(name, delta):
+    model = get_model(name, in_channels=4, **TINY) if name == "fcn32s" else get_model(name, **TINY)
+    c = model.in_channels + delta
+    what = "colour first, then depth or HHA"
+    with pytest.raises(FcnsegError) as e:
+        model(torch.zeros(1, c, 50, 60))
+    assert str(e.value) == f"input of shape (1, {c}, 50, 60): this model takes N x {model.in_channels} x H x W " + (
+        f"normalised images ({what})" if model.in_channels > 3 else "normalised images (colour)"
+    )
+    assert model(torch.zeros(1, model.in_channels, 50, 60)).shape[-2:] == (50, 60)
+
+
+def test_a_fusion_net_whose_recorded_input_is_colour_only_is_refused_in_one_line(tmp_path, capsys):
+    # What `fcnseg convert` used to write for the colour-HHA caffemodel: a 6-channel net, a 3-channel input.
+    model = get_model("fcn32s_rgb_hha", **TINY)
+    model.preprocessing = model.preprocessing.colour()
+    fcnseg.save_checkpoint(model, tmp_path / "old.pt")
+    Image.fromarray(np.zeros((50, 60, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(
+        FcnsegError, match="the model takes 6 input channels but its recorded input normalisation has 3"
+    ):
+        fcnseg.load(tmp_path / "old.pt").predict(tmp_path / "a.png")
+    with pytest.raises(FcnsegError, match="expected an H x W x 6 uint8 array, got shape"):
+        get_model("fcn32s_rgb_hha", **TINY).predict(np.zeros((50, 60, 3), np.uint8))  # colour alone: named
+
+
 # ------------------------------------------------------------------------------------- NYUDv2 train and eval
 
 
