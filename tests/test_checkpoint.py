@@ -5,7 +5,7 @@ import fcnseg
 from fcnseg.checkpoint import SCHEMA_VERSION, checkpoint_dict, read_checkpoint
 from fcnseg.errors import CheckpointError, FcnsegError
 from fcnseg.preprocessing import CAFFE, IMAGENET
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 CLASSES = ["background", "road", "car"]
 

@@ -3,7 +3,6 @@
 import json
 import os
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -14,22 +13,15 @@ from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 from fcnseg.export import ONNX_OPSET, TRACE_SIZE, export_onnx, export_torchscript
 from fcnseg.models.registry import list_models
+from tests.helpers import TINY, randomise, span_error
 
 
 def _model(name="fcn8s", alignment="aligned", seed=0):
     torch.manual_seed(seed)
-    model = fcnseg.get_model(name, num_classes=5, width=1 / 16, fc_dim=16, alignment=alignment).eval()
-    with torch.no_grad():  # He-scaled random weights everywhere: logits of order 1, not all-zero scores
-        for p in model.parameters():
-            p.normal_(0, (2 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
+    model = fcnseg.get_model(name, num_classes=5, **TINY, alignment=alignment).eval()
+    randomise(model)  # He-scaled random weights everywhere: logits of order 1, not all-zero scores
     model.classes = ["a", "b", "c", "d", "e"]
     return model
-
-
-def _max_rel_diff(got: np.ndarray, expected: torch.Tensor) -> float:
-    span = (expected.max() - expected.min()).item()
-    assert span > 0.1
-    return float(np.abs(got - expected.numpy()).max()) / span
 
 
 @pytest.mark.parametrize("alignment", ["aligned", "caffe"])
@@ -50,7 +42,7 @@ def test_onnx_equals_eager_at_other_sizes(alignment, tmp_path):
             expected = model(x)
         assert got.shape == (2, 5, h, w)
         if h > 1:
-            assert _max_rel_diff(got, expected) <= 1e-4, (h, w)
+            assert span_error(got, expected) <= 1e-4, (h, w)
 
 
 @pytest.mark.parametrize("alignment", ["aligned", "caffe"])
@@ -63,7 +55,7 @@ def test_torchscript_equals_eager_at_other_sizes(alignment, tmp_path):
     for h, w in [(45, 77), (130, 33)]:
         x = torch.randn(1, 3, h, w)
         with torch.no_grad():
-            assert _max_rel_diff(loaded(x).numpy(), model(x)) <= 1e-4
+            assert span_error(loaded(x).numpy(), model(x)) <= 1e-4
 
 
 # One ONNX export of a deep backbone takes 15-30 s on two cores (torch.export's symbolic shapes cost about 0.1 s per

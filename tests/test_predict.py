@@ -11,7 +11,7 @@ from PIL import Image
 import fcnseg
 from fcnseg.cli import main
 from fcnseg.palette import VOC_CLASSES, voc_palette
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def _trained_like(num_classes: int, seed: int = 0) -> fcnseg.FCN:

@@ -13,6 +13,7 @@ from fcnseg.data import get_dataset
 from fcnseg.errors import FcnsegError
 from fcnseg.imageio import read_mask_png
 from fcnseg.runtime import PATHS, agreement, make_runner
+from tests.helpers import TINY, randomise
 
 
 def _demo_inputs(model, split, n):
@@ -55,10 +56,7 @@ def test_runtime_errors_are_one_line(demo):
 
 def test_predict_cli_runtime_and_tiling_on_a_4000_x_3000_image(tmp_path, capsys):
     torch.manual_seed(0)
-    model = fcnseg.get_model("fcn8s", num_classes=5, width=1 / 16, fc_dim=16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, (2 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
+    model = randomise(fcnseg.get_model("fcn8s", num_classes=5, **TINY))
     ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt")
     rng = np.random.default_rng(0)
     big = np.repeat(np.repeat(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), 10, 0), 10, 1)

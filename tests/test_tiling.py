@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import fcnseg
 from fcnseg.errors import FcnsegError
 from fcnseg.tiling import blend_weights, tile_windows, tiled_logits, tiled_mask
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 # VGG16's receptive field is 404 px (radius 202); one more 32-px cell for the last bilinear upsampling, and a few
 # pixels to spare: beyond this distance from a window's inner edges its logits are the whole image's.

@@ -1,4 +1,4 @@
-"""Read and write Caffe ``.caffemodel`` files without Caffe.
+"""Read Caffe ``.caffemodel`` files without Caffe.
 
 A ``.caffemodel`` is a binary protobuf ``caffe.NetParameter``. Rather than depend on Caffe, ``protoc`` or a
 generated ``caffe_pb2``, this module declares the few messages it needs itself, at import time, with the field
@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,8 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
 from ..errors import FcnsegError
-from ..io import atomic_write
 
-__all__ = ["CaffeLayer", "read_caffemodel", "write_caffemodel"]
+__all__ = ["CaffeLayer", "read_caffemodel"]
 
 # V1LayerParameter.LayerType (caffe.proto): enum value -> (enum name, the type string Caffe's UpgradeV1LayerType
 # turns it into). V1 has no Crop, Scale, BatchNorm, ...: those layers only exist as modern `layer` entries.
@@ -82,7 +80,6 @@ _V1_LAYER_TYPES: dict[int, tuple[str, str]] = {
     38: ("EXP", "Exp"),
     39: ("DECONVOLUTION", "Deconvolution"),
 }
-_V1_VALUE_OF_TYPE: dict[str, int] = {modern: value for value, (_, modern) in _V1_LAYER_TYPES.items()}
 
 _PACKAGE = "fcnseg_caffe"
 _RAW_PACKAGE = "fcnseg_caffe.raw"
@@ -263,61 +260,6 @@ def read_caffemodel(path: str | os.PathLike) -> tuple[str, list[CaffeLayer]]:
         raise FcnsegError(f"{path}: is a directory, not a Caffe model file") from None
     except OSError as e:
         raise FcnsegError(f"{path}: cannot read: {e.strerror or e}") from None
-
-
-def write_caffemodel(
-    path: str | os.PathLike, layers: Sequence[CaffeLayer], *, name: str = "", legacy: bool = False
-) -> None:
-    """Write ``layers`` as a binary ``NetParameter``, atomically (a failed write leaves ``path`` as it was).
-
-    ``legacy=True`` writes V1 ``layers`` with the enum type and the 4-D legacy num/channels/height/width blob
-    dimensions (left-padded with 1s, as old Caffe did); otherwise modern ``layer`` entries with a ``BlobShape``.
-    Floats are written packed, as Caffe writes them. Raises :class:`FcnsegError` for a layer a V1 file cannot
-    express (a type with no V1 enum value, a blob of more than 4 dimensions) and for a file that cannot be written.
-    """
-    path = Path(path)
-    net = _RAW["NetParameter"]()
-    if name:
-        net.name = name
-    for layer in layers:
-        if legacy:
-            lp = net.layers.add()
-            value = _V1_VALUE_OF_TYPE.get(layer.type)
-            if value is None:
-                raise FcnsegError(
-                    f"{path}: layer {layer.name!r}: type {layer.type!r} has no V1 LayerType, so a legacy file "
-                    "cannot express it (write it with legacy=False)"
-                )
-            lp.type = value
-        else:
-            lp = net.layer.add()
-            lp.type = layer.type
-        lp.name = layer.name
-        lp.bottom.extend(layer.bottoms)
-        lp.top.extend(layer.tops)
-        if layer.coeff:
-            lp.eltwise_param.coeff.extend(layer.coeff)
-        for j, blob in enumerate(layer.blobs):
-            a = np.asarray(blob, dtype="<f4")  # not ascontiguousarray: that makes a 0-d blob 1-D
-            bp = lp.blobs.add()
-            if legacy:
-                if a.ndim > 4:
-                    raise FcnsegError(
-                        f"{path}: layer {layer.name!r}: blob {j} has shape {a.shape}, more than the 4 dimensions "
-                        "a legacy file can express (write it with legacy=False)"
-                    )
-                bp.num, bp.channels, bp.height, bp.width = (1,) * (4 - a.ndim) + a.shape
-            else:
-                bp.shape.SetInParent()  # present even for a 0-d blob: an empty shape is a scalar in Caffe
-                bp.shape.dim.extend(a.shape)
-            if a.size:
-                bp.data.append(a.tobytes(order="C"))  # one packed run: tag, length, then the little-endian floats
-    payload = net.SerializeToString()
-    try:
-        with atomic_write(path) as f:
-            f.write(payload)
-    except OSError as e:
-        raise FcnsegError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ reading

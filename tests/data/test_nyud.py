@@ -26,6 +26,7 @@ from fcnseg.data.nyud import (
     read_nyud_mask,
 )
 from fcnseg.errors import FcnsegError, ImageError
+from tests.helpers import find_window
 
 TRAIN = ["5003", "5001", "5010"]
 VAL = ["5020", "5021"]
@@ -354,19 +355,6 @@ def test_check_data_reads_the_depth_of_rgbd(root: Path) -> None:
 # -- paired transforms move every channel with the mask ---------------------------------------------------------------
 
 
-def _find_window(source: torch.Tensor, window: torch.Tensor) -> list[tuple[bool, int, int]]:
-    """Every (flipped, top, left) at which ``window`` is a crop of ``source`` or of its horizontal mirror."""
-    h, w = window.shape[-2:]
-    found = []
-    for flipped in (False, True):
-        s = source.flip(-1) if flipped else source
-        for top in range(s.shape[-2] - h + 1):
-            for left in range(s.shape[-1] - w + 1):
-                if torch.equal(s[..., top : top + h, left : left + w], window):
-                    found.append((flipped, top, left))
-    return found
-
-
 def test_flip_and_crop_keep_six_channels_and_mask_aligned(root: Path) -> None:
     plain = NYUDSegmentation(root, "train", modality="rgb-hha")
     tf = v2.Compose([v2.RandomHorizontalFlip(p=0.5), v2.RandomCrop((9, 11))])
@@ -379,7 +367,7 @@ def test_flip_and_crop_keep_six_channels_and_mask_aligned(root: Path) -> None:
             image, mask = ds[i]
             assert isinstance(image, tv_tensors.Image) and image.shape == (6, 9, 11)
             assert isinstance(mask, tv_tensors.Mask) and mask.shape == (9, 11)
-            where = _find_window(image0.as_subclass(torch.Tensor), image.as_subclass(torch.Tensor))
+            where = find_window(image0.as_subclass(torch.Tensor), image.as_subclass(torch.Tensor))
             assert len(where) == 1  # noise images: the window is found exactly once
             flipped, top, left = where[0]
             m0 = mask0.as_subclass(torch.Tensor)

@@ -26,6 +26,7 @@ from fcnseg.data.siftflow import (
     read_semantic_labels,
 )
 from fcnseg.errors import FcnsegError, ImageError
+from tests.helpers import find_window
 
 SUB = "spatial_envelope_256x256_static_8outdoorcategories"
 TRAIN = ["coast_natu975", "street_par177", "mountain_nat116", "highway_bost374"]
@@ -326,19 +327,6 @@ def test_check_data_of_the_geometric_target_checks_the_semantic_labels(root: Pat
 # -- paired transforms move the two-channel mask with the image ----------------------------------------------------
 
 
-def _find_window(source: torch.Tensor, window: torch.Tensor) -> list[tuple[bool, int, int]]:
-    """Every (flipped, top, left) at which ``window`` is a crop of ``source`` or of its horizontal mirror."""
-    h, w = window.shape[-2:]
-    found = []
-    for flipped in (False, True):
-        s = source.flip(-1) if flipped else source
-        for top in range(s.shape[-2] - h + 1):
-            for left in range(s.shape[-1] - w + 1):
-                if torch.equal(s[..., top : top + h, left : left + w], window):
-                    found.append((flipped, top, left))
-    return found
-
-
 def test_flip_and_crop_keep_both_masks_aligned(root: Path) -> None:
     plain = SIFTFlowSegmentation(root, "train", target="both")
     tf = v2.Compose([v2.RandomHorizontalFlip(p=0.5), v2.RandomCrop((11, 13))])
@@ -350,7 +338,7 @@ def test_flip_and_crop_keep_both_masks_aligned(root: Path) -> None:
             image0, mask0 = plain[i]
             image, mask = ds[i]
             assert isinstance(mask, tv_tensors.Mask) and mask.shape == (2, 11, 13) and image.shape == (3, 11, 13)
-            where = _find_window(image0.as_subclass(torch.Tensor), image.as_subclass(torch.Tensor))
+            where = find_window(image0.as_subclass(torch.Tensor), image.as_subclass(torch.Tensor))
             assert len(where) == 1
             flipped, top, left = where[0]
             m0 = mask0.as_subclass(torch.Tensor)

@@ -1,12 +1,13 @@
 import pytest
 
+from tests.helpers import TINY
+
 # A tiny configuration shared by the training tests: 7 classes of synthetic shapes at 48 x 48, a width-1/16 VGG16.
 TINY_TRAIN = dict(
     dataset="synthetic",
     data_options={"size": 48, "num_images": 8},
     model="fcn32s",
-    width=1 / 16,
-    fc_dim=16,
+    **TINY,
     preset="modern",
     batch_size=2,
     crop_size=0,

@@ -14,6 +14,7 @@ from fcnseg.engine.evaluate import boundary_band
 from fcnseg.imageio import read_mask_png
 from fcnseg.preprocessing import CAFFE, IMAGENET
 from tests.engine.test_train import _blocks_tree
+from tests.helpers import TINY, randomise
 
 
 @pytest.fixture(scope="module", params=["imagenet", "caffe"])
@@ -22,7 +23,7 @@ def evaluated(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("eval")
     _blocks_tree(tmp / "data", n=4, size=40)
     torch.manual_seed(0)
-    model = fcnseg.get_model("fcn8s", num_classes=4, width=1 / 16, fc_dim=16)
+    model = fcnseg.get_model("fcn8s", num_classes=4, **TINY)
     with torch.no_grad():  # random but non-trivial predictions
         for p in model.parameters():
             if p.requires_grad:
@@ -112,12 +113,8 @@ def _random_fcn8s(num_classes=4):
     """A tiny FCN-8s with random weights at a He scale, score and skip-score layers included (they start at zero):
     its class scores vary over the image and depend on the scale it sees."""
     torch.manual_seed(3)
-    model = fcnseg.get_model("fcn8s", num_classes=num_classes, width=1 / 16, fc_dim=16, dropout=0.0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.dim() > 1:
-                p.normal_(0, (2 / p[0].numel()) ** 0.5)
-    return model.eval()
+    model = fcnseg.get_model("fcn8s", num_classes=num_classes, **TINY, dropout=0.0)
+    return randomise(model, trainable_only=True, bias_std=None).eval()
 
 
 def _tta_by_hand(model, x, scales, flip):

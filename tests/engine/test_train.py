@@ -16,6 +16,7 @@ from fcnseg.engine import train as train_mod
 from fcnseg.engine.config import TrainConfig
 from fcnseg.engine.train import TrainingDiverged, staged_init, train
 from tests.engine.conftest import TINY_TRAIN
+from tests.helpers import TINY, randomise
 
 
 def _cfg(tmp_path, name="run", **kw) -> TrainConfig:
@@ -79,7 +80,7 @@ def test_overfits_a_few_images(tmp_path):
 def test_staged_init_copies_shared_layers_and_zeroes_new_scores(tmp_path):
     train(_cfg(tmp_path, "s32", iters=2, val_every=2))
     coarse = read_checkpoint(tmp_path / "s32" / "last.pt")["state_dict"]
-    fine = fcnseg.get_model("fcn16s", num_classes=7, width=1 / 16, fc_dim=16)
+    fine = fcnseg.get_model("fcn16s", num_classes=7, **TINY)
     left = staged_init(fine, tmp_path / "s32" / "last.pt")
     own = fine.state_dict()
     for k, v in coarse.items():
@@ -160,7 +161,7 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
 def test_paper_preset_uses_summed_loss_and_doubled_bias_rate(tmp_path):
     cfg = _cfg(tmp_path, preset="paper", batch_size=None, iters=1)
     cfg = cfg.resolved()
-    model = fcnseg.get_model("fcn32s", num_classes=7, width=1 / 16, fc_dim=16)
+    model = fcnseg.get_model("fcn32s", num_classes=7, **TINY)
     groups = train_mod.param_groups(model, cfg)
     assert groups[0]["lr"] == 1e-10 and groups[1]["lr"] == 2e-10
     assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
@@ -289,7 +290,7 @@ def test_init_from_weights_with_another_input_keeps_it_through_resume(tmp_path, 
     # A model initialised from Caffe-input weights trains, saves and resumes with the Caffe input, never the default.
     from fcnseg.preprocessing import CAFFE
 
-    src = fcnseg.get_model("fcn32s", num_classes=7, width=1 / 16, fc_dim=16)
+    src = fcnseg.get_model("fcn32s", num_classes=7, **TINY)
     fcnseg.save_checkpoint(src, tmp_path / "caffe_input.pt", preprocessing=CAFFE)
     seen = []
     real_attach = train_mod.attach_transforms
@@ -322,11 +323,7 @@ def _scored_model(num_classes=3):
     biases: logits of order 0.5 that vary over the image, so every pixel's cross-entropy counts."""
     torch.manual_seed(0)
     model = fcnseg.get_model("fcn32s", num_classes=num_classes, width=1 / 16, fc_dim=8, dropout=0.0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.dim() > 1:
-                p.normal_(0, (2 / p[0].numel()) ** 0.5)
-    return model
+    return randomise(model, trainable_only=True, bias_std=None)
 
 
 def _void_micro_batches():

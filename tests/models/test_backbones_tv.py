@@ -25,7 +25,7 @@ from fcnseg.models import (
 from fcnseg.models.backbones import Backbone
 from fcnseg.models.geometry import CoordMap, compose, crop_offset, layer_map
 from fcnseg.preprocessing import IMAGENET, Preprocessing
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 MODES = ["caffe", "aligned"]
 NEW_MODELS = [
@@ -321,15 +321,6 @@ def test_state_dict_file_of_another_network_is_refused(tmp_path):
         get_model("fcn8s_mobilenet_v3_large", **TINY, backbone_weights=str(tmp_path / "missing.pth"))
     with pytest.raises(FcnsegError, match="not GoogLeNet weights"):
         get_model("fcn32s_googlenet", **TINY, backbone_weights=AlexNet_Weights.IMAGENET1K_V1)
-
-
-@pytest.fixture
-def hub(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    yield tmp_path / "hub" / "checkpoints"
-    torch.hub.set_dir(old)
 
 
 def test_enum_names_load_from_the_hub_cache_and_record_the_input(hub):

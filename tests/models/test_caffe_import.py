@@ -3,8 +3,9 @@
 The test writes VGG16-FCN caffemodels with the release's layer names (conv1_1 ... score_pool3, upscore8, Crop,
 Eltwise, Scale for FCN-8s at once) and random blobs, at a reduced width so that they stay small, plus one at
 VGG16's full convolution widths. The reference output is computed here from the layer list alone, the way the
-release's net.py wires it: conv1_1 padded by 100, ceil pooling, and the release's crops 5 / 9 / 19 / 27 / 31
-written out as the constants Caffe printed (fcnseg derives them; here they are the expected values).
+release's net.py wires it (one in each net's folder of github.com/shelhamer/fcn.berkeleyvision.org, not in this
+repository): conv1_1 padded by 100, ceil pooling, and the release's crops 5 / 9 / 19 / 27 / 31 written out as the
+constants Caffe printed (fcnseg derives them; here they are the expected values).
 """
 
 import numpy as np
@@ -15,10 +16,12 @@ import torch.nn.functional as F
 from fcnseg.checkpoint import load, read_checkpoint
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
-from fcnseg.models.caffe_proto import CaffeLayer, read_caffemodel, write_caffemodel
+from fcnseg.models.caffe_proto import CaffeLayer, read_caffemodel
 from fcnseg.models.convert import caffe_layer_names, caffe_to_fcnseg
 from fcnseg.models.registry import get_model
 from fcnseg.preprocessing import CAFFE
+from tests.caffe_files import write_caffemodel
+from tests.helpers import assert_span_close
 
 VGG = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
 SKIPS = {"fcn32s": [], "fcn16s": ["pool4"], "fcn8s": ["pool4", "pool3"], "fcn8s_atonce": ["pool4", "pool3"]}
@@ -120,9 +123,7 @@ def _check_outputs(model, layers, name):
         with torch.no_grad():
             expected, got = reference_forward(layers, name, x), model(x)
         assert got.shape == expected.shape == (1, 5, h, w)
-        span = (expected.max() - expected.min()).item()
-        assert span > 0.1
-        assert (got - expected).abs().max().item() <= 1e-4 * span, (name, h, w)
+        assert_span_close(got, expected, msg=(name, h, w))
 
 
 @pytest.mark.parametrize("name", list(SKIPS))
@@ -298,11 +299,6 @@ def _suffixed(layers, suffix, keep=()):
     ]
 
 
-def _span_close(got, expected):
-    span = (expected.max() - expected.min()).item()
-    assert span > 0.1 and (got - expected).abs().max().item() <= 1e-4 * span
-
-
 def siftflow_layers(sem_classes, geo_classes):
     """siftflow-fcn16s's layout: (semantic net, geometric net, the two-headed file's layers)."""
     sem, geo = fcn_layers("fcn16s", classes=sem_classes, seed=11), fcn_layers("fcn16s", classes=geo_classes, seed=12)
@@ -343,8 +339,8 @@ def test_siftflow_two_headed_file_converts_to_both_heads(tmp_path):
     with torch.no_grad():
         out = model(x)
         # Each head computes what the release's net computes from the shared trunk and that head's layers.
-        _span_close(out[:, :5], reference_forward(sem, "fcn16s", x))
-        _span_close(out[:, 5:], reference_forward(trunk + geo_head, "fcn16s", x))
+        assert_span_close(out[:, :5], reference_forward(sem, "fcn16s", x))
+        assert_span_close(out[:, 5:], reference_forward(trunk + geo_head, "fcn16s", x))
 
 
 def test_colour_hha_file_converts_with_the_averaged_scores_folded_in(tmp_path):
@@ -362,7 +358,7 @@ def test_colour_hha_file_converts_with_the_averaged_scores_folded_in(tmp_path):
     shared = [x if x.name != "upscore" else upscore for x in hha]  # one upsampling for the sum, the colour one's
     with torch.no_grad():
         expected = 0.5 * (reference_forward(colour, "fcn32s", x[:, :3]) + reference_forward(shared, "fcn32s", x[:, 3:]))
-        _span_close(model(x), expected)
+        assert_span_close(model(x), expected)
     # A weighted sum of anything but score layers is refused, naming the layer.
     odd = [*layers[:-3], CaffeLayer("score_fused", "Eltwise", bottoms=["fc7color", "fc7hha"], coeff=[2.0, 1.0]),
            *layers[-2:]]  # fmt: skip

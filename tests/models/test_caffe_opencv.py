@@ -26,7 +26,9 @@ if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
 
 from fcnseg.checkpoint import load  # noqa: E402
 from fcnseg.cli import main  # noqa: E402
-from fcnseg.models.caffe_proto import CaffeLayer, write_caffemodel  # noqa: E402
+from fcnseg.models.caffe_proto import CaffeLayer  # noqa: E402
+from tests.caffe_files import write_caffemodel  # noqa: E402
+from tests.helpers import span_error  # noqa: E402
 
 VGG16 = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
 WIDTH, FC_DIM = 1 / 8, 16
@@ -121,7 +123,8 @@ class DeployNet:
 
 
 def vgg_trunk(net: DeployNet, data: str, suffix: str = "") -> dict[str, str]:
-    """conv1_1 ... drop7 as the release's net.py writes them (``suffix``: a stream's, as in conv1_1color)."""
+    """conv1_1 ... drop7 as the release's net.py (fcn.berkeleyvision.org, not in this repository) writes them
+    (``suffix``: a stream's, as in conv1_1color)."""
     bottom, taps = data, {}
     for b, block in enumerate(VGG16, 1):
         for i, c in enumerate(block, 1):
@@ -214,14 +217,6 @@ def opencv_forward(prototxt, caffemodel, inputs: dict[str, np.ndarray], outputs:
     return list(net.forward(outputs))
 
 
-def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
-    """Largest difference relative to the span of the oracle's output."""
-    assert got.shape == expected.shape
-    span = float(expected.max() - expected.min())
-    assert span > 0.1, "a degenerate oracle output proves nothing"
-    return float(np.abs(got - expected).max()) / span
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_opencv_runs_the_release_net_as_fcnseg_imports_it(case, tmp_path):
     build, expected_model = CASES[case]
@@ -246,6 +241,6 @@ def test_opencv_runs_the_release_net_as_fcnseg_imports_it(case, tmp_path):
             assert oracle.shape == (n, model.heads[head], h, w), (head, oracle.shape)
             ours = got[:, start : start + oracle.shape[1]]
             start += oracle.shape[1]
-            err = relative_error(ours, oracle)
+            err = span_error(ours, oracle)
             assert err <= 1e-4, f"{case} {blob} at {n}x{h}x{w}: max |fcnseg - OpenCV| = {err:.2e} of the span"
         assert start == got.shape[1]

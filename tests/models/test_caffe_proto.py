@@ -13,7 +13,8 @@ import pytest
 
 from fcnseg.errors import FcnsegError
 from fcnseg.models import caffe_proto
-from fcnseg.models.caffe_proto import CaffeLayer, read_caffemodel, write_caffemodel
+from fcnseg.models.caffe_proto import CaffeLayer, read_caffemodel
+from tests.caffe_files import write_caffemodel
 
 
 @pytest.fixture(autouse=True, params=["exact", "raw-first"])

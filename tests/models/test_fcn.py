@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import fcnseg
 from fcnseg.errors import FcnsegError
 from fcnseg.models import FCN, VGG16Backbone, get_model, list_models, register_model
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 MODES = ["caffe", "aligned"]
 MODELS = list_models()

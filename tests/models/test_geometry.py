@@ -5,7 +5,7 @@ from torch import nn
 
 from fcnseg.models import get_model
 from fcnseg.models.geometry import CoordMap, compose, crop_offset, layer_map
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def test_layer_maps_follow_caffe_conventions():

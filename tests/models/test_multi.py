@@ -25,19 +25,9 @@ from fcnseg.metrics import ConfusionMatrix
 from fcnseg.models import LateFusionFCN, TwoHeadFCN, get_model, split_heads
 from fcnseg.models.backbones import first_conv, widen_input_weight
 from fcnseg.models.fcn import with_input_channels
-from tests.conftest import TINY
 from tests.data.test_nyud import TEST as NYUD_TEST
 from tests.data.test_nyud import make_nyud
-
-
-def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """He-scaled random weights everywhere (score layers too), so that no output is trivially zero."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, (2 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1)
-    return model.eval()
-
+from tests.helpers import TINY, randomise
 
 # ---------------------------------------------------------------------------------------------- early fusion
 
@@ -59,7 +49,7 @@ def test_early_fusion_computes_the_colour_net_plus_depth_spread_over_colour(name
     # The extra channel's filters are the mean of the colour ones, and the first layer is linear: a depth map d
     # adds what d / 3 added to each colour channel would. So the widened net on (rgb, d) equals the colour net on
     # rgb + d / 3, exactly up to float rounding, and on (rgb, 0) it equals the colour net on rgb.
-    rgb_net = _randomise(get_model(name, num_classes=3, alignment="caffe", **TINY))
+    rgb_net = randomise(get_model(name, num_classes=3, alignment="caffe", **TINY), seed=0).eval()
     rgbd_net = get_model(name, num_classes=3, alignment="caffe", in_channels=4, **TINY).eval()
     state = rgb_net.state_dict()
     key = next(k for k, v in state.items() if v.dim() == 4)  # the first layer's weight
@@ -88,7 +78,7 @@ def test_in_channels_extends_the_input_normalisation():
 
 def test_staged_init_widens_a_colour_checkpoint(tmp_path):
     # The paper trains its RGBD net from the RGB FCN-32s: the colour checkpoint's first layer is widened on load.
-    rgb = _randomise(get_model("fcn32s", num_classes=40, **TINY))
+    rgb = randomise(get_model("fcn32s", num_classes=40, **TINY), seed=0).eval()
     ckpt = fcnseg.save_checkpoint(rgb, tmp_path / "rgb.pt")
     rgbd = get_model("fcn32s", num_classes=40, in_channels=4, **TINY)
     left = staged_init(rgbd, ckpt)
@@ -103,7 +93,7 @@ def test_staged_init_widens_a_colour_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("name", ["fcn32s_rgb_hha", "fcn16s_rgb_hha"])
 def test_late_fusion_sums_the_two_streams_score_maps(name):
-    model = _randomise(get_model(name, alignment="caffe", **TINY))
+    model = randomise(get_model(name, alignment="caffe", **TINY), seed=0).eval()
     assert isinstance(model, LateFusionFCN) and model.in_channels == 6 and model.num_classes == 40
     assert list(model.streams) == ["rgb", "hha"]
     x = torch.randn(2, 6, 45, 38)
@@ -212,7 +202,7 @@ def test_nyud_fusion_trains_and_evaluates(tmp_path, modality, model_name):
     assert got == pytest.approx(_expected_input(modality, pixel), abs=1e-5)
     # Evaluated with random weights (two training steps barely move the zero-started scores): the command's
     # figures are those of the model's own, varied, predictions on the test images, counted here by hand.
-    _randomise(model, seed=5)
+    randomise(model, seed=5).eval()
     ckpt = fcnseg.save_checkpoint(model, tmp_path / "random.pt")
     out = tmp_path / f"eval-{modality}"
     args = ["eval", str(ckpt), "--dataset", "nyud", "--root", str(root), "--split", "test",
@@ -241,12 +231,12 @@ def test_colour_jitter_is_refused_for_depth_and_hha(tmp_path, modality):
 
 def test_late_fusion_starts_from_one_stream_or_a_coarser_fusion_net(tmp_path):
     # FCN-16s RGB-HHA from FCN-32s RGB-HHA (the paper's staged route), and both streams from a one-stream net.
-    coarse = _randomise(get_model("fcn32s_rgb_hha", **TINY))
+    coarse = randomise(get_model("fcn32s_rgb_hha", **TINY), seed=0).eval()
     fine = get_model("fcn16s_rgb_hha", **TINY)
     left = staged_init(fine, fcnseg.save_checkpoint(coarse, tmp_path / "c.pt"))
     assert all(".score_skip.pool4." in k or ".upsample_" in k for k in left) and left
     assert torch.equal(fine.streams["hha"].backbone.fc7.weight, coarse.streams["hha"].backbone.fc7.weight)
-    single = _randomise(get_model("fcn32s", num_classes=40, **TINY))
+    single = randomise(get_model("fcn32s", num_classes=40, **TINY), seed=0).eval()
     fused = get_model("fcn32s_rgb_hha", **TINY)
     assert staged_init(fused, fcnseg.save_checkpoint(single, tmp_path / "s.pt")) == []
     for stream in fused.streams.values():
@@ -272,7 +262,7 @@ def test_two_headed_fcn_shares_one_trunk():
     assert isinstance(model, TwoHeadFCN) and model.heads == {"semantic": 33, "geometric": 3}
     backbones = [n for n, _ in model.named_modules() if n.endswith("backbone")]
     assert backbones == ["backbone"]  # one trunk
-    _randomise(model)
+    randomise(model, seed=0).eval()
     x = torch.randn(1, 3, 40, 52)
     with torch.no_grad():
         out = model(x)
@@ -293,7 +283,7 @@ def test_two_headed_fcn_shares_one_trunk():
 
 
 def test_sum_of_both_losses():
-    model = _randomise(get_model("fcn16s_twohead", **TINY))
+    model = randomise(get_model("fcn16s_twohead", **TINY), seed=0).eval()
     x = torch.randn(2, 3, 24, 30)
     masks = torch.stack([torch.randint(0, 33, (2, 24, 30)), torch.randint(0, 3, (2, 24, 30))], 1)
     masks[0, 1, :4] = 255
@@ -381,7 +371,7 @@ def test_siftflow_eval_reports_both_heads_and_excludes_absent_classes(tmp_path):
     model = get_model("fcn16s_twohead", **TINY)
     model.classes = list(SIFTFLOW_CLASSES)
     model.head_classes = {"semantic": list(SIFTFLOW_CLASSES), "geometric": ["sky", "horizontal", "vertical"]}
-    _randomise(model, seed=3)
+    randomise(model, seed=3).eval()
     ckpt = fcnseg.save_checkpoint(model, tmp_path / "two.pt")
     out = tmp_path / "eval"
     args = ["eval", str(ckpt), "--dataset", "siftflow", "--root", str(root), "--split", "test",
@@ -443,7 +433,7 @@ def test_int8_keeps_every_stream_and_head_edge_in_float(tmp_path):
         ("fcn16s_twohead", ["score_", "upsample_", "extra_heads.geometric.score_", "backbone.features.2."]),
         ("fcn16s_rgb_hha", ["streams.rgb.score_", "streams.hha.upsample_", "streams.hha.backbone.features.0."]),
     ]:
-        model = _randomise(get_model(name, **TINY))
+        model = randomise(get_model(name, **TINY), seed=0).eval()
         keep = float_layers(model)
         assert set(expected) <= set(keep), (name, keep)
         weights = list(model.state_dict())
@@ -507,7 +497,7 @@ def test_predict_cli_takes_depth_or_hha_beside_the_colour_images(tmp_path, capsy
     # fcnseg predict IMAGES --extra DIR: each colour image's depth (16-bit millimetres) or HHA image, found by its
     # file name, joins it as the dataset would join them; the masks equal model.predict on the dataset's arrays.
     root = make_nyud(tmp_path / "nyud")
-    model = _randomise(fcnseg.load(_nyud_train(tmp_path, root, modality, model_name)), seed=7)
+    model = randomise(fcnseg.load(_nyud_train(tmp_path, root, modality, model_name)), seed=7).eval()
     ckpt = fcnseg.save_checkpoint(model, tmp_path / "random.pt")
     out = tmp_path / "masks"
     args = ["predict", str(ckpt), str(root / "data" / "images"), "--out", str(out), "--quiet"]

@@ -3,7 +3,7 @@ import torch
 
 from fcnseg.models import get_model
 from fcnseg.models.upsampling import BilinearUpsample, bilinear_kernel
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def _closed_form(k: int) -> torch.Tensor:

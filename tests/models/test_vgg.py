@@ -117,15 +117,6 @@ def test_backbone_weights_file_through_fcnseg_train_reproduces_the_classifier(tm
     assert (got - expected).abs().max().item() <= 1e-4 and expected.abs().max().item() > 0.1
 
 
-@pytest.fixture
-def hub(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    yield tmp_path / "hub" / "checkpoints"
-    torch.hub.set_dir(old)
-
-
 def test_torchvision_enum_names_load_from_the_hub_cache(hub, classifier, vgg_file):
     # The weights enum's file, placed where torchvision's downloader keeps it, is used without any download.
     os.link(vgg_file, hub / VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1])

@@ -18,7 +18,6 @@ import fcnseg
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 from fcnseg.imageio import read_mask_png
-from fcnseg.models.caffe_proto import write_caffemodel
 from fcnseg.models.registry import list_models
 from fcnseg.models.weights import (
     FCNWeights,
@@ -30,6 +29,8 @@ from fcnseg.models.weights import (
 )
 from fcnseg.palette import VOC_CLASSES
 from fcnseg.preprocessing import CAFFE
+from tests.caffe_files import write_caffemodel
+from tests.helpers import fake_hub
 from tests.models.test_caffe_import import fcn_layers, reference_forward
 
 METRICS = {"pixel_acc", "mean_acc", "mean_iu", "fw_iu"}
@@ -37,11 +38,11 @@ METRICS = {"pixel_acc", "mean_acc", "mean_iu", "fw_iu"}
 
 @pytest.fixture
 def hub(tmp_path):
-    """torch.hub's folder in tmp_path for the test, restored afterwards."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield cache_dir()
-    torch.hub.set_dir(old)
+    """torch.hub's folder in tmp_path for the test, restored afterwards: its checkpoints folder, the weights cache,
+    not made here (unlike tests/helpers.py's ``hub``), so the first download must make it."""
+    with fake_hub(tmp_path, create=False) as checkpoints:
+        assert checkpoints == cache_dir()
+        yield checkpoints
 
 
 def _sha256(path) -> str:

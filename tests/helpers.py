@@ -1,0 +1,118 @@
+"""Helpers shared by the test files: the tiny model, torch.hub's cache moved into a test's folder, He-scaled random
+weights, comparison relative to the span of a reference output, and locating a crop in its source image.
+
+Import them from here (``from tests.helpers import TINY, randomise``); the ``hub`` fixture reaches every test
+through ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+# A width-reduced VGG16 (channels / 16, fc6/fc7 of 16): same geometry as the published network, tiny compute.
+TINY = {"width": 1 / 16, "fc_dim": 16}
+
+
+# ------------------------------------------------------------------------------------- torch.hub's cache, faked
+
+
+@contextlib.contextmanager
+def fake_hub(root: Path, *, create: bool = True) -> Iterator[Path]:
+    """torch.hub's folder moved to ``root / "hub"`` while the block runs, and put back afterwards.
+
+    Yields its ``checkpoints`` folder, where torchvision and fcnseg cache downloaded weights: created, unless
+    ``create=False`` leaves it to the first download to make.
+    """
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(root / "hub"))
+    checkpoints = root / "hub" / "checkpoints"
+    if create:
+        checkpoints.mkdir(parents=True)
+    try:
+        yield checkpoints
+    finally:
+        torch.hub.set_dir(old)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Path]:
+    """torch.hub's cache in ``tmp_path`` for the test: its ``checkpoints`` folder, created; restored afterwards."""
+    with fake_hub(tmp_path) as checkpoints:
+        yield checkpoints
+
+
+# ------------------------------------------------------------------------------------------- random weights
+
+
+def randomise(
+    model: torch.nn.Module, seed: int | None = None, *, bias_std: float | None = 0.1, trainable_only: bool = False
+) -> torch.nn.Module:
+    """He-scaled random weights in every layer, the score and skip-score layers included (they start at zero), so
+    that no output is trivially zero and the logits are of order 1.
+
+    Every weight (a parameter of two or more dimensions) is drawn from N(0, 2 / fan_in) with fan_in =
+    ``p[0].numel()``; every bias from N(0, ``bias_std``²), or left as it is where ``bias_std`` is None.
+    ``trainable_only`` leaves the parameters that do not train (the fixed bilinear upsampling kernels) as they are.
+    Draws from torch's global generator, seeded with ``seed`` first where one is given. Returns ``model``, its
+    train / eval mode unchanged.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if trainable_only and not p.requires_grad:
+                continue
+            if p.dim() > 1:
+                p.normal_(0, (2 / p[0].numel()) ** 0.5)
+            elif bias_std is not None:
+                p.normal_(0, bias_std)
+    return model
+
+
+# -------------------------------------------------------------------------------- comparison relative to span
+
+
+def _array(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def span_error(got: Any, expected: Any, *, min_span: float = 0.1) -> float:
+    """max |got - expected| as a fraction of the span (max - min) of the reference ``expected``.
+
+    Tensors or arrays of one shape. Fails unless the span exceeds ``min_span``: a flat reference output proves
+    nothing.
+    """
+    got, expected = _array(got), _array(expected)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    span = float(expected.max() - expected.min())
+    assert span > min_span, f"a degenerate reference output (span {span:.3g}) proves nothing"
+    return float(np.abs(got - expected).max()) / span
+
+
+def assert_span_close(got: Any, expected: Any, *, tol: float = 1e-4, min_span: float = 0.1, msg: Any = None) -> None:
+    """max |got - expected| <= ``tol`` x the span of ``expected`` (see :func:`span_error`); ``msg`` names the case."""
+    err = span_error(got, expected, min_span=min_span)
+    assert err <= tol, (msg, f"max |got - expected| = {err:.2e} of the span")
+
+
+# ------------------------------------------------------------------------------------------------ crops
+
+
+def find_window(source: torch.Tensor, window: torch.Tensor) -> list[tuple[bool, int, int]]:
+    """Every (flipped, top, left) at which ``window`` is a crop of ``source`` or of its horizontal mirror."""
+    h, w = window.shape[-2:]
+    found = []
+    for flipped in (False, True):
+        s = source.flip(-1) if flipped else source
+        for top in range(s.shape[-2] - h + 1):
+            for left in range(s.shape[-1] - w + 1):
+                if torch.equal(s[..., top : top + h, left : left + w], window):
+                    found.append((flipped, top, left))
+    return found
