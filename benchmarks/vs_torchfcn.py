@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.torchfcn_loader import load_torchfcn_models  # noqa: E402
-from fcnseg.checkpoint import model_from_checkpoint  # noqa: E402
+from fcnseg.hub import model_from_checkpoint  # noqa: E402
 from fcnseg.models.convert import torchfcn_to_fcnseg  # noqa: E402
 from fcnseg.runtime import agreement, make_runner  # noqa: E402
 

@@ -3,10 +3,16 @@
 The public API::
 
     import fcnseg
-    fcnseg.list_models()                        # ['fcn16s', 'fcn32s', 'fcn8s', 'fcn8s_atonce']
+    fcnseg.list_models()                        # every registered builder: ['fcn16s', ..., 'fcn8s_resnet50']
     model = fcnseg.get_model("fcn8s", num_classes=21, alignment="aligned")
     fcnseg.save_checkpoint(model, "fcn8s.pt", classes=[...])
     model = fcnseg.load("fcn8s.pt")             # ready for model.predict(image)
+    model = fcnseg.load("fcn8s-heavy-pascal")   # published weights by name (``fcnseg weights`` lists them)
+
+The modules form layers, each importing only from those below it (``tests/test_imports.py`` checks that no import
+cycle exists): leaves such as ``_meta`` (the datasets' class names and means), ``errors``, ``io``, ``palette`` and
+``preprocessing``; ``checkpoint`` (the file format); ``data`` and ``models``; ``hub`` (``load``: checkpoint files
+and published weights to models); ``engine``, ``runtime`` and ``export``; ``cli`` on top.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ _LAZY = {
     "register_model": "fcnseg.models",
     "FCN": "fcnseg.models",
     "save_checkpoint": "fcnseg.checkpoint",
-    "load": "fcnseg.checkpoint",
+    "load": "fcnseg.hub",
     "Preprocessing": "fcnseg.preprocessing",
     "ConfusionMatrix": "fcnseg.metrics",
     "FcnsegError": "fcnseg.errors",

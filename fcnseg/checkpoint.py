@@ -3,6 +3,10 @@
 A checkpoint is a ``torch.save`` dict of plain types and tensors only, so it loads with ``weights_only=True`` (no
 pickled code runs). ``schema_version`` grows whenever the layout changes; a newer file is refused with a message
 instead of being misread.
+
+This module is the file format only: the dict (:func:`checkpoint_dict`), writing (:func:`save_checkpoint`), reading
+(:func:`read_checkpoint`) and the schema. It knows nothing of the models; rebuilding a model from a checkpoint
+(``fcnseg.load``) is :mod:`fcnseg.hub`'s.
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ from torch import nn
 from . import __version__
 from .errors import CheckpointError, FcnsegError
 from .io import atomic_write
+from .palette import palette_for
 from .preprocessing import Preprocessing
+
+__all__ = ["FORMAT", "SCHEMA_VERSION", "check_fit", "checkpoint_dict", "read_checkpoint", "save_checkpoint"]
 
 SCHEMA_VERSION = 1
 FORMAT = "fcnseg-checkpoint"
 
 
 def _default_palette(classes: Sequence[str] | None, n: int) -> list[list[int]]:
-    from .palette import palette_for
-
     return [[int(c) for c in rgb] for rgb in palette_for(classes, n)[:n]]
 
 
@@ -80,7 +85,7 @@ def checkpoint_dict(
 def _tensors(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     if state_dict is None:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _check_fit(model, state_dict, "state_dict", model.build_config["name"])
+    check_fit(model, state_dict, "state_dict", model.build_config["name"])
     return {k: state_dict[k].detach().cpu() for k in model.state_dict()}
 
 
@@ -137,29 +142,9 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
     return ckpt
 
 
-def model_from_checkpoint(ckpt: Mapping[str, Any], *, source: str = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint dict describes and load its weights."""
-    from .models import get_model
-
-    try:
-        # Built on the meta device (shapes only, no random initialisation of 134M weights), then the checkpoint's
-        # tensors are assigned in place of the empty ones.
-        with torch.device("meta"):
-            model = get_model(ckpt["model"], **ckpt["config"])
-    except FcnsegError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    _check_fit(model, ckpt["state_dict"], source, ckpt["model"])
-    model.load_state_dict(ckpt["state_dict"], assign=True)
-    model.classes = list(ckpt.get("classes") or []) or None
-    model.palette = [list(c) for c in ckpt["palette"]] if ckpt.get("palette") else None
-    model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
-    if ckpt.get("head_classes") and hasattr(model, "head_classes"):
-        model.head_classes = {k: list(v) or None for k, v in ckpt["head_classes"].items()}
-    model.eval()
-    return model
-
-
-def _check_fit(model: nn.Module, state: Mapping[str, Any], source: str, name: str) -> None:
+def check_fit(model: nn.Module, state: Mapping[str, Any], source: str, name: str) -> None:
+    """Raise a :class:`CheckpointError` naming ``source`` unless ``state`` has exactly the keys and shapes of
+    ``model``'s state dict (model ``name``)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -179,34 +164,3 @@ def _check_fit(model: nn.Module, state: Mapping[str, Any], source: str, name: st
         raise CheckpointError(
             f"{source}: weights do not fit model {name!r} (another architecture?): {'; '.join(parts)}"
         )
-
-
-def load(
-    path: str | os.PathLike | Any,
-    *,
-    map_location: Any = "cpu",
-    model: str | None = None,
-    file: str | os.PathLike | None = None,
-) -> nn.Module:
-    """Load a checkpoint, or published weights by name, into a ready-to-use model in eval mode.
-
-    ``path``: an fcnseg checkpoint file, or a name from ``fcnseg weights`` (``"fcn8s-heavy-pascal"``), which is
-    downloaded on first use into torch.hub's cache, hash-checked and converted; ``file`` gives a local copy of
-    that published file instead. ``model``: the architecture the caller expects; another one is refused.
-    """
-    from .models.weights import FCNWeights, is_weights_name, weights_checkpoint
-
-    if isinstance(path, FCNWeights):
-        path = path.id
-    if not Path(path).exists() and is_weights_name(str(path)):
-        ckpt = weights_checkpoint(str(path), file=file)
-    elif file is not None:
-        raise FcnsegError(f"file={file!r} goes with published weights names only, not with {str(path)!r}")
-    elif not Path(path).exists() and not Path(path).suffix:
-        raise CheckpointError(f"{path}: no such checkpoint file, nor published weights of that name (fcnseg weights)")
-    else:
-        ckpt = read_checkpoint(path, map_location=map_location)
-    if model is not None and ckpt["model"] != model:
-        raise CheckpointError(f"{path}: checkpoint holds model {ckpt['model']!r}, expected {model!r}")
-    model = model_from_checkpoint(ckpt, source=str(path))
-    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model

@@ -249,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .checkpoint import load
+    from .hub import load
     from .imageio import load_image, overlay, save_mask_png, save_rgb
     from .io import atomic_write
     from .palette import palette_for
@@ -299,8 +299,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load
     from .export import export
+    from .hub import load
 
     model = load(args.checkpoint, file=args.weights_file)
     report = export(model, args.out, args.format, opset=args.opset)
@@ -315,7 +315,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import bench_model, format_results, write_json
-    from .checkpoint import load
+    from .hub import load
     from .imageio import load_image
     from .models import get_model
     from .runtime import normalised
@@ -394,8 +394,9 @@ def _read_classes(path: str) -> list[str]:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
+    from .hub import import_file
     from .io import atomic_write
-    from .models.weights import get_weights, import_file
+    from .models.weights import get_weights
 
     options: dict = {"model": args.model, "classes": _read_classes(args.classes) if args.classes else None}
     if args.weights:  # a published file converted by hand: the entry knows its model, classes and input

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import checkpoint_dict
 from .errors import FcnsegError
 
 ONNX_OPSET = 18
@@ -45,8 +46,6 @@ class ExportReport:
 
 def describe(model: nn.Module) -> dict[str, Any]:
     """What a deployment needs besides the graph: the JSON stored in exported files."""
-    from .checkpoint import checkpoint_dict
-
     ckpt = checkpoint_dict(model) if getattr(model, "build_config", None) else {}
     keys = (
         "model",

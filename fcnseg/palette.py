@@ -12,29 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-VOC_CLASSES: tuple[str, ...] = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+from ._meta import VOC_CLASSES
 
 VOID_INDEX = 255
 VOID_COLOR: tuple[int, int, int] = (224, 224, 192)

@@ -122,13 +122,12 @@ def register_dataset(name: str) -> Callable[[Callable[..., SegmentationDataset]]
 
 
 def list_datasets() -> list[str]:
+    """The registered dataset names, sorted: the 7 built-in ones once ``fcnseg.data`` is imported."""
     return sorted(_DATASETS)
 
 
 def dataset_splits(name: str) -> tuple[str, ...]:
     """The disjoint splits of dataset ``name`` (see :attr:`SegmentationDataset.disjoint_splits`)."""
-    from . import _register_all  # noqa: F401  (imports every dataset module once)
-
     if name not in _DATASETS:
         raise FcnsegError(f"--dataset {name!r}: unknown dataset; expected one of {', '.join(list_datasets())}")
     return tuple(getattr(_DATASETS[name], "disjoint_splits", ("train",)))
@@ -142,9 +141,12 @@ def get_dataset(
     transforms: Callable[..., Any] | None = None,
     **kwargs: Any,
 ) -> SegmentationDataset:
-    """Build dataset ``name`` (``voc``, ``sbd``, ``seg11valid``, ``folder``, ``synthetic``) for ``split``."""
-    from . import _register_all  # noqa: F401  (imports every dataset module once)
+    """Build dataset ``name`` for ``split``: one of :func:`list_datasets` (``folder``, ``nyud``, ``sbd``,
+    ``seg11valid``, ``siftflow``, ``synthetic``, ``voc``); ``kwargs`` are the dataset's own options.
 
+    The built-in datasets are registered by their package, ``fcnseg.data``, which Python imports before any of
+    its modules.
+    """
     if name not in _DATASETS:
         raise FcnsegError(f"--dataset {name!r}: unknown dataset; expected one of {', '.join(list_datasets())}")
     cls = _DATASETS[name]

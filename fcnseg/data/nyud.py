@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .._meta import NYUD_CLASSES, NYUD_MEAN_BGR, NYUD_MEAN_HHA, NYUD_MEAN_LOG_DEPTH
 from ..errors import FcnsegError
 from ..imageio import _read, load_image
 from ..palette import palette_for
@@ -48,26 +49,12 @@ __all__ = [
     "split_overlap_problems",
 ]
 
-NYUD_CLASSES: tuple[str, ...] = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat",
-    "clothes", "ceiling", "books", "refridgerator", "television", "paper", "towel", "shower curtain", "box",
-    "whiteboard", "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure",
-    "otherfurniture", "otherprop",
-)  # fmt: skip
-"""The 40 classes of Gupta et al. in FCN's output order (``refridgerator`` spelt as in the release)."""
-
 NYUD_SPLITS: tuple[str, ...] = ("train", "val", "test", "trainval")
 NYUD_MODALITIES: dict[str, int] = {"rgb": 3, "hha": 3, "rgbd": 4, "rgb-hha": 6}
 """Image channels per ``modality``: RGB; HHA; RGB then encoded depth; RGB then HHA."""
 
 DEPTH_MAX_MM = 10_000
 """Depth that the uint8 depth channel's 255 stands for (10 m, beyond the Kinect's range); deeper is clipped."""
-
-# The means of FCN's nyud_layers.py (0-255 pixels; BGR order for colour), for models that normalise like the release.
-NYUD_MEAN_BGR: tuple[float, float, float] = (116.190, 97.203, 92.318)
-NYUD_MEAN_HHA: tuple[float, float, float] = (132.431, 94.076, 118.477)
-NYUD_MEAN_LOG_DEPTH = 7.844  # mean of log(depth in mm): about 2.55 m
 
 _MAT_EXPECTED = "expected a NYUDv2 segmentation/img_<id>.mat file with key 'segmentation' (0 = void, 1..40 = classes)"
 _LAYOUT = "data/images, data/depth, data/hha, segmentation and the split files train.txt, val.txt, test.txt"

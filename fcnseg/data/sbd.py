@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from .._meta import VOC_CLASSES
 from ..errors import FcnsegError
-from ..palette import VOC_CLASSES, voc_palette
+from ..palette import voc_palette
 from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 
 __all__ = ["SBD_SPLITS", "SBDSegmentation", "find_sbd_dir", "read_sbd_mask", "read_sbd_split", "resolve_sbd_dir"]

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from .._meta import SIFTFLOW_ABSENT_IN_TEST, SIFTFLOW_CLASSES, SIFTFLOW_GEO_CLASSES, SIFTFLOW_MEAN_BGR
 from ..errors import FcnsegError
 from ..palette import palette_for
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
@@ -45,19 +46,8 @@ __all__ = [
 ]
 
 SIFTFLOW_FOLDER = "spatial_envelope_256x256_static_8outdoorcategories"
-SIFTFLOW_CLASSES: tuple[str, ...] = (
-    "awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk", "desert",
-    "door", "fence", "field", "grass", "moon", "mountain", "person", "plant", "pole", "river", "road", "rock",
-    "sand", "sea", "sidewalk", "sign", "sky", "staircase", "streetlight", "sun", "tree", "window",
-)  # fmt: skip
-"""The 33 semantic classes in FCN's output order (label k + 1 in the files is class k)."""
-SIFTFLOW_GEO_CLASSES: tuple[str, ...] = ("sky", "horizontal", "vertical")
-SIFTFLOW_ABSENT_IN_TEST: tuple[str, ...] = ("cow", "desert", "moon")
-"""Semantic classes that never occur in the test set; the paper excludes them from the test metrics."""
 SIFTFLOW_SPLITS: tuple[str, ...] = ("train", "trainval", "test")
 SIFTFLOW_TARGETS: tuple[str, ...] = ("semantic", "geometric", "both")
-# The mean of FCN's siftflow_layers.py (0-255 pixels, BGR order), for models that normalise like the release.
-SIFTFLOW_MEAN_BGR: tuple[float, float, float] = (114.578, 115.294, 108.353)
 
 # Split name -> the files that may hold its list, in order of preference.
 _SPLIT_FILES: dict[str, tuple[str, ...]] = {

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from .._meta import VOC_CLASSES
 from ..errors import FcnsegError
 from ..imageio import read_mask_png
-from ..palette import VOC_CLASSES, voc_palette
+from ..palette import voc_palette
 from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 
 __all__ = [

@@ -190,11 +190,11 @@ def _evaluate_all(args: argparse.Namespace, model, ds, loader, runner, device) -
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import load
     from ..data import get_dataset
     from ..data.base import check_data_options
     from ..data.loader import make_loader
     from ..data.transforms import eval_transforms
+    from ..hub import load
     from .distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
     from .evaluate import write_report
     from .train import pick_device

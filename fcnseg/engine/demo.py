@@ -100,10 +100,10 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
 
 def evaluate_stage(checkpoint: Path, folder: Path, plan: DemoPlan) -> dict[str, float]:
     """Metrics on the first ``val_images`` validation images, plus mean IU near boundaries; writes the report."""
-    from ..checkpoint import load
     from ..data import get_dataset
     from ..data.loader import make_loader
     from ..data.transforms import eval_transforms
+    from ..hub import load
     from .evaluate import evaluate, write_report
 
     model = load(checkpoint)
@@ -119,8 +119,8 @@ def evaluate_stage(checkpoint: Path, folder: Path, plan: DemoPlan) -> dict[str, 
 
 def write_pictures(out: Path, plan: DemoPlan, count: int = 4) -> None:
     """predictions.png (image | truth | FCN-32s | FCN-16s | FCN-8s) and comparison.png (metrics per model)."""
-    from ..checkpoint import load
     from ..data import get_dataset
+    from ..hub import load
     from .plots import plot_model_comparison, plot_predictions
 
     results = json.loads((out / "results.json").read_text())["models"]

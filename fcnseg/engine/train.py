@@ -164,7 +164,8 @@ def staged_init(model: nn.Module, path: str | Path) -> list[str]:
     paper's RGBD from its RGB FCN-32s), and a one-stream net starts every stream of a late-fusion one. The model
     takes over the source's preprocessing, which its weights were trained with. Returns the names left as they
     were."""
-    from ..models.weights import is_weights_name, weights_checkpoint
+    from ..hub import weights_checkpoint
+    from ..models.weights import is_weights_name
 
     ckpt = (
         weights_checkpoint(str(path))

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._meta import VOC_CLASSES
+from ..checkpoint import checkpoint_dict
 from ..errors import FcnsegError
-from ..palette import VOC_CLASSES
 from ..preprocessing import CAFFE, Preprocessing
 from .backbones import VGG16Backbone
 from .multi import LateFusionFCN
@@ -120,8 +121,6 @@ def _checkpoint(
     preprocessing: Preprocessing,
     source: str,
 ) -> dict[str, Any]:
-    from ..checkpoint import checkpoint_dict
-
     if classes is None and model.num_classes == len(VOC_CLASSES):
         classes = VOC_CLASSES
     return checkpoint_dict(

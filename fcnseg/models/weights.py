@@ -6,11 +6,14 @@ metrics its authors reported. ``fcnseg.load("fcn8s-heavy-pascal")`` downloads th
 cache folder (``$TORCH_HOME/hub/checkpoints``), checks the hash, converts it once and keeps the fcnseg checkpoint
 beside it. A copy obtained by hand is used instead when passed as ``file=`` (``--weights-file``) or placed in that
 folder under the file name shown by ``fcnseg weights``.
+
+This module is the catalogue and the downloads; the conversion of a downloaded file into a checkpoint
+(``weights_checkpoint``, ``import_file``) is :mod:`fcnseg.hub`'s, so that the backbones can fetch their ImageNet
+weights from here without importing the converters that build models.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -19,7 +22,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -27,10 +30,16 @@ from typing import Any, Literal
 
 import torch
 
-from ..data.nyud import NYUD_CLASSES, NYUD_MEAN_BGR, NYUD_MEAN_HHA
-from ..data.siftflow import SIFTFLOW_CLASSES, SIFTFLOW_GEO_CLASSES, SIFTFLOW_MEAN_BGR
+from .._meta import (
+    NYUD_CLASSES,
+    NYUD_MEAN_BGR,
+    NYUD_MEAN_HHA,
+    SIFTFLOW_CLASSES,
+    SIFTFLOW_GEO_CLASSES,
+    SIFTFLOW_MEAN_BGR,
+    VOC_CLASSES,
+)
 from ..errors import FcnsegError
-from ..palette import VOC_CLASSES
 from ..preprocessing import CAFFE, Preprocessing
 
 NYUD_CAFFE = Preprocessing(mean=NYUD_MEAN_BGR, std=(1.0, 1.0, 1.0), channel_order="BGR", value_range=255.0)
@@ -321,139 +330,6 @@ def _kind(model: str) -> str:
 def _describe_input(pp: Preprocessing) -> str:
     mean = ", ".join(f"{m:g}" for m in pp.mean)
     return f"{pp.channel_order}, 0-{pp.value_range:g} minus mean ({mean})"
-
-
-def import_file(
-    path: str | os.PathLike,
-    format: str = "auto",
-    *,
-    model: str | None = None,
-    classes: Sequence[str] | None = None,
-    preprocessing: Preprocessing | None = None,
-    head_classes: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, Any]:
-    """Read a torchfcn state dict or a Caffe ``.caffemodel`` and return an fcnseg checkpoint dict.
-
-    ``format``: ``"torchfcn"``, ``"caffe"`` or ``"auto"`` (by extension: ``.caffemodel`` is Caffe). Without
-    ``preprocessing``, a Caffe file records the input of the published net its layers identify (with its classes
-    when none are given; :func:`released_input`); where they do not identify one, ``extra["assumed_input"]`` says
-    which input was assumed.
-    """
-    from .convert import caffe_to_fcnseg, torchfcn_to_fcnseg
-
-    path = Path(path)
-    if not path.is_file():
-        raise FcnsegError(f"{path}: no such file")
-    if format == "auto":
-        format = "caffe" if path.suffix.lower() == ".caffemodel" else "torchfcn"
-    kwargs: dict[str, Any] = {"model": model, "classes": classes, "source": str(path)}
-    if preprocessing is not None:
-        kwargs["preprocessing"] = preprocessing
-    if format == "caffe":
-        from .caffe_proto import read_caffemodel
-
-        _, layers = read_caffemodel(path)
-        note = None
-        if preprocessing is None:
-            from .convert import caffe_signature
-
-            detected, num_classes = caffe_signature(layers, str(path))
-            entry, note = released_input(model or detected, num_classes)
-            if entry is not None:
-                kwargs.update(preprocessing=entry.preprocessing, classes=classes or entry.classes)
-                head_classes = head_classes or entry.head_classes
-        ckpt = caffe_to_fcnseg(layers, head_classes=head_classes, **kwargs)
-        if note:
-            ckpt["extra"]["assumed_input"] = note
-        return ckpt
-    if format == "torchfcn":
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise FcnsegError(f"{path}: not a readable PyTorch file ({e.__class__.__name__})") from None
-        if not isinstance(state, Mapping):
-            raise FcnsegError(f"{path}: holds a {type(state).__name__}, expected a torchfcn state dict")
-        return torchfcn_to_fcnseg(state, **kwargs)
-    raise FcnsegError(f"--format {format!r}: expected torchfcn, caffe or auto")
-
-
-def _source_id(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _cached_conversion(converted: Path, source: Path) -> dict[str, Any] | None:
-    """The cached fcnseg checkpoint of ``source`` if it is readable and was made from this very file."""
-    from ..checkpoint import read_checkpoint
-    from ..errors import CheckpointError
-
-    if not converted.is_file():
-        return None
-    try:
-        ckpt = read_checkpoint(converted)
-    except CheckpointError:
-        return None  # damaged or from another fcnseg: convert again
-    return ckpt if ckpt["extra"].get("weights", {}).get("source") == _source_id(source) else None
-
-
-def _convert(entry: PublishedWeights, source: Path) -> dict[str, Any]:
-    ckpt = import_file(
-        source,
-        entry.format,
-        classes=entry.classes,
-        preprocessing=entry.preprocessing,
-        model=entry.model,
-        head_classes=entry.head_classes,
-    )
-    if ckpt["alignment"] != entry.alignment:
-        raise FcnsegError(f"{source}: converts to {ckpt['alignment']} alignment, expected {entry.alignment}")
-    ckpt["extra"]["weights"] = {
-        "metrics": {k: dict(v) for k, v in entry.metrics.items()},
-        "url": entry.url,
-        "source": _source_id(source),
-    }
-    return ckpt
-
-
-def weights_checkpoint(
-    weights: str | FCNWeights | PublishedWeights,
-    *,
-    file: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The fcnseg checkpoint dict of published weights: from ``file`` if given, else from the cache, downloading
-    on first use. The hash is checked wherever the file comes from (when the entry knows one); the conversion of
-    a cached file is cached beside it."""
-    from ..checkpoint import SCHEMA_VERSION
-    from ..io import atomic_write
-
-    entry = weights if isinstance(weights, PublishedWeights) else get_weights(weights).value
-    if file is not None:
-        source = Path(file).expanduser()
-        if not source.is_file():
-            raise FcnsegError(f"--weights-file {source}: no such file")
-        verify_hash(source, md5=entry.md5, sha256=entry.sha256)
-        return _convert(entry, source)
-    source = cache_dir() / entry.file_name
-    fresh = not source.is_file()
-    if fresh:
-        download(entry.url, source, md5=entry.md5, sha256=entry.sha256, progress=progress)
-    else:
-        verify_hash(source, md5=entry.md5, sha256=entry.sha256)
-    converted = source.with_name(f"{source.stem}.fcnseg-v{SCHEMA_VERSION}.pt")
-    ckpt = _cached_conversion(converted, source)
-    if ckpt is not None:
-        return ckpt
-    try:
-        ckpt = _convert(entry, source)
-    except FcnsegError as e:
-        if fresh:  # an error page or a wrong file, with no hash to catch it: do not keep it
-            source.unlink(missing_ok=True)
-            raise FcnsegError(f"{e} (downloaded from {entry.url}; removed)") from None
-        raise FcnsegError(f"{e} (the cached copy; delete {source} to download it again)") from None
-    with contextlib.suppress(OSError), atomic_write(converted) as f:  # a read-only cache only costs time
-        torch.save(ckpt, f)
-    return ckpt
 
 
 # The Caffe VGG16 (VGG_ILSVRC_16_layers) the release initialised FCN-32s from, as torchfcn publishes it in

@@ -353,7 +353,7 @@ def test_fcnseg_models_lists_every_model_with_parameters_and_gflop(capsys):
 def test_checkpoint_round_trip(name, tmp_path):
     # Rebuilt from the checkpoint's build config (on the meta device), batch-norm statistics included.
     import fcnseg
-    from fcnseg.checkpoint import load
+    from fcnseg.hub import load
 
     torch.manual_seed(0)
     model = _randomise_batch_norm(get_model(name, num_classes=3, alignment="caffe", **TINY)).eval()

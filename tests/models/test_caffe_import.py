@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fcnseg.checkpoint import load, read_checkpoint
+from fcnseg.checkpoint import read_checkpoint
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
+from fcnseg.hub import load
 from fcnseg.models.caffe_proto import CaffeLayer, read_caffemodel
 from fcnseg.models.convert import caffe_layer_names, caffe_to_fcnseg
 from fcnseg.models.registry import get_model
@@ -157,7 +158,7 @@ def test_full_vgg16_widths_and_a_non_default_scale(tmp_path):
     ckpt = caffe_to_fcnseg(read_caffemodel(tmp_path / "full.caffemodel")[1])
     assert ckpt["state_dict"]["backbone.features.28.weight"].shape == (512, 512, 3, 3)
     assert ckpt["state_dict"]["backbone.fc6.weight"].shape == (16, 512, 7, 7)
-    from fcnseg.checkpoint import model_from_checkpoint
+    from fcnseg.hub import model_from_checkpoint
 
     _check_outputs(model_from_checkpoint(ckpt), layers, "fcn8s_atonce")
 
@@ -272,7 +273,7 @@ def test_split_layers_caffe_saved_are_followed_back(tmp_path):
 @pytest.mark.parametrize("source, forced", [("fcn8s", "fcn8s_atonce"), ("fcn8s_atonce", "fcn8s")])
 def test_forcing_the_other_fcn8s_still_computes_the_file(source, forced, tmp_path):
     # The at-once factors (or their absence) are folded into the score layers: same outputs either way.
-    from fcnseg.checkpoint import model_from_checkpoint
+    from fcnseg.hub import model_from_checkpoint
 
     layers = fcn_layers(source, seed=4)
     model = model_from_checkpoint(caffe_to_fcnseg(layers, model=forced))

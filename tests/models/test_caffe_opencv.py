@@ -24,8 +24,8 @@ cv2 = pytest.importorskip(
 if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
     pytest.skip("this OpenCV build has no Caffe reader (cv2.dnn.readNetFromCaffe)", allow_module_level=True)
 
-from fcnseg.checkpoint import load  # noqa: E402
 from fcnseg.cli import main  # noqa: E402
+from fcnseg.hub import load  # noqa: E402
 from fcnseg.models.caffe_proto import CaffeLayer  # noqa: E402
 from tests.caffe_files import write_caffemodel  # noqa: E402
 from tests.helpers import span_error  # noqa: E402

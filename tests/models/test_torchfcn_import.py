@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
-from fcnseg.checkpoint import load, read_checkpoint
+from fcnseg.checkpoint import read_checkpoint
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
+from fcnseg.hub import load
 from fcnseg.models.convert import caffe_layer_names, torchfcn_to_fcnseg
 from fcnseg.models.registry import get_model
 from fcnseg.palette import VOC_CLASSES

@@ -97,8 +97,8 @@ def test_backbone_weights_file_through_fcnseg_train_reproduces_the_classifier(tm
     # End to end: `fcnseg train --backbone-weights FILE` builds the net from a torchvision VGG16 state dict on disk;
     # after one step at a vanishing rate the saved checkpoint's backbone, followed by the classifier's fc8 as a
     # 1 x 1 convolution, gives the classifier's logits at 224 x 224.
-    from fcnseg.checkpoint import load
     from fcnseg.cli import main
+    from fcnseg.hub import load
 
     path = vgg_file
     flags = "train --dataset synthetic --data-option size=48 --data-option num_images=2 --model fcn32s --iters 1 "

@@ -17,6 +17,7 @@ import torch
 import fcnseg
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
+from fcnseg.hub import weights_checkpoint
 from fcnseg.imageio import read_mask_png
 from fcnseg.models.registry import list_models
 from fcnseg.models.weights import (
@@ -25,7 +26,6 @@ from fcnseg.models.weights import (
     cache_dir,
     download,
     get_weights,
-    weights_checkpoint,
 )
 from fcnseg.palette import VOC_CLASSES
 from fcnseg.preprocessing import CAFFE
@@ -156,7 +156,7 @@ def _fake_entry(tmp_path, **changes) -> tuple[PublishedWeights, list]:
 
 
 def test_first_use_downloads_converts_and_caches(tmp_path, hub, monkeypatch):
-    from fcnseg.models import weights
+    from fcnseg import hub as weights  # weights_checkpoint and import_file live in fcnseg.hub
 
     entry, layers = _fake_entry(tmp_path)
     ckpt = weights_checkpoint(entry, progress=False)
