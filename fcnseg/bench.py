@@ -12,7 +12,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import FcnsegError
+from .models.complexity import count_gflop
 from .runtime import agreement, check_path, make_runner
 
 
@@ -65,16 +66,6 @@ class PathResult:
     agreement_with_fp32: float | None
 
 
-def count_gflop(model: nn.Module, x: torch.Tensor) -> float:
-    """GFLOP of one forward pass on ``x``, per image."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        model.eval()(x)
-    return counter.get_total_flops() / 1e9 / x.shape[0]
-
-
 def time_runs(run, x: torch.Tensor, runs: int, warmup: int, progress: bool, label: str) -> list[float]:
     from tqdm import tqdm
 
@@ -86,6 +77,43 @@ def time_runs(run, x: torch.Tensor, runs: int, warmup: int, progress: bool, labe
         run(x)
         times.append((time.perf_counter() - t0) * 1000)
     return times
+
+
+def _bench_path(
+    model: nn.Module,
+    path: str,
+    x: torch.Tensor,
+    calibration: Sequence[torch.Tensor],
+    check: Sequence[torch.Tensor],
+    *,
+    runs: int,
+    warmup: int,
+    progress: bool,
+    gflop: float,
+    reference: Callable[[torch.Tensor], torch.Tensor],
+) -> PathResult:
+    """One execution path: built (its time and memory counted), timed on ``x``, compared with ``reference`` (eager
+    fp32) on ``check``."""
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        before = _rss_bytes()
+        run = make_runner(model, path, calibration=calibration)
+        build = time.perf_counter() - t0
+        times = time_runs(run, x, runs, warmup, progress, path)
+    median = statistics.median(times)
+    batch = x.shape[0]
+    return PathResult(
+        path=path,
+        median_ms=median,
+        min_ms=min(times),
+        max_ms=max(times),
+        images_per_s=batch / (median / 1000),
+        gflop_per_image=gflop,
+        gflop_per_s=gflop * batch / (median / 1000),
+        peak_mem_mb=(mem.peak - before) / 2**20,
+        build_s=build,
+        agreement_with_fp32=None if path == "eager" else agreement(run, reference, check, model),
+    )
 
 
 def bench_model(
@@ -110,29 +138,8 @@ def bench_model(
     reference = make_runner(model, "eager")
     check = list(check) if check else [x[:1]]
     calibration = list(calibration) if calibration else check
-    results = []
-    for p in paths:
-        t0 = time.perf_counter()
-        with PeakRSS() as mem:
-            before = _rss_bytes()
-            run = make_runner(model, p, calibration=calibration)
-            build = time.perf_counter() - t0
-            times = time_runs(run, x, runs, warmup, progress, p)
-        median = statistics.median(times)
-        results.append(
-            PathResult(
-                path=p,
-                median_ms=median,
-                min_ms=min(times),
-                max_ms=max(times),
-                images_per_s=batch / (median / 1000),
-                gflop_per_image=gflop,
-                gflop_per_s=gflop * batch / (median / 1000),
-                peak_mem_mb=(mem.peak - before) / 2**20,
-                build_s=build,
-                agreement_with_fp32=None if p == "eager" else agreement(run, reference, check, model),
-            )
-        )
+    timing = {"runs": runs, "warmup": warmup, "progress": progress, "gflop": gflop, "reference": reference}
+    results = [_bench_path(model, p, x, calibration, check, **timing) for p in paths]
     return {
         "model": getattr(model, "build_config", {}).get("name"),
         "alignment": getattr(model, "alignment", None),

@@ -7,11 +7,12 @@ through :func:`~fcnseg.io.atomic_write`, so an interrupted write never leaves a 
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,10 @@ from fcnseg.io import atomic_write
 from fcnseg.palette import full_palette
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "PathLike",
     "as_rgb_array",
+    "collect_inputs",
     "colorize",
     "image_to_array",
     "load_image",
@@ -358,3 +361,50 @@ def save_rgb(path: PathLike, array: np.ndarray) -> None:
             img.save(f, format="JPEG", quality=90)
         else:
             img.save(f, format="PNG")
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the image files that command-line inputs name.
+
+# The suffixes (lower case) that mark a file in a folder as an image.
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+    ".ppm",
+    ".pgm",
+}
+
+
+def _expand_input(item: str) -> tuple[list[Path], str | None]:
+    """The files one input names, and the problem with it (None when it names some)."""
+    p = Path(item)
+    if p.is_dir():
+        found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        return found, None if found else f"{item}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+    if p.is_file():
+        return [p], None
+    if glob.has_magic(item):
+        found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+        return found, None if found else f"{item}: pattern matches no file"
+    return [], f"{item}: no such file or folder"
+
+
+def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Expand files, folders (their images, sorted) and glob patterns; returns (files, problems).
+
+    A file named twice (directly and through a folder, say) is kept once, at its first place."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for item in inputs:
+        found, problem = _expand_input(item)
+        files.extend(found)
+        if problem:
+            problems.append(problem)
+    seen: set[Path] = set()
+    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))], problems

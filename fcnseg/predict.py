@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,9 @@ import torch
 from torch import nn
 
 from .errors import FcnsegError
-from .imageio import as_rgb_array
+from .imageio import as_rgb_array, overlay, save_mask_png, save_rgb
+from .io import atomic_write
+from .palette import palette_for
 
 
 def model_input(model: nn.Module, image: Any) -> torch.Tensor:
@@ -108,3 +111,72 @@ def predict_mask(
         return tiled_mask(run, x, model.num_classes, tile=tile, overlap=overlap, align=model.stride)
     labels = predict_logits(model, image, runner=runner).argmax(0).cpu().numpy()
     return labels.astype(np.uint8) if model.num_classes <= 256 else labels
+
+
+# ---------------------------------------------------------------------------------------------- writing masks
+
+
+def output_stems(files: Sequence[Path]) -> list[str]:
+    """The output name of each input: its stem, ``STEM-2``, ``STEM-3``, ... for later inputs of the same stem, so that
+    two inputs with one stem (a/x.jpg, b/x.png) do not overwrite each other's mask."""
+    counts: dict[str, int] = {}
+    stems = []
+    for f in files:
+        n = counts.get(f.stem, 0)
+        counts[f.stem] = n + 1
+        stems.append(f.stem if n == 0 else f"{f.stem}-{n + 1}")
+    return stems
+
+
+def mask_colors(model: nn.Module) -> np.ndarray:
+    """The colours of the model's (first head's) classes, N x 3 uint8: its checkpoint's palette, else
+    :func:`~fcnseg.palette.palette_for` its class names."""
+    return np.asarray(model.palette or palette_for(model.classes, model.num_classes), np.uint8)
+
+
+def save_head_masks(model: nn.Module, image: Any, out: str | Path, stem: str, **kwargs: Any) -> None:
+    """A model of several heads: ``STEM.png`` for the first head (in :func:`mask_colors`), ``STEM_<head>.png`` for
+    the others (in the colours of their class names). Keywords as :func:`predict_logits`."""
+    masks = model.predict(image, **kwargs)
+    names = getattr(model, "head_classes", {}) or {}
+    for i, (head, mask) in enumerate(masks.items()):
+        colours = model.palette if i == 0 and model.palette else palette_for(names.get(head) or None, model.heads[head])
+        name = f"{stem}.png" if i == 0 else f"{stem}_{head}.png"
+        save_mask_png(Path(out) / name, mask, np.asarray(colours, np.uint8))
+
+
+def save_prediction(
+    model: nn.Module,
+    image: Any,
+    out: str | Path,
+    stem: str,
+    *,
+    colors: np.ndarray | None = None,
+    probs: bool = False,
+    overlay_on: np.ndarray | None = None,
+    overlay_format: str = "jpg",
+    **kwargs: Any,
+) -> None:
+    """Segment ``image`` and write ``out/STEM.png``, a palette mask in ``colors`` (default: :func:`mask_colors`).
+
+    ``probs``: also ``STEM.npy``, C x H x W float32 probabilities. ``overlay_on``: also ``STEM_overlay.<format>``,
+    the mask blended over this H x W x 3 image (the colour part of ``image``). A model of several heads writes one
+    mask per head (:func:`save_head_masks`). Other keywords (``runner``, ``tile``, ``overlap``) as
+    :func:`predict_logits`; without ``probs``, ``tile`` makes the labels band by band in bounded memory.
+    """
+    if len(getattr(model, "heads", {"out": 0})) > 1:
+        save_head_masks(model, image, out, stem, **kwargs)
+        return
+    out = Path(out)
+    colors = mask_colors(model) if colors is None else colors
+    if probs:
+        logits = predict_logits(model, image, **kwargs)
+        mask = logits.argmax(0).cpu().numpy().astype(np.uint8)
+    else:
+        mask = predict_mask(model, image, **kwargs)
+    save_mask_png(out / f"{stem}.png", mask, colors)
+    if overlay_on is not None:
+        save_rgb(out / f"{stem}_overlay.{overlay_format}", overlay(overlay_on, mask, colors))
+    if probs:
+        with atomic_write(out / f"{stem}.npy") as f:
+            np.save(f, logits.softmax(0).cpu().numpy().astype(np.float32))

@@ -16,8 +16,9 @@ shares.
 
 from __future__ import annotations
 
+import glob
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ __all__ = [
     "decode_depth",
     "encode_depth",
     "read_depth",
+    "read_depth_or_hha",
     "read_mat_labels",
+    "stack_extra_channels",
     "read_nyud_mask",
     "read_nyud_split",
     "split_overlap_problems",
@@ -307,3 +310,44 @@ class NYUDSegmentation(SegmentationDataset):
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, modality={self.modality!r})"
+
+
+# -- depth or HHA beside colour images (fcnseg predict --extra) -------------------------------------------------------
+
+
+def _find_beside(image: Path, folder: str | Path) -> Path:
+    """``folder``'s file of ``image``'s name, else the first of its stem with any suffix."""
+    same = Path(folder) / image.name
+    found = [same] if same.is_file() else sorted(Path(folder).glob(f"{glob.escape(image.stem)}.*"))
+    if not found:
+        raise FcnsegError(f"{image}: --extra {folder} holds no {image.stem}.*; expected its depth or HHA image there")
+    return found[0]
+
+
+def read_depth_or_hha(path: str | Path) -> np.ndarray:
+    """A fusion net's extra input, H x W x 1 or H x W x 3 uint8: a one-channel image is depth (16-bit millimetres
+    through :func:`encode_depth`, 8 bits taken as encoded, as :func:`read_depth`), a colour one is HHA."""
+    try:
+        with Image.open(path) as im:
+            depth = im.mode in ("I", "L") or im.mode.startswith("I;16")
+    except Exception:
+        raise FcnsegError(f"{path}: cannot read it as an image; expected a depth or HHA PNG") from None
+    return read_depth(path)[:, :, None] if depth else load_image(path)
+
+
+def stack_extra_channels(rgb: np.ndarray, image: Path, folders: Sequence[str | Path], channels: int) -> np.ndarray:
+    """``rgb`` (H x W x 3, read from ``image``) followed by the same-named depth or HHA image of each of ``folders``
+    (:func:`read_depth_or_hha`), as the ``channels`` a fusion net takes. Every problem is an FcnsegError naming the
+    file (in ``fcnseg predict --extra``'s words)."""
+    parts = [rgb]
+    for folder in folders:
+        path = _find_beside(image, folder)
+        extra = read_depth_or_hha(path)
+        if extra.shape[:2] != rgb.shape[:2]:
+            raise FcnsegError(f"{path}: is {extra.shape[1]}x{extra.shape[0]} but {image.name} is "
+                              f"{rgb.shape[1]}x{rgb.shape[0]}; expected the same size")  # fmt: skip
+        parts.append(extra)
+    x = np.concatenate(parts, axis=2)
+    if x.shape[2] != channels:
+        raise FcnsegError(f"{image}: colour and --extra give {x.shape[2]} channels; the model takes {channels}")
+    return x

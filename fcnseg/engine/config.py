@@ -213,3 +213,17 @@ def _modern(cfg: TrainConfig) -> dict[str, Any]:
 
 
 PRESETS = {"paper": _paper, "modern": _modern}
+
+
+def layered_config(flags: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
+    """The configuration of ``fcnseg train``: defaults < the run's saved ``config.yaml`` (when resuming) < the YAML
+    ``config_file`` < ``flags``, the options typed on the command line (field name: value)."""
+    merged: dict[str, Any] = {**(TrainConfig.from_yaml(config_file) if config_file else {}), **flags}
+    if merged.get("resume"):
+        saved = Path(merged.get("out", TrainConfig.out)) / "config.yaml"
+        if not saved.is_file():
+            raise FcnsegError(f"--resume: {saved} not found; nothing to resume")
+        base = yaml.safe_load(saved.read_text())
+        base = {k: v for k, v in base.items() if k in {f.name for f in fields(TrainConfig)}}
+        merged = {**base, **merged}
+    return TrainConfig(**merged)

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from fcnseg.cli import build_parser
-from fcnseg.engine.commands import config_from_args
+from fcnseg.cli.train import config_from_args
 from fcnseg.engine.config import PAPER_LR, TrainConfig
 from fcnseg.errors import FcnsegError
 

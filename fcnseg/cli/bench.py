@@ -1,0 +1,72 @@
+"""``fcnseg bench``: latency, throughput, GFLOP and memory of a model on each execution path
+(:func:`fcnseg.bench.bench_model`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import FcnsegError
+from ._common import add_quiet
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="latency, throughput, GFLOP and memory of a model on each execution path")
+    p.add_argument("--model", default="fcn8s", help="a registered model (default: fcn8s), random weights")
+    p.add_argument("--checkpoint", help="bench this checkpoint instead of --model")
+    p.add_argument("--alignment", default="aligned", choices=["aligned", "caffe"])
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--size", default="375x500", help="input HEIGHTxWIDTH (default: 375x500)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--paths", nargs="+", default=["eager"], help="eager bf16 onnx onnx-int8 compile")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: torch's)")
+    p.add_argument("--images", metavar="DIR", help="images for int8 calibration and the fp32 agreement check")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_quiet(p, "no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise FcnsegError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 375x500") from None
+    return h, w
+
+
+def _check_inputs(model, folder: str | None):
+    """The first 8 images of ``--images``, normalised for ``model`` (None without ``--images``)."""
+    from ..imageio import collect_inputs, load_image
+    from ..runtime import normalised
+
+    if not folder:
+        return None
+    files, problems = collect_inputs([folder])
+    if problems:
+        raise FcnsegError(f"--images {folder}: {problems[0]}")
+    return normalised(model, [load_image(f) for f in files[:8]])
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import bench_model, format_results, write_json
+    from ..hub import load
+    from ..models import get_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = _size(args.size)
+    if args.checkpoint:
+        model = load(args.checkpoint)
+    else:
+        model = get_model(args.model, num_classes=args.num_classes, alignment=args.alignment)
+    check = _check_inputs(model, args.images)
+    doc = bench_model(model, size=size, batch=args.batch, paths=args.paths, runs=args.runs, warmup=args.warmup,
+                      check=check, progress=not args.quiet)  # fmt: skip
+    print(format_results(doc))
+    if args.json:
+        write_json(doc, args.json)
+    return 0

@@ -1,0 +1,34 @@
+"""``fcnseg demo``: FCN-32s, 16s and 8s trained and evaluated on synthetic data (:mod:`fcnseg.engine.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ._common import add_out, add_quiet
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("demo", help="train and evaluate FCN-32s/16s/8s on synthetic data")
+    p.add_argument("--quick", action="store_true", help="a CI-sized run (about a minute)")
+    add_out(p, "output folder (default: runs/demo)", default="runs/demo")
+    add_quiet(p, "no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine.demo import describe, format_table, run_demo
+
+    t0 = time.perf_counter()
+    results = run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    out = Path(args.out)
+    print()
+    print(format_table(results))
+    print(
+        f"\n{describe(args.quick)}; {'quick' if args.quick else 'full'} run in {time.perf_counter() - t0:.0f} s.\n"
+        f"checkpoints: {out}/<model>/best.pt; evaluation reports: {out}/<model>/eval/; "
+        f"pictures: {out}/predictions.png, {out}/comparison.png; figures: {out}/results.json"
+    )
+    return 0

@@ -1,0 +1,164 @@
+"""``fcnseg predict``: palette masks of images, folders and globs, with a checkpoint or published weights.
+
+Each image that cannot be segmented is reported on stderr and the others are still written (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import FcnsegError
+from ._common import add_device, add_out, add_quiet, add_runtime, add_weights, add_weights_file, error
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "predict",
+        help="segment images with a checkpoint or published weights",
+        usage="fcnseg predict (CHECKPOINT | --weights NAME) INPUT [INPUT ...] --out DIR [options]",
+    )
+    p.add_argument("items", nargs="+", metavar="INPUT", help="[CHECKPOINT] then image files, folders or globs")
+    add_weights(p, "published weights instead of a checkpoint (fcnseg weights)")
+    add_weights_file(p, "a local copy of the --weights file (no download)")
+    add_out(p, "output folder: <stem>.png palette masks")
+    p.add_argument(
+        "--overlay",
+        nargs="?",
+        const="jpg",
+        choices=["jpg", "png"],
+        help="also write <stem>_overlay.jpg|png, the mask blended over the image",
+    )
+    p.add_argument("--probs", action="store_true", help="also write <stem>.npy, C x H x W probabilities")
+    add_device(p, "cpu", "torch device (default: cpu)")
+    add_runtime(p, "eager (fp32), bf16, onnx, onnx-int8 or compile")
+    p.add_argument("--calibration", metavar="DIR", help="onnx-int8: images to calibrate on (default: the inputs)")
+    p.add_argument("--calibration-images", type=int, default=8, help="onnx-int8: how many (default: 8)")
+    p.add_argument("--tile", type=int, help="run overlapping TILE x TILE windows (a multiple of 32) for large images")
+    p.add_argument("--overlap", type=int, default=64, help="overlap of the --tile windows in pixels (default: 64)")
+    add_quiet(p, "no progress bar or summary")
+    p.add_argument(
+        "--extra", action="append", default=[], metavar="DIR",
+        help="fusion nets: a folder of each image's depth (16-bit mm PNG) or HHA image, under the colour image's "
+        "name; repeat in channel order (RGBD: the depth folder; RGB-HHA: the HHA folder)",
+    )  # fmt: skip
+    p.set_defaults(func=run)
+    return p
+
+
+def _checkpoint_and_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
+    # `predict CKPT IMAGES...` or `predict --weights NAME IMAGES...`: with --weights every positional is an input.
+    if args.weights:
+        from ..models.weights import get_weights
+
+        get_weights(args.weights)  # an unknown name fails here, listing the known ones
+        return args.weights, list(args.items)
+    if args.weights_file:
+        raise FcnsegError("--weights-file goes with --weights NAME (the published weights it is a copy of)")
+    if len(args.items) < 2:
+        raise FcnsegError("predict: expected a CHECKPOINT and at least one image, folder or pattern")
+    return args.items[0], list(args.items[1:])
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FcnsegError(f"--out {out}: cannot create folder ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK):
+        raise FcnsegError(f"--out {out}: folder is not writable")
+
+
+def _check_predictable(model, args: argparse.Namespace, checkpoint: str | None) -> None:
+    source = checkpoint or args.weights_file or "the model"
+    if model.in_channels != 3 and not args.extra:
+        raise FcnsegError(
+            f"{source}: the model takes {model.in_channels} input channels (colour, then depth or HHA); pass --extra "
+            "DIR, a folder of each image's depth or HHA image under the colour image's name (repeat in channel order)"
+        )
+    if args.extra and model.in_channels == 3:
+        raise FcnsegError(f"--extra: {source} takes colour images only (3 channels); expected no --extra")
+    if len(model.heads) > 1 and (args.probs or args.overlay):
+        raise FcnsegError(f"{source}: --probs and --overlay are for one-headed models; this one has "
+                          f"heads {', '.join(model.heads)}")  # fmt: skip
+
+
+def _runner_for(args: argparse.Namespace, model, files: Sequence[Path]):
+    """The execution path asked for; onnx-int8 calibrates on --calibration images or the first inputs."""
+    from ..imageio import collect_inputs, load_image
+    from ..runtime import check_path, make_runner, normalised
+
+    check_path(args.runtime)
+    if args.runtime == "eager":
+        return None
+    calibration = []
+    if args.runtime == "onnx-int8":
+        sources, problems = collect_inputs([args.calibration]) if args.calibration else (list(files), [])
+        if problems:
+            raise FcnsegError(f"--calibration {args.calibration}: {problems[0]}")
+        images = []
+        for f in sources[: args.calibration_images]:
+            with contextlib.suppress(FcnsegError):  # a bad file is reported when it is predicted
+                images.append(load_image(f))
+        calibration = normalised(model, images)
+    return make_runner(model, args.runtime, calibration=calibration)
+
+
+def _report_agreement(model, runner, first: Path | None, quiet: bool) -> None:
+    # Reduced precision changes some pixels: say how many, on the first image, against eager fp32.
+    if runner is None or first is None or quiet:
+        return
+    from ..imageio import load_image
+    from ..predict import default_runner
+    from ..runtime import agreement, normalised
+
+    with contextlib.suppress(FcnsegError):
+        share = agreement(runner, default_runner(model), normalised(model, [load_image(first)]), model)
+        print(f"runtime agrees with eager fp32 on {100 * share:.2f}% of the pixels of {first.name}", file=sys.stderr)
+
+
+def _predict_one(model, path: Path, stem: str, args: argparse.Namespace, options: dict) -> None:
+    """Read ``path`` (and its --extra images) and write its mask(s) under ``stem``."""
+    from ..data.nyud import stack_extra_channels
+    from ..imageio import load_image
+    from ..predict import save_prediction
+
+    rgb = load_image(path)
+    x = stack_extra_channels(rgb, path, args.extra, model.in_channels) if args.extra else rgb
+    overlay = {"overlay_on": rgb, "overlay_format": args.overlay} if args.overlay else {}
+    save_prediction(model, x, Path(args.out), stem, probs=args.probs, **overlay, **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..hub import load
+    from ..imageio import collect_inputs
+    from ..predict import mask_colors, output_stems
+
+    checkpoint, inputs = _checkpoint_and_inputs(args)
+    files, problems = collect_inputs(inputs)
+    model = load(checkpoint, map_location=args.device, file=args.weights_file)
+    _check_predictable(model, args, checkpoint)
+    out = Path(args.out)
+    _check_writable(out)
+    runner = _runner_for(args, model, files)
+    _report_agreement(model, runner, files[0] if files else None, args.quiet)
+    options = {"colors": mask_colors(model), "runner": runner, "tile": args.tile, "overlap": args.overlap}
+    written = 0
+    bar = tqdm(files, unit="img", disable=len(files) <= 1 or args.quiet, file=sys.stderr)
+    for path, stem in zip(bar, output_stems(files), strict=True):
+        try:
+            _predict_one(model, path, stem, args, options)
+            written += 1
+        except FcnsegError as e:
+            problems.append(str(e))
+    if not args.quiet:
+        print(f"wrote {written} mask(s) to {out}")
+    for p in problems:
+        error(p)
+    return 2 if problems else 0

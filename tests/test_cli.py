@@ -1,0 +1,61 @@
+"""The command line's layout: one module per command, shared flags declared once, domain logic in the library."""
+
+import importlib
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fcnseg
+import fcnseg.cli
+from fcnseg.cli import build_parser
+from fcnseg.imageio import collect_inputs
+from fcnseg.models.complexity import meta_gflop, trainable_parameters
+from fcnseg.models.upsampling import BilinearUpsample
+from fcnseg.predict import output_stems
+
+CLI = Path(fcnseg.cli.__file__).parent
+
+
+def _command_modules():
+    return [m.name for m in pkgutil.iter_modules([str(CLI)]) if not m.name.startswith("_")]
+
+
+def test_one_module_per_command():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert sorted(commands) == sorted(m.replace("_", "-") for m in _command_modules())
+    for name in _command_modules():
+        module = importlib.import_module(f"fcnseg.cli.{name}")
+        assert callable(module.add_parser) and callable(module.run)
+        assert commands[name.replace("_", "-")].get_default("func") is module.run
+
+
+@pytest.mark.parametrize("flag", ["--data-option", "--device", "--runtime", "--weights", "--weights-file", "--quiet"])
+def test_shared_flags_are_declared_once(flag):
+    sources = {p.name: p.read_text() for p in CLI.glob("*.py")}
+    declared = {name for name, text in sources.items() if re.search(rf"add_argument\(\s*\"{flag}\"", text)}
+    assert declared == {"_common.py"}
+
+
+def test_collect_inputs_and_output_stems(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("a/x.jpg", "a/y.png", "a/notes.txt", "b/x.png"):
+        (tmp_path / name).write_bytes(b"")
+    files, problems = collect_inputs([str(tmp_path / "a"), str(tmp_path / "b" / "*.png"), str(tmp_path / "a/x.jpg")])
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a/x.jpg", "a/y.png", "b/x.png"]
+    assert problems == []
+    assert output_stems(files) == ["x", "y", "x-2"]
+    _, problems = collect_inputs([str(tmp_path / "none"), str(tmp_path / "*.gif")])
+    assert [p.split(": ", 1)[1] for p in problems] == ["no such file or folder", "pattern matches no file"]
+
+
+def test_meta_gflop_leaves_the_upsamplers_frozen():
+    with torch.device("meta"):
+        model = fcnseg.get_model("fcn32s", alignment="caffe")
+    params = trainable_parameters(model)
+    assert round(meta_gflop(model, 500), 1) == 361.9  # the figure `fcnseg models` prints
+    assert trainable_parameters(model) == params
+    assert not any(m.weight.requires_grad for m in model.modules() if isinstance(m, BilinearUpsample))
