@@ -19,8 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import load
     from ..export import export
+    from ..hub import load
 
     model = load(args.checkpoint, file=args.weights_file)
     report = export(model, args.out, args.format, opset=args.opset)

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hub import load
 from ..data import get_dataset
 from ..data.base import SegmentationDataset, check_data_options
 from ..data.loader import make_loader
 from ..data.transforms import eval_transforms
 from ..errors import FcnsegError
+from ..hub import load
 from ..metrics import ConfusionMatrix
 from ..runtime import check_path, make_runner
 from .distributed import ShardSampler, cleanup_distributed, init_distributed
