@@ -47,6 +47,10 @@ NYUD_CAFFE_HHA = Preprocessing(mean=NYUD_MEAN_HHA, std=(1.0, 1.0, 1.0), channel_
 
 Format = Literal["caffe", "torchfcn", "fcnseg"]
 
+CONVERSION_VERSION = 1
+"""In the name of a cached conversion: bump it when converting the same file would give other numbers (a layout
+change alone is not one: older checkpoints are read in today's layout)."""
+
 
 def _metrics(pixel_acc: float, mean_acc: float, mean_iu: float, fw_iu: float) -> dict[str, float]:
     return {"pixel_acc": pixel_acc, "mean_acc": mean_acc, "mean_iu": mean_iu, "fw_iu": fw_iu}
@@ -93,13 +97,13 @@ def _caffe(model: str, file_name: str, **kw: Any) -> PublishedWeights:
     kw.setdefault("classes", VOC_CLASSES)
     kw.setdefault("preprocessing", CAFFE)
     kw.setdefault("metrics", _VOC.get(model, {}))
-    return PublishedWeights(f"{_DL}/{file_name}", file_name, "caffe", model, description=_HEAVY, **kw)
+    return PublishedWeights(f"{_DL}/{file_name}", file_name, "caffe", model=model, description=_HEAVY, **kw)
 
 
 def _torchfcn(model: str, file_name: str, *, drive_id: str, md5: str) -> PublishedWeights:
     return PublishedWeights(
-        _DRIVE + drive_id, file_name, "torchfcn", model, VOC_CLASSES, CAFFE, _VOC[model],
-        md5=md5, description=_TORCHFCN,
+        _DRIVE + drive_id, file_name, "torchfcn", model=model, classes=VOC_CLASSES, preprocessing=CAFFE,
+        metrics=_VOC[model], md5=md5, description=_TORCHFCN,
     )  # fmt: skip
 
 
@@ -339,7 +343,7 @@ def import_file(
     when none are given; :func:`released_input`); where they do not identify one, ``extra["assumed_input"]`` says
     which input was assumed.
     """
-    from .convert import caffe_to_fcnseg, torchfcn_to_fcnseg
+    from .convert import torchfcn_to_fcnseg
 
     path = Path(path)
     if not path.is_file():
@@ -350,22 +354,7 @@ def import_file(
     if preprocessing is not None:
         kwargs["preprocessing"] = preprocessing
     if format == "caffe":
-        from .caffe_proto import read_caffemodel
-
-        _, layers = read_caffemodel(path)
-        note = None
-        if preprocessing is None:
-            from .convert import caffe_signature
-
-            detected, num_classes = caffe_signature(layers, str(path))
-            entry, note = released_input(model or detected, num_classes)
-            if entry is not None:
-                kwargs.update(preprocessing=entry.preprocessing, classes=classes or entry.classes)
-                head_classes = head_classes or entry.head_classes
-        ckpt = caffe_to_fcnseg(layers, head_classes=head_classes, **kwargs)
-        if note:
-            ckpt["extra"]["assumed_input"] = note
-        return ckpt
+        return _import_caffe(path, kwargs, head_classes, identify=preprocessing is None)
     if format == "torchfcn":
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -375,6 +364,28 @@ def import_file(
             raise FcnsegError(f"{path}: holds a {type(state).__name__}, expected a torchfcn state dict")
         return torchfcn_to_fcnseg(state, **kwargs)
     raise FcnsegError(f"--format {format!r}: expected torchfcn, caffe or auto")
+
+
+def _import_caffe(
+    path: Path, kwargs: dict[str, Any], head_classes: Mapping[str, Sequence[str]] | None, *, identify: bool
+) -> dict[str, Any]:
+    """A .caffemodel converted; with ``identify``, recording the input of the published net it is (or, with a
+    note in ``extra["assumed_input"]``, the one assumed)."""
+    from .caffe_proto import read_caffemodel
+    from .convert import caffe_signature, caffe_to_fcnseg
+
+    _, layers = read_caffemodel(path)
+    note = None
+    if identify:
+        detected, num_classes = caffe_signature(layers, str(path))
+        entry, note = released_input(kwargs["model"] or detected, num_classes)
+        if entry is not None:
+            kwargs.update(preprocessing=entry.preprocessing, classes=kwargs["classes"] or entry.classes)
+            head_classes = head_classes or entry.head_classes
+    ckpt = caffe_to_fcnseg(layers, head_classes=head_classes, **kwargs)
+    if note:
+        ckpt["extra"]["assumed_input"] = note
+    return ckpt
 
 
 def _source_id(path: Path) -> list[int]:
@@ -424,7 +435,6 @@ def weights_checkpoint(
     """The fcnseg checkpoint dict of published weights: from ``file`` if given, else from the cache, downloading
     on first use. The hash is checked wherever the file comes from (when the entry knows one); the conversion of
     a cached file is cached beside it."""
-    from ..checkpoint import SCHEMA_VERSION
     from ..io import atomic_write
 
     entry = weights if isinstance(weights, PublishedWeights) else get_weights(weights).value
@@ -440,7 +450,7 @@ def weights_checkpoint(
         download(entry.url, source, md5=entry.md5, sha256=entry.sha256, progress=progress)
     else:
         verify_hash(source, md5=entry.md5, sha256=entry.sha256)
-    converted = source.with_name(f"{source.stem}.fcnseg-v{SCHEMA_VERSION}.pt")
+    converted = source.with_name(f"{source.stem}.fcnseg-v{CONVERSION_VERSION}.pt")
     ckpt = _cached_conversion(converted, source)
     if ckpt is not None:
         return ckpt
@@ -462,10 +472,10 @@ VGG16_CAFFE = PublishedWeights(
     _DRIVE + "1adDBTGY3GcEB_47dvcibajyzi872RAs3",
     "vgg16_from_caffe.pth",
     "torchfcn",
-    "vgg16",
-    (),
-    CAFFE,
-    {},
+    model="vgg16",
+    classes=(),
+    preprocessing=CAFFE,
+    metrics={},
     md5="aa75b158f4181e7f6230029eb96c1b13",
     description="Caffe VGG16 ImageNet classifier in torchvision layout (torchfcn)",
 )
