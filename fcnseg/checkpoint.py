@@ -25,9 +25,12 @@ from .io import atomic_write
 from .palette import palette_for
 from .preprocessing import Preprocessing
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "check_fit", "checkpoint_dict", "read_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT", "SCHEMA_VERSION", "check_fit", "checkpoint_dict", "read_checkpoint", "save_checkpoint",
+    "upgrade_state_dict",
+]  # fmt: skip
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every head's layers under score_heads.<name>. (1: first head at the top level)
 FORMAT = "fcnseg-checkpoint"
 
 
@@ -139,7 +142,32 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
     missing = [k for k in ("model", "config", "state_dict", "preprocessing") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if version < 2:  # read as today's layout: every consumer (load, --init-from, --resume) sees schema 2 keys
+        heads = list(ckpt.get("head_classes") or {}) or ["out"]
+        ckpt["state_dict"] = upgrade_state_dict(ckpt["state_dict"], heads)
+        ckpt["schema_version"] = SCHEMA_VERSION
     return ckpt
+
+
+def upgrade_state_dict(state: Mapping[str, torch.Tensor], heads: Sequence[str] = ("out",)) -> dict[str, torch.Tensor]:
+    """A schema 1 state dict with schema 2 keys (a pure filter, like timm's ``checkpoint_filter_fn``).
+
+    ``heads``: the model's head names in order. Schema 1 kept the first head's layers at the top level
+    (``score_fr.weight`` -> ``score_heads.<first>.score_fr.weight``) and further heads under ``extra_heads.<name>.``
+    (-> ``score_heads.<name>.``); backbone keys stay; a late-fusion net's streams (``streams.<s>.``) are mapped
+    each the same way. Keys already in the new layout are kept."""
+    return {_upgrade_key(key, heads[0]): value for key, value in state.items()}
+
+
+def _upgrade_key(key: str, first: str) -> str:
+    if key.startswith("streams."):
+        _, stream, rest = key.split(".", 2)
+        return f"streams.{stream}.{_upgrade_key(rest, first)}"
+    if key.startswith(("backbone.", "score_heads.")):
+        return key
+    if key.startswith("extra_heads."):
+        return "score_heads." + key.removeprefix("extra_heads.")
+    return f"score_heads.{first}.{key}"
 
 
 def check_fit(model: nn.Module, state: Mapping[str, Any], source: str, name: str) -> None:

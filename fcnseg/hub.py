@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import SCHEMA_VERSION, check_fit, read_checkpoint
+from .checkpoint import check_fit, read_checkpoint
 from .errors import CheckpointError, FcnsegError
 from .io import atomic_write
 from .models import get_model
 from .models.convert import caffe_signature, caffe_to_fcnseg, torchfcn_to_fcnseg
 from .models.weights import (
+    CONVERSION_VERSION,
     FCNWeights,
     PublishedWeights,
     cache_dir,
@@ -80,7 +81,7 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, source: str = "checkpoint"
     model.classes = list(ckpt.get("classes") or []) or None
     model.palette = [list(c) for c in ckpt["palette"]] if ckpt.get("palette") else None
     model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
-    if ckpt.get("head_classes") and hasattr(model, "head_classes"):
+    if ckpt.get("head_classes"):
         model.head_classes = {k: list(v) or None for k, v in ckpt["head_classes"].items()}
     model.eval()
     return model
@@ -114,20 +115,7 @@ def import_file(
     if preprocessing is not None:
         kwargs["preprocessing"] = preprocessing
     if format == "caffe":
-        from .models.caffe_proto import read_caffemodel  # only here: it needs protobuf
-
-        _, layers = read_caffemodel(path)
-        note = None
-        if preprocessing is None:
-            detected, num_classes = caffe_signature(layers, str(path))
-            entry, note = released_input(model or detected, num_classes)
-            if entry is not None:
-                kwargs.update(preprocessing=entry.preprocessing, classes=classes or entry.classes)
-                head_classes = head_classes or entry.head_classes
-        ckpt = caffe_to_fcnseg(layers, head_classes=head_classes, **kwargs)
-        if note:
-            ckpt["extra"]["assumed_input"] = note
-        return ckpt
+        return _import_caffe(path, kwargs, head_classes, identify=preprocessing is None)
     if format == "torchfcn":
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,6 +125,27 @@ def import_file(
             raise FcnsegError(f"{path}: holds a {type(state).__name__}, expected a torchfcn state dict")
         return torchfcn_to_fcnseg(state, **kwargs)
     raise FcnsegError(f"--format {format!r}: expected torchfcn, caffe or auto")
+
+
+def _import_caffe(
+    path: Path, kwargs: dict[str, Any], head_classes: Mapping[str, Sequence[str]] | None, *, identify: bool
+) -> dict[str, Any]:
+    """A .caffemodel converted; with ``identify``, recording the input of the published net it is (or, with a
+    note in ``extra["assumed_input"]``, the one assumed)."""
+    from .models.caffe_proto import read_caffemodel  # only here: it needs protobuf
+
+    _, layers = read_caffemodel(path)
+    note = None
+    if identify:
+        detected, num_classes = caffe_signature(layers, str(path))
+        entry, note = released_input(kwargs["model"] or detected, num_classes)
+        if entry is not None:
+            kwargs.update(preprocessing=entry.preprocessing, classes=kwargs["classes"] or entry.classes)
+            head_classes = head_classes or entry.head_classes
+    ckpt = caffe_to_fcnseg(layers, head_classes=head_classes, **kwargs)
+    if note:
+        ckpt["extra"]["assumed_input"] = note
+    return ckpt
 
 
 def _source_id(path: Path) -> list[int]:
@@ -196,7 +205,7 @@ def weights_checkpoint(
         download(entry.url, source, md5=entry.md5, sha256=entry.sha256, progress=progress)
     else:
         verify_hash(source, md5=entry.md5, sha256=entry.sha256)
-    converted = source.with_name(f"{source.stem}.fcnseg-v{SCHEMA_VERSION}.pt")
+    converted = source.with_name(f"{source.stem}.fcnseg-v{CONVERSION_VERSION}.pt")
     ckpt = _cached_conversion(converted, source)
     if ckpt is not None:
         return ckpt

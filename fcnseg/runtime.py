@@ -77,19 +77,17 @@ class _Calibration:
 def float_layers(model: nn.Module) -> list[str]:
     """Parameter prefixes left in float by int8 quantisation: the convolutions before the first pooling (full
     resolution, fed the 8-bit-quantised image itself), the class-score layers and the upsamplers, where the
-    argmax is decided. The bulk of the work (conv2 to fc7) runs in int8. Every stream of a late-fusion net and
-    every head of a two-headed one is covered (their parameters sit under ``streams.<name>.`` or
-    ``extra_heads.<name>.``)."""
-    from .models.fcn import ScoreHead
+    argmax is decided. The bulk of the work (conv2 to fc7) runs in int8. Every head of every FCN (every stream of
+    a late-fusion net) is covered: each :class:`~fcnseg.models.fcn.ScoreHead`'s layers and each backbone's first
+    block, wherever they sit."""
+    from .models.fcn import FCN, ScoreHead
 
     keep: list[str] = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, ScoreHead):
             keep += [f"{prefix}score_", f"{prefix}upsample_"]
-        features = (
-            getattr(getattr(module, "backbone", None), "features", None) if isinstance(module, ScoreHead) else None
-        )
+        features = getattr(module.backbone, "features", None) if isinstance(module, FCN) else None
         for i, m in enumerate(features or []):
             if isinstance(m, nn.MaxPool2d):
                 break

@@ -118,6 +118,7 @@ def _add_window(
     run: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     window: Window,
+    *,
     overlap: int,
     row0: int,
 ) -> None:
@@ -159,7 +160,7 @@ def tiled_logits(
         acc = torch.zeros(num_classes, height, width, dtype=torch.float32, device=x.device)
         wsum = torch.zeros(height, width, dtype=torch.float32, device=x.device)
         for window in windows:
-            _add_window(acc, wsum, run, x, window, overlap, 0)
+            _add_window(acc, wsum, run, x, window, overlap=overlap, row0=0)
             if bar is not None:
                 bar.update()
         return acc.div_(wsum)
@@ -195,7 +196,7 @@ def tiled_mask(
         for i, band in enumerate(bands):
             y0, _, h, _ = band[0]  # every window of a band has the same rows
             for window in band:
-                _add_window(acc, wsum, run, x, window, overlap, y0)
+                _add_window(acc, wsum, run, x, window, overlap=overlap, row0=y0)
                 if bar is not None:
                     bar.update()
             # Later bands start at the next band's y0: every row above it is final. Dividing in place (the rows are

@@ -231,10 +231,10 @@ def _object_colours(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.
     return light * gain + shift, dark * gain + shift
 
 
-def _draw_object(
-    rng: np.random.Generator, sc: _Scene, cls: int, cy: float, cx: float, scale: float, stick_half_w: float
-) -> float:
-    """Add one object of class ``cls`` centred at (cy, cx); returns its radius (for placing neighbours)."""
+def _draw_object(rng: np.random.Generator, sc: _Scene, cls: int, at: tuple[float, float, float, float]) -> float:
+    """Add one object of class ``cls``; ``at`` = (cy, cx, scale, stick half width). Returns its radius (for placing
+    neighbours)."""
+    cy, cx, scale, stick_half_w = at
     if cls == STICK:
         radius = rng.uniform(14, 45) * scale
         half_w = stick_half_w
@@ -244,50 +244,64 @@ def _draw_object(
     else:
         radius = rng.uniform(13, 28) * scale
         half_w = 0.0
-    angle = rng.uniform(0, np.pi)
-    # Draw the shape's parameters first, so that its window is no larger than the shape can reach.
-    if cls in (DISC, RING):
-        coef, extent = _wobble(rng, radius, 0.12 if cls == DISC else 0.08)
-        wall = np.float32(rng.uniform(*RING_WALL))
-    elif cls == SQUARE:
-        half_a = radius * 0.8
-        half_b = half_a * rng.uniform(0.6, 1.0)
-        extent = float(np.hypot(half_a, half_b))
-    elif cls == TRIANGLE:
-        angles = angle + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) + rng.uniform(-0.35, 0.35, 3)
-        radii = radius * rng.uniform(0.8, 1.1, 3)
-        extent = float(radii.max())
-    elif cls == CROSS:
-        second_angle, second_len = angle + np.pi / 2 + rng.uniform(-0.3, 0.3), radius * rng.uniform(0.6, 1.0)
-        extent = radius + half_w
-    else:  # STICK
-        extent = radius + half_w
-    win = sc.window(cy, cx, extent)
+    shape = _shape(rng, cls, radius, half_w)
+    win = sc.window(cy, cx, shape["extent"])
     if win is None:
         return radius
-    dy, dx = win.dy, win.dx
-    if cls == DISC:
-        inside = win.d <= win.wobbly_radius(radius, coef)
-    elif cls == RING:
-        r = win.wobbly_radius(radius, coef)
-        inside = (win.d <= r) & (win.d > r - wall)
+    sc.add(win, _inside(win, cls, shape), cls, *_object_colours(rng, cls), field=0.0)
+    return radius
+
+
+def _shape(rng: np.random.Generator, cls: int, radius: float, half_w: float) -> dict[str, Any]:
+    """The shape's parameters, drawn before its window so that the window is no larger than the shape can reach."""
+    angle = rng.uniform(0, np.pi)
+    p: dict[str, Any] = {"radius": radius, "half_w": half_w, "angle": angle}
+    if cls in (DISC, RING):
+        p["coef"], p["extent"] = _wobble(rng, radius, 0.12 if cls == DISC else 0.08)
+        p["wall"] = np.float32(rng.uniform(*RING_WALL))
     elif cls == SQUARE:
-        c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
-        inside = (np.abs(dx * c + dy * s) <= np.float32(half_a)) & (np.abs(dy * c - dx * s) <= np.float32(half_b))
+        p["half_a"] = radius * 0.8
+        p["half_b"] = p["half_a"] * rng.uniform(0.6, 1.0)
+        p["extent"] = float(np.hypot(p["half_a"], p["half_b"]))
     elif cls == TRIANGLE:
+        p["angles"] = angle + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) + rng.uniform(-0.35, 0.35, 3)
+        p["radii"] = radius * rng.uniform(0.8, 1.1, 3)
+        p["extent"] = float(p["radii"].max())
+    elif cls == CROSS:
+        p["second_angle"] = angle + np.pi / 2 + rng.uniform(-0.3, 0.3)
+        p["second_len"] = radius * rng.uniform(0.6, 1.0)
+        p["extent"] = radius + half_w
+    else:  # STICK
+        p["extent"] = radius + half_w
+    return p
+
+
+def _inside(win: _Window, cls: int, p: dict[str, Any]) -> np.ndarray:
+    """The window's pixels inside the shape ``p`` of class ``cls``."""
+    dy, dx, radius, angle = win.dy, win.dx, p["radius"], p["angle"]
+    if cls == DISC:
+        return win.d <= win.wobbly_radius(radius, p["coef"])
+    if cls == RING:
+        r = win.wobbly_radius(radius, p["coef"])
+        return (win.d <= r) & (win.d > r - p["wall"])
+    if cls == SQUARE:
+        c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+        return (np.abs(dx * c + dy * s) <= np.float32(p["half_a"])) & (
+            np.abs(dy * c - dx * s) <= np.float32(p["half_b"])
+        )
+    if cls == TRIANGLE:
+        angles, radii = p["angles"], p["radii"]
         vy, vx = (radii * np.sin(angles)).astype(np.float32), (radii * np.cos(angles)).astype(np.float32)
         # Vertices go round in angle order, so inside = on the same (inner) side of all three edges.
         inside = np.ones(dy.shape, dtype=bool)
         for k in range(3):
             inside &= (dx - vx[k]) * (vy[k - 2] - vy[k]) - (dy - vy[k]) * (vx[k - 2] - vx[k]) <= 0
-    elif cls == CROSS:
-        hw2 = np.float32(half_w * half_w)
-        inside = win.segment_distance2(angle, radius) <= hw2
-        inside |= win.segment_distance2(second_angle, second_len) <= hw2
-    else:  # STICK
-        inside = win.segment_distance2(angle, radius) <= np.float32(half_w * half_w)
-    sc.add(win, inside, cls, *_object_colours(rng, cls), field=0.0)
-    return radius
+        return inside
+    hw2 = np.float32(p["half_w"] * p["half_w"])
+    inside = win.segment_distance2(angle, radius) <= hw2
+    if cls == CROSS:
+        inside |= win.segment_distance2(p["second_angle"], p["second_len"]) <= hw2
+    return inside
 
 
 def _draw_clutter(rng: np.random.Generator, sc: _Scene, base: np.ndarray, scale: float, area: float) -> None:
@@ -342,8 +356,13 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
             cx = float(np.clip(px + dist * np.cos(theta), 0.05 * width, 0.95 * width))
         else:
             cy, cx = rng.uniform(0.05, 0.95) * height, rng.uniform(0.05, 0.95) * width
-        placed.append((cy, cx, _draw_object(rng, sc, int(cls), cy, cx, scale, stick_half_w)))
+        placed.append((cy, cx, _draw_object(rng, sc, int(cls), (cy, cx, scale, stick_half_w))))
 
+    return _colour(rng, sc, height, width)
+
+
+def _colour(rng: np.random.Generator, sc: _Scene, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scene's image and mask: colours by class pattern, ground noise, lighting and sensor noise."""
     # Colour everything at once. Each thing has a light and a dark colour; its class's pattern picks one.
     ids = sc.ids
     label = np.take(np.asarray(sc.cls, dtype=np.uint8), ids)

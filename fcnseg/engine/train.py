@@ -92,7 +92,7 @@ def build_model(cfg: TrainConfig, ds: SegmentationDataset) -> nn.Module:
         **_data_options(cfg, ds),
     )
     model.classes = list(ds.classes)
-    if hasattr(model, "head_classes"):
+    if len(model.heads) > 1:  # several label sets: every head's class names
         model.head_classes = {k: list(v) for k, v in head_classes(ds).items()}
     fit_input(model, ds)
     return model
@@ -105,18 +105,23 @@ def _data_options(cfg: TrainConfig, ds: SegmentationDataset) -> dict[str, Any]:
     accepted = inspect.signature(get_builder(cfg.model)).parameters
     heads = head_classes(ds)
     options: dict[str, Any] = {"num_classes": len(next(iter(heads.values())))}
-    if len(heads) > 1 and "second_classes" not in accepted:
+    # A builder of several heads takes ``heads`` ({label set: classes}); its model as built by default says how
+    # many it has (built on the meta device: shapes only, instant).
+    with torch.device("meta"):
+        own = len(get_model(cfg.model).heads) if "heads" in accepted else 1
+    word = {2: "two", 3: "three"}.get(own, str(own))
+    if len(heads) > 1 and own == 1:
         raise FcnsegError(
             f"--model {cfg.model}: --dataset {cfg.dataset} gives {len(heads)} label sets ({', '.join(heads)}); "
             "expected a two-headed model (fcn16s_twohead) or one label set (e.g. --data-option target=semantic)"
         )
-    if len(heads) == 1 and "second_classes" in accepted:
+    if len(heads) == 1 and own > 1:
         raise FcnsegError(
-            f"--model {cfg.model} is two-headed: expected a dataset with two label sets "
+            f"--model {cfg.model} is {word}-headed: expected a dataset with {word} label sets "
             "(SIFT Flow: --data-option target=both)"
         )
     if len(heads) > 1:
-        options.update(second_classes=len(list(heads.values())[1]), head_names=tuple(heads))
+        options["heads"] = {name: len(classes) for name, classes in heads.items()}
     channels = getattr(ds, "channels", 3)
     # 3: any one-stream model, whose first layer widens (early fusion); a builder without the option takes colour.
     fixed = accepted["in_channels"].default if "in_channels" in accepted else 3

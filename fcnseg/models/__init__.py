@@ -11,6 +11,7 @@ from .backbones_tv import (
 )
 from .fcn import (
     FCN,
+    ScoreHead,
     fcn8s,
     fcn8s_atonce,
     fcn8s_googlenet,
@@ -29,6 +30,7 @@ from .upsampling import BilinearUpsample, bilinear_kernel
 __all__ = [
     "FCN",
     "LateFusionFCN",
+    "ScoreHead",
     "TwoHeadFCN",
     "AlexNetBackbone",
     "BilinearUpsample",

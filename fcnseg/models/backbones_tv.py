@@ -147,7 +147,7 @@ class AlexNetBackbone(TorchvisionBackbone):
             return nn.MaxPool2d(3, 2, padding=0 if caffe else 1, ceil_mode=caffe)
 
         # Same module indices as torchvision's alexnet().features, so its state dict keys load unchanged.
-        self.features = nn.Sequential(
+        layers = [
             nn.Conv2d(3, c[0], 11, stride=4, padding=CAFFE_PAD if caffe else 5),
             nn.ReLU(inplace=True),
             pool(),
@@ -161,7 +161,8 @@ class AlexNetBackbone(TorchvisionBackbone):
             nn.Conv2d(c[3], c[4], 3, padding=1),
             nn.ReLU(inplace=True),
             pool(),
-        )
+        ]
+        self.features = nn.Sequential(*layers)
         self._pad6 = (0, 0) if caffe else (2, 3)  # (top/left, bottom/right); caffe: fc6 unpadded, as released
         self.pad6 = nn.ZeroPad2d(self._pad6 * 2) if not caffe else nn.Identity()
         self.fc6 = nn.Conv2d(c[4], fc_dim, 6)
@@ -253,7 +254,8 @@ class GoogLeNetBackbone(TorchvisionBackbone):
         channels, c_in = {}, c192
         for name, cfg in _INCEPTION.items():
             c1, c3r, c3, c5r, c5, cp = (_ch(v, width) for v in cfg)
-            setattr(self, name, Inception(c_in, c1, c3r, c3, c5r, c5, cp))
+            block = Inception(c_in, ch1x1=c1, ch3x3red=c3r, ch3x3=c3, ch5x5red=c5r, ch5x5=c5, pool_proj=cp)
+            setattr(self, name, block)
             c_in = channels[name] = c1 + c3 + c5 + cp
             if name == "inception3b":
                 self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,15 +107,11 @@ def _add_field(
         f.options.packed = True
 
 
-def _schema_file(package: str, *, raw_payloads: bool) -> descriptor_pb2.FileDescriptorProto:
-    """The subset of caffe.proto this module reads, as a proto2 file in ``package``."""
+def _add_blob_messages(
+    fd: descriptor_pb2.FileDescriptorProto, ref: Callable[[str], str], *, raw_payloads: bool
+) -> None:
+    """BlobShape and BlobProto: a blob's shape and its float / double payloads."""
     F = descriptor_pb2.FieldDescriptorProto
-    fd = descriptor_pb2.FileDescriptorProto(name=package.replace(".", "/") + ".proto", package=package)
-    fd.syntax = "proto2"
-
-    def ref(msg_name: str) -> str:
-        return f".{package}.{msg_name}"
-
     shape = fd.message_type.add(name="BlobShape")
     _add_field(shape, "dim", 1, F.TYPE_INT64, repeated=True, packed=True)
 
@@ -129,6 +126,10 @@ def _schema_file(package: str, *, raw_payloads: bool) -> descriptor_pb2.FileDesc
     for fname, number in (("num", 1), ("channels", 2), ("height", 3), ("width", 4)):
         _add_field(blob, fname, number, F.TYPE_INT64)
 
+
+def _add_layer_messages(fd: descriptor_pb2.FileDescriptorProto, ref: Callable[[str], str]) -> None:
+    """EltwiseParameter, LayerParameter and the legacy V1LayerParameter."""
+    F = descriptor_pb2.FieldDescriptorProto
     # Eltwise's coefficients: the release's late fusion averages its two score maps with them (coeff 0.5, 0.5).
     eltwise = fd.message_type.add(name="EltwiseParameter")
     _add_field(eltwise, "coeff", 2, F.TYPE_FLOAT, repeated=True)
@@ -154,6 +155,18 @@ def _schema_file(package: str, *, raw_payloads: bool) -> descriptor_pb2.FileDesc
     _add_field(v1, "blobs", 6, F.TYPE_MESSAGE, repeated=True, type_name=ref("BlobProto"))
     _add_field(v1, "eltwise_param", 24, F.TYPE_MESSAGE, type_name=ref("EltwiseParameter"))
 
+
+def _schema_file(package: str, *, raw_payloads: bool) -> descriptor_pb2.FileDescriptorProto:
+    """The subset of caffe.proto this module reads, as a proto2 file in ``package``."""
+    F = descriptor_pb2.FieldDescriptorProto
+    fd = descriptor_pb2.FileDescriptorProto(name=package.replace(".", "/") + ".proto", package=package)
+    fd.syntax = "proto2"
+
+    def ref(msg_name: str) -> str:
+        return f".{package}.{msg_name}"
+
+    _add_blob_messages(fd, ref, raw_payloads=raw_payloads)
+    _add_layer_messages(fd, ref)
     net = fd.message_type.add(name="NetParameter")
     _add_field(net, "name", 1, F.TYPE_STRING)
     _add_field(net, "layers", 2, F.TYPE_MESSAGE, repeated=True, type_name=ref("V1LayerParameter"))

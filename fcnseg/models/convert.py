@@ -69,11 +69,9 @@ def caffe_layer_names(model: nn.Module) -> dict[str, str]:
                 names.setdefault(caffe if shared else caffe + suffix, f"streams.{stream}.{ours}")
         return names
     names = _backbone_names(model.backbone)
-    heads = {"": model, **dict(getattr(model, "extra_heads", {}).items())}
-    for (head, module), name in zip(heads.items(), model.heads, strict=True):
-        suffix = CAFFE_HEAD_SUFFIX.get(name, f"_{name}") if len(model.heads) > 1 else ""
-        prefix = f"extra_heads.{head}." if head else ""
-        names.update({caffe + suffix: prefix + ours for caffe, ours in _head_names(module).items()})
+    for name, head in model.score_heads.items():
+        suffix = CAFFE_HEAD_SUFFIX.get(name, f"_{name}") if len(model.score_heads) > 1 else ""
+        names.update({caffe + suffix: f"score_heads.{name}.{ours}" for caffe, ours in _head_names(head).items()})
     return names
 
 
@@ -145,27 +143,7 @@ def torchfcn_to_fcnseg(
     ``arch`` names the model. ``model`` (``"fcn8s"``, ``"fcn8s_atonce"``, ...) is needed for a bare FCN-8s state
     dict: FCN8s and FCN8sAtOnce have the same parameters and differ only in their forward.
     """
-    if "model_state_dict" in state_dict:  # torchfcn's Trainer checkpoint
-        arch = state_dict.get("arch")
-        if model is None and arch in TORCHFCN_ARCHS:
-            model = TORCHFCN_ARCHS[arch]
-        state_dict = state_dict["model_state_dict"]
-        if not isinstance(state_dict, Mapping):
-            raise FcnsegError(f"{source}: 'model_state_dict' is a {type(state_dict).__name__}, not a state dict")
-    tensors = {k: v for k, v in state_dict.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    layers = {k.rsplit(".", 1)[0] for k in tensors}
-    if "score_fr" not in layers:
-        raise FcnsegError(f"{source}: not a torchfcn FCN state dict (no 'score_fr.weight')")
-    found = "fcn8s" if "score_pool3" in layers else "fcn16s" if "score_pool4" in layers else "fcn32s"
-    if model is None:
-        if found == "fcn8s":
-            raise FcnsegError(
-                f"{source}: torchfcn FCN8s and FCN8sAtOnce share their parameters; "
-                "say which with --model fcn8s or --model fcn8s_atonce"
-            )
-        model = found
-    if {"fcn8s_atonce": "fcn8s"}.get(model, model) != found:
-        raise FcnsegError(f"{source}: holds a torchfcn {found} (by its layers), not the requested {model}")
+    model, tensors = _torchfcn_tensors(state_dict, model, source)
     shape = {k: tensors[f"{k}.weight"].shape[0] for k in ("score_fr", "conv1_1", "fc6") if f"{k}.weight" in tensors}
     if len(shape) < 3:
         raise FcnsegError(f"{source}: not a torchfcn VGG16 FCN state dict (no conv1_1 or fc6 weights)")
@@ -188,6 +166,34 @@ def torchfcn_to_fcnseg(
     if missing:
         raise FcnsegError(f"{source}: missing torchfcn parameter(s) {', '.join(missing)}")
     return _checkpoint(target, state, classes, preprocessing, source)
+
+
+def _torchfcn_tensors(
+    state_dict: Mapping[str, Any], model: str | None, source: str
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """The fcnseg model a torchfcn state dict (or Trainer checkpoint) holds, and its tensors."""
+    if "model_state_dict" in state_dict:  # torchfcn's Trainer checkpoint
+        arch = state_dict.get("arch")
+        if model is None and arch in TORCHFCN_ARCHS:
+            model = TORCHFCN_ARCHS[arch]
+        state_dict = state_dict["model_state_dict"]
+        if not isinstance(state_dict, Mapping):
+            raise FcnsegError(f"{source}: 'model_state_dict' is a {type(state_dict).__name__}, not a state dict")
+    tensors = {k: v for k, v in state_dict.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    layers = {k.rsplit(".", 1)[0] for k in tensors}
+    if "score_fr" not in layers:
+        raise FcnsegError(f"{source}: not a torchfcn FCN state dict (no 'score_fr.weight')")
+    found = "fcn8s" if "score_pool3" in layers else "fcn16s" if "score_pool4" in layers else "fcn32s"
+    if model is None:
+        if found == "fcn8s":
+            raise FcnsegError(
+                f"{source}: torchfcn FCN8s and FCN8sAtOnce share their parameters; "
+                "say which with --model fcn8s or --model fcn8s_atonce"
+            )
+        model = found
+    if {"fcn8s_atonce": "fcn8s"}.get(model, model) != found:
+        raise FcnsegError(f"{source}: holds a torchfcn {found} (by its layers), not the requested {model}")
+    return model, tensors
 
 
 # ------------------------------------------------------------------------------------------------------ Caffe
@@ -301,6 +307,30 @@ def caffe_to_fcnseg(
     target = _meta_model(model, outputs["score_fr"], outputs["conv1_1"], outputs["fc6"], **extra)
     names = caffe_layer_names(target)
     own = target.state_dict()
+    state = _caffe_state(weighted, names, own, source=source, model=model)
+    _tie_shared_upsamplers(state, own)
+    missing = sorted({k.rsplit(".", 1)[0] for k in set(own) - set(state)})
+    if missing:
+        by_module = {v: k for k, v in names.items()}
+        raise FcnsegError(f"{source}: no weights for layer(s) {', '.join(by_module.get(m, m) for m in missing)}")
+    _fold_scales(target, state, _caffe_scales(layers, source), source)
+    _fold_coefficients(layers, names, state, source)
+    if head_classes:
+        target.head_classes = {k: list(v) for k, v in head_classes.items()}
+    # A colour input given for a net of more channels (late fusion) is widened, never recorded short.
+    preprocessing = preprocessing.for_channels(target.preprocessing.channels)
+    return _checkpoint(target, state, classes, preprocessing, source)
+
+
+def _caffe_state(
+    weighted: Sequence[CaffeLayerLike],
+    names: Mapping[str, str],
+    own: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    model: str,
+) -> dict[str, torch.Tensor]:
+    """Each weighted layer's blobs at its fcnseg name, fitted to the shapes in ``own`` (model ``model``)."""
     state: dict[str, torch.Tensor] = {}
     for layer in weighted:
         if layer.name not in names:
@@ -314,18 +344,7 @@ def caffe_to_fcnseg(
             )
         for kind, blob in zip(kinds, layer.blobs, strict=False):
             state[f"{prefix}.{kind}"] = _fit_blob(blob, own[f"{prefix}.{kind}"].shape, layer, kind, source)
-    _tie_shared_upsamplers(state, own)
-    missing = sorted({k.rsplit(".", 1)[0] for k in set(own) - set(state)})
-    if missing:
-        by_module = {v: k for k, v in names.items()}
-        raise FcnsegError(f"{source}: no weights for layer(s) {', '.join(by_module.get(m, m) for m in missing)}")
-    _fold_scales(target, state, _caffe_scales(layers, source), source)
-    _fold_coefficients(layers, names, state, source)
-    if head_classes:
-        target.head_classes = {k: list(v) for k, v in head_classes.items()}
-    # A colour input given for a net of more channels (late fusion) is widened, never recorded short.
-    preprocessing = preprocessing.for_channels(target.preprocessing.channels)
-    return _checkpoint(target, state, classes, preprocessing, source)
+    return state
 
 
 def _tie_shared_upsamplers(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
@@ -367,7 +386,7 @@ def _fold_scales(model: nn.Module, state: dict[str, torch.Tensor], scales: dict[
     if unknown:
         raise FcnsegError(f"{source}: Scale layer on {unknown[0]!r}, which fcnseg {model.build_config['name']} lacks")
     for tap, s0 in skip_scales.items():
-        key = f"score_skip.{tap}.weight"
+        key = f"score_heads.{next(iter(model.heads))}.score_skip.{tap}.weight"  # the one head of an FCN-8s
         w = state[key]
         s = scales.get(tap, np.ones(1))
         if s.size not in (1, w.shape[1]):

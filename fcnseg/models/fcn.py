@@ -54,14 +54,21 @@ def _score_layer(in_channels: int, num_classes: int) -> nn.Conv2d:
 
 
 class ScoreHead(nn.Module):
-    """Class-score layers on a backbone's taps and the bilinear-initialised transposed convolutions that bring them
-    to the input's grid: everything of an FCN but its backbone. A two-headed FCN has one per label set."""
+    """One label set's decoder: class-score layers on a backbone's taps and the bilinear-initialised transposed
+    convolutions that bring them to the input's grid, with the crops derived from the layers' geometry.
+    :class:`FCN` runs one per label set on its backbone's taps.
 
-    def __init__(self, backbone: Backbone, num_classes: int, **options: Any) -> None:
-        super().__init__()
-        self._build_head(backbone, num_classes, **options)
+    Args:
+        backbone: the backbone whose taps (and their coordinate maps) the head reads.
+        num_classes: number of output classes.
+        skips: finer taps to fuse, e.g. ``("pool4", "pool3")`` for FCN-8s; ``()`` for FCN-32s.
+        skip_scales: factor applied to a tap before its score layer (FCN-8s at once: pool4 0.01, pool3 1e-4).
+        learnable_upsampling: train the upsampling kernels (the release keeps them fixed).
+        upsample_kernels: kernel size per upsampler, keyed by the tap it upsamples into or ``"out"`` for the last
+            one (FCN-AlexNet: ``{"out": 63}``); by default the one whose crops are whole pixels, 2 x factor first.
+    """
 
-    def _build_head(
+    def __init__(
         self,
         backbone: Backbone,
         num_classes: int,
@@ -71,6 +78,7 @@ class ScoreHead(nn.Module):
         learnable_upsampling: bool = False,
         upsample_kernels: Mapping[str, int] | None = None,
     ) -> None:
+        super().__init__()
         if num_classes < 1:
             raise FcnsegError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -84,25 +92,29 @@ class ScoreHead(nn.Module):
         self.skips = tuple(sorted(skips, key=lambda s: -maps[s].stride))
         self.skip_scales = {s: float((skip_scales or {}).get(s, 1.0)) for s in self.skips}
         self.stride = maps[self.top].stride
-
         self.score_fr = _score_layer(backbone.channels[self.top], num_classes)
         self.score_skip = nn.ModuleDict()
         self.upsample_skip = nn.ModuleDict()
-        self.offsets: dict[str, int] = {}
-        kernels = dict(upsample_kernels or {})
+        self._build_upsampling(backbone, maps, dict(upsample_kernels or {}), learnable_upsampling)
+        self.margin = self._aligned_margin(maps) if self.alignment == "aligned" else 0
+
+    def _build_upsampling(
+        self, backbone: Backbone, maps: Mapping[str, CoordMap], kernels: dict[str, int], learnable: bool
+    ) -> None:
+        """Each skip's upsampler and score layer, then the last upsampler; every crop from the coordinate maps."""
         extra = sorted(set(kernels) - {*self.skips, "out"})
         if extra:
             raise FcnsegError(f"upsample_kernels names {extra}; expected some of {[*self.skips, 'out']}")
+        self.offsets: dict[str, int] = {}
         cmap = maps[self.top]
         for name in self.skips:
-            up = self._upsampler(cmap, maps[name], kernels.get(name), learnable_upsampling, final=False)
+            up = self._upsampler(cmap, maps[name], kernels.get(name), learnable, final=False)
             cmap = cmap.then(layer_map(up))  # the fused map keeps the upsampled map's grid (the tap is cropped to it)
             self.offsets[name] = crop_offset(maps[name], cmap)
             self.upsample_skip[name] = up
-            self.score_skip[name] = _score_layer(backbone.channels[name], num_classes)
-        self.upsample_out = self._upsampler(cmap, CoordMap(), kernels.get("out"), learnable_upsampling, final=True)
+            self.score_skip[name] = _score_layer(backbone.channels[name], self.num_classes)
+        self.upsample_out = self._upsampler(cmap, CoordMap(), kernels.get("out"), learnable, final=True)
         self.out_offset = crop_offset(cmap.then(layer_map(self.upsample_out)), CoordMap())
-        self._margin = self._aligned_margin(maps) if self.alignment == "aligned" else 0
 
     def _upsampler(
         self, coarse: CoordMap, fine: CoordMap, kernel: int | None, learnable: bool, *, final: bool
@@ -186,47 +198,75 @@ class ScoreHead(nn.Module):
         return out[:, :, o : o + h, o : o + w]
 
 
-class FCN(ScoreHead):
-    """A backbone, class-score layers on its taps, and bilinear-initialised transposed-convolution upsampling.
+class FCN(nn.Module):
+    """A backbone and one :class:`ScoreHead` per label set on its taps: the paper's fully convolutional network.
 
     Args:
         backbone: returns ``{tap: map}`` and knows each tap's coordinate map.
-        num_classes: number of output classes.
-        skips: finer taps to fuse, e.g. ``("pool4", "pool3")`` for FCN-8s; ``()`` for FCN-32s.
-        skip_scales: factor applied to a tap before its score layer (FCN-8s at once: pool4 0.01, pool3 1e-4).
-        learnable_upsampling: train the upsampling kernels (the release keeps them fixed).
-        upsample_kernels: kernel size per upsampler, keyed by the tap it upsamples into or ``"out"`` for the last
-            one (FCN-AlexNet: ``{"out": 63}``); by default the one whose crops are whole pixels, 2 x factor first.
+        heads: the label sets, in output order: ``{name: ScoreHead}``, ``{name: num_classes}`` (each head built
+            with ``head_options``) or one ``num_classes`` (a single head named ``"out"``, the usual case).
+        head_options: :class:`ScoreHead`'s keywords (``skips``, ``skip_scales``, ``learnable_upsampling``,
+            ``upsample_kernels``) for heads built here.
 
     ``forward`` maps N x C x H x W normalised images (C = :attr:`in_channels`, 3 unless the first layer was
-    widened for extra input channels) to N x num_classes x H x W logits for every H, W >= 1.
+    widened for extra input channels) to N x K x H x W logits for every H, W >= 1, where K is the sum of the
+    heads' classes: the heads' scores concatenated in order (one head: its logits), so that export, the execution
+    paths and tiling see one tensor; :func:`split_heads` takes it apart. :meth:`predict` gives one mask, or
+    ``{head: mask}`` for several heads.
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int, **options: Any) -> None:
-        nn.Module.__init__(self)  # the backbone is registered first, so its layers come first in the state dict
+    def __init__(self, backbone: Backbone, heads: int | Mapping[str, ScoreHead | int], **head_options: Any) -> None:
+        super().__init__()  # the backbone is registered first, so its layers come first in the state dict
         self.backbone = backbone
+        if isinstance(heads, int):
+            heads = {"out": heads}
+        self.score_heads = nn.ModuleDict(
+            {k: h if isinstance(h, ScoreHead) else ScoreHead(backbone, h, **head_options) for k, h in heads.items()}
+        )
+        if not self.score_heads:
+            raise FcnsegError("an FCN needs at least one head")
         self.preprocessing: Preprocessing = backbone.preprocessing
         self.classes: list[str] | None = None
         self.palette: list[list[int]] | None = None
-        self._build_head(backbone, num_classes, **options)
+        # Class names per head, for models of several heads (the first head's are ``classes``).
+        self.head_classes: dict[str, list[str] | None] = {}
+
+    # -- what the heads share or the first head decides ------------------------------------------------------
+    @property
+    def head(self) -> ScoreHead:
+        """The first head: its layers carry the release's names (``model.score_fr``, ``model.upsample_out``)."""
+        return next(iter(self.score_heads.values()))
+
+    @property
+    def heads(self) -> dict[str, int]:
+        """Output channels per label set, in the order ``forward`` concatenates them."""
+        return {k: h.num_classes for k, h in self.score_heads.items()}
 
     @property
     def in_channels(self) -> int:
         """Channels of the input: 3, or more where the first layer takes depth or HHA too (early fusion)."""
         return first_conv(self.backbone).in_channels
 
-    @property
-    def heads(self) -> dict[str, int]:
-        """Output channels per label set, in the order ``forward`` concatenates them."""
-        return {"out": self.num_classes}
+    num_classes = property(lambda self: self.head.num_classes, doc="The first head's number of classes.")
+    alignment = property(lambda self: self.backbone.alignment, doc="``caffe`` or ``aligned``.")
+    stride = property(lambda self: self.head.stride, doc="Output stride of the deepest tap (32 for VGG16).")
+    skips = property(lambda self: self.head.skips, doc="The first head's skip taps, coarse to fine.")
+    top = property(lambda self: self.head.top, doc="The deepest tap, which every head scores (fc7 for VGG16).")
+    skip_scales = property(lambda self: self.head.skip_scales)
+    crop_offsets = property(lambda self: self.head.crop_offsets)
+    upsample_kernels = property(lambda self: self.head.upsample_kernels)
+    score_fr = property(lambda self: self.head.score_fr)
+    score_skip = property(lambda self: self.head.score_skip)
+    upsample_skip = property(lambda self: self.head.upsample_skip)
+    upsample_out = property(lambda self: self.head.upsample_out)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         if self.alignment != "aligned":
             return x
         h, w = x.shape[-2:]
         # Pad bottom/right up to a multiple of the stride: the top-left origin, and so the geometry, is kept.
-        # Backbones whose cells sit on block corners need a margin beyond that (``_aligned_margin``).
-        e = self._margin
+        # Backbones whose cells sit on block corners need a margin beyond that (``ScoreHead._aligned_margin``).
+        e = max(head.margin for head in self.score_heads.values())
         if e:
             return F.pad(x, (0, (-(w + e)) % self.stride + e, 0, (-(h + e)) % self.stride + e))
         return F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride))
@@ -234,31 +274,48 @@ class FCN(ScoreHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels)
         h, w = x.shape[-2:]
-        return self.decode(self.backbone(self._pad(x)), h, w)
+        feats = self.backbone(self._pad(x))  # one trunk pass for every head
+        scores = [head.decode(feats, h, w) for head in self.score_heads.values()]
+        return scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)
 
-    def predict_proba(self, image: Any, **kwargs: Any) -> np.ndarray:
-        """Class probabilities, C x H x W float32, for one image (path, PIL image or H x W x C array).
+    def predict_proba(self, image: Any, **kwargs: Any) -> np.ndarray | dict[str, np.ndarray]:
+        """Class probabilities, C x H x W float32, for one image (path, PIL image or H x W x C array); a model of
+        several heads gives ``{head: probabilities}``.
 
         Keywords: ``runner`` (an execution path, :func:`fcnseg.runtime.make_runner`), ``tile`` and ``overlap``.
         """
-        from ..predict import predict_proba
+        from ..predict import predict_logits
 
-        return predict_proba(self, image, **kwargs)
+        logits = predict_logits(self, image, **kwargs)[None]
+        probs = {k: v[0].softmax(0).cpu().numpy() for k, v in split_heads(self, logits).items()}
+        return probs if len(probs) > 1 else next(iter(probs.values()))
 
-    def predict(self, image: Any, **kwargs: Any) -> np.ndarray:
-        """Class indices, H x W, at the image's own size (path, PIL image or H x W x C array).
+    def predict(self, image: Any, **kwargs: Any) -> np.ndarray | dict[str, np.ndarray]:
+        """Class indices, H x W, at the image's own size (path, PIL image or H x W x C array); a model of several
+        heads gives ``{head: mask}`` (with ``tile``, the heads' scores are blended window by window, then split).
 
         Keywords: ``runner`` (an execution path, :func:`fcnseg.runtime.make_runner`), ``tile`` and ``overlap``.
         """
         from ..predict import predict_mask
 
-        return predict_mask(self, image, **kwargs)
+        if len(self.heads) == 1:
+            return predict_mask(self, image, **kwargs)
+        from ..predict import predict_logits
+
+        logits = predict_logits(self, image, **kwargs)[None]
+        return {k: v[0].argmax(0).to(torch.uint8).cpu().numpy() for k, v in split_heads(self, logits).items()}
+
+
+def split_heads(model: nn.Module, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{head: N x classes x H x W}`` from a model's concatenated output (one entry, ``"out"``, for most models)."""
+    heads: dict[str, int] = getattr(model, "heads", None) or {"out": logits.shape[1]}
+    return dict(zip(heads, logits.split(list(heads.values()), dim=1), strict=True))
 
 
 def _build(
     skips: Sequence[str],
     *,
-    num_classes: int,
+    num_classes: int | Mapping[str, int],
     alignment: str,
     width: float,
     fc_dim: int,
@@ -269,17 +326,12 @@ def _build(
     in_channels: int = 3,
     skip_scales: Mapping[str, float] | None = None,
 ) -> FCN:
+    """A VGG16 FCN with these skips; ``num_classes`` is one head's count or ``{head: count}`` for several."""
     _check_common(alignment, width, fc_dim, dropout, in_channels)
     backbone = VGG16Backbone(alignment=alignment, width=width, fc_dim=fc_dim, batch_norm=batch_norm, dropout=dropout)  # type: ignore[arg-type]
     if backbone_weights is not None:
         load_vgg16_imagenet(backbone, backbone_weights)
-    model = FCN(
-        backbone,
-        num_classes,
-        skips=skips,
-        skip_scales=skip_scales,
-        learnable_upsampling=learnable_upsampling,
-    )
+    model = FCN(backbone, num_classes, skips=skips, skip_scales=skip_scales, learnable_upsampling=learnable_upsampling)
     return with_input_channels(model, in_channels)
 
 

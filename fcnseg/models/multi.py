@@ -2,9 +2,9 @@
 
 - :class:`LateFusionFCN` runs one FCN per input (colour, HHA) and sums their score maps, as the paper's RGB-HHA
   nets do "at the final layer"; the sum is trained end to end.
-- :class:`TwoHeadFCN` shares one trunk between two score heads (semantic and geometric labels) and is trained with
-  the sum of both losses. ``forward`` concatenates the heads' scores along the channels, so export, the execution
-  paths and tiling handle it like any FCN; :func:`split_heads` takes them apart again.
+- ``fcn16s_twohead`` is an :class:`~fcnseg.models.fcn.FCN` with two heads on one trunk (semantic and geometric
+  labels), trained with the sum of both losses. Every FCN concatenates its heads' scores along the channels, so
+  export, the execution paths and tiling handle it like any FCN; :func:`split_heads` takes them apart again.
 """
 
 from __future__ import annotations
@@ -12,22 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import FcnsegError
 from ..preprocessing import Preprocessing
-from .fcn import FCN, ScoreHead, _build, _check_common, check_input
+from .fcn import FCN, _build, _check_common, check_input, split_heads
 from .registry import register_model
 
 __all__ = ["LateFusionFCN", "TwoHeadFCN", "split_heads"]
-
-
-def split_heads(model: nn.Module, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{head: N x classes x H x W}`` from a model's concatenated output (one entry, ``"out"``, for most models)."""
-    heads: dict[str, int] = getattr(model, "heads", None) or {"out": logits.shape[1]}
-    return dict(zip(heads, logits.split(list(heads.values()), dim=1), strict=True))
 
 
 class LateFusionFCN(nn.Module):
@@ -45,7 +38,7 @@ class LateFusionFCN(nn.Module):
         self.streams = nn.ModuleDict(streams)
         first = next(iter(streams.values()))
         for name, s in streams.items():
-            if (s.num_classes, s.alignment, s.stride) != (first.num_classes, first.alignment, first.stride):
+            if (s.heads, s.alignment, s.stride) != (first.heads, first.alignment, first.stride):
                 raise FcnsegError(f"stream {name!r} differs from the first in classes, alignment or stride")
         self.num_classes = first.num_classes
         self.alignment = first.alignment
@@ -65,7 +58,7 @@ class LateFusionFCN(nn.Module):
 
     @property
     def heads(self) -> dict[str, int]:
-        return {"out": self.num_classes}
+        return next(iter(self.streams.values())).heads
 
     @property
     def skips(self) -> tuple[str, ...]:
@@ -87,52 +80,22 @@ class LateFusionFCN(nn.Module):
         assert out is not None
         return out
 
+    @property
+    def head_classes(self) -> dict[str, list[str] | None]:
+        return next(iter(self.streams.values())).head_classes
+
+    @head_classes.setter
+    def head_classes(self, value: dict[str, list[str] | None]) -> None:
+        for stream in self.streams.values():
+            stream.head_classes = value
+
     predict_proba = FCN.predict_proba
     predict = FCN.predict
 
 
-class TwoHeadFCN(FCN):
-    """An FCN with further score heads on the same trunk: ``heads`` maps head name -> classes, in output order.
-
-    The first head's layers are the FCN's own (``score_fr``, ``score_skip``, ...), so its weights load like any
-    FCN's; the others live in ``extra_heads``. ``forward`` returns N x sum(classes) x H x W (the heads' scores
-    concatenated); :meth:`predict` returns ``{head: H x W mask}``.
-    """
-
-    def __init__(self, backbone: nn.Module, heads: Mapping[str, int], **options: Any) -> None:
-        names = list(heads)
-        if len(names) < 2:
-            raise FcnsegError(f"a two-headed FCN needs two or more heads, got {names}")
-        super().__init__(backbone, heads[names[0]], **options)
-        self.extra_heads = nn.ModuleDict({n: ScoreHead(backbone, heads[n], **options) for n in names[1:]})
-        self._heads = {n: int(c) for n, c in heads.items()}
-        self.head_classes: dict[str, list[str] | None] = {n: None for n in names}
-
-    @property
-    def heads(self) -> dict[str, int]:
-        return dict(self._heads)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels)
-        h, w = x.shape[-2:]
-        feats = self.backbone(self._pad(x))  # one trunk pass for every head
-        scores = [self.decode(feats, h, w), *(head.decode(feats, h, w) for head in self.extra_heads.values())]
-        return torch.cat(scores, dim=1)
-
-    def predict_proba(self, image: Any, **kwargs: Any) -> dict[str, np.ndarray]:  # type: ignore[override]
-        """``{head: classes x H x W}`` float32 probabilities for one image."""
-        from ..predict import predict_logits
-
-        logits = predict_logits(self, image, **kwargs)[None]
-        return {k: v[0].softmax(0).cpu().numpy() for k, v in split_heads(self, logits).items()}
-
-    def predict(self, image: Any, **kwargs: Any) -> dict[str, np.ndarray]:  # type: ignore[override]
-        """``{head: H x W}`` uint8 class indices for one image (``tile``: the heads' scores are blended window by
-        window, then split)."""
-        from ..predict import predict_logits
-
-        logits = predict_logits(self, image, **kwargs)[None]
-        return {k: v[0].argmax(0).to(torch.uint8).cpu().numpy() for k, v in split_heads(self, logits).items()}
+TwoHeadFCN = FCN
+"""Kept as a name: every :class:`~fcnseg.models.fcn.FCN` takes any number of heads (``fcn16s_twohead`` builds one
+with two)."""
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -144,6 +107,7 @@ def fcn16s_twohead(
     num_classes: int = 33,
     second_classes: int = 3,
     head_names: Sequence[str] = ("semantic", "geometric"),
+    heads: Mapping[str, int] | None = None,
     alignment: str = "aligned",
     width: float = 1.0,
     fc_dim: int = 4096,
@@ -155,12 +119,17 @@ def fcn16s_twohead(
 ) -> TwoHeadFCN:
     """The paper's SIFT Flow net: FCN-16s on VGG16 with two heads on one trunk, ``head_names[0]`` with
     ``num_classes`` (33 semantic classes) and ``head_names[1]`` with ``second_classes`` (3 geometric classes:
-    sky, horizontal, vertical). Other options as :func:`~fcnseg.models.fcn16s`."""
-    if len(head_names) != 2 or len(set(head_names)) != 2:
-        raise FcnsegError(f"head_names must be two different names, got {list(head_names)}")
-    one = _build(
+    sky, horizontal, vertical). ``heads`` ({name: classes}, two of them) names and sizes both at once, as
+    ``fcnseg train`` passes them from the data. Other options as :func:`~fcnseg.models.fcn16s`."""
+    if heads is None:
+        if len(head_names) != 2 or len(set(head_names)) != 2:
+            raise FcnsegError(f"head_names must be two different names, got {list(head_names)}")
+        heads = {head_names[0]: num_classes, head_names[1]: second_classes}
+    elif len(heads) != 2:
+        raise FcnsegError(f"heads: fcn16s_twohead has two heads, got {dict(heads)}")
+    return _build(
         ("pool4",),
-        num_classes=num_classes,
+        num_classes=heads,
         alignment=alignment,
         width=width,
         fc_dim=fc_dim,
@@ -170,10 +139,6 @@ def fcn16s_twohead(
         backbone_weights=backbone_weights,
         in_channels=in_channels,
     )
-    heads = {head_names[0]: num_classes, head_names[1]: second_classes}
-    model = TwoHeadFCN(one.backbone, heads, skips=("pool4",), learnable_upsampling=learnable_upsampling)
-    model.preprocessing = one.preprocessing
-    return model
 
 
 def _rgb_hha(skips: tuple[str, ...], **options: Any) -> LateFusionFCN:

@@ -56,6 +56,10 @@ NYUD_CAFFE_HHA = Preprocessing(mean=NYUD_MEAN_HHA, std=(1.0, 1.0, 1.0), channel_
 
 Format = Literal["caffe", "torchfcn", "fcnseg"]
 
+CONVERSION_VERSION = 1
+"""In the name of a cached conversion: bump it when converting the same file would give other numbers (a layout
+change alone is not one: older checkpoints are read in today's layout)."""
+
 
 def _metrics(pixel_acc: float, mean_acc: float, mean_iu: float, fw_iu: float) -> dict[str, float]:
     return {"pixel_acc": pixel_acc, "mean_acc": mean_acc, "mean_iu": mean_iu, "fw_iu": fw_iu}
@@ -102,13 +106,13 @@ def _caffe(model: str, file_name: str, **kw: Any) -> PublishedWeights:
     kw.setdefault("classes", VOC_CLASSES)
     kw.setdefault("preprocessing", CAFFE)
     kw.setdefault("metrics", _VOC.get(model, {}))
-    return PublishedWeights(f"{_DL}/{file_name}", file_name, "caffe", model, description=_HEAVY, **kw)
+    return PublishedWeights(f"{_DL}/{file_name}", file_name, "caffe", model=model, description=_HEAVY, **kw)
 
 
 def _torchfcn(model: str, file_name: str, *, drive_id: str, md5: str) -> PublishedWeights:
     return PublishedWeights(
-        _DRIVE + drive_id, file_name, "torchfcn", model, VOC_CLASSES, CAFFE, _VOC[model],
-        md5=md5, description=_TORCHFCN,
+        _DRIVE + drive_id, file_name, "torchfcn", model=model, classes=VOC_CLASSES, preprocessing=CAFFE,
+        metrics=_VOC[model], md5=md5, description=_TORCHFCN,
     )  # fmt: skip
 
 
@@ -338,10 +342,10 @@ VGG16_CAFFE = PublishedWeights(
     _DRIVE + "1adDBTGY3GcEB_47dvcibajyzi872RAs3",
     "vgg16_from_caffe.pth",
     "torchfcn",
-    "vgg16",
-    (),
-    CAFFE,
-    {},
+    model="vgg16",
+    classes=(),
+    preprocessing=CAFFE,
+    metrics={},
     md5="aa75b158f4181e7f6230029eb96c1b13",
     description="Caffe VGG16 ImageNet classifier in torchvision layout (torchfcn)",
 )

@@ -87,10 +87,13 @@ def test_staged_init_copies_shared_layers_and_zeroes_new_scores(tmp_path):
         if k in own and own[k].shape == v.shape:
             assert torch.equal(own[k], v), k
     assert sum(k.startswith("backbone.") for k in coarse) == sum(k.startswith("backbone.") for k in own)
-    assert torch.equal(own["score_fr.weight"], coarse["score_fr.weight"])
-    assert coarse["score_fr.weight"].abs().sum() > 0  # trained, so "equal" is not "both zero"
-    assert {"score_skip.pool4.weight", "score_skip.pool4.bias"} <= set(left)
-    assert own["score_skip.pool4.weight"].abs().sum() == 0 and own["score_skip.pool4.bias"].abs().sum() == 0
+    head = "score_heads.out."  # the one head's layers
+    assert torch.equal(own[head + "score_fr.weight"], coarse[head + "score_fr.weight"])
+    assert coarse[head + "score_fr.weight"].abs().sum() > 0  # trained, so "equal" is not "both zero"
+    assert {head + "score_skip.pool4.weight", head + "score_skip.pool4.bias"} <= set(left)
+    assert (
+        own[head + "score_skip.pool4.weight"].abs().sum() == 0 and own[head + "score_skip.pool4.bias"].abs().sum() == 0
+    )
     # The 16s net starts exactly where the 32s one was: new skip scores are zero.
     fine.eval()
     coarse_model = fcnseg.load(tmp_path / "s32" / "last.pt")

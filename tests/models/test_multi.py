@@ -268,12 +268,13 @@ def test_two_headed_fcn_shares_one_trunk():
         out = model(x)
         heads = split_heads(model, out)
         feats = model.backbone(model._pad(x))
-        geo = model.extra_heads["geometric"].decode(feats, 40, 52)
+        geo = model.score_heads["geometric"].decode(feats, 40, 52)
     assert out.shape == (1, 36, 40, 52) and {k: v.shape[1] for k, v in heads.items()} == model.heads
     torch.testing.assert_close(heads["geometric"], geo, atol=0, rtol=0)
     # The first head is the FCN's own layers: its logits are an fcn16s's with the same weights.
     single = get_model("fcn16s", num_classes=33, **TINY).eval()
-    single.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("extra_heads.")})
+    first = {k.replace(".semantic.", ".out."): v for k, v in model.state_dict().items()}
+    single.load_state_dict({k: v for k, v in first.items() if not k.startswith("score_heads.geometric.")})
     with torch.no_grad():
         torch.testing.assert_close(heads["semantic"], single(x), atol=0, rtol=0)
     # Tiled: each head's mask equals the untiled one away from the windows' seams (here one window covers all).
@@ -430,8 +431,23 @@ def test_int8_keeps_every_stream_and_head_edge_in_float(tmp_path):
     from fcnseg.runtime import float_layers
 
     for name, expected in [
-        ("fcn16s_twohead", ["score_", "upsample_", "extra_heads.geometric.score_", "backbone.features.2."]),
-        ("fcn16s_rgb_hha", ["streams.rgb.score_", "streams.hha.upsample_", "streams.hha.backbone.features.0."]),
+        (
+            "fcn16s_twohead",
+            [
+                "score_heads.semantic.score_",
+                "score_heads.semantic.upsample_",
+                "score_heads.geometric.score_",
+                "backbone.features.2.",
+            ],
+        ),
+        (
+            "fcn16s_rgb_hha",
+            [
+                "streams.rgb.score_heads.out.score_",
+                "streams.hha.score_heads.out.upsample_",
+                "streams.hha.backbone.features.0.",
+            ],
+        ),
     ]:
         model = randomise(get_model(name, **TINY), seed=0).eval()
         keep = float_layers(model)

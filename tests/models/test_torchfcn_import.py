@@ -81,8 +81,9 @@ def test_every_torchfcn_tensor_lands_on_the_derived_name(torchfcn):
     ckpt = torchfcn_to_fcnseg(ref.state_dict(), model="fcn8s")
     names = caffe_layer_names(get_model("fcn8s", alignment="caffe", width=0.25, fc_dim=8))
     assert names["conv3_2"] == "backbone.features.12" and names["conv5_3"] == "backbone.features.28"
-    assert names["upscore2"] == "upsample_skip.pool4" and names["upscore_pool4"] == "upsample_skip.pool3"
-    assert names["upscore8"] == "upsample_out"
+    head = "score_heads.out."  # the one head's layers
+    assert names["upscore2"] == head + "upsample_skip.pool4" and names["upscore_pool4"] == head + "upsample_skip.pool3"
+    assert names["upscore8"] == head + "upsample_out"
     sd = ref.state_dict()
     for key, value in sd.items():
         layer, kind = key.rsplit(".", 1)

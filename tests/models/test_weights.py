@@ -175,7 +175,8 @@ def test_first_use_downloads_converts_and_caches(tmp_path, hub, monkeypatch):
     monkeypatch.undo()
     (hub / "fcn16s-test.fcnseg-v1.pt").write_bytes(b"junk")
     assert torch.equal(
-        weights_checkpoint(entry)["state_dict"]["score_fr.weight"], ckpt["state_dict"]["score_fr.weight"]
+        weights_checkpoint(entry)["state_dict"]["score_heads.out.score_fr.weight"],
+        ckpt["state_dict"]["score_heads.out.score_fr.weight"],
     )
 
 
@@ -315,10 +316,10 @@ def test_training_from_published_weights_takes_their_input(stand_in, tmp_path):
     assert model.preprocessing == CAFFE
     # New in FCN-8s: the pool3 score layer and upsampler; the last upsampler is 16/8 instead of 32/16.
     assert left == [
-        "score_skip.pool3.bias",
-        "score_skip.pool3.weight",
-        "upsample_out.weight",
-        "upsample_skip.pool3.weight",
+        "score_heads.out.score_skip.pool3.bias",
+        "score_heads.out.score_skip.pool3.weight",
+        "score_heads.out.upsample_out.weight",
+        "score_heads.out.upsample_skip.pool3.weight",
     ]
 
 
