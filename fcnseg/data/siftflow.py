@@ -213,46 +213,45 @@ class SIFTFlowSegmentation(SegmentationDataset):
         if not folder.is_dir():
             problems.append(Problem(str(folder), "unreadable-mask", f"folder not found; {_EXPECTED[kind]}"))
             return problems
-        n = len(SIFTFLOW_CLASSES if kind == "semantic" else SIFTFLOW_GEO_CLASSES)
-        reader = read_semantic_labels if kind == "semantic" else read_geo_labels
         for i in range(len(self.ids)):
-            path, img_path = self.label_path(i, kind), self.image_path(i)
-            if not img_path.exists():
-                continue  # check-data reports the item itself
-            if not path.exists():
-                problems.append(Problem(str(img_path), "image-without-mask", f"its {kind} labels {path} do not exist"))
-                continue
-            try:
-                labels = reader(path)
-            except FcnsegError as e:
-                problems.append(Problem(str(path), "unreadable-mask", str(e).removeprefix(f"{path}: ")))
-                continue
-            try:
-                with Image.open(img_path) as im:
-                    w, h = im.size
-            except Exception:
-                continue  # an unreadable image is reported with the item
-            if labels.shape != (h, w):
-                problems.append(
-                    Problem(
-                        str(path),
-                        "size-mismatch",
-                        f"{kind} labels are {labels.shape[1]}x{labels.shape[0]} but the image {img_path.name} is "
-                        f"{w}x{h}; expected the same size",
-                    )
-                )
-                continue
-            bad = np.unique(labels[(labels >= n) & (labels != IGNORE_INDEX)])
-            if bad.size:
-                listed = ", ".join(str(int(v)) for v in bad[:10])
-                problems.append(
-                    Problem(
-                        str(path),
-                        "bad-mask-values",
-                        f"{kind} values {listed} are neither a class index 0..{n - 1} nor {IGNORE_INDEX} (void)",
-                    )
-                )
+            problem = self._other_labels_problem(i, kind)
+            if problem is not None:
+                problems.append(problem)
         return problems
+
+    def _other_labels_problem(self, index: int, kind: str) -> Problem | None:
+        """What is wrong with item ``index``'s ``kind`` labels (the set ``mask_path`` does not cover), if anything."""
+        n = len(SIFTFLOW_CLASSES if kind == "semantic" else SIFTFLOW_GEO_CLASSES)
+        path, img_path = self.label_path(index, kind), self.image_path(index)
+        if not img_path.exists():
+            return None  # check-data reports the item itself
+        if not path.exists():
+            return Problem(str(img_path), "image-without-mask", f"its {kind} labels {path} do not exist")
+        try:
+            labels = read_semantic_labels(path) if kind == "semantic" else read_geo_labels(path)
+        except FcnsegError as e:
+            return Problem(str(path), "unreadable-mask", str(e).removeprefix(f"{path}: "))
+        try:
+            with Image.open(img_path) as im:
+                w, h = im.size
+        except Exception:
+            return None  # an unreadable image is reported with the item
+        if labels.shape != (h, w):
+            return Problem(
+                str(path),
+                "size-mismatch",
+                f"{kind} labels are {labels.shape[1]}x{labels.shape[0]} but the image {img_path.name} is {w}x{h}; "
+                "expected the same size",
+            )
+        bad = np.unique(labels[(labels >= n) & (labels != IGNORE_INDEX)])
+        if not bad.size:
+            return None
+        listed = ", ".join(str(int(v)) for v in bad[:10])
+        return Problem(
+            str(path),
+            "bad-mask-values",
+            f"{kind} values {listed} are neither a class index 0..{n - 1} nor {IGNORE_INDEX} (void)",
+        )
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, target={self.target!r})"
