@@ -107,36 +107,40 @@ def image_to_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if img.width == 0 or img.height == 0:
         raise FcnsegError(f"image is empty ({img.width}x{img.height}); expected at least one pixel")
-    if mode == "RGB":
-        return np.array(img)
-    if mode in ("RGBA", "RGBX"):
-        return np.ascontiguousarray(np.array(img)[:, :, :3])
-    if mode == "L":
-        return _grey_to_rgb(np.array(img))
-    if mode == "1":
-        # np.array of a "1" image is bool; white must become 255, not 1.
-        return _grey_to_rgb(np.array(img.convert("L")))
-    if mode in ("LA", "La"):
-        # "La" has premultiplied grey; converting to "LA" undoes that, as far as the alpha allows.
-        la = img if mode == "LA" else img.convert("LA")
-        return _grey_to_rgb(np.array(la)[:, :, 0])
-    if mode in ("P", "PA"):
-        # Through RGBA rather than RGB: PIL warns on P -> RGB with byte transparency, and RGBA keeps
-        # the palette colour of transparent pixels, which we want.
-        return np.ascontiguousarray(np.array(img.convert("RGBA"))[:, :, :3])
-    if mode.startswith("I;16"):
-        # Covers I;16, I;16L, I;16B and I;16N; numpy handles the byte order of the big-endian
-        # variant.
-        return _grey_to_rgb(_scale_uint16(np.array(img)))
-    if mode == "I":
-        return _grey_to_rgb(_scale_int(np.array(img)))
-    if mode == "F":
-        return _grey_to_rgb(_scale_float(np.array(img)))
+    convert = _MODE_TO_RGB.get("I;16" if mode.startswith("I;16") else mode)
+    if convert is not None:
+        return convert(img)
     # CMYK, YCbCr, LAB, HSV, RGBa and anything else PIL knows how to turn into RGB.
     try:
         return np.array(img.convert("RGB"))
     except (ValueError, OSError):
         raise FcnsegError(f"unsupported image mode {mode!r}; expected a mode PIL can convert to RGB") from None
+
+
+def _drop_alpha(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.array(img)[:, :, :3])
+
+
+_MODE_TO_RGB: dict[str, Callable[[Image.Image], np.ndarray]] = {
+    "RGB": np.array,
+    "RGBA": _drop_alpha,
+    "RGBX": _drop_alpha,
+    "L": lambda img: _grey_to_rgb(np.array(img)),
+    # np.array of a "1" image is bool; white must become 255, not 1.
+    "1": lambda img: _grey_to_rgb(np.array(img.convert("L"))),
+    "LA": lambda img: _grey_to_rgb(np.array(img)[:, :, 0]),
+    # "La" has premultiplied grey; converting to "LA" undoes that, as far as the alpha allows.
+    "La": lambda img: _grey_to_rgb(np.array(img.convert("LA"))[:, :, 0]),
+    # Through RGBA rather than RGB: PIL warns on P -> RGB with byte transparency, and RGBA keeps the palette colour
+    # of transparent pixels, which we want.
+    "P": lambda img: _drop_alpha(img.convert("RGBA")),
+    "PA": lambda img: _drop_alpha(img.convert("RGBA")),
+    # I;16, I;16L, I;16B and I;16N; numpy handles the byte order of the big-endian variant.
+    "I;16": lambda img: _grey_to_rgb(_scale_uint16(np.array(img))),
+    "I": lambda img: _grey_to_rgb(_scale_int(np.array(img))),
+    "F": lambda img: _grey_to_rgb(_scale_float(np.array(img))),
+}
+"""PIL mode -> its conversion to a uint8 H x W x 3 RGB array (alpha dropped, the colour under it kept)."""
 
 
 def as_rgb_array(x: PathLike | Image.Image | np.ndarray) -> np.ndarray:

@@ -62,20 +62,8 @@ def _parse_colour(text: str, where: str, name: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def read_classes_file(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
-    """Class names and their ``n x 3`` uint8 colours from a ``classes.txt``.
-
-    Colours not given come from :func:`~fcnseg.palette.palette_for`; every colour must be distinct and differ
-    from the void colour, since RGB masks are mapped back to indices through them.
-    """
-    path = Path(path)
-    try:
-        # utf-8-sig: editors on Windows like to start the file with a byte-order mark.
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise FcnsegError(f"{path}: class list not found; expected {CLASSES_FORMAT}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FcnsegError(f"{path}: cannot read class list ({e.__class__.__name__}); expected UTF-8 text") from None
+def _class_lines(text: str, path: Path) -> tuple[list[str], list[tuple[int, int, int] | None]]:
+    """The names and the colours given (None where a line gives none) of a classes.txt's lines."""
     names: list[str] = []
     given: list[tuple[int, int, int] | None] = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -91,6 +79,24 @@ def read_classes_file(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
             raise FcnsegError(f"{where}: class {name!r} is listed twice; expected each class once")
         names.append(name)
         given.append(_parse_colour(colour, where, name) if sep and colour.strip() else None)
+    return names, given
+
+
+def read_classes_file(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
+    """Class names and their ``n x 3`` uint8 colours from a ``classes.txt``.
+
+    Colours not given come from :func:`~fcnseg.palette.palette_for`; every colour must be distinct and differ
+    from the void colour, since RGB masks are mapped back to indices through them.
+    """
+    path = Path(path)
+    try:
+        # utf-8-sig: editors on Windows like to start the file with a byte-order mark.
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise FcnsegError(f"{path}: class list not found; expected {CLASSES_FORMAT}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FcnsegError(f"{path}: cannot read class list ({e.__class__.__name__}); expected UTF-8 text") from None
+    names, given = _class_lines(text, path)
     if not names:
         raise FcnsegError(f"{path}: lists no classes; expected {CLASSES_FORMAT}")
     if len(names) > IGNORE_INDEX:

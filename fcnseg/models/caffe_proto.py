@@ -111,54 +111,54 @@ def _add_blob_messages(
     fd: descriptor_pb2.FileDescriptorProto, ref: Callable[[str], str], *, raw_payloads: bool
 ) -> None:
     """BlobShape and BlobProto: a blob's shape and its float / double payloads."""
-    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FieldDescriptorProto
     shape = fd.message_type.add(name="BlobShape")
-    _add_field(shape, "dim", 1, F.TYPE_INT64, repeated=True, packed=True)
+    _add_field(shape, "dim", 1, fdp.TYPE_INT64, repeated=True, packed=True)
 
     blob = fd.message_type.add(name="BlobProto")
-    _add_field(blob, "shape", 7, F.TYPE_MESSAGE, type_name=ref("BlobShape"))
-    payloads = (("data", 5, F.TYPE_FLOAT), ("diff", 6, F.TYPE_FLOAT), ("double_data", 8, F.TYPE_DOUBLE))
-    for fname, number, scalar in (*payloads, ("double_diff", 9, F.TYPE_DOUBLE)):
+    _add_field(blob, "shape", 7, fdp.TYPE_MESSAGE, type_name=ref("BlobShape"))
+    payloads = (("data", 5, fdp.TYPE_FLOAT), ("diff", 6, fdp.TYPE_FLOAT), ("double_data", 8, fdp.TYPE_DOUBLE))
+    for fname, number, scalar in (*payloads, ("double_diff", 9, fdp.TYPE_DOUBLE)):
         if raw_payloads:  # each packed run as its payload bytes; an unpacked element becomes an unknown field
-            _add_field(blob, fname, number, F.TYPE_BYTES, repeated=True)
+            _add_field(blob, fname, number, fdp.TYPE_BYTES, repeated=True)
         else:
             _add_field(blob, fname, number, scalar, repeated=True, packed=True)
     for fname, number in (("num", 1), ("channels", 2), ("height", 3), ("width", 4)):
-        _add_field(blob, fname, number, F.TYPE_INT64)
+        _add_field(blob, fname, number, fdp.TYPE_INT64)
 
 
 def _add_layer_messages(fd: descriptor_pb2.FileDescriptorProto, ref: Callable[[str], str]) -> None:
     """EltwiseParameter, LayerParameter and the legacy V1LayerParameter."""
-    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FieldDescriptorProto
     # Eltwise's coefficients: the release's late fusion averages its two score maps with them (coeff 0.5, 0.5).
     eltwise = fd.message_type.add(name="EltwiseParameter")
-    _add_field(eltwise, "coeff", 2, F.TYPE_FLOAT, repeated=True)
+    _add_field(eltwise, "coeff", 2, fdp.TYPE_FLOAT, repeated=True)
 
     layer = fd.message_type.add(name="LayerParameter")
-    _add_field(layer, "name", 1, F.TYPE_STRING)
-    _add_field(layer, "type", 2, F.TYPE_STRING)
-    _add_field(layer, "bottom", 3, F.TYPE_STRING, repeated=True)
-    _add_field(layer, "top", 4, F.TYPE_STRING, repeated=True)
-    _add_field(layer, "blobs", 7, F.TYPE_MESSAGE, repeated=True, type_name=ref("BlobProto"))
-    _add_field(layer, "eltwise_param", 110, F.TYPE_MESSAGE, type_name=ref("EltwiseParameter"))
+    _add_field(layer, "name", 1, fdp.TYPE_STRING)
+    _add_field(layer, "type", 2, fdp.TYPE_STRING)
+    _add_field(layer, "bottom", 3, fdp.TYPE_STRING, repeated=True)
+    _add_field(layer, "top", 4, fdp.TYPE_STRING, repeated=True)
+    _add_field(layer, "blobs", 7, fdp.TYPE_MESSAGE, repeated=True, type_name=ref("BlobProto"))
+    _add_field(layer, "eltwise_param", 110, fdp.TYPE_MESSAGE, type_name=ref("EltwiseParameter"))
 
     v1 = fd.message_type.add(name="V1LayerParameter")
     enum = v1.enum_type.add(name="LayerType")
     for value, (enum_name, _) in sorted(_V1_LAYER_TYPES.items()):
         enum.value.add(name=enum_name, number=value)
-    _add_field(v1, "bottom", 2, F.TYPE_STRING, repeated=True)
-    _add_field(v1, "top", 3, F.TYPE_STRING, repeated=True)
-    _add_field(v1, "name", 4, F.TYPE_STRING)
+    _add_field(v1, "bottom", 2, fdp.TYPE_STRING, repeated=True)
+    _add_field(v1, "top", 3, fdp.TYPE_STRING, repeated=True)
+    _add_field(v1, "name", 4, fdp.TYPE_STRING)
     # Declared int32, not LayerType: same varint on the wire, but a proto2 enum is closed, and a value outside it
     # would vanish into the unknown fields, leaving the layer silently untyped instead of reported.
-    _add_field(v1, "type", 5, F.TYPE_INT32)
-    _add_field(v1, "blobs", 6, F.TYPE_MESSAGE, repeated=True, type_name=ref("BlobProto"))
-    _add_field(v1, "eltwise_param", 24, F.TYPE_MESSAGE, type_name=ref("EltwiseParameter"))
+    _add_field(v1, "type", 5, fdp.TYPE_INT32)
+    _add_field(v1, "blobs", 6, fdp.TYPE_MESSAGE, repeated=True, type_name=ref("BlobProto"))
+    _add_field(v1, "eltwise_param", 24, fdp.TYPE_MESSAGE, type_name=ref("EltwiseParameter"))
 
 
 def _schema_file(package: str, *, raw_payloads: bool) -> descriptor_pb2.FileDescriptorProto:
     """The subset of caffe.proto this module reads, as a proto2 file in ``package``."""
-    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FieldDescriptorProto
     fd = descriptor_pb2.FileDescriptorProto(name=package.replace(".", "/") + ".proto", package=package)
     fd.syntax = "proto2"
 
@@ -168,10 +168,10 @@ def _schema_file(package: str, *, raw_payloads: bool) -> descriptor_pb2.FileDesc
     _add_blob_messages(fd, ref, raw_payloads=raw_payloads)
     _add_layer_messages(fd, ref)
     net = fd.message_type.add(name="NetParameter")
-    _add_field(net, "name", 1, F.TYPE_STRING)
-    _add_field(net, "layers", 2, F.TYPE_MESSAGE, repeated=True, type_name=ref("V1LayerParameter"))
-    _add_field(net, "input", 3, F.TYPE_STRING, repeated=True)
-    _add_field(net, "layer", 100, F.TYPE_MESSAGE, repeated=True, type_name=ref("LayerParameter"))
+    _add_field(net, "name", 1, fdp.TYPE_STRING)
+    _add_field(net, "layers", 2, fdp.TYPE_MESSAGE, repeated=True, type_name=ref("V1LayerParameter"))
+    _add_field(net, "input", 3, fdp.TYPE_STRING, repeated=True)
+    _add_field(net, "layer", 100, fdp.TYPE_MESSAGE, repeated=True, type_name=ref("LayerParameter"))
     return fd
 
 
@@ -245,7 +245,7 @@ class CaffeLayer:
     coeff: list[float] = field(default_factory=list)  # Eltwise coefficients (``eltwise_param.coeff``), if any
 
 
-class _NeedExact(Exception):
+class _NeedExactError(Exception):
     """The raw schema could not account for a blob: parse the file again with the exact one."""
 
 
@@ -283,7 +283,7 @@ def _read_buffer(path: Path, buf: Any) -> tuple[str, list[CaffeLayer]]:
         net = _parse(path, _RAW["NetParameter"], buf)
         try:
             return _convert(path, net, raw=True)
-        except _NeedExact:
+        except _NeedExactError:
             del net
     return _convert(path, _parse(path, _EXACT["NetParameter"], buf), raw=False)
 
@@ -333,39 +333,47 @@ def _coeff(lp: Any) -> list[float]:
 
 def _blob(path: Path, label: str, j: int, bp: Any, raw: bool) -> np.ndarray:
     if raw and _has_unknown_fields(bp):
-        raise _NeedExact  # e.g. floats written unpacked: only the exact schema reads them
-    if bp.HasField("shape"):
-        shape = tuple(int(d) for d in bp.shape.dim)
-    elif any(bp.HasField(k) for k in ("num", "channels", "height", "width")):
-        shape = (int(bp.num), int(bp.channels), int(bp.height), int(bp.width))
-    else:
-        shape = None  # no dimensions at all: a flat vector of whatever data there is
+        raise _NeedExactError  # e.g. floats written unpacked: only the exact schema reads them
+    shape = _blob_shape(bp)
     if shape is not None and any(d < 0 for d in shape):
         raise FcnsegError(f"{path}: layer {label!r}: blob {j} has a negative dimension in its shape {shape}")
-
-    if raw:
-        doubles = b"".join(bp.double_data)
-        payload, itemsize = (doubles, 8) if doubles else (b"".join(bp.data), 4)
-        if len(payload) % itemsize:
-            raise _NeedExact  # not whole floats: the exact parser says what is wrong
-        with np.errstate(over="ignore"):  # a double beyond float32 becomes inf, as Caffe's cast makes it
-            values = np.frombuffer(payload, dtype="<f8" if doubles else "<f4").astype(np.float32)
-    elif len(bp.double_data):  # Caffe reads double_data when there is any, else data
-        with np.errstate(over="ignore"):
-            values = np.asarray(bp.double_data, dtype=np.float64).astype(np.float32)
-    else:
-        values = np.asarray(bp.data, dtype=np.float32)
-        if not (values.flags.writeable and values.flags.owndata):
-            values = values.copy()
-
+    values = _raw_values(bp) if raw else _exact_values(bp)
     if shape is None:
         return values
     if values.size != math.prod(shape):
         if raw:
-            raise _NeedExact
+            raise _NeedExactError
         kind = "double_data" if len(bp.double_data) else "data"
         raise FcnsegError(
             f"{path}: layer {label!r}: blob {j} has {values.size} {kind} values but its shape {shape} "
             f"needs {math.prod(shape)}"
         )
     return values.reshape(shape)
+
+
+def _blob_shape(bp: Any) -> tuple[int, ...] | None:
+    """The blob's shape (``shape`` or the legacy num / channels / height / width); None when it has none: a flat
+    vector of whatever data there is."""
+    if bp.HasField("shape"):
+        return tuple(int(d) for d in bp.shape.dim)
+    if any(bp.HasField(k) for k in ("num", "channels", "height", "width")):
+        return (int(bp.num), int(bp.channels), int(bp.height), int(bp.width))
+    return None
+
+
+def _raw_values(bp: Any) -> np.ndarray:
+    """float32 values from the raw schema's payload bytes (doubles when there are any, as Caffe reads them)."""
+    doubles = b"".join(bp.double_data)
+    payload, itemsize = (doubles, 8) if doubles else (b"".join(bp.data), 4)
+    if len(payload) % itemsize:
+        raise _NeedExactError  # not whole floats: the exact parser says what is wrong
+    with np.errstate(over="ignore"):  # a double beyond float32 becomes inf, as Caffe's cast makes it
+        return np.frombuffer(payload, dtype="<f8" if doubles else "<f4").astype(np.float32)
+
+
+def _exact_values(bp: Any) -> np.ndarray:
+    if len(bp.double_data):  # Caffe reads double_data when there is any, else data
+        with np.errstate(over="ignore"):
+            return np.asarray(bp.double_data, dtype=np.float64).astype(np.float32)
+    values = np.asarray(bp.data, dtype=np.float32)
+    return values if values.flags.writeable and values.flags.owndata else values.copy()
