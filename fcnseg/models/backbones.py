@@ -17,6 +17,7 @@ from torchvision.models import vgg as tv_vgg
 
 from ..errors import FcnsegError
 from ..preprocessing import CAFFE, IMAGENET, Preprocessing
+from .adapt import convolutionalise_vgg16, widen_input_weight
 from .geometry import CoordMap, compose
 
 Alignment = Literal["caffe", "aligned"]
@@ -42,20 +43,6 @@ class Backbone(nn.Module):
 def first_conv(module: nn.Module) -> nn.Conv2d:
     """The convolution that sees the input: the first one a backbone registers."""
     return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
-
-
-def widen_input_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """A first-layer weight (out x 3 x k x k, colour) for ``in_channels`` >= 3 inputs: the colour filters are kept
-    as they are and each extra channel (depth, HHA) starts with the mean of the three colour filters.
-
-    Early fusion (the paper's RGBD net) starts from a net trained on colour: with its colour filters untouched the
-    widened net computes exactly what the colour net did wherever the extra channels are at their mean (0 after
-    normalisation), and the extra channels start out seen as a grey colour pixel would be. A pure function.
-    """
-    if weight.dim() != 4 or weight.shape[1] != 3 or in_channels < 3:
-        raise FcnsegError(f"cannot widen a first layer of shape {tuple(weight.shape)} to {in_channels} input channels")
-    extra = weight.mean(dim=1, keepdim=True).expand(-1, in_channels - 3, -1, -1)
-    return torch.cat([weight, extra], dim=1).contiguous()
 
 
 def widen_first_conv(backbone: nn.Module, in_channels: int) -> None:
@@ -144,48 +131,6 @@ class VGG16Backbone(Backbone):
         fc6 = self.drop6(self.relu6(self.fc6(pool5)))  # 1/32, the 7x7 convolution that was fc6
         fc7 = self.drop7(self.relu7(self.fc7(fc6)))  # 1/32
         return {"pool3": pool3, "pool4": pool4, "fc7": fc7}
-
-
-def convolutionalise_vgg16(
-    state_dict: Mapping[str, torch.Tensor], *, keep_fc8: bool = False
-) -> dict[str, torch.Tensor]:
-    """torchvision ``vgg16`` state dict -> :class:`VGG16Backbone` state dict (a pure function).
-
-    The convolutional layers keep their keys; fc6 (4096 x 25088) becomes a 4096 x 512 x 7 x 7 kernel holding the
-    same numbers (torchvision flattens pool5 in C, H, W order, the layout of a convolution kernel), fc7 a 1 x 1
-    kernel. fc8 (the ImageNet classifier) is dropped unless ``keep_fc8``, when it comes back as ``fc8.weight`` /
-    ``fc8.bias`` 1 x 1 kernels.
-    """
-    return convolutionalise(state_dict, "VGG16", {"fc6": "classifier.0", "fc7": "classifier.3"}, 7, keep_fc8)
-
-
-def convolutionalise(
-    state_dict: Mapping[str, torch.Tensor], arch: str, fc: Mapping[str, str], side: int, keep_fc8: bool
-) -> dict[str, torch.Tensor]:
-    """A torchvision classifier's state dict with its fully connected layers as convolutions (a pure function).
-
-    ``fc`` maps fc6 / fc7 to their ``classifier.N`` modules; fc6 becomes a ``side`` x ``side`` kernel over the
-    pooled map (torchvision flattens it in C, H, W order, a kernel's layout), fc7 and fc8 1 x 1 kernels. fc8 is
-    ``classifier.6`` in both AlexNet and VGG16.
-    """
-    out = {k: v.clone() for k, v in state_dict.items() if k.startswith("features.")}
-    if not out:
-        raise FcnsegError(f"not a torchvision {arch} state dict: no 'features.*' keys")
-    fc = {**fc, **({"fc8": "classifier.6"} if keep_fc8 else {})}
-    for name, src in fc.items():
-        try:
-            w, b = state_dict[f"{src}.weight"], state_dict[f"{src}.bias"]
-        except KeyError as e:
-            raise FcnsegError(f"not a torchvision {arch} state dict: missing {e.args[0]!r}") from None
-        if name == "fc6":
-            c_in = w.shape[1] // side**2
-            if c_in * side**2 != w.shape[1]:
-                raise FcnsegError(f"fc6 weight of shape {tuple(w.shape)} is not over {side} x {side} maps")
-            out["fc6.weight"] = w.reshape(w.shape[0], c_in, side, side).clone()
-        else:
-            out[f"{name}.weight"] = w.reshape(w.shape[0], w.shape[1], 1, 1).clone()
-        out[f"{name}.bias"] = b.clone()
-    return out
 
 
 def preprocessing_of(weights: WeightsEnum) -> Preprocessing:

@@ -36,13 +36,13 @@ from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
 from ..errors import FcnsegError
 from ..preprocessing import IMAGENET, Preprocessing
+from .adapt import convolutionalise_alexnet
 from .backbones import (
     Alignment,
     Backbone,
     _enum_state_dict,
     _read_state_dict,
     check_alignment,
-    convolutionalise,
     preprocessing_of,
 )
 from .geometry import CoordMap, layer_map
@@ -193,17 +193,6 @@ class AlexNetBackbone(TorchvisionBackbone):
 
     def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convolutionalise_alexnet(state_dict)
-
-
-def convolutionalise_alexnet(
-    state_dict: Mapping[str, torch.Tensor], *, keep_fc8: bool = False
-) -> dict[str, torch.Tensor]:
-    """torchvision ``alexnet`` state dict -> :class:`AlexNetBackbone` state dict (a pure function).
-
-    fc6 (4096 x 9216, over the 256 x 6 x 6 pooled map flattened in C, H, W order) becomes a 4096 x 256 x 6 x 6
-    kernel holding the same numbers, fc7 a 1 x 1 kernel; fc8 is dropped unless ``keep_fc8``.
-    """
-    return convolutionalise(state_dict, "AlexNet", {"fc6": "classifier.1", "fc7": "classifier.4"}, 6, keep_fc8)
 
 
 # -------------------------------------------------------------------------------------------------- GoogLeNet

@@ -20,8 +20,7 @@ from .._meta import VOC_CLASSES
 from ..checkpoint import checkpoint_dict
 from ..errors import FcnsegError
 from ..preprocessing import CAFFE, Preprocessing
-from .backbones import VGG16Backbone
-from .multi import LateFusionFCN
+from .adapt import caffe_layer_names
 from .registry import get_model
 
 # torchfcn class name -> fcnseg model. FCN8s and FCN8sAtOnce have the same parameters; only the forward differs
@@ -41,65 +40,6 @@ class CaffeLayerLike(Protocol):
     type: str
     blobs: list[np.ndarray]
     bottoms: list[str]
-
-
-# Suffixes the release gives the layers of a head or a stream: siftflow-fcn16s names its heads' layers
-# ``score_fr_sem`` / ``score_fr_geo`` (and so on), nyud-fcn32s-color-hha its streams' ``conv1_1color`` /
-# ``conv1_1hha``. Other head or stream names take ``_<head>`` / ``<stream>``.
-CAFFE_HEAD_SUFFIX = {"semantic": "_sem", "geometric": "_geo"}
-CAFFE_STREAM_SUFFIX = {"rgb": "color", "hha": "hha"}
-
-
-def caffe_layer_names(model: nn.Module) -> dict[str, str]:
-    """Caffe layer name -> fcnseg module path (``"conv3_2" -> "backbone.features.12"``) for a VGG16 FCN.
-
-    Convolutions are numbered block by block, a block ending at each max pooling; the upsamplers are named as the
-    release names them: ``upscore2`` first, ``upscore_<tap>`` after fusing a tap, and ``upscore`` (FCN-32s) or
-    ``upscore<stride>`` for the last one. A two-headed net's head layers carry the head's suffix
-    (:data:`CAFFE_HEAD_SUFFIX`), a late-fusion net's layers their stream's (:data:`CAFFE_STREAM_SUFFIX`), except the
-    upsamplers, which the release shares between streams (it upsamples the fused scores): those name the first
-    stream's, and the importer ties the others to them.
-    """
-    if isinstance(model, LateFusionFCN):
-        names: dict[str, str] = {}
-        for stream, fcn in model.streams.items():
-            suffix = CAFFE_STREAM_SUFFIX.get(stream, stream)
-            for caffe, ours in caffe_layer_names(fcn).items():
-                shared = caffe.startswith("upscore")
-                names.setdefault(caffe if shared else caffe + suffix, f"streams.{stream}.{ours}")
-        return names
-    names = _backbone_names(model.backbone)
-    for name, head in model.score_heads.items():
-        suffix = CAFFE_HEAD_SUFFIX.get(name, f"_{name}") if len(model.score_heads) > 1 else ""
-        names.update({caffe + suffix: f"score_heads.{name}.{ours}" for caffe, ours in _head_names(head).items()})
-    return names
-
-
-def _backbone_names(backbone: nn.Module) -> dict[str, str]:
-    if not isinstance(backbone, VGG16Backbone) or any(isinstance(m, nn.BatchNorm2d) for m in backbone.features):
-        raise FcnsegError("Caffe layer names exist for the VGG16 FCNs without batch norm only")
-    names: dict[str, str] = {}
-    block, index = 1, 1
-    for i, m in enumerate(backbone.features):
-        if isinstance(m, nn.Conv2d):
-            names[f"conv{block}_{index}"] = f"backbone.features.{i}"
-            index += 1
-        elif isinstance(m, nn.MaxPool2d):
-            block, index = block + 1, 1
-    names.update({"fc6": "backbone.fc6", "fc7": "backbone.fc7"})
-    return names
-
-
-def _head_names(head: nn.Module) -> dict[str, str]:
-    names = {"score_fr": "score_fr"}
-    previous = None
-    for tap in head.skips:
-        names[f"score_{tap}"] = f"score_skip.{tap}"
-        names["upscore2" if previous is None else f"upscore_{previous}"] = f"upsample_skip.{tap}"
-        previous = tap
-    last = "upscore" if not head.skips else f"upscore{head.upsample_out.stride[0]}"
-    names[last] = "upsample_out"
-    return names
 
 
 def _meta_model(name: str, num_classes: int, conv1_channels: int, fc_dim: int, **extra: Any) -> nn.Module:
