@@ -40,9 +40,11 @@ class TrainConfig:
     model: str = "fcn8s"
     alignment: str = "aligned"
     width: float = 1.0
-    fc_dim: int = 4096
-    batch_norm: bool = False
-    dropout: float = 0.5
+    # VGG's options: None leaves the builder's default, and a backbone without fully connected layers (or with
+    # batch norm always) is never given them; see model_options().
+    fc_dim: int | None = None
+    batch_norm: bool | None = None
+    dropout: float | None = None
     backbone_weights: str | None = None
     learnable_upsampling: bool = False
     init_from: str | None = None
@@ -102,6 +104,19 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise FcnsegError(msg)
+
+    def model_options(self) -> dict[str, Any]:
+        """The model builder's keywords this configuration sets (the data adds classes and input channels):
+        alignment, width and learnable upsampling always, every builder takes them; the other options only when
+        set, so that a builder refuses, naming it, an option it does not have instead of ignoring it."""
+        always = {"alignment": self.alignment, "width": self.width, "learnable_upsampling": self.learnable_upsampling}
+        when_set = {
+            "fc_dim": self.fc_dim,
+            "batch_norm": self.batch_norm,
+            "dropout": self.dropout,
+            "backbone_weights": self.backbone_weights,
+        }
+        return {**always, **{k: v for k, v in when_set.items() if v is not None}}
 
     # -- YAML ----------------------------------------------------------------------------------------------------
     @classmethod

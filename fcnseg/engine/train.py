@@ -1,4 +1,5 @@
-"""Training, top to bottom: build the pieces, then iterate ``train_step``, validating every ``val_every`` steps.
+"""Training, top to bottom: :func:`train` builds a :class:`Run`, then runs the ``while`` loop over optimiser steps,
+validating and checkpointing every ``val_every`` steps.
 
 One iteration is one optimiser step (``accum_steps`` micro-batches of ``batch_size`` images per process).
 Everything a run needs to continue exactly where it stopped -- weights, optimiser, scheduler, gradient scaler,
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import inspect
 import math
 import os
 import random
@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,6 @@ from ..data.loader import make_loader
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import CheckpointError, FcnsegError
 from ..io import atomic_write, crash_point, remove_stale_temporaries
-from ..models import get_model
-from ..models.backbones import widen_input_weight
 from ..models.multi import split_heads
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
@@ -47,13 +45,27 @@ from .distributed import (
     ShardSampler,
     all_reduce_sum,
     cleanup_distributed,
+    gradient_sync,
     init_distributed,
     world_size,
 )
 from .evaluate import evaluate, evaluate_heads
+from .fitting import build_model, fit_input, has_non_colour, head_classes, staged_init
+
+__all__ = [  # build_model, head_classes and staged_init live in .fitting; importable from here as before
+    "Run",
+    "TrainConfig",
+    "TrainState",
+    "TrainingDivergedError",
+    "build_model",
+    "head_classes",
+    "staged_init",
+    "train",
+    "train_step",
+]
 
 
-class TrainingDiverged(FcnsegError):
+class TrainingDivergedError(FcnsegError):
     """The loss became NaN or infinite."""
 
 
@@ -65,208 +77,132 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------------- building
+@dataclass
+class Run:
+    """One training run's parts: what :func:`train`'s loop reads, advances and saves."""
 
+    cfg: TrainConfig
+    folder: Path  # RUN: config.yaml, last.pt, best.pt, log.csv, tensorboard/
+    device: torch.device
+    info: DistInfo
+    train_ds: SegmentationDataset
+    val_ds: SegmentationDataset
+    model: nn.Module  # wrapped in DistributedDataParallel under torchrun; ``net`` is the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    state: TrainState = field(default_factory=TrainState)
+    log: RunLog | None = None  # once the folder is ready
+    bar: Any = None  # tqdm progress bar, once the folder is ready
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise FcnsegError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    @property
+    def net(self) -> nn.Module:
+        return _unwrap(self.model)
 
+    @property
+    def classes(self) -> list[str]:
+        return list(self.val_ds.classes)
 
-def build_model(cfg: TrainConfig, ds: SegmentationDataset) -> nn.Module:
-    """The model ``cfg`` names, fitted to the data: its classes, its input channels (NYUDv2 RGBD widens the
-    first layer: early fusion) and, for a two-headed model, both label sets."""
-    model = get_model(
-        cfg.model,
-        alignment=cfg.alignment,
-        width=cfg.width,
-        fc_dim=cfg.fc_dim,
-        batch_norm=cfg.batch_norm,
-        dropout=cfg.dropout,
-        learnable_upsampling=cfg.learnable_upsampling,
-        backbone_weights=cfg.backbone_weights,
-        **_data_options(cfg, ds),
-    )
-    model.classes = list(ds.classes)
-    if len(model.heads) > 1:  # several label sets: every head's class names
-        model.head_classes = {k: list(v) for k, v in head_classes(ds).items()}
-    fit_input(model, ds)
-    return model
-
-
-def _data_options(cfg: TrainConfig, ds: SegmentationDataset) -> dict[str, Any]:
-    """The builder options the data decides (classes, heads, input channels), checked against the model."""
-    from ..models.registry import get_builder
-
-    accepted = inspect.signature(get_builder(cfg.model)).parameters
-    heads = head_classes(ds)
-    options: dict[str, Any] = {"num_classes": len(next(iter(heads.values())))}
-    # A builder of several heads takes ``heads`` ({label set: classes}); its model as built by default says how
-    # many it has (built on the meta device: shapes only, instant).
-    with torch.device("meta"):
-        own = len(get_model(cfg.model).heads) if "heads" in accepted else 1
-    word = {2: "two", 3: "three"}.get(own, str(own))
-    if len(heads) > 1 and own == 1:
-        raise FcnsegError(
-            f"--model {cfg.model}: --dataset {cfg.dataset} gives {len(heads)} label sets ({', '.join(heads)}); "
-            "expected a two-headed model (fcn16s_twohead) or one label set (e.g. --data-option target=semantic)"
-        )
-    if len(heads) == 1 and own > 1:
-        raise FcnsegError(
-            f"--model {cfg.model} is {word}-headed: expected a dataset with {word} label sets "
-            "(SIFT Flow: --data-option target=both)"
-        )
-    if len(heads) > 1:
-        options["heads"] = {name: len(classes) for name, classes in heads.items()}
-    channels = getattr(ds, "channels", 3)
-    # 3: any one-stream model, whose first layer widens (early fusion); a builder without the option takes colour.
-    fixed = accepted["in_channels"].default if "in_channels" in accepted else 3
-    if "in_channels" not in accepted and channels != 3:
-        raise FcnsegError(f"--model {cfg.model} takes colour images only; --dataset {cfg.dataset} gives {channels} "
-                          "channels")  # fmt: skip
-    if fixed not in (3, channels):
-        raise FcnsegError(
-            f"--model {cfg.model} takes {fixed} input channels but --dataset {cfg.dataset} gives {channels}; "
-            "pick a model or a --data-option modality that match"
-        )
-    if channels != fixed:
-        options["in_channels"] = channels
-    return options
-
-
-def head_classes(ds: SegmentationDataset) -> dict[str, tuple[str, ...]]:
-    """Class names per label set of ``ds``: ``{"out": classes}`` for one, SIFT Flow's two with target=both."""
-    return dict(getattr(ds, "head_classes", None) or {"out": tuple(ds.classes)})
-
-
-def fit_input(model: nn.Module, ds: SegmentationDataset) -> None:
-    """Normalise the channels that are not colour (depth, HHA) with the dataset's means (``channel_means``), scaled
-    like the model's colour channels and never reversed; colour channels keep the model's own normalisation."""
-    means = tuple(getattr(ds, "channel_means", ()) or ())
-    if not means or all(m is None for m in means) or len(means) != model.preprocessing.channels:
-        return
-    pp = model.preprocessing.colour()
-    if means[:3] == (None, None, None):  # colour first, then depth / HHA
-        model.preprocessing = pp.with_extra_channels(means[3:])
-    elif None not in means:  # no colour at all (HHA alone): every channel is an "extra" one
-        scale = sum(pp.std) / 3
-        mean = tuple(m * pp.value_range / 255.0 for m in means)
-        model.preprocessing = Preprocessing(mean, (scale,) * len(means), "RGB", pp.value_range)
-
-
-def _has_non_colour(ds: SegmentationDataset) -> bool:
-    return any(m is not None for m in (getattr(ds, "channel_means", ()) or ()))
-
-
-def staged_init(model: nn.Module, path: str | Path) -> list[str]:
-    """Initialise from a coarser net's checkpoint (32s -> 16s -> 8s) or from published weights by name: copy
-    every layer both nets have, with the same shape; the new score layers (and score layers for another number of
-    classes) keep their zero initialisation. A colour net's first layer is widened for an early-fusion net (the
-    paper's RGBD from its RGB FCN-32s), and a one-stream net starts every stream of a late-fusion one. The model
-    takes over the source's preprocessing, which its weights were trained with. Returns the names left as they
-    were."""
-    from ..hub import weights_checkpoint
-    from ..models.weights import is_weights_name
-
-    ckpt = (
-        weights_checkpoint(str(path))
-        if not Path(path).exists() and is_weights_name(str(path))
-        else read_checkpoint(path)
-    )
-    own = model.state_dict()
-    src = _fit_source(dict(ckpt["state_dict"]), own)
-    model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"]).for_channels(model.preprocessing.channels)
-    shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
-    if not any(".backbone." in f".{k}" for k in shared):
-        raise FcnsegError(f"--init-from {path}: shares no backbone layer with {model.build_config['name']}")
-    model.load_state_dict(shared, strict=False)
-    left = sorted(set(own) - set(shared))
-    missed = [k for k in left if ".backbone." in f".{k}"]
-    if missed:  # a trunk layer of another shape (e.g. another width) keeps its random start: say so
-        print(f"fcnseg: warning: --init-from {path}: {len(missed)} backbone tensor(s) do not fit and keep their "
-              f"initialisation, e.g. {missed[0]}", file=sys.stderr)  # fmt: skip
-    return left
-
-
-def _fit_source(src: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A source state dict renamed and reshaped to fit ``own``: a one-stream net's tensors go to every stream of
-    a late-fusion net; a colour first layer is widened (:func:`widen_input_weight`) for more input channels."""
-    streams = sorted({k.split(".")[1] for k in own if k.startswith("streams.")})
-    if streams and not any(k.startswith("streams.") for k in src):
-        src = {f"streams.{s}.{k}": v for s in streams for k, v in src.items()}
-    for k, v in list(src.items()):
-        if k in own and v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] > 3 and v.shape[2:] == own[k].shape[2:]:
-            src[k] = widen_input_weight(v, own[k].shape[1])
-    return src
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Weights decay at ``lr``; biases and normalisation parameters learn at ``bias_lr_mult`` x lr without decay
-    (Caffe's lr_mult 2 / decay_mult 0 in the paper preset). Frozen upsampling kernels are left out."""
-    weights, others = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (weights if p.dim() > 1 else others).append(p)
-    return [
-        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": others, "lr": cfg.lr * cfg.bias_lr_mult, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-
-
-def lr_factor(cfg: TrainConfig, it: int) -> float:
-    """Linear warm-up, then polynomial decay (power 0 = constant, the paper's schedule)."""
-    if it < cfg.warmup_iters:
-        return (it + 1) / cfg.warmup_iters
-    if not cfg.poly_power:
-        return 1.0
-    rest = max(1, cfg.iters - cfg.warmup_iters)
-    return max(0.0, 1 - (it - cfg.warmup_iters) / rest) ** cfg.poly_power
-
-
-def build_data(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """Train and validation sets; transforms are attached once the model (and its preprocessing) exists."""
-    options = {**(cfg.data_options or {}), **({"download": True} if cfg.download else {})}
-    check_data_options(options)
-    train_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.split, **options)
-    val_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, **options)
-    if len(train_ds) == 0 or len(val_ds) == 0:
-        raise FcnsegError(f"--dataset {cfg.dataset}: split {cfg.split!r} or {cfg.val_split!r} is empty")
-    return train_ds, val_ds
-
-
-def attach_transforms(cfg: TrainConfig, model: nn.Module, train_ds, val_ds) -> None:
-    """Normalise the way the model's weights expect (``model.preprocessing``), never a hard-coded mean."""
-    if cfg.jitter and _has_non_colour(train_ds):
-        raise FcnsegError(f"--jitter: colour jitter is for colour images; --dataset {cfg.dataset} gives depth or HHA "
-                          "channels: expected --jitter 0")  # fmt: skip
-    scale = None if cfg.scale_min == cfg.scale_max == 1.0 else (cfg.scale_min, cfg.scale_max)
-    train_ds.transforms = train_transforms(
-        model.preprocessing, crop_size=cfg.crop_size or None, scale_range=scale, flip=cfg.flip, jitter=cfg.jitter
-    )
-    val_ds.transforms = eval_transforms(model.preprocessing)
-
-
-def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
-    """Mixed precision on GPUs only (bf16 where supported, else fp16 with loss scaling); CPU runs stay fp32 so
-    that they are exactly reproducible."""
-    use = bool(cfg.amp) and device.type == "cuda"
-    dtype = torch.bfloat16 if use and torch.cuda.is_bf16_supported() else torch.float16
-    ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if use else contextlib.nullcontext
-    return ctx, torch.amp.GradScaler(device.type, enabled=use and dtype == torch.float16)
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> TrainState:
+    """Run (or resume) a training run as ``cfg`` describes; returns the final state."""
+    cfg = cfg.resolved()
+    device = pick_device(cfg.device)
+    info = init_distributed(device.type)
+    try:
+        run = start_run(cfg, device, info)  # with --resume: the saved weights, optimiser, RNG and data position
+        state = run.state
+        # Endless, seeded by (seed, epoch, index) alone: a resumed run sees exactly the samples and random crops the
+        # interrupted one would have; under torchrun each process takes its share of every epoch.
+        data = batches(run.train_ds, cfg, info, state)
+        run.model.train()
+        with contextlib.closing(run), _stop_on_sigint(info) as stop:
+            while state.iteration < cfg.iters:
+                t0 = time.perf_counter()
+                # One optimiser step over accum_steps micro-batches, whose gradient is that of one batch that big:
+                # the paper's minibatch of 20 images without holding them in memory at once.
+                micro = [next(data) for _ in range(cfg.accum_steps)]
+                loss = train_step(
+                    run.model, micro, run.optimizer, run.scaler, cfg, device=device, autocast=run.autocast
+                )
+                if not math.isfinite(loss):  # stop before the damage reaches a checkpoint
+                    raise TrainingDivergedError(_diverged_message(loss, state, run.folder))
+                lr = run.optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
+                run.scheduler.step()
+                state.iteration += 1
+                _report(run, loss, lr, time.perf_counter() - t0)
+                if state.iteration % cfg.val_every == 0 or state.iteration == cfg.iters:
+                    validate_and_save(run)  # best.pt when the mean IU (the paper's main figure) improved; last.pt
+                elif stop.is_set():  # Ctrl-C between validations: keep the steps done so far
+                    save_run(run, best=False)
+                if stop.is_set():
+                    run.bar.close()
+                    print(f"\ninterrupted at iteration {state.iteration}; saved {run.folder / 'last.pt'}; continue "
+                          "with --resume", file=sys.stderr)  # fmt: skip
+                    raise KeyboardInterrupt
+        return state
+    finally:
+        cleanup_distributed()
+
+
+def _report(run: Run, loss: float, lr: float, seconds: float) -> None:
+    """The progress bar every step; log.csv and TensorBoard every ``log_every`` steps."""
+    cfg = run.cfg
+    ips = cfg.batch_size * cfg.accum_steps * run.info.world_size / seconds
+    run.bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{ips:.1f}")
+    run.bar.update()
+    if run.state.iteration % cfg.log_every == 0:
+        run.log.row(iteration=run.state.iteration, loss=loss, lr=lr, images_per_s=ips)
+
+
+def validate_and_save(run: Run) -> None:
+    """Validate; the first head's mean IU decides whether this is the best checkpoint so far (rank 0 writes)."""
+    state = run.state
+    metrics = validate(run.model, run.val_ds, run.cfg, run.info, run.device)
+    state.history.append({"iteration": state.iteration, **metrics})
+    best = metrics["mean_iu"] > state.best_miou
+    if best:
+        state.best_miou = metrics["mean_iu"]
+    run.log.row(iteration=state.iteration, **metrics)
+    if run.info.is_main:
+        save_run(run, best)
+        run.log.image("val/image_truth_prediction", _val_picture(run.net, run.val_ds), state.iteration)
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(info: DistInfo) -> Iterator[threading.Event]:
+    """Ctrl-C asks the loop to stop after the current step and save; a second Ctrl-C interrupts at once.
+
+    Under torchrun every process gets the signal at slightly different steps, which a collective cannot
+    survive, so distributed runs keep Python's default (interrupt at once; resume from the last checkpoint).
+    """
+    stop = threading.Event()
+    if info.enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------------------------------- one step
 
 
 def batches(ds: SegmentationDataset, cfg: TrainConfig, info: DistInfo, state: TrainState) -> Iterator[Any]:
@@ -305,11 +241,14 @@ def train_step(model, micro_batches, optimizer, scaler, cfg: TrainConfig, device
     valid = all_reduce_sum(torch.tensor(count, device=device)).item()  # on the device: nccl reduces CUDA tensors
     scale = world_size() * (1.0 if cfg.loss == "sum" else 1.0 / max(valid, 1.0))
     total = torch.zeros((), device=device)
-    for images, masks in micro_batches:
-        with autocast():
-            logits = model(images.to(device, non_blocking=True))
-        loss = summed_loss(_unwrap(model), logits, masks.to(device))
-        scaler.scale(loss * scale).backward()
+    for i, (images, masks) in enumerate(micro_batches):
+        # Under DDP the gradients are summed across processes once per step, in the last micro-batch's backward;
+        # the earlier ones only accumulate locally (no_sync), which gives the same sum for a fraction of the traffic.
+        with gradient_sync(model, i == len(micro_batches) - 1):
+            with autocast():
+                logits = model(images.to(device, non_blocking=True))
+            loss = summed_loss(_unwrap(model), logits, masks.to(device))
+            scaler.scale(loss * scale).backward()
         total += loss.detach()
     total = all_reduce_sum(total) / (1.0 if cfg.loss == "sum" else max(valid, 1.0))
     if not torch.isfinite(total):
@@ -355,6 +294,129 @@ def excluded_indices(ds: SegmentationDataset) -> dict[str, list[int]]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def start_run(cfg: TrainConfig, device: torch.device, info: DistInfo) -> Run:
+    """The run's parts, fresh or (``--resume``) as the interrupted run left them, and its folder made ready."""
+    from tqdm import tqdm
+
+    run = _build_run(cfg, device, info)
+    if cfg.resume:  # checked before the folder is touched: a refused --resume changes nothing
+        run.state = restore_run(run.folder, run.model, run.optimizer, run.scheduler, run.scaler, cfg)
+        attach_transforms(cfg, run.net, run.train_ds, run.val_ds)  # with the restored preprocessing
+    if info.is_main:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run.folder, RUN_FILES)  # left by writes a kill interrupted (each up to a checkpoint)
+        cfg.save(run.folder / "config.yaml")
+    run.log = RunLog(run.folder, info.is_main, run.state.iteration, list(getattr(run.net, "heads", {}))[1:])
+    show = info.is_main and cfg.progress
+    run.bar = tqdm(total=cfg.iters, initial=run.state.iteration, disable=not show, unit="it")
+    return run
+
+
+def _build_run(cfg: TrainConfig, device: torch.device, info: DistInfo) -> Run:
+    # Seeded first: the model's random initialisation and everything after it repeat exactly.
+    seed_everything(cfg.seed + info.rank, cfg.deterministic)
+    train_ds, val_ds = build_data(cfg)
+    model = build_model(cfg, train_ds)
+    if cfg.init_from and not cfg.resume:  # staged training: start from the coarser net
+        staged_init(model, cfg.init_from)
+        fit_input(model, train_ds)
+    attach_transforms(cfg, model, train_ds, val_ds)
+    model.to(device)
+    if info.enabled:
+        ids = [info.local_rank] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    autocast, scaler = amp_context(cfg, device)
+    return Run(
+        cfg=cfg, folder=Path(cfg.out), device=device, info=info, train_ds=train_ds, val_ds=val_ds, model=model,
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast,
+    )  # fmt: skip
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FcnsegError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Weights decay at ``lr``; biases and normalisation parameters learn at ``bias_lr_mult`` x lr without decay
+    (Caffe's lr_mult 2 / decay_mult 0 in the paper preset). Frozen upsampling kernels are left out."""
+    weights, others = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (weights if p.dim() > 1 else others).append(p)
+    return [
+        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": others, "lr": cfg.lr * cfg.bias_lr_mult, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_factor(cfg: TrainConfig, it: int) -> float:
+    """Linear warm-up, then polynomial decay (power 0 = constant, the paper's schedule)."""
+    if it < cfg.warmup_iters:
+        return (it + 1) / cfg.warmup_iters
+    if not cfg.poly_power:
+        return 1.0
+    rest = max(1, cfg.iters - cfg.warmup_iters)
+    return max(0.0, 1 - (it - cfg.warmup_iters) / rest) ** cfg.poly_power
+
+
+def build_data(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """Train and validation sets; transforms are attached once the model (and its preprocessing) exists."""
+    options = {**(cfg.data_options or {}), **({"download": True} if cfg.download else {})}
+    check_data_options(options)
+    train_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.split, **options)
+    val_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, **options)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise FcnsegError(f"--dataset {cfg.dataset}: split {cfg.split!r} or {cfg.val_split!r} is empty")
+    return train_ds, val_ds
+
+
+def attach_transforms(cfg: TrainConfig, model: nn.Module, train_ds, val_ds) -> None:
+    """Normalise the way the model's weights expect (``model.preprocessing``), never a hard-coded mean."""
+    if cfg.jitter and has_non_colour(train_ds):
+        raise FcnsegError(f"--jitter: colour jitter is for colour images; --dataset {cfg.dataset} gives depth or HHA "
+                          "channels: expected --jitter 0")  # fmt: skip
+    scale = None if cfg.scale_min == cfg.scale_max == 1.0 else (cfg.scale_min, cfg.scale_max)
+    train_ds.transforms = train_transforms(
+        model.preprocessing, crop_size=cfg.crop_size or None, scale_range=scale, flip=cfg.flip, jitter=cfg.jitter
+    )
+    val_ds.transforms = eval_transforms(model.preprocessing)
+
+
+def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
+    """Mixed precision on GPUs only (bf16 where supported, else fp16 with loss scaling); CPU runs stay fp32 so
+    that they are exactly reproducible."""
+    use = bool(cfg.amp) and device.type == "cuda"
+    dtype = torch.bfloat16 if use and torch.cuda.is_bf16_supported() else torch.float16
+    ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if use else contextlib.nullcontext
+    return ctx, torch.amp.GradScaler(device.type, enabled=use and dtype == torch.float16)
+
+
 # ------------------------------------------------------------------------------------------ checkpoints & logs
 
 
@@ -377,24 +439,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_run(run: Path, model, classes, optimizer, scheduler, scaler, state: TrainState, cfg, best: bool) -> None:
+def save_run(run: Run, best: bool) -> None:
     """Write RUN/best.pt when ``best``, then RUN/last.pt with the full training state, each atomically.
 
     The order matters for a kill at any instant: last.pt records the best score so far, so it may only land once
     best.pt itself has. A kill before it leaves the previous last.pt, and the resumed run redoes the validation
     and writes best.pt again.
     """
+    cfg, state, folder = run.cfg, run.state, run.folder
     if best:
         extra = {"config": cfg.to_dict(), "iteration": state.iteration, "mean_iu": state.best_miou}
-        save_checkpoint(_unwrap(model), run / "best.pt", classes=classes, extra=extra)
+        save_checkpoint(run.net, folder / "best.pt", classes=run.classes, extra=extra)
     extra = {
         "train_state": {
             "iteration": state.iteration,
             "samples_seen": state.samples_seen,
             "best_miou": state.best_miou,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
             "rng": rng_state(),
         },
         "config": cfg.to_dict(),
@@ -402,10 +465,10 @@ def save_run(run: Path, model, classes, optimizer, scheduler, scaler, state: Tra
     # The previous last.pt is kept as last.prev.pt, so that --resume has a fallback if the newest is ever lost or
     # damaged (a crash between the two renames, a bad disk). A file that is not even a whole zip archive (what
     # torch.save writes) is never rotated over the fallback: it would replace the one good checkpoint.
-    last = run / "last.pt"
+    last = folder / "last.pt"
     if zipfile.is_zipfile(last):
-        os.replace(last, run / "last.prev.pt")
-    save_checkpoint(_unwrap(model), last, classes=classes, extra=extra)
+        os.replace(last, folder / "last.prev.pt")
+    save_checkpoint(run.net, last, classes=run.classes, extra=extra)
 
 
 def _resume_checkpoint(run: Path) -> tuple[Path, dict[str, Any]]:
@@ -430,12 +493,19 @@ FIXED_ON_RESUME = ("model", "dataset", "alignment", "width", "fc_dim", "batch_no
                    "optimizer")  # fmt: skip
 
 
-def check_resume_config(path: Path, saved: Mapping[str, Any], cfg: TrainConfig) -> None:
+def check_resume_config(path: Path, ckpt: Mapping[str, Any], cfg: TrainConfig, model: nn.Module) -> None:
     """Refuse, in one line naming the flag, an option that differs from the run being resumed and that its
-    weights or optimiser state cannot follow."""
+    weights or optimiser state cannot follow. Model options are compared as the builders took them, defaults
+    filled in: an option left unset (None) means the builder's default, which may equal the value saved."""
+    saved = ckpt["extra"].get("config") or {}
+    old_kwargs, new_kwargs = ckpt.get("config") or {}, _unwrap(model).build_config["kwargs"]
     for name in FIXED_ON_RESUME:
-        old, new = saved.get(name), getattr(cfg, name)
-        if name in saved and old != new:
+        if name not in saved:
+            continue
+        old, new = saved[name], getattr(cfg, name)
+        if name in new_kwargs:
+            old, new = old_kwargs.get(name, old), new_kwargs[name]
+        if old != new:
             flag = "--" + name.replace("_", "-")
             raise FcnsegError(
                 f"--resume: {flag} {new} does not fit the run in {path.parent}, trained with {flag} {old}; drop "
@@ -448,7 +518,7 @@ def restore_run(run: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig
     ts = ckpt["extra"].get("train_state")
     if ts is None:
         raise FcnsegError(f"--resume: {path} holds no training state")
-    check_resume_config(path, ckpt["extra"].get("config") or {}, cfg)
+    check_resume_config(path, ckpt, cfg, model)
     try:
         _unwrap(model).load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ts["optimizer"])
@@ -546,134 +616,6 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-# ------------------------------------------------------------------------------------------------- entry point
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def train(cfg: TrainConfig) -> TrainState:
-    """Run (or resume) a training run as ``cfg`` describes; returns the final state."""
-    cfg = cfg.resolved()
-    device = pick_device(cfg.device)
-    info = init_distributed(device.type)
-    try:
-        return _train(cfg, device, info)
-    finally:
-        cleanup_distributed()
-
-
-def _setup(cfg: TrainConfig, device: torch.device, info: DistInfo):
-    seed_everything(cfg.seed + info.rank, cfg.deterministic)
-    train_ds, val_ds = build_data(cfg)
-    model = build_model(cfg, train_ds)
-    if cfg.init_from and not cfg.resume:
-        staged_init(model, cfg.init_from)
-        fit_input(model, train_ds)
-    attach_transforms(cfg, model, train_ds, val_ds)
-    model.to(device)
-    if info.enabled:
-        ids = [info.local_rank] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-    autocast, scaler = amp_context(cfg, device)
-    return train_ds, val_ds, model, optimizer, scheduler, autocast, scaler
-
-
-def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainState:
-    from tqdm import tqdm
-
-    run = Path(cfg.out)
-    train_ds, val_ds, model, optimizer, scheduler, autocast, scaler = _setup(cfg, device, info)
-    state = TrainState()
-    if cfg.resume:
-        state = restore_run(run, model, optimizer, scheduler, scaler, cfg)
-        attach_transforms(cfg, _unwrap(model), train_ds, val_ds)  # with the restored preprocessing
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run, RUN_FILES)  # left by writes a kill interrupted (each up to a checkpoint's size)
-        cfg.save(run / "config.yaml")
-    log = RunLog(run, info.is_main, state.iteration, list(getattr(_unwrap(model), "heads", {}))[1:])
-    data = batches(train_ds, cfg, info, state)
-    bar = tqdm(total=cfg.iters, initial=state.iteration, disable=not (info.is_main and cfg.progress), unit="it")
-    model.train()
-    with _stop_on_sigint(info) as stop:
-        _loop(
-            cfg, run, data, bar, log, stop, model, val_ds, info, device, optimizer, scheduler, autocast, scaler, state
-        )
-    bar.close()
-    log.close()
-    return state
-
-
-@contextlib.contextmanager
-def _stop_on_sigint(info: DistInfo) -> Iterator[threading.Event]:
-    """Ctrl-C asks the loop to stop after the current step and save; a second Ctrl-C interrupts at once.
-
-    Under torchrun every process gets the signal at slightly different steps, which a collective cannot
-    survive, so distributed runs keep Python's default (interrupt at once; resume from the last checkpoint).
-    """
-    stop = threading.Event()
-    if info.enabled or threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _loop(cfg, run, data, bar, log, stop, model, val_ds, info, device, optimizer, scheduler, autocast, scaler, state):
-    while state.iteration < cfg.iters:
-        t0 = time.perf_counter()
-        micro = [next(data) for _ in range(cfg.accum_steps)]
-        loss = train_step(model, micro, optimizer, scaler, cfg, device, autocast)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(_diverged_message(loss, state, run))
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        state.iteration += 1
-        ips = cfg.batch_size * cfg.accum_steps * info.world_size / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{ips:.1f}")
-        bar.update()
-        if state.iteration % cfg.log_every == 0:
-            log.row(iteration=state.iteration, loss=loss, lr=lr, images_per_s=ips)
-        if state.iteration % cfg.val_every == 0 or state.iteration == cfg.iters:
-            _validate_and_save(cfg, run, model, val_ds, info, device, optimizer, scheduler, scaler, state, log)
-        elif stop.is_set():  # Ctrl-C: keep the steps done so far
-            save_run(run, model, list(val_ds.classes), optimizer, scheduler, scaler, state, cfg, best=False)
-        if stop.is_set():
-            bar.close()
-            print(f"\ninterrupted at iteration {state.iteration}; saved {run / 'last.pt'}; continue with --resume",
-                  file=sys.stderr)  # fmt: skip
-            raise KeyboardInterrupt
-
-
-def _validate_and_save(cfg, run, model, val_ds, info, device, optimizer, scheduler, scaler, state, log) -> None:
-    metrics = validate(model, val_ds, cfg, info, device)
-    state.history.append({"iteration": state.iteration, **metrics})
-    best = metrics["mean_iu"] > state.best_miou
-    if best:
-        state.best_miou = metrics["mean_iu"]
-    log.row(iteration=state.iteration, **metrics)
-    if info.is_main:
-        save_run(run, model, list(val_ds.classes), optimizer, scheduler, scaler, state, cfg, best)
-        log.image("val/image_truth_prediction", _val_picture(_unwrap(model), val_ds), state.iteration)
 
 
 def _val_picture(model: nn.Module, val_ds: SegmentationDataset) -> np.ndarray:

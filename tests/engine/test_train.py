@@ -14,7 +14,7 @@ from fcnseg.checkpoint import read_checkpoint
 from fcnseg.cli import main
 from fcnseg.engine import train as train_mod
 from fcnseg.engine.config import TrainConfig
-from fcnseg.engine.train import TrainingDiverged, staged_init, train
+from fcnseg.engine.train import TrainingDivergedError, staged_init, train
 from tests.engine.conftest import TINY_TRAIN
 from tests.helpers import TINY, randomise
 
@@ -144,7 +144,9 @@ def test_resume_gives_the_same_weights_bit_for_bit(tmp_path, monkeypatch):
 
 def test_divergence_stops_with_a_clear_message(tmp_path):
     cfg = _cfg(tmp_path, iters=30, val_every=1, lr=1e12, warmup_iters=0)
-    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at iteration \d+: training stopped; .*last\.pt"):
+    with pytest.raises(
+        TrainingDivergedError, match=r"loss is (nan|inf) at iteration \d+: training stopped; .*last\.pt"
+    ):
         train(cfg)
     kept = read_checkpoint(tmp_path / "run" / "last.pt")
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
