@@ -123,12 +123,15 @@ def _report_agreement(model, runner, first: Path | None, quiet: bool) -> None:
 
 def _predict_one(model, path: Path, stem: str, args: argparse.Namespace, options: dict) -> None:
     """Read ``path`` (and its --extra images) and write its mask(s) under ``stem``."""
-    from ..data.nyud import stack_extra_channels
     from ..imageio import load_image
     from ..predict import save_prediction
 
     rgb = load_image(path)
-    x = stack_extra_channels(rgb, path, args.extra, model.in_channels) if args.extra else rgb
+    x = rgb
+    if args.extra:  # fusion nets only: the dataset package is not imported otherwise
+        from ..data.nyud import stack_extra_channels
+
+        x = stack_extra_channels(rgb, path, args.extra, model.in_channels)
     overlay = {"overlay_on": rgb, "overlay_format": args.overlay} if args.overlay else {}
     save_prediction(model, x, Path(args.out), stem, probs=args.probs, **overlay, **options)
 
