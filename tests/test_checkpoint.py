@@ -86,7 +86,7 @@ def test_newer_schema_and_foreign_files_are_refused(tmp_path):
     ckpt = checkpoint_dict(_model())
     ckpt["schema_version"] = SCHEMA_VERSION + 1
     torch.save(ckpt, tmp_path / "new.pt")
-    with pytest.raises(CheckpointError, match="schema version 2 is newer"):
+    with pytest.raises(CheckpointError, match="schema version 3 is newer"):
         fcnseg.load(tmp_path / "new.pt")
     torch.save(_model().state_dict(), tmp_path / "bare.pt")
     with pytest.raises(CheckpointError, match="not an fcnseg checkpoint"):

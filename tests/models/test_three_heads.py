@@ -41,7 +41,6 @@ def _blocks(split: str, index: int, size: int = 64) -> tuple[np.ndarray, np.ndar
     return np.clip(image, 0, 255).astype(np.uint8), masks
 
 
-@register_dataset("test-three-sets")
 class ThreeSets(SegmentationDataset):
     """Generated blocks with three label sets (red, green, blue: each low or high)."""
 
@@ -66,7 +65,6 @@ class ThreeSets(SegmentationDataset):
         return self.transforms(img, mask) if self.transforms is not None else (img, mask)
 
 
-@register_model()
 def fcn16s_threehead(
     *,
     num_classes: int = 2,
@@ -87,7 +85,20 @@ def fcn16s_threehead(
     return FCN(backbone, {k: ScoreHead(backbone, n, **options) for k, n in counts.items()})
 
 
-def test_three_heads_train_evaluate_and_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def registered():
+    """The model and the dataset registered for this test only: the registry-wide tests must not see them."""
+    from fcnseg.data.base import _DATASETS
+    from fcnseg.models.registry import _MODELS
+
+    register_model()(fcn16s_threehead)
+    register_dataset("test-three-sets")(ThreeSets)
+    yield
+    _MODELS.pop("fcn16s_threehead")
+    _DATASETS.pop("test-three-sets")
+
+
+def test_three_heads_train_evaluate_and_predict(tmp_path: Path, registered: None) -> None:
     cfg = TrainConfig(
         dataset="test-three-sets", val_split="train", model="fcn16s_threehead", width=1 / 8, fc_dim=32, batch_norm=True,
         preset="modern", optimizer="adamw", lr=3e-3, iters=60, warmup_iters=0, batch_size=4, crop_size=0,
