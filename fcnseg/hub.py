@@ -22,6 +22,7 @@ from .errors import CheckpointError, FcnsegError
 from .io import atomic_write
 from .models import get_model
 from .models.convert import caffe_signature, caffe_to_fcnseg, torchfcn_to_fcnseg
+from .models.registry import saved_options
 from .models.weights import (
     CONVERSION_VERSION,
     FCNWeights,
@@ -73,7 +74,7 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, source: str = "checkpoint"
         # Built on the meta device (shapes only, no random initialisation of 134M weights), then the checkpoint's
         # tensors are assigned in place of the empty ones.
         with torch.device("meta"):
-            model = get_model(ckpt["model"], **ckpt["config"])
+            model = get_model(ckpt["model"], **saved_options(ckpt["model"], ckpt["config"]))
     except FcnsegError as e:
         raise CheckpointError(f"{source}: {e}") from None
     check_fit(model, ckpt["state_dict"], source, ckpt["model"])

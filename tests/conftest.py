@@ -3,15 +3,10 @@ import os
 import pytest
 import torch
 
-from tests.helpers import TINY, hub  # noqa: F401  (hub: a fixture, found here by every test)
+from tests.helpers import hub  # noqa: F401  (hub: a fixture, found here by every test)
 
 # Two cores here and in CI: keep torch from oversubscribing them when pytest runs.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-@pytest.fixture
-def tiny() -> dict:
-    return dict(TINY)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,17 @@ import torch
 TINY = {"width": 1 / 16, "fc_dim": 16}
 
 
+def tiny_options(name: str) -> dict:
+    """:data:`TINY`'s options that model ``name``'s builder takes: every network is width-reduced, and fc6/fc7 are
+    cut to 16 channels where the network has them (VGG16, AlexNet; the others refuse ``fc_dim``)."""
+    import inspect
+
+    from fcnseg.models.registry import get_builder
+
+    accepted = inspect.signature(get_builder(name)).parameters
+    return {k: v for k, v in TINY.items() if k in accepted}
+
+
 # ------------------------------------------------------------------------------------- torch.hub's cache, faked
 
 

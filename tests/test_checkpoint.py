@@ -5,14 +5,14 @@ import fcnseg
 from fcnseg.checkpoint import SCHEMA_VERSION, checkpoint_dict, read_checkpoint
 from fcnseg.errors import CheckpointError, FcnsegError
 from fcnseg.preprocessing import CAFFE, IMAGENET
-from tests.helpers import TINY
+from tests.helpers import TINY, tiny_options
 
 CLASSES = ["background", "road", "car"]
 
 
 def _model(name="fcn8s", **kw):
     torch.manual_seed(0)
-    model = fcnseg.get_model(name, num_classes=3, **{**TINY, **kw})
+    model = fcnseg.get_model(name, num_classes=3, **{**tiny_options(name), **kw})
     with torch.no_grad():  # non-zero scores so that identical outputs mean something
         for p in model.parameters():
             if p.requires_grad:

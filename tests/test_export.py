@@ -13,12 +13,12 @@ from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 from fcnseg.export import ONNX_OPSET, TRACE_SIZE, export_onnx, export_torchscript
 from fcnseg.models.registry import list_models
-from tests.helpers import TINY, randomise, span_error
+from tests.helpers import randomise, span_error, tiny_options
 
 
 def _model(name="fcn8s", alignment="aligned", seed=0):
     torch.manual_seed(seed)
-    model = fcnseg.get_model(name, num_classes=5, **TINY, alignment=alignment).eval()
+    model = fcnseg.get_model(name, num_classes=5, **tiny_options(name), alignment=alignment).eval()
     randomise(model)  # He-scaled random weights everywhere: logits of order 1, not all-zero scores
     model.classes = ["a", "b", "c", "d", "e"]
     return model

@@ -19,6 +19,7 @@ import yaml
 from .. import __version__
 from ..errors import FcnsegError
 from ..io import atomic_write
+from ..models.registry import saved_options
 
 # The release's learning rates go with an unnormalised (summed) loss over ~500 x 375 images, batch 1; each
 # finer stage starts from the previous one and moves much less (facts file, section 4).
@@ -239,6 +240,7 @@ def layered_config(flags: dict[str, Any], config_file: str | Path | None = None)
         if not saved.is_file():
             raise FcnsegError(f"--resume: {saved} not found; nothing to resume")
         base = yaml.safe_load(saved.read_text())
+        base = saved_options(base.get("model", ""), base)  # fc_dim & co. saved for a builder without them
         base = {k: v for k, v in base.items() if k in {f.name for f in fields(TrainConfig)}}
         merged = {**base, **merged}
     return TrainConfig(**merged)

@@ -20,7 +20,7 @@ from ..hub import load
 from ..metrics import ConfusionMatrix
 from ..runtime import check_path, make_runner
 from .distributed import ShardSampler, cleanup_distributed, init_distributed
-from .evaluate import evaluate, evaluate_heads
+from .evaluate import evaluate_heads
 from .train import excluded_indices, head_classes, pick_device
 
 Reports = dict[str, tuple[ConfusionMatrix, list[str]]]
@@ -46,7 +46,7 @@ def check_fits(model: nn.Module, ds: SegmentationDataset, source: str, dataset: 
     input channels; else an FcnsegError saying what differs."""
     heads = head_classes(ds)
     model_heads = getattr(model, "heads", {"out": model.num_classes})
-    if len(model_heads) != len(heads) or list(model_heads.values())[0] != len(next(iter(heads.values()))):
+    if list(model_heads.values()) != [len(names) for names in heads.values()]:
         raise FcnsegError(
             f"{source}: model predicts {_describe(model_heads)} but --dataset {dataset} gives "
             f"{_describe({k: len(v) for k, v in heads.items()})}"
@@ -69,20 +69,12 @@ def evaluate_dataset(
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
 ) -> Reports:
-    """``{report subfolder: (confusion matrix, class names)}``: ``""`` for a one-headed model, one per head
-    otherwise (test-time augmentation, ``flip`` and ``scales``, is for one-headed models)."""
+    """``{report subfolder: (confusion matrix, class names)}``, one per head: the subfolder is ``""`` for a
+    one-headed model (its report goes in the output folder itself) and the head's name otherwise."""
     heads = head_classes(ds)
-    exclude = excluded_indices(ds)
-    if len(heads) > 1:
-        if flip or tuple(scales) != (1.0,):
-            raise FcnsegError("--flip / --scales: test-time augmentation is for one-headed models")
-        cms = evaluate_heads(model, loader, heads, device=device, exclude=exclude, runner=runner)
-        return {name: (cm, list(heads[name])) for name, cm in cms.items()}
-    names = list(ds.classes)
-    exclude_one = exclude.get(next(iter(heads)), ())
-    kwargs = {"flip": flip, "scales": scales, "class_names": names, "runner": runner, "exclude": exclude_one}
-    cm = evaluate(model, loader, ds.num_classes, device=device, **kwargs)
-    return {"": (cm, names)}
+    kwargs = {"device": device, "exclude": excluded_indices(ds), "runner": runner, "flip": flip, "scales": scales}
+    cms = evaluate_heads(model, loader, heads, **kwargs)
+    return {("" if len(cms) == 1 else name): (cm, list(heads[name])) for name, cm in cms.items()}
 
 
 def evaluate_checkpoint(

@@ -36,9 +36,17 @@ def boundary_band(target: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits_batch(
-    model: nn.Module, images: torch.Tensor, *, flip: bool = False, scales: Sequence[float] = (1.0,)
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    *,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+    heads: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """N x C x H x W class scores, averaged as probabilities over mirror and scale test-time augmentation."""
+    """N x C x H x W class scores, averaged as probabilities over mirror and scale test-time augmentation.
+
+    ``heads``: the class counts of the heads whose scores are concatenated along C (each head its own softmax);
+    None for one head."""
     if not flip and tuple(scales) == (1.0,):
         return model(images)
     h, w = images.shape[-2:]
@@ -51,7 +59,7 @@ def predict_logits_batch(
             out = out.flip(-1) if i == 1 else out
             if s != 1.0:
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
-            total = total + out.float().softmax(1)
+            total = total + torch.cat([p.softmax(1) for p in out.float().split(list(heads or [out.shape[1]]), 1)], 1)
     return total / (len(scales) * (2 if flip else 1))
 
 
@@ -105,27 +113,34 @@ def evaluate_heads(
     device: torch.device | str = "cpu",
     exclude: Mapping[str, Sequence[int]] | None = None,
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> dict[str, ConfusionMatrix]:
-    """One confusion matrix per head of a multi-headed model (SIFT Flow: semantic and geometric), in one pass.
+    """One confusion matrix per head of ``model`` (one for most models; SIFT Flow's semantic and geometric), in
+    one pass over ``loader``, summed across ranks under DDP.
 
-    ``loader`` yields masks N x K x H x W whose k-th map labels the k-th head; ``head_classes`` names each head's
-    classes in the model's head order; ``exclude`` maps a head to class indices left out of its means.
+    ``loader`` yields masks N x H x W for one head, N x K x H x W for K heads (the k-th map labels the k-th head);
+    ``head_classes`` names each head's classes in the model's head order; ``exclude`` maps a head to class indices
+    left out of its means; ``flip`` and ``scales``: test-time augmentation (:func:`predict_logits_batch`).
     """
-    from ..models.multi import split_heads
+    from ..models.fcn import split_heads
 
-    if len(getattr(model, "heads", {})) != len(head_classes):
-        raise ValueError(f"the model has heads {list(getattr(model, 'heads', {}))}, the data {list(head_classes)}")
+    heads = getattr(model, "heads", None) or {"out": None}
+    if len(heads) != len(head_classes):
+        raise ValueError(f"the model has heads {list(heads)}, the data {list(head_classes)}")
     cms = {
         name: ConfusionMatrix(len(names), list(names), exclude=(exclude or {}).get(name, ()))
         for name, names in head_classes.items()
     }
+    sizes = [len(names) for names in head_classes.values()]
     was_training = model.training
     model.eval()
     try:
         for images, masks in loader:
-            logits = (runner or model)(images.to(device))
+            logits = predict_logits_batch(runner or model, images.to(device), flip=flip, scales=scales, heads=sizes)
+            per_head = masks[:, None] if masks.dim() == 3 else masks
             for k, (cm, scores) in enumerate(zip(cms.values(), split_heads(model, logits).values(), strict=True)):
-                cm.update(scores.argmax(1).to(masks.device), masks[:, k])
+                cm.update(scores.argmax(1).to(masks.device), per_head[:, k])
     finally:
         model.train(was_training)
     for cm in cms.values():

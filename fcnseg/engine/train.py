@@ -36,6 +36,7 @@ from ..data.transforms import eval_transforms, train_transforms
 from ..errors import CheckpointError, FcnsegError
 from ..io import atomic_write, crash_point, remove_stale_temporaries
 from ..models.multi import split_heads
+from ..models.registry import once_ignored
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
 from .distributed import (
@@ -49,7 +50,7 @@ from .distributed import (
     init_distributed,
     world_size,
 )
-from .evaluate import evaluate, evaluate_heads
+from .evaluate import evaluate_heads
 from .fitting import build_model, fit_input, has_non_colour, head_classes, staged_init
 
 __all__ = [  # build_model, head_classes and staged_init live in .fitting; importable from here as before
@@ -267,13 +268,10 @@ def validate(model, val_ds, cfg: TrainConfig, info: DistInfo, device) -> dict[st
             f"--val-images: {len(ds)} validation image(s) cannot be shared among {info.world_size} processes"
         )
     loader = make_loader(ds, batch_size=1, sampler=ShardSampler(len(ds), info), num_workers=0, seed=cfg.seed)
-    heads = head_classes(val_ds)
-    exclude = excluded_indices(val_ds)
-    if len(heads) == 1:
-        cm = evaluate(model, loader, val_ds.num_classes, device=device, exclude=exclude.get(next(iter(heads)), ()))
-        return _figures(cm)
-    # Two heads: the first head's figures pick the best checkpoint; the others are logged as head/figure.
-    cms = list(evaluate_heads(_unwrap(model), loader, heads, device=device, exclude=exclude).items())
+    # Every head's figures are logged, the first head's as they are and the others' as head/figure; the first
+    # head's mean IU picks the best checkpoint.
+    cms = list(evaluate_heads(_unwrap(model), loader, head_classes(val_ds), device=device,
+                              exclude=excluded_indices(val_ds)).items())  # fmt: skip
     out = _figures(cms[0][1])
     for name, cm in cms[1:]:
         out.update({f"{name}/{k}": v for k, v in _figures(cm).items()})
@@ -500,7 +498,7 @@ def check_resume_config(path: Path, ckpt: Mapping[str, Any], cfg: TrainConfig, m
     saved = ckpt["extra"].get("config") or {}
     old_kwargs, new_kwargs = ckpt.get("config") or {}, _unwrap(model).build_config["kwargs"]
     for name in FIXED_ON_RESUME:
-        if name not in saved:
+        if name not in saved or name in once_ignored(cfg.model):  # an option the builder has not: nothing to fit
             continue
         old, new = saved[name], getattr(cfg, name)
         if name in new_kwargs:

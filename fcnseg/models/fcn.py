@@ -327,7 +327,8 @@ def _build(
     skip_scales: Mapping[str, float] | None = None,
 ) -> FCN:
     """A VGG16 FCN with these skips; ``num_classes`` is one head's count or ``{head: count}`` for several."""
-    _check_common(alignment, width, fc_dim, dropout, in_channels)
+    _check_common(alignment, width, in_channels)
+    _check_fully_connected(fc_dim, dropout)
     backbone = VGG16Backbone(alignment=alignment, width=width, fc_dim=fc_dim, batch_norm=batch_norm, dropout=dropout)  # type: ignore[arg-type]
     if backbone_weights is not None:
         load_vgg16_imagenet(backbone, backbone_weights)
@@ -422,21 +423,27 @@ def fcn8s_atonce(
 
 # ------------------------------------------------------------------------------ other torchvision backbones
 #
-# Every builder takes the VGG16 builders' options, so that one training configuration (``fcnseg train`` passes
-# them all) and the registry-wide tests serve every model. ``in_channels`` > 3 (every builder) widens the first
-# layer for colour plus depth: the paper's early fusion (:func:`with_input_channels`). Options a network has no
-# use for are documented as ignored: ``fc_dim`` and ``dropout`` where nothing fully connected is left,
-# ``batch_norm`` where the network has batch norm by construction.
+# Each builder takes its own options. Every one takes num_classes, alignment, width, learnable_upsampling,
+# backbone_weights and in_channels (> 3 widens the first layer for colour plus depth: the paper's early fusion,
+# :func:`with_input_channels`). fc6/fc7's ``fc_dim`` and ``dropout`` belong to the networks that keep fully
+# connected layers (VGG16, AlexNet), and ``batch_norm`` to VGG16 alone: the others refuse them, naming them
+# (:func:`~fcnseg.models.registry.get_model`), rather than ignore them.
 
 
-def _check_common(alignment: str, width: float, fc_dim: int, dropout: float, in_channels: int = 3) -> None:
+def _check_common(alignment: str, width: float, in_channels: int = 3) -> None:
     check_alignment(alignment)
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 3:
         raise FcnsegError(f"in_channels must be an integer >= 3 (colour first, then depth or HHA), got {in_channels!r}")
+    if width <= 0:
+        raise FcnsegError(f"width must be > 0, got width={width}")
+
+
+def _check_fully_connected(fc_dim: int, dropout: float) -> None:
+    """fc6/fc7's options, for the networks that keep them (VGG16, AlexNet)."""
     if not 0 <= dropout < 1:
         raise FcnsegError(f"dropout must be in [0, 1), got {dropout}")
-    if width <= 0 or fc_dim < 1:
-        raise FcnsegError(f"width must be > 0 and fc_dim >= 1, got width={width}, fc_dim={fc_dim}")
+    if fc_dim < 1:
+        raise FcnsegError(f"fc_dim must be >= 1, got fc_dim={fc_dim}")
 
 
 def _build_tv(
@@ -468,20 +475,18 @@ def fcn32s_alexnet(
     alignment: str = "aligned",
     width: float = 1.0,
     fc_dim: int = 4096,
-    batch_norm: bool = False,
     dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
     in_channels: int = 3,
 ) -> FCN:
     """FCN-AlexNet as released: FCN-32s on AlexNet (fc6 a 6 x 6, fc7 a 1 x 1 convolution), one 63/32 upsampling;
-    final crop 18 in caffe mode. ``batch_norm`` must be False (AlexNet has no batch-norm variant).
+    final crop 18 in caffe mode. ``fc_dim`` and ``dropout``: as for VGG16 (no batch-norm variant).
 
     ``backbone_weights``: ``"IMAGENET1K_V1"`` / ``"DEFAULT"`` or a torchvision ``alexnet`` state-dict file.
     """
-    _check_common(alignment, width, fc_dim, dropout, in_channels)
-    if batch_norm:
-        raise FcnsegError("fcn32s_alexnet has no batch-norm variant; leave batch_norm off")
+    _check_common(alignment, width, in_channels)
+    _check_fully_connected(fc_dim, dropout)
     backbone = AlexNetBackbone(alignment=alignment, width=width, fc_dim=fc_dim, dropout=dropout)  # type: ignore[arg-type]
     # 63, not 64: AlexNet's fc7 cells sit on whole input pixels, and only an odd kernel keeps them there.
     return _build_tv(
@@ -502,15 +507,12 @@ def _tv_model(
     num_classes: int,
     alignment: str,
     width: float,
-    fc_dim: int,
-    batch_norm: bool,
-    dropout: float,
     learnable_upsampling: bool,
     backbone_weights: str | None,
     in_channels: int,
 ) -> FCN:
-    """A network without fully connected layers and with batch norm: fc_dim, dropout and batch_norm unused."""
-    _check_common(alignment, width, fc_dim, dropout, in_channels)
+    """A network without fully connected layers, with batch norm by construction."""
+    _check_common(alignment, width, in_channels)
     return _build_tv(
         make_backbone(alignment, width),
         skips,
@@ -531,16 +533,12 @@ def fcn32s_googlenet(
     num_classes: int = 21,
     alignment: str = "aligned",
     width: float = 1.0,
-    fc_dim: int = 4096,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
     in_channels: int = 3,
 ) -> FCN:
     """The paper's FCN-GoogLeNet: FCN-32s on GoogLeNet without its pooling, classifier and auxiliary heads.
 
-    ``fc_dim``, ``dropout`` and ``batch_norm`` are ignored (nothing fully connected is left; batch norm always).
     ``backbone_weights``: ``"IMAGENET1K_V1"`` / ``"DEFAULT"`` or a torchvision ``googlenet`` state-dict file.
     """
     return _tv_model(_googlenet, (), **locals())
@@ -552,9 +550,6 @@ def fcn8s_googlenet(
     num_classes: int = 21,
     alignment: str = "aligned",
     width: float = 1.0,
-    fc_dim: int = 4096,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
     in_channels: int = 3,
@@ -573,16 +568,12 @@ def fcn8s_resnet50(
     num_classes: int = 21,
     alignment: str = "aligned",
     width: float = 1.0,
-    fc_dim: int = 4096,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
     in_channels: int = 3,
 ) -> FCN:
     """FCN-8s on ResNet-50: scores on layer4 (1/32) with skips from layer3 (1/16) and layer2 (1/8).
 
-    ``fc_dim``, ``dropout`` and ``batch_norm`` are ignored (nothing fully connected is left; batch norm always).
     ``backbone_weights``: ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``, ``"DEFAULT"`` or a torchvision state-dict file.
     """
     return _tv_model(partial(_resnet, 50), ("layer3", "layer2"), **locals())
@@ -594,9 +585,6 @@ def fcn8s_resnet101(
     num_classes: int = 21,
     alignment: str = "aligned",
     width: float = 1.0,
-    fc_dim: int = 4096,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
     in_channels: int = 3,
@@ -616,9 +604,6 @@ def fcn8s_mobilenet_v3_large(
     num_classes: int = 21,
     alignment: str = "aligned",
     width: float = 1.0,
-    fc_dim: int = 4096,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
     learnable_upsampling: bool = False,
     backbone_weights: str | None = None,
     in_channels: int = 3,
@@ -626,7 +611,6 @@ def fcn8s_mobilenet_v3_large(
     """FCN-8s on MobileNetV3-Large: scores on its last 1 x 1 convolution (1/32), skips from the last 112-channel
     (1/16) and 40-channel (1/8) blocks. ``width`` is torchvision's width multiplier (channels rounded to 8).
 
-    ``fc_dim``, ``dropout`` and ``batch_norm`` are ignored (nothing fully connected is left; batch norm always).
     ``backbone_weights``: ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``, ``"DEFAULT"`` or a torchvision state-dict file.
     """
     return _tv_model(_mobilenet_v3_large, ("features12", "features6"), **locals())

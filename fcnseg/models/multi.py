@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import FcnsegError
 from ..preprocessing import Preprocessing
-from .fcn import FCN, _build, _check_common, check_input, split_heads
+from .fcn import FCN, _build, _check_common, _check_fully_connected, check_input, split_heads
 from .registry import register_model
 
 __all__ = ["LateFusionFCN", "TwoHeadFCN", "split_heads"]
@@ -144,7 +144,8 @@ def fcn16s_twohead(
 def _rgb_hha(skips: tuple[str, ...], **options: Any) -> LateFusionFCN:
     if options.pop("in_channels") != 6:
         raise FcnsegError("in_channels: a colour + HHA late-fusion net takes 6 channels (RGB, then HHA)")
-    _check_common(options["alignment"], options["width"], options["fc_dim"], options["dropout"])
+    _check_common(options["alignment"], options["width"])
+    _check_fully_connected(options["fc_dim"], options["dropout"])
     # The HHA stream starts from the same (ImageNet) weights as the colour one: HHA is read as a 3-channel image.
     return LateFusionFCN({"rgb": _build(skips, **options), "hha": _build(skips, **options)})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from torch import nn
@@ -55,6 +55,26 @@ def get_builder(name: str) -> Callable[..., nn.Module]:
         return _MODELS[name]
     except KeyError:
         raise FcnsegError(f"unknown model {name!r}; expected one of: {', '.join(list_models())}") from None
+
+
+# fc6/fc7's options and batch norm were once taken, and ignored, by the builders of networks without them
+# (GoogLeNet, ResNet, MobileNet; batch norm by AlexNet too). Checkpoints and run configurations saved then
+# record them, so those readers drop them where the builder has no such option: the value never had an effect.
+ONCE_IGNORED: tuple[str, ...] = ("fc_dim", "batch_norm", "dropout")
+
+
+def once_ignored(name: str) -> set[str]:
+    """The options of :data:`ONCE_IGNORED` that model ``name``'s builder does not take (none for an unknown name)."""
+    if name not in _MODELS:
+        return set()
+    return set(ONCE_IGNORED) - set(inspect.signature(_MODELS[name]).parameters)
+
+
+def saved_options(name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A builder configuration as saved (in a checkpoint, or a run's ``config.yaml``), without the options the
+    builder of ``name`` once ignored and no longer takes."""
+    dropped = once_ignored(name)
+    return {k: v for k, v in config.items() if k not in dropped}
 
 
 def get_model(name: str, **config: Any) -> nn.Module:

@@ -183,3 +183,28 @@ def test_eval_scales_reach_the_confusion_matrix(tmp_path):
         mats[scales] = mat
     assert got.tolist() == mats[(0.75, 1.0, 1.25)].tolist()
     assert np.abs(mats[(0.75, 1.0, 1.25)] - mats[(1.0,)]).sum() > 20  # the scales change the predictions
+
+
+def test_tta_on_a_two_headed_model_averages_each_heads_own_probabilities():
+    # Each head's probabilities are its own softmax: one softmax across both heads' concatenated scores would weigh
+    # the views differently (each view's shared normaliser), and its per-head argmax can differ from this one.
+    from fcnseg.engine.evaluate import evaluate_heads, predict_logits_batch
+    from fcnseg.models.fcn import split_heads
+
+    torch.manual_seed(5)
+    model = randomise(fcnseg.get_model("fcn16s_twohead", num_classes=4, second_classes=3, **TINY, dropout=0.0),
+                      trainable_only=True, bias_std=None).eval()  # fmt: skip
+    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(6))
+    scales = (0.75, 1.0, 1.25)
+    with torch.no_grad():
+        both = [_tta_by_hand(lambda v, k=k: split_heads(model, model(v))[k], x, scales, True) for k in model.heads]
+        got = predict_logits_batch(model, x, flip=True, scales=scales, heads=[4, 3])
+        shared = predict_logits_batch(model, x, flip=True, scales=scales)
+    torch.testing.assert_close(got, torch.cat(both, 1), rtol=1e-5, atol=1e-6)
+    assert (shared - got).abs().max() > 1e-3  # the shared softmax is a different (wrong) figure here
+    # Through the evaluation: the confusion matrices are those of each head's argmax of the hand-computed mean.
+    masks = torch.stack([both[0].argmax(1), both[1].argmax(1)], 1)
+    heads = {"semantic": ["a", "b", "c", "d"], "geometric": ["x", "y", "z"]}
+    cms = evaluate_heads(model, [(x, masks)], heads, flip=True, scales=scales)
+    assert [cm.mat.trace().item() for cm in cms.values()] == [40 * 56, 40 * 56]
+    assert [cm.mat.sum().item() for cm in cms.values()] == [40 * 56, 40 * 56]

@@ -60,3 +60,34 @@ def test_resume_compares_model_options_as_the_builders_took_them(tmp_path):
         check_resume_config(path, _ckpt({"fc_dim": 16}, {"fc_dim": 16}), TrainConfig(), _Built(fc_dim=4096))
     assert str(e.value).startswith(f"--resume: --fc-dim 4096 does not fit the run in {path.parent}, trained with "
                                    "--fc-dim 16")  # fmt: skip
+
+
+def test_a_run_saved_with_the_once_ignored_options_resumes(tmp_path):
+    # Runs of a ResNet FCN made while every builder took fc_dim / batch_norm / dropout saved them in config.yaml and
+    # in the checkpoint's config; they had no effect, and --resume neither passes them on nor compares them.
+    from fcnseg.engine.config import layered_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: fcn8s_resnet50\nwidth: 0.0625\nfc_dim: 4096\nbatch_norm: false\n"
+                                     "dropout: 0.5\niters: 3\n")  # fmt: skip
+    cfg = layered_config({"resume": True, "out": str(run)})
+    assert (cfg.model, cfg.width, cfg.iters) == ("fcn8s_resnet50", 0.0625, 3)
+    assert (cfg.fc_dim, cfg.batch_norm, cfg.dropout) == (None, None, None)
+    assert cfg.model_options() == {"alignment": "aligned", "width": 0.0625, "learnable_upsampling": False}
+    saved = {"model": "fcn8s_resnet50", "fc_dim": 4096, "batch_norm": False, "dropout": 0.5, "width": 0.0625}
+    built = _Built(width=0.0625)
+    check_resume_config(run / "last.pt", _ckpt(saved, {"fc_dim": 4096, "width": 0.0625}), cfg, built)
+    # A VGG16 run keeps them: its saved fc_dim is still compared.
+    with pytest.raises(FcnsegError, match="--fc-dim"):
+        check_resume_config(run / "last.pt", _ckpt({"fc_dim": 16}, {"fc_dim": 16}), TrainConfig(), _Built(fc_dim=4096))
+
+
+def test_train_refuses_an_option_the_model_has_not_in_one_line(tmp_path, capsys):
+    from fcnseg.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "fcn8s_resnet50", "--fc-dim", "16", "--iters", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'fcn8s_resnet50' takes no option(s) fc_dim" in err, err
+    assert not out.exists()  # refused before the run folder is made

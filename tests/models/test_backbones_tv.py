@@ -10,6 +10,7 @@ from torchvision import models as tvm
 from torchvision.models import AlexNet_Weights, GoogLeNet_Weights
 from torchvision.ops.misc import SqueezeExcitation
 
+import fcnseg
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 from fcnseg.models import (
@@ -25,7 +26,7 @@ from fcnseg.models import (
 from fcnseg.models.backbones import Backbone
 from fcnseg.models.geometry import CoordMap, compose, crop_offset, layer_map
 from fcnseg.preprocessing import IMAGENET, Preprocessing
-from tests.helpers import TINY
+from tests.helpers import TINY, tiny_options
 
 MODES = ["caffe", "aligned"]
 NEW_MODELS = [
@@ -77,7 +78,7 @@ def _linearised(name: str, mode: str) -> nn.Module:
     """The model with every convolution a positive box filter, max pooling as average pooling and the (global)
     squeeze-excitation gates removed: on a constant input it is linear, and the input gradient of one output pixel
     is symmetric about the input pixel its receptive field is centred on."""
-    model = get_model(name, num_classes=2, alignment=mode, **TINY).double().eval()
+    model = get_model(name, num_classes=2, alignment=mode, **tiny_options(name)).double().eval()
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, nn.MaxPool2d):
@@ -96,7 +97,7 @@ def _linearised(name: str, mode: str) -> nn.Module:
 
 def _is_vgg16(name: str) -> bool:
     # Late fusion has a VGG16 per stream (each an fcn32s / fcn16s, whose geometry test_fcn.py checks).
-    backbones = [m for m in _meta(name, **TINY).modules() if isinstance(m, Backbone)]
+    backbones = [m for m in _meta(name, **tiny_options(name)).modules() if isinstance(m, Backbone)]
     return all(isinstance(b, VGG16Backbone) for b in backbones)
 
 
@@ -238,18 +239,34 @@ def test_parameter_counts_match_table_1():
     assert _trainable(_meta("fcn8s_mobilenet_v3_large")) == 5_483_032 - mobilenet_classifier + (960 + 112 + 40 + 3) * 21
 
 
-def test_options_without_a_use_are_ignored_or_refused():
-    # fc_dim / dropout / batch_norm: the same options for every builder (fcnseg train passes them all).
-    a = _trainable(_meta("fcn8s_resnet50", **TINY))
-    b = _trainable(_meta("fcn8s_resnet50", width=1 / 16, fc_dim=4096, dropout=0.1, batch_norm=True))
-    assert a == b
+def test_options_a_network_has_no_use_for_are_refused_by_name():
+    # fc6/fc7's fc_dim and dropout belong to VGG16 and AlexNet, batch_norm to VGG16: the other builders do not take
+    # them, so a configuration that sets one is refused rather than silently trained without it.
+    for name, option in [("fcn8s_resnet50", "fc_dim"), ("fcn8s_mobilenet_v3_large", "dropout"),
+                         ("fcn32s_googlenet", "batch_norm"), ("fcn32s_alexnet", "batch_norm")]:  # fmt: skip
+        with pytest.raises(FcnsegError, match=rf"model '{name}' takes no option\(s\) {option};"):
+            _meta(name, **{option: 16 if option == "fc_dim" else 0.1 if option == "dropout" else True})
     assert _trainable(_meta("fcn32s_alexnet", **TINY)) < 60_000  # width and fc_dim both apply to AlexNet
-    with pytest.raises(FcnsegError, match="no batch-norm variant"):
-        _meta("fcn32s_alexnet", batch_norm=True)
+    with pytest.raises(FcnsegError, match="dropout must be in"):
+        _meta("fcn32s_alexnet", dropout=1.0)
     with pytest.raises(FcnsegError, match="width must be > 0"):
         _meta("fcn8s_mobilenet_v3_large", width=0)
     with pytest.raises(FcnsegError, match="alignment must be one of"):
         _meta("fcn8s_googlenet", alignment="tight")
+
+
+def test_a_checkpoint_that_recorded_the_once_ignored_options_still_loads(tmp_path):
+    # Checkpoints saved while every builder took fc_dim / batch_norm / dropout record them for ResNet too (the
+    # builder's defaults, filled in); they had no effect then and are dropped on reading.
+    model = get_model("fcn8s_resnet50", num_classes=3, **tiny_options("fcn8s_resnet50")).eval()
+    path = fcnseg.save_checkpoint(model, tmp_path / "new.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert "fc_dim" not in ckpt["config"]
+    ckpt["config"].update(fc_dim=4096, batch_norm=False, dropout=0.5)
+    torch.save(ckpt, tmp_path / "old.pt")
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        torch.testing.assert_close(fcnseg.load(tmp_path / "old.pt")(x), model(x), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------ torchvision weights
@@ -316,11 +333,17 @@ def test_state_dict_file_of_another_network_is_refused(tmp_path):
     path = tmp_path / "alexnet.pth"
     torch.save({"features.0.weight": torch.zeros(64, 3, 11, 11)}, path)
     with pytest.raises(FcnsegError, match="not a torchvision ResNet-50 state dict"):
-        get_model("fcn8s_resnet50", **TINY, backbone_weights=str(path))
+        get_model("fcn8s_resnet50", **tiny_options("fcn8s_resnet50"), backbone_weights=str(path))
     with pytest.raises(FcnsegError, match="expected a file or one of IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
-        get_model("fcn8s_mobilenet_v3_large", **TINY, backbone_weights=str(tmp_path / "missing.pth"))
+        get_model(
+            "fcn8s_mobilenet_v3_large",
+            **tiny_options("fcn8s_mobilenet_v3_large"),
+            backbone_weights=str(tmp_path / "missing.pth"),
+        )
     with pytest.raises(FcnsegError, match="not GoogLeNet weights"):
-        get_model("fcn32s_googlenet", **TINY, backbone_weights=AlexNet_Weights.IMAGENET1K_V1)
+        get_model(
+            "fcn32s_googlenet", **tiny_options("fcn32s_googlenet"), backbone_weights=AlexNet_Weights.IMAGENET1K_V1
+        )
 
 
 def test_enum_names_load_from_the_hub_cache_and_record_the_input(hub):
@@ -356,7 +379,7 @@ def test_checkpoint_round_trip(name, tmp_path):
     from fcnseg.hub import load
 
     torch.manual_seed(0)
-    model = _randomise_batch_norm(get_model(name, num_classes=3, alignment="caffe", **TINY)).eval()
+    model = _randomise_batch_norm(get_model(name, num_classes=3, alignment="caffe", **tiny_options(name))).eval()
     with torch.no_grad():
         for score in [model.score_fr, *model.score_skip.values()]:
             score.weight.normal_(0, 0.1)

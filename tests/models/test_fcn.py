@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import fcnseg
 from fcnseg.errors import FcnsegError
 from fcnseg.models import FCN, VGG16Backbone, get_model, list_models, register_model
-from tests.helpers import TINY
+from tests.helpers import TINY, tiny_options
 
 MODES = ["caffe", "aligned"]
 MODELS = list_models()
@@ -16,7 +16,7 @@ MODELS = list_models()
 
 def _is_vgg16(name: str) -> bool:
     with torch.device("meta"):  # shapes only: instant
-        return isinstance(getattr(get_model(name, **TINY), "backbone", None), VGG16Backbone)
+        return isinstance(getattr(get_model(name, **tiny_options(name)), "backbone", None), VGG16Backbone)
 
 
 def _out_channels(model: torch.nn.Module) -> int:
@@ -69,7 +69,7 @@ _CACHE: dict = {}
 def _tiny(name: str, mode: str) -> FCN:
     if (name, mode) not in _CACHE:
         torch.manual_seed(0)
-        _CACHE[name, mode] = get_model(name, num_classes=5, alignment=mode, **TINY).eval()
+        _CACHE[name, mode] = get_model(name, num_classes=5, alignment=mode, **tiny_options(name)).eval()
     return _CACHE[name, mode]
 
 
@@ -77,7 +77,7 @@ def _tiny(name: str, mode: str) -> FCN:
 @pytest.mark.parametrize("name", MODELS)
 def test_backward_reaches_every_trainable_layer(name, mode):
     torch.manual_seed(0)
-    model = get_model(name, num_classes=4, alignment=mode, **TINY)
+    model = get_model(name, num_classes=4, alignment=mode, **tiny_options(name))
     with torch.no_grad():  # zero score layers block the gradient to the backbone; open them for the test
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0 and p.dim() == 4:
@@ -100,7 +100,7 @@ def test_backward_reaches_every_trainable_layer(name, mode):
 def _impulse_model(name: str, mode: str) -> FCN:
     """Every layer passes channel 0 straight through (centre tap 1), so the stride-s cell that holds a bright
     pixel lights up in every tap; the score layers copy it into class 1."""
-    model = get_model(name, num_classes=2, alignment=mode, **TINY).eval()
+    model = get_model(name, num_classes=2, alignment=mode, **tiny_options(name)).eval()
     with torch.no_grad():
         convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
         for conv in convs:
