@@ -83,14 +83,25 @@ def predict_logits(
     if tile:
         from .tiling import tiled_logits
 
-        channels = sum(getattr(model, "heads", {"out": model.num_classes}).values())  # every head's scores
+        channels = sum(head_sizes(model).values())  # every head's scores
         return tiled_logits(run, x, channels, tile=tile, overlap=overlap, align=model.stride)
     return run(x.unsqueeze(0))[0]
 
 
+def head_sizes(model: nn.Module) -> dict[str, int]:
+    """``{head: classes}``, in the order of the model's concatenated scores (``{"out": classes}`` for most)."""
+    return dict(getattr(model, "heads", None) or {"out": model.num_classes})
+
+
+def _per_head(model: nn.Module, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    return dict(zip(head_sizes(model), logits.split(list(head_sizes(model).values()), dim=0), strict=True))
+
+
 def predict_proba(model: nn.Module, image: Any, **kwargs: Any) -> np.ndarray:
-    """C x H x W float32 class probabilities (keyword arguments as :func:`predict_logits`)."""
-    return predict_logits(model, image, **kwargs).softmax(0).cpu().numpy()
+    """C x H x W float32 class probabilities (keyword arguments as :func:`predict_logits`); a model of several heads
+    gives each head's probabilities (each summing to 1), concatenated in head order."""
+    logits = predict_logits(model, image, **kwargs)
+    return torch.cat([v.softmax(0) for v in _per_head(model, logits).values()]).cpu().numpy()
 
 
 def predict_mask(
@@ -134,15 +145,30 @@ def mask_colors(model: nn.Module) -> np.ndarray:
     return np.asarray(model.palette or palette_for(model.classes, model.num_classes), np.uint8)
 
 
-def save_head_masks(model: nn.Module, image: Any, out: str | Path, stem: str, **kwargs: Any) -> None:
-    """A model of several heads: ``STEM.png`` for the first head (in :func:`mask_colors`), ``STEM_<head>.png`` for
-    the others (in the colours of their class names). Keywords as :func:`predict_logits`."""
-    masks = model.predict(image, **kwargs)
-    names = getattr(model, "head_classes", {}) or {}
-    for i, (head, mask) in enumerate(masks.items()):
-        colours = model.palette if i == 0 and model.palette else palette_for(names.get(head) or None, model.heads[head])
-        name = f"{stem}.png" if i == 0 else f"{stem}_{head}.png"
-        save_mask_png(Path(out) / name, mask, np.asarray(colours, np.uint8))
+def head_colors(model: nn.Module) -> dict[str, np.ndarray]:
+    """Each head's class colours: the first head's from :func:`mask_colors`, the others' from their class names."""
+    names = getattr(model, "head_classes", None) or {}
+    first, *others = head_sizes(model).items()
+    colours = {first[0]: mask_colors(model)}
+    colours.update({head: np.asarray(palette_for(names.get(head) or None, n), np.uint8) for head, n in others})
+    return colours
+
+
+def predict_heads(
+    model: nn.Module, image: Any, *, probs: bool = False, **kwargs: Any
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """``{head: (H x W labels, C x H x W float32 probabilities or None)}`` for every head of the model, in order.
+
+    Keywords as :func:`predict_logits`. A one-headed model without ``probs`` goes through :func:`predict_mask`
+    (with ``tile``, labels band by band in bounded memory)."""
+    if len(head_sizes(model)) == 1 and not probs:
+        return {next(iter(head_sizes(model))): (predict_mask(model, image, **kwargs), None)}
+    out = {}
+    for head, scores in _per_head(model, predict_logits(model, image, **kwargs)).items():
+        labels = scores.argmax(0).cpu().numpy()
+        labels = labels.astype(np.uint8) if scores.shape[0] <= 256 else labels
+        out[head] = (labels, scores.softmax(0).cpu().numpy().astype(np.float32) if probs else None)
+    return out
 
 
 def save_prediction(
@@ -160,23 +186,19 @@ def save_prediction(
     """Segment ``image`` and write ``out/STEM.png``, a palette mask in ``colors`` (default: :func:`mask_colors`).
 
     ``probs``: also ``STEM.npy``, C x H x W float32 probabilities. ``overlay_on``: also ``STEM_overlay.<format>``,
-    the mask blended over this H x W x 3 image (the colour part of ``image``). A model of several heads writes one
-    mask per head (:func:`save_head_masks`). Other keywords (``runner``, ``tile``, ``overlap``) as
-    :func:`predict_logits`; without ``probs``, ``tile`` makes the labels band by band in bounded memory.
+    the mask blended over this H x W x 3 image (the colour part of ``image``). Every further head of the model
+    writes the same files under ``STEM_<head>`` (``STEM_geometric.png``, ...), in its classes' colours
+    (:func:`head_colors`). Other keywords (``runner``, ``tile``, ``overlap``) as :func:`predict_logits`.
     """
-    if len(getattr(model, "heads", {"out": 0})) > 1:
-        save_head_masks(model, image, out, stem, **kwargs)
-        return
     out = Path(out)
-    colors = mask_colors(model) if colors is None else colors
-    if probs:
-        logits = predict_logits(model, image, **kwargs)
-        mask = logits.argmax(0).cpu().numpy().astype(np.uint8)
-    else:
-        mask = predict_mask(model, image, **kwargs)
-    save_mask_png(out / f"{stem}.png", mask, colors)
-    if overlay_on is not None:
-        save_rgb(out / f"{stem}_overlay.{overlay_format}", overlay(overlay_on, mask, colors))
-    if probs:
-        with atomic_write(out / f"{stem}.npy") as f:
-            np.save(f, logits.softmax(0).cpu().numpy().astype(np.float32))
+    colours = head_colors(model)
+    if colors is not None:
+        colours[next(iter(colours))] = colors
+    for i, (head, (mask, p)) in enumerate(predict_heads(model, image, probs=probs, **kwargs).items()):
+        name = stem if i == 0 else f"{stem}_{head}"
+        save_mask_png(out / f"{name}.png", mask, colours[head])
+        if overlay_on is not None:
+            save_rgb(out / f"{name}_overlay.{overlay_format}", overlay(overlay_on, mask, colours[head]))
+        if p is not None:
+            with atomic_write(out / f"{name}.npy") as f:
+                np.save(f, p)

@@ -82,9 +82,6 @@ def _check_predictable(model, args: argparse.Namespace, checkpoint: str | None) 
         )
     if args.extra and model.in_channels == 3:
         raise FcnsegError(f"--extra: {source} takes colour images only (3 channels); expected no --extra")
-    if len(model.heads) > 1 and (args.probs or args.overlay):
-        raise FcnsegError(f"{source}: --probs and --overlay are for one-headed models; this one has "
-                          f"heads {', '.join(model.heads)}")  # fmt: skip
 
 
 def _runner_for(args: argparse.Namespace, model, files: Sequence[Path]):

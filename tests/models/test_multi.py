@@ -536,3 +536,30 @@ def test_predict_cli_takes_depth_or_hha_beside_the_colour_images(tmp_path, capsy
     )
     # Without --extra the fusion net is refused up front.
     assert main(args) == 2 and "pass --extra" in capsys.readouterr().err
+
+
+def test_predict_cli_writes_probabilities_and_overlays_for_every_head(tmp_path):
+    # One path over named heads: STEM.png / STEM.npy / STEM_overlay.png for the first head and the same under
+    # STEM_geometric for the second, each head's probabilities its own softmax (summing to 1 per pixel).
+    from fcnseg.cli import main
+    from fcnseg.imageio import read_mask_png
+
+    model = randomise(get_model("fcn16s_twohead", num_classes=5, second_classes=3, **TINY), seed=0).eval()
+    ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt", classes=[f"c{i}" for i in range(5)])
+    image = np.random.default_rng(1).integers(0, 256, (37, 45, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = ["predict", str(ckpt), str(tmp_path / "a.png"), "--out", str(out), "--probs", "--overlay", "png", "--quiet"]
+    assert main(args) == 0
+    # The oracle: ImageNet normalisation by hand, the model's two score blocks (5 then 3 channels), a softmax each.
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    x = x / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        logits = model(x[None])[0]
+    for suffix, scores in [("", logits[:5]), ("_geometric", logits[5:])]:
+        probs = np.load(out / f"a{suffix}.npy")
+        expected = scores.softmax(0).numpy()
+        np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(probs.sum(0), 1.0, rtol=1e-5)
+        assert np.array_equal(read_mask_png(out / f"a{suffix}.png"), expected.argmax(0))
+        assert np.asarray(Image.open(out / f"a{suffix}_overlay.png")).shape == (37, 45, 3)
