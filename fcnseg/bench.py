@@ -130,7 +130,7 @@ def bench_model(
 ) -> dict[str, Any]:
     """Time ``model`` on each of ``paths``; ``check`` inputs (default: the bench input) measure agreement."""
     for p in paths:
-        check_path(p)
+        check_path(p, "--paths")
     if runs < 1 or warmup < 0 or batch < 1 or min(size) < 1:
         raise FcnsegError("--runs and --batch must be >= 1, --warmup >= 0 and --size positive")
     x = torch.randn(batch, getattr(model, "in_channels", 3), *size, generator=torch.Generator().manual_seed(0))

@@ -125,10 +125,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated / foreign files
-        reason = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or corrupt file?): {reason[:200]}"
-        ) from None
+        raise CheckpointError(f"{path}: {_why_unreadable(path, e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not an fcnseg checkpoint (a bare state dict? import other formats with 'fcnseg convert')"
@@ -147,6 +144,49 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
         ckpt["state_dict"] = upgrade_state_dict(ckpt["state_dict"], heads)
         ckpt["schema_version"] = SCHEMA_VERSION
     return ckpt
+
+
+# What a file's first bytes say it is, for files that are not checkpoints at all.
+_SIGNATURES = {
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x89PNG": "a PNG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document",
+    b"\x1f\x8b": "a gzip archive",
+    b"\x89HDF": "an HDF5 file (Keras?)",
+}
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """Why torch could not read ``path``, in words: no CUDA device, not a checkpoint at all (neither torch's zip
+    archive nor a pickle), truncated, or objects a weights-only read refuses. torch's own text comes last, whole."""
+    import zipfile
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if "CUDA" in str(error) and not torch.cuda.is_available():
+        return "saved on a CUDA device, and this machine has none; read it with map_location='cpu' (--device cpu)"
+    if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):  # torch's zip archive; legacy pickle
+        what = next((name for magic, name in _SIGNATURES.items() if head.startswith(magic)), None)
+        if what is None:
+            what = "a text file" if _is_text(path) else "another kind of file"
+        return f"not a checkpoint: {what} (a checkpoint is a zip archive written by torch.save)"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return f"truncated: the zip archive ends before its directory ({path.stat().st_size} bytes); copy it again"
+    if "weights_only" in str(error) or "Unsupported global" in str(error):
+        return "holds Python objects beyond tensors, which fcnseg does not unpickle (not an fcnseg checkpoint)"
+    return f"not a readable checkpoint (corrupt file): {first}"
+
+
+def _is_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        sample = f.read(4096)
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in sample
 
 
 def upgrade_state_dict(state: Mapping[str, torch.Tensor], heads: Sequence[str] = ("out",)) -> dict[str, torch.Tensor]:

@@ -325,15 +325,18 @@ def colorize(mask: np.ndarray, colors: np.ndarray) -> np.ndarray:
 
 
 def overlay(image_rgb: np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend the colourised mask over the image: ``(1 - alpha) * image + alpha * colours``."""
+    """Blend the colourised mask over the image: ``(1 - alpha) * image + alpha * colours``, except where the class
+    colour is black (background, :func:`~fcnseg.palette.palette_for`): those pixels keep the image as it is, so an
+    image where nothing was found is shown unchanged rather than darkened or washed in a colour."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     img = as_rgb_array(image_rgb)
     col = colorize(mask, colors)
     if img.shape[:2] != col.shape[:2]:
         raise ValueError(f"image is {img.shape[:2]} but mask is {col.shape[:2]}; expected the same H x W")
+    tinted = (col != 0).any(axis=2, keepdims=True)
     blend = img.astype(np.float32) * (1.0 - alpha) + col.astype(np.float32) * alpha
-    return np.rint(blend).astype(np.uint8)
+    return np.where(tinted, np.rint(blend), img).astype(np.uint8)
 
 
 def save_mask_png(path: PathLike, mask: np.ndarray, colors: np.ndarray) -> None:

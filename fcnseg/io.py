@@ -31,11 +31,33 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask: read from /proc where Linux shows it, else set and restored (the
+    only portable way to read it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: an existing file's own, else 0666 less the umask. mkstemp makes its
+    file 0600 (private while it is written), and a rename keeps that mode, so it is set before the rename."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success flush, fsync and rename it to ``path``.
 
-    A crash or an exception leaves ``path`` as it was (absent or the previous version), never half written.
+    A crash or an exception leaves ``path`` as it was (absent or the previous version), never half written. The
+    file ends with the mode a plain write gives: the previous version's, or what the umask leaves of 0666.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,6 +65,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), _final_mode(path))
             os.fsync(f.fileno())
         crash_point(f"write:{path.name}")
         os.replace(tmp, path)

@@ -78,11 +78,19 @@ def generated_palette(n: int) -> np.ndarray:
     return out
 
 
+BACKGROUND_NAMES = frozenset({"background", "void", "unlabeled", "unlabelled", "none", "other", "bg", "_background_"})
+"""Names that mark class 0 as "nothing here": it is drawn black, as VOC draws its background."""
+
+BLACK: tuple[int, int, int] = (0, 0, 0)
+
+
 def palette_for(classes: Sequence[str] | None, n: int) -> np.ndarray:
     """Colours for ``n`` classes: VOC's for the VOC class list, generated colours otherwise.
 
-    Without names (``None`` or empty), ``n == 21`` is taken to be VOC, since 21 unnamed classes
-    almost always are.
+    A class 0 named background (any of :data:`BACKGROUND_NAMES`, in any case) is black, as in VOC's palette:
+    masks then show only what was found, and overlays leave those pixels untinted (:func:`~fcnseg.imageio.overlay`
+    tints no pixel of a black class). Without names (``None`` or empty), ``n == 21`` is taken to be VOC, since 21
+    unnamed classes almost always are.
     """
     n = _check_n(n)
     if classes is not None and len(classes) > 0:
@@ -91,7 +99,10 @@ def palette_for(classes: Sequence[str] | None, n: int) -> np.ndarray:
         is_voc = tuple(classes) == VOC_CLASSES
     else:
         is_voc = n == len(VOC_CLASSES)
-    return voc_palette(n) if is_voc else generated_palette(n)
+    colours = voc_palette(n) if is_voc else generated_palette(n)
+    if n and classes is not None and len(classes) and str(classes[0]).strip().lower() in BACKGROUND_NAMES:
+        colours[0] = BLACK
+    return colours
 
 
 def full_palette(colors: np.ndarray) -> list[int]:

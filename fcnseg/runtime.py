@@ -26,9 +26,10 @@ PATHS: tuple[str, ...] = ("eager", "bf16", "onnx", "onnx-int8", "compile")
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
-def check_path(path: str) -> str:
+def check_path(path: str, flag: str = "--runtime") -> str:
+    """``path`` if it names an execution path; else an FcnsegError naming ``flag``, the option the user typed."""
     if path not in PATHS:
-        raise FcnsegError(f"--runtime {path!r}: expected one of {', '.join(PATHS)}")
+        raise FcnsegError(f"{flag} {path!r}: expected one of {', '.join(PATHS)}")
     return path
 
 

@@ -26,7 +26,8 @@ from .errors import FcnsegError
 Window = tuple[int, int, int, int]  # (y0, x0, h, w)
 
 
-def _check_tiling(tile: int, overlap: int, align: int) -> None:
+def check_tiling(tile: int, overlap: int, align: int) -> None:
+    """``--tile`` / ``--overlap`` fit a model of stride ``align``; else an FcnsegError naming the flag."""
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
     if tile < 1 or tile % align:
@@ -62,7 +63,7 @@ def tile_windows(height: int, width: int, tile: int, overlap: int, align: int = 
     Raises FcnsegError naming --tile unless tile is a positive multiple of align, and naming --overlap unless
     0 <= overlap <= tile - align (a smaller step could not keep origins on the align grid).
     """
-    _check_tiling(tile, overlap, align)
+    check_tiling(tile, overlap, align)
     if height < 1 or width < 1:
         raise ValueError(f"image size must be at least 1 x 1, got {height} x {width}")
     rows = _axis_windows(height, tile, overlap, align)

@@ -19,6 +19,10 @@ import torch
 # A width-reduced VGG16 (channels / 16, fc6/fc7 of 16): same geometry as the published network, tiny compute.
 TINY = {"width": 1 / 16, "fc_dim": 16}
 
+# Seconds a test waits for a subprocess (or a file it writes) before calling it hung. Only a real hang may reach
+# it: a loaded CI machine can be ten times slower than an idle one, and no verdict may depend on speed.
+HANG_TIMEOUT = 1800
+
 
 def tiny_options(name: str) -> dict:
     """:data:`TINY`'s options that model ``name``'s builder takes: every network is width-reduced, and fc6/fc7 are

@@ -7,6 +7,7 @@ the correct result. Each case is one entry of CASES: (name, how the input is mad
 
 from __future__ import annotations
 
+import fractions
 import struct
 import zlib
 from pathlib import Path
@@ -24,6 +25,7 @@ from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 from fcnseg.imageio import read_mask_png
 from tests.engine.test_train import _blocks_tree
+from tests.helpers import HANG_TIMEOUT
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +217,23 @@ def _truncated(ckpt, tmp):
     return tmp / "cut.pt"
 
 
+def _jpeg_renamed(ckpt, tmp):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp / "photo.jpg")
+    (tmp / "photo.pt").write_bytes((tmp / "photo.jpg").read_bytes())
+    return tmp / "photo.pt"
+
+
+def _text_file(ckpt, tmp):
+    (tmp / "notes.pt").write_text("these are my notes, not a network\n")
+    return tmp / "notes.pt"
+
+
+def _python_objects(ckpt, tmp):
+    # A pickle of a class, not of tensors: what a weights-only read refuses (torch.save of a whole model is such).
+    torch.save({"format": "fcnseg", "value": fractions.Fraction(1, 3)}, tmp / "objects.pt")
+    return tmp / "objects.pt"
+
+
 def _bare_state_dict(ckpt, tmp):
     torch.save(torch.load(ckpt, weights_only=True)["state_dict"], tmp / "bare.pt")
     return tmp / "bare.pt"
@@ -223,8 +242,11 @@ def _bare_state_dict(ckpt, tmp):
 CKPT_CASES = [
     ("checkpoint-of-another-architecture", _other_architecture, "weights do not fit model 'fcn32s'"),
     ("checkpoint-newer-schema", _newer_schema, "schema version 99 is newer than this fcnseg reads"),
-    ("checkpoint-truncated", _truncated, "not a readable checkpoint (truncated or corrupt file?)"),
+    ("checkpoint-truncated", _truncated, "truncated: the zip archive ends before its directory (5000 bytes)"),
     ("checkpoint-bare-state-dict", _bare_state_dict, "not an fcnseg checkpoint (a bare state dict?"),
+    ("checkpoint-jpeg-renamed", _jpeg_renamed, "not a checkpoint: a JPEG image (a checkpoint is a zip archive"),
+    ("checkpoint-text-file", _text_file, "not a checkpoint: a text file (a checkpoint is a zip archive"),
+    ("checkpoint-python-objects", _python_objects, "holds Python objects beyond tensors"),
 ]
 
 
@@ -235,6 +257,18 @@ def test_checkpoint_corpus(name, make, message, ckpt, tmp_path, capsys):
     assert main(["predict", str(bad), str(tmp_path / "x.png"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"fcnseg: error: {bad}") and message in err, err
+    assert "weights_only" not in err and "WeightsUnpickler" not in err  # torch's lecture is not the user's problem
+    assert not (tmp_path / "o").exists()  # refused before any output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_cuda_without_cuda_says_so(ckpt, tmp_path, capsys):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    argv = ["predict", str(ckpt), str(tmp_path / "x.png"), "--out", str(tmp_path / "o"), "--device", "cuda"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "fcnseg: error: --device cuda: this machine has no CUDA device; use --device cpu (or auto)\n"
+    assert not (tmp_path / "o").exists()
 
 
 CONFIG_CASES = [
@@ -271,8 +305,23 @@ def test_non_finite_array_given_to_the_api(bad, ckpt):
 
 ARGUMENT_CASES = [
     ("missing-input", ["predict", "{ckpt}", "{tmp}/nope.png", "--out", "{tmp}/o"], "nope.png: no such file or folder"),
-    ("tile-not-multiple-of-32", ["predict", "{ckpt}", "{tmp}/x.png", "--out", "{tmp}/o", "--tile", "100"], "--tile"),
+    (
+        "tile-not-multiple-of-32",
+        ["predict", "{ckpt}", "{tmp}/x.png", "--out", "{tmp}/o", "--tile", "100"],
+        "--tile must be a positive multiple of 32 (the model's stride), got 100",
+    ),
+    (
+        "overlap-too-large",
+        ["predict", "{ckpt}", "{tmp}/x.png", "--out", "{tmp}/o", "--tile", "64", "--overlap", "40"],
+        "--overlap must be between 0 and 32",
+    ),
+    (
+        "missing-input-folder",
+        ["predict", "{ckpt}", "{tmp}/no-folder", "--out", "{tmp}/o"],
+        "no-folder: no such file or folder",
+    ),
     ("unknown-runtime", ["predict", "{ckpt}", "{tmp}/x.png", "--out", "{tmp}/o", "--runtime", "fp4"], "--runtime"),
+    ("bench-unknown-path", ["bench", "--paths", "eager", "onnxx"], "--paths 'onnxx': expected one of eager, bf16"),
     ("unknown-weights", ["predict", "--weights", "fcn99s", "{tmp}/x.png", "--out", "{tmp}/o"], "unknown weights"),
     ("unknown-model", ["train", "--model", "fcn4s", "--out", "{tmp}/r", "--iters", "1"], "unknown model 'fcn4s'"),
     ("convert-garbage", ["convert", "{tmp}/x.png", "--format", "caffe", "--out", "{tmp}/c.pt"], "x.png"),
@@ -286,6 +335,7 @@ def test_argument_corpus(name, argv, message, ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("fcnseg: error: ")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists() and "wrote 0" not in capsys.readouterr().out  # no output for a dead run
 
 
 @pytest.mark.parametrize("mode", Image.MODES)
@@ -336,7 +386,11 @@ def test_a_closed_pipe_ends_quietly():
     import sys
 
     done = subprocess.run(
-        f"'{sys.executable}' -m fcnseg weights | head -1", shell=True, capture_output=True, text=True, timeout=120
+        f"'{sys.executable}' -m fcnseg weights | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT,
     )
     assert done.stdout.startswith("name") and done.stdout.count("\n") == 1
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr

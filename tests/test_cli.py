@@ -15,6 +15,7 @@ from fcnseg.imageio import collect_inputs
 from fcnseg.models.complexity import meta_gflop, trainable_parameters
 from fcnseg.models.upsampling import BilinearUpsample
 from fcnseg.predict import output_stems
+from tests.helpers import HANG_TIMEOUT
 
 CLI = Path(fcnseg.cli.__file__).parent
 
@@ -59,3 +60,18 @@ def test_meta_gflop_leaves_the_upsamplers_frozen():
     assert round(meta_gflop(model, 500), 1) == 361.9  # the figure `fcnseg models` prints
     assert trainable_parameters(model) == params
     assert not any(m.weight.requires_grad for m in model.modules() if isinstance(m, BilinearUpsample))
+
+
+def test_the_demos_total_time_is_the_processs_wall_time():
+    # What the demo reports as its time is the process's age, start-up (imports) included: at least the sleep it
+    # was made to take, and no more than the parent measured from outside.
+    import subprocess
+    import sys
+    import time
+
+    code = "import time; time.sleep(1.5); from fcnseg.cli.demo import process_seconds; print(process_seconds())"
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=HANG_TIMEOUT)
+    outside = time.perf_counter() - t0
+    inside = float(out.stdout)
+    assert 1.5 <= inside <= outside + 0.05, (inside, outside)

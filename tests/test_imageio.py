@@ -458,9 +458,12 @@ def test_overlay():
     image = np.full((1, 2, 3), 100, np.uint8)
     colors = np.array([[0, 0, 0], [200, 50, 101]], dtype=np.uint8)
     mask = np.array([[0, 1]])
-    assert overlay(image, mask, colors).tolist() == [[[50, 50, 50], [150, 75, 100]]]
+    # A black class (background) leaves its pixels as they are; the others are blended half and half.
+    assert overlay(image, mask, colors).tolist() == [[[100, 100, 100], [150, 75, 100]]]
     np.testing.assert_array_equal(overlay(image, mask, colors, alpha=0.0), image)
-    np.testing.assert_array_equal(overlay(image, mask, colors, alpha=1.0), colorize(mask, colors))
+    assert overlay(image, mask, colors, alpha=1.0).tolist() == [[[100, 100, 100], [200, 50, 101]]]
+    nothing_found = np.zeros((1, 2), np.uint8)
+    np.testing.assert_array_equal(overlay(image, nothing_found, colors), image)
     with pytest.raises(ValueError, match="same H x W"):
         overlay(image, np.zeros((2, 2), np.uint8), colors)
     with pytest.raises(ValueError, match="alpha"):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import fcnseg
+from tests.helpers import HANG_TIMEOUT
 
 PACKAGE = Path(fcnseg.__file__).resolve().parent
 ROOT = PACKAGE.parent
@@ -218,7 +219,7 @@ def test_each_module_imports_first_in_a_fresh_interpreter():
             text=True,
             cwd=ROOT,
             env=_env(),
-            timeout=600,
+            timeout=HANG_TIMEOUT,
         )
         assert out.returncode == 0, out.stderr
         failures = json.loads(out.stdout.splitlines()[-1])

@@ -89,7 +89,20 @@ def test_palette_for_chooses_voc_or_generated():
     np.testing.assert_array_equal(palette_for([], 21), voc_palette(21))
     np.testing.assert_array_equal(palette_for(np.array(VOC_CLASSES), 21), voc_palette(21))
     renamed = ("bg",) + VOC_CLASSES[1:]
-    np.testing.assert_array_equal(palette_for(renamed, 21), generated_palette(21))
+    expected = generated_palette(21)
+    expected[0] = 0  # a class 0 named background is black; the other classes keep their generated colours
+    np.testing.assert_array_equal(palette_for(renamed, 21), expected)
+    np.testing.assert_array_equal(palette_for(("sky", "road"), 2), generated_palette(2))  # class 0 an object
+
+
+@pytest.mark.parametrize("name", ["background", "Background", "void", "unlabeled", "_background_"])
+def test_a_background_class_0_is_black_and_no_other_class_is(name):
+    colours = palette_for((name, "cat", "dog", "car"), 4)
+    assert colours[0].tolist() == [0, 0, 0]
+    assert all(c.tolist() != [0, 0, 0] for c in colours[1:])
+    # The first generated colour was a bright yellow (255, 231, 13): an overlay where nothing is found must not
+    # be washed in it.
+    assert generated_palette(1)[0].tolist() != [0, 0, 0]
     with pytest.raises(ValueError, match="3 class names for 4 classes"):
         palette_for(["a", "b", "c"], 4)
 

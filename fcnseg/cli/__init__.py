@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from ..errors import FcnsegError
+from ..errors import FcnsegError, user_message
 from . import bench, check_data, convert, demo, export, models, predict, train, weights
 from . import eval as eval_
 from ._common import error
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except FcnsegError as e:
-        error(str(e))
+        error(user_message(e))
         return 2
     except KeyboardInterrupt:
         error("interrupted")

@@ -52,9 +52,17 @@ def add_dataset_flags(
     split_default: str | None = None,
 ) -> None:
     """``--dataset NAME`` (required), ``--root DIR`` and ``--split NAME``."""
-    p.add_argument("--dataset", required=True, help=dataset_help)
-    p.add_argument("--root", help=root_help)
-    p.add_argument("--split", default=split_default, help=split_help)
+    p.add_argument("--dataset", required=True, metavar="NAME", help=dataset_help or dataset_names_help())
+    p.add_argument("--root", metavar="DIR", help=root_help or "the dataset's folder")
+    default = f" (default: {split_default})" if split_default else ""
+    p.add_argument("--split", default=split_default, metavar="NAME", help=(split_help or "split to read") + default)
+
+
+def dataset_names_help() -> str:
+    """``a registered dataset: folder, nyud, ...``, from the registry (so that it lists every one)."""
+    from ..data import list_datasets
+
+    return f"a registered dataset: {', '.join(list_datasets())}"
 
 
 def add_download(p: argparse.ArgumentParser) -> None:
@@ -62,12 +70,13 @@ def add_download(p: argparse.ArgumentParser) -> None:
 
 
 def add_device(p: argparse.ArgumentParser, default: str, help_text: str | None = None) -> None:
-    p.add_argument("--device", default=default, help=help_text)
+    text = help_text or f"torch device: auto, cpu, cuda or cuda:N (default: {default})"
+    p.add_argument("--device", default=default, help=text)
 
 
 def add_runtime(p: argparse.ArgumentParser, help_text: str) -> None:
     """``--runtime PATH``: an execution path of :func:`fcnseg.runtime.make_runner` (default: eager)."""
-    p.add_argument("--runtime", default="eager", help=help_text)
+    p.add_argument("--runtime", default="eager", metavar="PATH", help=f"{help_text} (default: eager)")
 
 
 def add_weights(p: argparse.ArgumentParser, help_text: str) -> None:

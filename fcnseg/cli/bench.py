@@ -13,14 +13,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("bench", help="latency, throughput, GFLOP and memory of a model on each execution path")
     p.add_argument("--model", default="fcn8s", help="a registered model (default: fcn8s), random weights")
     p.add_argument("--checkpoint", help="bench this checkpoint instead of --model")
-    p.add_argument("--alignment", default="aligned", choices=["aligned", "caffe"])
-    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--alignment", default="aligned", choices=["aligned", "caffe"],
+                   help="aligned (default) or caffe: the release's padding and crops")  # fmt: skip
+    p.add_argument("--num-classes", type=int, default=21, metavar="N", help="classes of --model (default: 21)")
     p.add_argument("--size", default="375x500", help="input HEIGHTxWIDTH (default: 375x500)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--paths", nargs="+", default=["eager"], help="eager bf16 onnx onnx-int8 compile")
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: torch's)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="images per forward pass (default: 1)")
+    p.add_argument("--paths", nargs="+", default=["eager"], metavar="PATH",
+                   help="execution paths to time: eager, bf16, onnx, onnx-int8, compile (default: eager)")  # fmt: skip
+    p.add_argument("--runs", type=int, default=10, metavar="N", help="timed runs per path; the median is reported "
+                   "(default: 10)")  # fmt: skip
+    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs first (default: 2)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch / ONNX Runtime threads (default: torch's)")
     p.add_argument("--images", metavar="DIR", help="images for int8 calibration and the fp32 agreement check")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     add_quiet(p, "no progress bars")
@@ -55,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import bench_model, format_results, write_json
     from ..hub import load
     from ..models import get_model
+    from ..runtime import check_path
 
+    for path in args.paths:  # checked before a model is built
+        check_path(path, "--paths")
     if args.threads:
         torch.set_num_threads(args.threads)
     size = _size(args.size)

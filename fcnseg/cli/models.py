@@ -14,6 +14,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    print(f"fcnseg: building each model on torch's meta device to count its parameters and GFLOP at {SIZE}x{SIZE} "
+          "(no weights, no memory; a few seconds)...", file=sys.stderr, flush=True)  # fmt: skip
     import torch
 
     from ..models import get_model, list_models
@@ -28,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
         params = trainable_parameters(caffe)
         gflop = f"{meta_gflop(caffe, SIZE):>10.1f} {meta_gflop(aligned, SIZE):>11.1f}"
         crops = ", ".join(f"{k} {v}" for k, v in caffe.crop_offsets.items())
-        print(f"{name:<26} {'+'.join(caffe.skips) or '-':<24} {params:>12,} {gflop}   {crops}")
+        print(f"{name:<26} {'+'.join(caffe.skips) or '-':<24} {params:>12,} {gflop}   {crops}", flush=True)
     return 0

@@ -37,9 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_device(p, "cpu", "torch device (default: cpu)")
     add_runtime(p, "eager (fp32), bf16, onnx, onnx-int8 or compile")
     p.add_argument("--calibration", metavar="DIR", help="onnx-int8: images to calibrate on (default: the inputs)")
-    p.add_argument("--calibration-images", type=int, default=8, help="onnx-int8: how many (default: 8)")
-    p.add_argument("--tile", type=int, help="run overlapping TILE x TILE windows (a multiple of 32) for large images")
-    p.add_argument("--overlap", type=int, default=64, help="overlap of the --tile windows in pixels (default: 64)")
+    p.add_argument("--calibration-images", type=int, default=8, metavar="N", help="onnx-int8: how many (default: 8)")
+    p.add_argument("--tile", type=int, metavar="N", help="run N x N windows, a multiple of 32 (large images)")
+    p.add_argument("--overlap", type=int, default=64, metavar="N", help="--tile windows overlap (default: 64 px)")
     add_quiet(p, "no progress bar or summary")
     p.add_argument(
         "--extra", action="append", default=[], metavar="DIR",
@@ -82,6 +82,13 @@ def _check_predictable(model, args: argparse.Namespace, checkpoint: str | None) 
         )
     if args.extra and model.in_channels == 3:
         raise FcnsegError(f"--extra: {source} takes colour images only (3 channels); expected no --extra")
+    from ..runtime import check_path
+
+    check_path(args.runtime)
+    if args.tile:
+        from ..tiling import check_tiling
+
+        check_tiling(args.tile, args.overlap, model.stride)
 
 
 def _runner_for(args: argparse.Namespace, model, files: Sequence[Path]):
@@ -136,14 +143,18 @@ def _predict_one(model, path: Path, stem: str, args: argparse.Namespace, options
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..device import pick_device
     from ..hub import load
     from ..imageio import collect_inputs
     from ..predict import mask_colors, output_stems
 
     checkpoint, inputs = _checkpoint_and_inputs(args)
     files, problems = collect_inputs(inputs)
-    model = load(checkpoint, map_location=args.device, file=args.weights_file)
+    model = load(checkpoint, map_location=pick_device(args.device), file=args.weights_file)
     _check_predictable(model, args, checkpoint)
+    if not files:  # nothing to do: refused before the output folder is made
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise FcnsegError(f"{problems[0]}{more}" if problems else "predict: no input images")
     out = Path(args.out)
     _check_writable(out)
     runner = _runner_for(args, model, files)

@@ -10,10 +10,9 @@ import typing
 from typing import Any
 
 from ..engine.config import TrainConfig, _paper, layered_config
-from ._common import add_data_option, parse_key_value
+from ._common import add_data_option, dataset_names_help, parse_key_value
 
 _HELP = {
-    "dataset": "dataset name (voc, sbd, seg11valid, folder, synthetic)",
     "root": "dataset folder",
     "model": "registered model (fcnseg models)",
     "preset": "paper (the release's recipe) or modern",
@@ -25,6 +24,7 @@ _HELP = {
     "val_every": "validate and checkpoint every N iterations",
     "val_images": "validate on the first N images only",
     "crop_size": "random crop side in pixels; 0 = whole images",
+    "check_data": "before the run: every image has its mask, every file decodes, sizes match",
     "backbone_weights": "torchvision IMAGENET1K_V1 / IMAGENET1K_FEATURES / DEFAULT, CAFFE, or a VGG16 state-dict file",
 }
 _DATA_OPTION_EXAMPLES = "size=96 for synthetic, year=2011 for voc"
@@ -45,7 +45,8 @@ def _mapping_fields() -> list[str]:
 def _help(f: dataclasses.Field, preset_field: bool) -> str:
     default = f.default if f.default is not dataclasses.MISSING else None
     suffix = " (default: from --preset)" if preset_field else f" (default: {default})" if default is not None else ""
-    return _HELP.get(f.name, "") + suffix
+    text = dataset_names_help() if f.name == "dataset" else _HELP.get(f.name, "")
+    return text + suffix
 
 
 def _add_field(p: argparse.ArgumentParser, f: dataclasses.Field, kinds: list[Any], help_text: str) -> None:

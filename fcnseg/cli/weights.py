@@ -17,13 +17,13 @@ def run(args: argparse.Namespace) -> int:
     entries = list(FCNWeights)
     wn = max(max(len(w.id) for w in entries), 5)
     wm = max(max(len(w.value.model) for w in entries), 5)
-    print(f"{'name':<{wn}} {'model':<{wm}} {'classes':>7} {'input':<5} {'mean IU':>8}  reported on / file")
+    print(f"{'name':<{wn}} {'model':<{wm}} {'classes':>7} {'input':<7} {'mean IU':>8}  reported on / file")
     for w in entries:
         e = w.value
         dataset, m = next(iter(e.metrics.items()), ("-", {}))
         cached = "  (cached)" if (cache_dir() / e.file_name).is_file() else ""
         iu = f"{m['mean_iu']:.2f}" if m else "-"
-        print(f"{w.id:<{wn}} {e.model:<{wm}} {e.num_classes:>7} {e.preprocessing.channel_order:<5} {iu:>8}  "
+        print(f"{w.id:<{wn}} {e.model:<{wm}} {e.num_classes:>7} {e.input:<7} {iu:>8}  "
               f"{dataset} / {e.file_name}{cached}")  # fmt: skip
     print(f"\ncache: {cache_dir()}; use: fcnseg predict --weights NAME IMAGES --out DIR, or fcnseg.load(NAME)")
     return 0

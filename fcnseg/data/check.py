@@ -20,7 +20,15 @@ from tqdm import tqdm
 from ..errors import FcnsegError
 from .base import IGNORE_INDEX, SegmentationDataset
 
-__all__ = ["PROBLEM_KINDS", "CheckReport", "Problem", "check_dataset", "print_problems", "run_check_data"]
+__all__ = [
+    "PROBLEM_KINDS",
+    "CheckReport",
+    "Problem",
+    "check_dataset",
+    "print_problems",
+    "quick_problems",
+    "run_check_data",
+]
 
 PROBLEM_KINDS: dict[str, str] = {
     "unreadable-image": "an image file that cannot be decoded",
@@ -198,6 +206,57 @@ def _check_loaded(ds: SegmentationDataset, i: int, counts: _Counts) -> list[Prob
         ]
     bad = _check_values(mask, name, ds.num_classes, counts)
     return [bad] if bad else []
+
+
+def _opens(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image file PIL reads, decoded to the end so that a truncated file fails here (a JPEG
+    at 1/8 scale: the whole stream is still read, at a fraction of the work); None for formats PIL does not read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except UnidentifiedImageError:
+        return None
+    return size
+
+
+def _quick_item(ds: SegmentationDataset, i: int) -> Problem | None:
+    img_path, mask_path = Path(ds.image_path(i)), Path(ds.mask_path(i))
+    for path, other, kind in ((img_path, mask_path, "image-without-mask"), (mask_path, img_path, "mask-without-image")):
+        if not path.exists():
+            what = "image" if path == img_path else "mask"
+            return Problem(str(other), kind, f"its {what} {path} does not exist")
+    sizes = []
+    for path, kind in ((img_path, "unreadable-image"), (mask_path, "unreadable-mask")):
+        try:
+            size = _opens(path)
+            if size is None:  # e.g. SBD's .mat masks: the dataset's own reader
+                read = ds.read_image if kind == "unreadable-image" else ds.read_mask
+                size = tuple(read(path).shape[1::-1])
+        except Exception as e:
+            return _read_problem(e, path, kind)
+        sizes.append(size)
+    if sizes[0] != sizes[1]:
+        return Problem(str(mask_path), "size-mismatch", f"mask is {sizes[1][0]}x{sizes[1][1]} but its image "
+                       f"{img_path.name} is {sizes[0][0]}x{sizes[0][1]}; expected the same size")  # fmt: skip
+    return None
+
+
+def quick_problems(dataset: SegmentationDataset) -> list[Problem]:
+    """The cheap part of :func:`check_dataset`, run before training: every image has its mask, every file decodes,
+    and each mask is its image's size (mask values are not counted). Datasets without files (synthetic) and those
+    with their own way of reading them (``load_pair``) are left to ``check-data``."""
+    ds = dataset
+    if not (_overrides(ds, "image_path") and _overrides(ds, "mask_path")) or _overrides(ds, "load_pair"):
+        return []
+    extra = getattr(ds, "extra_problems", None)
+    unpaired = [Problem(*p) for p in (extra() if callable(extra) else [])]  # files the dataset left out of its ids
+    unpaired = [p for p in unpaired if p.kind in ("image-without-mask", "mask-without-image", "id-without-files")]
+    return unpaired + [p for p in (_quick_item(ds, i) for i in range(len(ds))) if p is not None]
 
 
 def check_dataset(dataset: SegmentationDataset, *, title: str | None = None, progress: bool = False) -> CheckReport:

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import FcnsegError
-from ..palette import generated_palette
 from .base import SegmentationDataset, check_split, register_dataset
 
 CLASSES: tuple[str, ...] = ("background", "disc", "square", "triangle", "cross", "ring", "stick")
@@ -58,6 +57,13 @@ _COLOURS: dict[int, tuple[tuple[float, float, float], tuple[float, float, float]
     STICK: ((80, 215, 215), (80, 215, 215)),
 }
 _SHAPE_CLASSES = (DISC, SQUARE, TRIANGLE, CROSS, RING)
+PALETTE = np.array(
+    [(0, 0, 0), (230, 40, 40), (255, 150, 20), (40, 90, 240), (160, 70, 230), (235, 225, 40), (40, 225, 225)],
+    np.uint8,
+)
+"""Mask colours: background black; each object in its drawn hue, the two classes that share a drawn colour told
+apart by shade (disc red / square orange, triangle blue / cross violet), so that a predicted colour never names
+another class's drawn colour."""
 _REF = 128  # object sizes are given for 128 px images and scale with the shorter side; widths of thin parts don't
 # Widths of the thin parts in pixels, whatever the image size (half widths for bars). Thinner than a stride-8 cell,
 # yet mostly wide enough that bilinearly upsampled stride-8 scores can outline them: all 2-4 px would cap FCN-8s
@@ -407,7 +413,7 @@ class SyntheticShapes(SegmentationDataset):
     disjoint_splits = ("train", "val", "test")
 
     classes = CLASSES
-    palette = generated_palette(len(CLASSES))
+    palette = PALETTE
 
     def __init__(
         self,

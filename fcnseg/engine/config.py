@@ -79,6 +79,9 @@ class TrainConfig:
     num_workers: int | None = None
     device: str = "auto"
     progress: bool = True
+    # Before the run folder is made: every image has its mask, every file decodes, sizes match (--no-check-data
+    # skips it, for large sets already checked with fcnseg check-data).
+    check_data: bool = True
 
     def resolved(self) -> TrainConfig:
         """A copy with the preset's values in every field left as None, checked for consistency."""

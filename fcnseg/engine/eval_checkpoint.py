@@ -15,13 +15,14 @@ from ..data import get_dataset
 from ..data.base import SegmentationDataset, check_data_options
 from ..data.loader import make_loader
 from ..data.transforms import eval_transforms
+from ..device import pick_device
 from ..errors import FcnsegError
 from ..hub import load
 from ..metrics import ConfusionMatrix
 from ..runtime import check_path, make_runner
 from .distributed import ShardSampler, cleanup_distributed, init_distributed
 from .evaluate import evaluate_heads
-from .train import excluded_indices, head_classes, pick_device
+from .train import excluded_indices, head_classes
 
 Reports = dict[str, tuple[ConfusionMatrix, list[str]]]
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +31,8 @@ def build_model(cfg: TrainConfig, ds: SegmentationDataset) -> nn.Module:
     first layer: early fusion) and, for a two-headed model, both label sets."""
     model = get_model(cfg.model, **cfg.model_options(), **_data_options(cfg, ds))
     model.classes = list(ds.classes)
+    if getattr(ds, "palette", None) is not None:  # the data's own colours (a folder set's mask colours), kept
+        model.palette = [[int(v) for v in c] for c in np.asarray(ds.palette)[: len(ds.classes)]]
     if len(model.heads) > 1:  # several label sets: every head's class names
         model.head_classes = {k: list(v) for k, v in head_classes(ds).items()}
     fit_input(model, ds)

@@ -31,8 +31,10 @@ from torch import nn
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..data import get_dataset
 from ..data.base import IGNORE_INDEX, SegmentationDataset, check_data_options
+from ..data.check import quick_problems
 from ..data.loader import make_loader
 from ..data.transforms import eval_transforms, train_transforms
+from ..device import pick_device
 from ..errors import CheckpointError, FcnsegError
 from ..io import atomic_write, crash_point, remove_stale_temporaries
 from ..models.multi import split_heads
@@ -344,15 +346,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise FcnsegError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-
-
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Weights decay at ``lr``; biases and normalisation parameters learn at ``bias_lr_mult`` x lr without decay
     (Caffe's lr_mult 2 / decay_mult 0 in the paper preset). Frozen upsampling kernels are left out."""
@@ -391,6 +384,12 @@ def build_data(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDatas
     val_ds = get_dataset(cfg.dataset, root=cfg.root, split=cfg.val_split, **options)
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise FcnsegError(f"--dataset {cfg.dataset}: split {cfg.split!r} or {cfg.val_split!r} is empty")
+    if cfg.check_data:  # a bad file found now, not in a DataLoader worker an hour into the run
+        problems = quick_problems(train_ds) + (quick_problems(val_ds) if cfg.val_split != cfg.split else [])
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise FcnsegError(f"{problems[0].line()}{more}; fcnseg check-data --dataset {cfg.dataset} lists every "
+                              "problem, --no-check-data skips this check")  # fmt: skip
     return train_ds, val_ds
 
 

@@ -81,6 +81,8 @@ class PublishedWeights:
     md5: str | None = None
     sha256: str | None = None
     description: str = ""
+    input: str = "BGR"
+    """The input in words, as ``fcnseg weights`` shows it: the colour order, or what other image the net takes."""
     head_classes: Mapping[str, tuple[str, ...]] | None = None
     """A two-headed model's class names per head (the first head's are ``classes``)."""
 
@@ -135,6 +137,7 @@ class FCNWeights(Enum):
         "nyud-fcn32s-hha-heavy.caffemodel",
         classes=NYUD_CLASSES,
         preprocessing=NYUD_CAFFE_HHA,
+        input="HHA",
         metrics={"nyudv2-test": _metrics(57.1, 35.2, 24.2, 40.4)},
     )
     NYUD_FCN32S_COLOR_HHA_HEAVY = _caffe(
@@ -142,6 +145,7 @@ class FCNWeights(Enum):
         "nyud-fcn32s-color-hha-heavy.caffemodel",
         classes=NYUD_CLASSES,
         preprocessing=NYUD_CAFFE_RGB_HHA,
+        input="BGR+HHA",
         metrics={"nyudv2-test": _metrics(64.3, 44.9, 32.8, 48.0)},
     )
     SIFTFLOW_FCN16S_HEAVY = _caffe(
@@ -285,7 +289,8 @@ def download(
         except Exception as e:  # urllib, http.client, gdown and torchvision each raise their own types
             reason = getattr(e, "reason", None) or (str(e).splitlines()[0] if str(e) else e.__class__.__name__)
             raise FcnsegError(
-                f"cannot download {url} ({reason}); fetch it by hand and pass it as a local file, or place it at {dst}"
+                f"cannot download {url} ({reason}); fetch it by hand and pass it with --weights-file FILE "
+                f"(fcnseg.load(NAME, file=FILE)), or place it at {dst}"
             ) from None
         try:
             verify_hash(tmp, md5=md5, sha256=sha256)

@@ -15,6 +15,7 @@ from fcnseg.data.base import SegmentationDataset
 from fcnseg.data.check import PROBLEM_KINDS, Problem, check_dataset
 from fcnseg.data.folder import FolderDataset
 from fcnseg.imageio import read_mask_png
+from tests.helpers import HANG_TIMEOUT
 
 BG, CAT, DOG = (0, 0, 0), (250, 0, 0), (0, 250, 0)
 VOID = (224, 224, 192)
@@ -326,7 +327,7 @@ def test_subprocess_reports_problems_without_traceback(tmp_path):
         [sys.executable, "-m", "fcnseg", "check-data", "--dataset", "folder", "--root", str(root), "--quiet"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_TIMEOUT,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -8,6 +8,7 @@ import torch
 
 from fcnseg.checkpoint import read_checkpoint
 from tests.engine.test_train import _blocks_tree
+from tests.helpers import HANG_TIMEOUT
 
 COMMON = [
     "--dataset", "folder", "--model", "fcn16s", "--width", "0.0625", "--fc-dim", "16", "--no-batch-norm",
@@ -17,7 +18,7 @@ COMMON = [
 
 
 def _run(cmd, env=None):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

@@ -18,6 +18,7 @@ import torch
 
 from fcnseg.engine import train as train_mod
 from fcnseg.engine.config import TrainConfig
+from tests.helpers import HANG_TIMEOUT
 
 STEPS, WORLD, ACCUM, BATCH, CLASSES = 2, 2, 2, 2, 3
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ def test_accumulation_under_ddp_is_one_big_batch_with_one_all_reduce_per_step(tm
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), __file__,
            str(tmp_path)]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(WORLD)]
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fcnseg.checkpoint import read_checkpoint
+from tests.helpers import HANG_TIMEOUT
 
 # A tiny deterministic run; fc_dim 512 makes each checkpoint (weights + momentum) about 15 MB, so that writing
 # one takes long enough to be caught in the act.
@@ -32,7 +33,7 @@ def _start(run, *extra):
 
 def _finish(run, *extra) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fcnseg", *FLAGS, "--out", str(run), *extra]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=HANG_TIMEOUT)
 
 
 def _logged_iteration(run) -> int:
@@ -43,7 +44,7 @@ def _logged_iteration(run) -> int:
         return 0
 
 
-def _wait_for(proc, condition, timeout=120.0) -> bool:
+def _wait_for(proc, condition, timeout=float(HANG_TIMEOUT)) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
         if condition():
@@ -110,7 +111,7 @@ def test_ctrl_c_saves_and_exits_cleanly(straight, tmp_path):
     proc = _start(run)
     assert _wait_for(proc, lambda: _logged_iteration(run) >= 4)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_TIMEOUT)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     saved = read_checkpoint(run / "last.pt")["extra"]["train_state"]["iteration"]
@@ -168,7 +169,7 @@ def _halves_tree(root):
 def _train(data, run, *extra, crash=None) -> subprocess.CompletedProcess:
     env = {**ENV, "FCNSEG_TEST_CRASH_AT": crash} if crash else ENV
     cmd = [sys.executable, "-m", "fcnseg", *LEARNING, "--root", str(data), "--out", str(run), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
 
 
 def _killed(data, run, crash, *extra):

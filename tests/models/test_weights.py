@@ -135,7 +135,8 @@ def test_download_failure_is_one_line_and_leaves_nothing(served, tmp_path):
     _, urls = served
     cache = tmp_path / "cache"
     for url in (urls["http"].replace("model.bin", "gone.bin"), (tmp_path / "nowhere.bin").as_uri()):
-        with pytest.raises(FcnsegError, match=r"cannot download .*; fetch it by hand .* or place it at .*x\.bin"):
+        by_hand = r"fetch it by hand and pass it with --weights-file FILE .* or place it at .*x\.bin"
+        with pytest.raises(FcnsegError, match=r"cannot download .*; " + by_hand):
             download(url, cache / "x.bin", progress=False)
     assert _leftovers(cache) == []
 
@@ -291,6 +292,20 @@ def test_predict_with_weights_name_and_a_local_file(stand_in, tmp_path, hub, cap
     assert main(["weights"]) == 0
     listing = capsys.readouterr().out
     assert "fcn8s-heavy-pascal" in listing and "65.51" in listing and "torchfcn-fcn8s-atonce" in listing
+
+
+def test_the_listing_names_each_nets_input(capsys):
+    # The input column says what the net reads: the colour order of its preprocessing, HHA for the HHA net (whose
+    # preprocessing keeps the stored channel order, "RGB", though it reads no colour), both for the fusion net.
+    from fcnseg.models.weights import FCNWeights
+
+    assert main(["weights"]) == 0
+    rows = {line.split()[0]: line.split()[3] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    assert rows["nyud-fcn32s-hha-heavy"] == "HHA" and rows["nyud-fcn32s-color-hha-heavy"] == "BGR+HHA"
+    for w in FCNWeights:
+        colour = w.value.preprocessing.channel_order
+        expected = {3: colour, 6: f"{colour}+HHA"}[w.value.preprocessing.channels]
+        assert rows[w.id] == ("HHA" if w.id == "nyud-fcn32s-hha-heavy" else expected), w.id
 
 
 def test_a_stand_in_for_a_hashed_file_is_refused(tmp_path, hub, capsys):

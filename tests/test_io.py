@@ -1,0 +1,54 @@
+"""Atomic writes leave files with the mode a plain write would: the umask's, or the replaced file's own."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import fcnseg
+from fcnseg.imageio import save_mask_png
+from fcnseg.io import atomic_write, current_umask
+from tests.helpers import TINY
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and put the old one back."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600), (0o027, 0o640)])
+def test_a_new_file_gets_what_the_umask_leaves_of_0666(tmp_path, umask, mask, expected):
+    umask(mask)
+    assert current_umask() == mask
+    with atomic_write(tmp_path / "a.bin") as f:
+        f.write(b"x")
+    with open(tmp_path / "plain.bin", "wb") as f:  # the oracle: what open() itself does under this umask
+        f.write(b"x")
+    assert _mode(tmp_path / "a.bin") == expected == _mode(tmp_path / "plain.bin")
+
+
+def test_a_replaced_file_keeps_its_own_mode(tmp_path, umask):
+    umask(0o022)
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    os.chmod(path, 0o604)
+    with atomic_write(path, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and _mode(path) == 0o604
+
+
+def test_masks_and_checkpoints_are_readable_by_others_under_umask_022(tmp_path, umask):
+    # The files users share: a palette mask and a checkpoint (both written through the atomic writer).
+    umask(0o022)
+    save_mask_png(tmp_path / "m.png", np.zeros((4, 5), np.uint8), np.zeros((2, 3), np.uint8))
+    ckpt = fcnseg.save_checkpoint(fcnseg.get_model("fcn32s", num_classes=2, **TINY), tmp_path / "m.pt")
+    assert _mode(tmp_path / "m.png") == 0o644 and _mode(ckpt) == 0o644
