@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\n{describe(args.quick)}; {'quick' if args.quick else 'full'} run in {time.perf_counter() - t0:.0f} s.\n"
         f"checkpoints: {out}/<model>/best.pt; evaluation reports: {out}/<model>/eval/; "
-        f"pictures: {out}/predictions.png, {out}/comparison.png; figures: {out}/results.json"
+        f"pictures: {out}/predictions.png, {out}/comparison.png; figures: {out}/results.json\n"
+        f"report (FCN-8s on one page, with its worst and best images): {out / 'fcn8s' / 'eval' / 'report.html'}"
     )
     return 0
