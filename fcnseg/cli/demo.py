@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         f"\n{describe(args.quick)}; {'quick' if args.quick else 'full'} run: {process_seconds():.0f} s in all, "
         "start-up included (the time column: each stage's training and evaluation).\n"
         f"checkpoints: {out}/<model>/best.pt; evaluation reports: {out}/<model>/eval/; "
-        f"pictures: {out}/predictions.png, {out}/comparison.png; every model's metrics: {out}/results.json"
+        f"pictures: {out}/predictions.png, {out}/comparison.png; every model's metrics: {out}/results.json\n"
+        f"report (FCN-8s on one page, with its worst and best images): {out / 'fcn8s' / 'eval' / 'report.html'}"
     )
     return 0

@@ -21,6 +21,7 @@ from ..io import atomic_write
 from .config import TrainConfig
 
 BOUNDARY_WIDTH = 3  # pixels on either side of a class edge
+REPORT_IMAGES = 4  # the final model's report.html shows its 4 worst and 4 best validation images
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         print(f"[demo] training {name} for {iters} iterations" + (f" from {previous}" if previous else " from scratch"))
         train(stage_config(name, iters, plan, out, previous, progress))
         previous = out / name / "best.pt"
-        results[name] = evaluate_stage(previous, out / name, plan)
+        results[name] = evaluate_stage(
+            previous, out / name, plan, report_images=REPORT_IMAGES if name == "fcn8s" else 0
+        )
         results[name]["train_s"] = time.perf_counter() - t0
     results_path = out / "results.json"
     with atomic_write(results_path, "w") as f:
@@ -98,23 +101,61 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     return results
 
 
-def evaluate_stage(checkpoint: Path, folder: Path, plan: DemoPlan) -> dict[str, float]:
-    """Metrics on the first ``val_images`` validation images, plus mean IU near boundaries; writes the report."""
+def evaluate_stage(checkpoint: Path, folder: Path, plan: DemoPlan, *, report_images: int = 0) -> dict[str, float]:
+    """Metrics on the first ``val_images`` validation images, plus mean IU near boundaries; writes the report
+    files into ``folder/eval``, report.html too (with that many worst and best images) where ``report_images``."""
     from ..data import get_dataset
     from ..data.loader import make_loader
     from ..data.transforms import eval_transforms
     from ..hub import load
     from .evaluate import evaluate, write_report
+    from .examples import ImageScores
 
     model = load(checkpoint)
     ds = get_dataset("synthetic", split="val", transforms=eval_transforms(model.preprocessing))
     subset = torch.utils.data.Subset(ds, range(min(plan.val_images, len(ds))))
     loader = make_loader(subset, batch_size=plan.batch_size, num_workers=0)
-    cm, band = evaluate(model, loader, ds.num_classes, boundary_width=BOUNDARY_WIDTH, class_names=list(ds.classes))
-    write_report(cm, list(ds.classes), folder / "eval")
+    scores = ImageScores(subset.indices) if report_images else None
+    cm, band = evaluate(model, loader, ds.num_classes, boundary_width=BOUNDARY_WIDTH, class_names=list(ds.classes),
+                        on_image=scores)  # fmt: skip
+    doc = write_report(cm, list(ds.classes), folder / "eval")
     r = cm.compute()
     keys = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
-    return {**{k: r[k] for k in keys}, "boundary_mean_iu": band.compute()["mean_iu"]}
+    figures = {**{k: r[k] for k in keys}, "boundary_mean_iu": band.compute()["mean_iu"]}
+    if scores is not None:
+        write_stage_report(checkpoint, folder / "eval", model=model, ds=ds, cm=cm, doc=doc, scores=scores,
+                           n=report_images, boundary_iu=figures["boundary_mean_iu"])  # fmt: skip
+    return figures
+
+
+def write_stage_report(
+    checkpoint: Path,
+    out: Path,
+    *,
+    model: torch.nn.Module,
+    ds: Any,
+    cm: Any,
+    doc: dict[str, Any],
+    scores: Any,
+    n: int,
+    boundary_iu: float,
+) -> Path:
+    """``out/report.html`` for a stage: its model, validation set ``ds``, confusion matrix ``cm`` and metrics
+    ``doc``; the ``n`` worst and best of the images ``scores`` (an ``ImageScores``) ranked, and the mean IU near
+    boundaries in the header."""
+    from ..predict import mask_colors
+    from .examples import find_examples
+    from .report import pct, run_log, write_html_report
+
+    examples = find_examples(model, ds, scores.scores, n)["out"]
+    context = {
+        "checkpoint": str(checkpoint),
+        "dataset": f"synthetic, split val, the first {examples.ranked + examples.unscored} images",
+        f"mean IU within {BOUNDARY_WIDTH} px of an edge": f"{pct(boundary_iu)} %",
+    }
+    title = f"fcnseg demo: {checkpoint.parent.name} on the synthetic shapes"
+    return write_html_report(out, doc=doc, cm=cm, colors=mask_colors(model), examples=examples,
+                             log=run_log(checkpoint), title=title, context=context)  # fmt: skip
 
 
 def write_pictures(out: Path, plan: DemoPlan, count: int = 4) -> None:

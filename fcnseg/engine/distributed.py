@@ -64,6 +64,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def gather_objects(obj: object) -> list[object]:
+    """Every process's ``obj`` (picklable), in rank order, on every process; ``[obj]`` without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """Where ``sync`` is false, a DDP model's backward() keeps its gradients local (``no_sync``): accumulating
     micro-batches then costs one all-reduce per optimiser step, in the last backward, instead of one per

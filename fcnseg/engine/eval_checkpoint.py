@@ -1,13 +1,15 @@
 """A checkpoint evaluated on a dataset (``fcnseg eval``): one confusion matrix per head, over every process.
 
-Under ``torchrun`` each process evaluates its shard of the images and the matrices are summed across processes.
+Under ``torchrun`` each process evaluates its shard of the images and the matrices are summed across processes;
+the per-image scores that pick the report's worst and best images are gathered from every process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,12 +21,24 @@ from ..device import pick_device
 from ..errors import FcnsegError
 from ..hub import load
 from ..metrics import ConfusionMatrix
+from ..predict import head_colors
 from ..runtime import check_path, make_runner
-from .distributed import ShardSampler, cleanup_distributed, init_distributed
-from .evaluate import evaluate_heads
+from .distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
+from .evaluate import ImageCallback, evaluate_heads
+from .examples import Examples, ImageScores, find_examples
 from .train import excluded_indices, head_classes
 
 Reports = dict[str, tuple[ConfusionMatrix, list[str]]]
+
+
+class HeadReport(NamedTuple):
+    """One head's evaluation: its confusion matrix, class names and colours, and (when asked for) its worst and
+    best images."""
+
+    cm: ConfusionMatrix
+    classes: list[str]
+    colors: np.ndarray  # classes x 3 uint8: the model's palette
+    examples: Examples | None
 
 
 def dataset_runner(model: nn.Module, runtime: str, ds: SegmentationDataset) -> Callable | None:
@@ -69,13 +83,25 @@ def evaluate_dataset(
     runner: Callable | None = None,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    on_image: ImageCallback | None = None,
 ) -> Reports:
     """``{report subfolder: (confusion matrix, class names)}``, one per head: the subfolder is ``""`` for a
-    one-headed model (its report goes in the output folder itself) and the head's name otherwise."""
+    one-headed model (its report goes in the output folder itself) and the head's name otherwise. ``on_image``:
+    as :func:`~fcnseg.engine.evaluate.evaluate_heads`'s."""
     heads = head_classes(ds)
     kwargs = {"device": device, "exclude": excluded_indices(ds), "runner": runner, "flip": flip, "scales": scales}
-    cms = evaluate_heads(model, loader, heads, **kwargs)
+    cms = evaluate_heads(model, loader, heads, on_image=on_image, **kwargs)
     return {("" if len(cms) == 1 else name): (cm, list(heads[name])) for name, cm in cms.items()}
+
+
+def _examples(
+    model: nn.Module, ds: SegmentationDataset, scores: ImageScores | None, n: int, info: DistInfo, **kwargs: Any
+) -> dict[str, Examples]:
+    """On the main process, each head's ``n`` worst and best images over the scores of every process."""
+    if scores is None:
+        return {}
+    gathered = scores.gathered()  # a collective: every process takes part
+    return find_examples(model, ds, gathered, n, **kwargs) if info.is_main else {}
 
 
 def evaluate_checkpoint(
@@ -91,11 +117,13 @@ def evaluate_checkpoint(
     num_workers: int | None = None,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
-) -> Reports:
+    report_images: int = 0,
+) -> dict[str, HeadReport]:
     """Evaluate ``checkpoint`` on ``dataset``'s ``split`` (:func:`evaluate_dataset`, after :func:`check_fits`).
 
-    Returns the reports on the main process and ``{}`` on the others (under ``torchrun``). ``device``: a torch
-    device or ``auto``; ``runtime``: an execution path (:func:`fcnseg.runtime.make_runner`)."""
+    Returns ``{report subfolder: HeadReport}`` on the main process and ``{}`` on the others (under ``torchrun``).
+    ``device``: a torch device or ``auto``; ``runtime``: an execution path (:func:`fcnseg.runtime.make_runner`);
+    ``report_images``: how many worst and best images each head's report shows (0: none, nothing recorded)."""
     check_data_options(dict(data_options or {}))
     options = {**(data_options or {}), **({"download": True} if download else {})}
     dev = pick_device(device)
@@ -105,10 +133,19 @@ def evaluate_checkpoint(
         transforms = eval_transforms(model.preprocessing)
         ds = get_dataset(dataset, root=root, split=split, transforms=transforms, **options)
         check_fits(model, ds, checkpoint, dataset)
-        loader = make_loader(ds, batch_size=1, sampler=ShardSampler(len(ds), info), num_workers=num_workers)
-        runner = dataset_runner(model, runtime, ds)
+        sampler = ShardSampler(len(ds), info)
+        loader = make_loader(ds, batch_size=1, sampler=sampler, num_workers=num_workers)
+        kwargs = {"device": dev, "runner": dataset_runner(model, runtime, ds), "flip": flip, "scales": scales}
+        scores = ImageScores(sampler.indices) if report_images else None
         with torch.inference_mode():
-            reports = evaluate_dataset(model, ds, loader, device=dev, runner=runner, flip=flip, scales=scales)
+            reports = evaluate_dataset(model, ds, loader, on_image=scores, **kwargs)
+            examples = _examples(model, ds, scores, report_images, info, **kwargs)
     finally:
         cleanup_distributed()
-    return reports if info.is_main else {}
+    if not info.is_main:
+        return {}
+    colours = head_colors(model).values()
+    return {
+        sub: HeadReport(cm, names, colors, examples.get(head))
+        for (sub, (cm, names)), head, colors in zip(reports.items(), head_classes(ds), colours, strict=True)
+    }

@@ -63,6 +63,35 @@ def predict_logits_batch(
     return total / (len(scales) * (2 if flip else 1))
 
 
+ImageCallback = Callable[[dict[str, ConfusionMatrix]], None]
+"""Called with one image's confusion matrices, ``{head: matrix}`` (see :func:`count`)."""
+
+
+def count(
+    cms: Mapping[str, ConfusionMatrix],
+    preds: Sequence[torch.Tensor],
+    truths: Sequence[torch.Tensor],
+    on_image: ImageCallback | None = None,
+) -> None:
+    """Add a batch to ``cms``: per head (in ``cms``' order) its N x H x W predicted labels against its truth.
+
+    With ``on_image`` the batch is counted image by image instead: each image's own matrices go to ``on_image``
+    and are then added to ``cms``, so the totals are the same and no pixel is counted twice. Nothing but the
+    matrices is kept: a caller records what it needs of them (e.g. a score per image)."""
+    if on_image is None:
+        for cm, pred, truth in zip(cms.values(), preds, truths, strict=True):
+            cm.update(pred, truth)
+        return
+    for i in range(len(truths[0])):
+        own = {
+            name: ConfusionMatrix(cm.num_classes, cm.class_names, device=truth.device, exclude=cm.exclude)
+            for (name, cm), truth in zip(cms.items(), truths, strict=True)
+        }
+        for (name, cm), pred, truth in zip(cms.items(), preds, truths, strict=True):
+            cm.merge(own[name].update(pred[i], truth[i]))
+        on_image(own)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -76,12 +105,14 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     exclude: Sequence[int] = (),
+    on_image: ImageCallback | None = None,
 ) -> ConfusionMatrix | tuple[ConfusionMatrix, ConfusionMatrix]:
     """Accumulate one confusion matrix over ``loader`` (summed across ranks under DDP).
 
     With ``boundary_width`` also returns the matrix restricted to pixels within that distance of a class edge.
     ``runner``: an execution path (:func:`fcnseg.runtime.make_runner`) used instead of calling ``model``.
     ``exclude``: class indices left out of the mean accuracy and mean IU (classes a test set lacks).
+    ``on_image``: called once per image with ``{"out": that image's matrix}`` (:func:`count`).
     """
     was_training = model.training
     model.eval()
@@ -91,7 +122,7 @@ def evaluate(
         for images, masks in loader:
             images, masks = images.to(device), masks.to(device)
             pred = predict_logits_batch(runner or model, images, flip=flip, scales=scales).argmax(1).to(masks.device)
-            cm.update(pred, masks)
+            count({"out": cm}, [pred], [masks], on_image)
             if band_cm is not None:
                 band = boundary_band(masks, boundary_width)
                 band_cm.update(pred[band], masks[band])
@@ -115,13 +146,16 @@ def evaluate_heads(
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    on_image: ImageCallback | None = None,
 ) -> dict[str, ConfusionMatrix]:
     """One confusion matrix per head of ``model`` (one for most models; SIFT Flow's semantic and geometric), in
     one pass over ``loader``, summed across ranks under DDP.
 
     ``loader`` yields masks N x H x W for one head, N x K x H x W for K heads (the k-th map labels the k-th head);
     ``head_classes`` names each head's classes in the model's head order; ``exclude`` maps a head to class indices
-    left out of its means; ``flip`` and ``scales``: test-time augmentation (:func:`predict_logits_batch`).
+    left out of its means; ``flip`` and ``scales``: test-time augmentation (:func:`predict_logits_batch`);
+    ``on_image``: called once per image, in the loader's order, with ``{head: that image's matrix}`` (see
+    :func:`count`).
     """
     from ..models.fcn import split_heads
 
@@ -139,8 +173,8 @@ def evaluate_heads(
         for images, masks in loader:
             logits = predict_logits_batch(runner or model, images.to(device), flip=flip, scales=scales, heads=sizes)
             per_head = masks[:, None] if masks.dim() == 3 else masks
-            for k, (cm, scores) in enumerate(zip(cms.values(), split_heads(model, logits).values(), strict=True)):
-                cm.update(scores.argmax(1).to(masks.device), per_head[:, k])
+            preds = [scores.argmax(1).to(masks.device) for scores in split_heads(model, logits).values()]
+            count(cms, preds, per_head.unbind(1), on_image)
     finally:
         model.train(was_training)
     for cm in cms.values():

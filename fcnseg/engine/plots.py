@@ -1,10 +1,12 @@
-"""Pictures a person can read: confusion heatmap, per-class bars, prediction panels, model comparison."""
+"""Pictures a person can read: confusion heatmap, per-class bars, prediction panels, model comparison, training
+curves. Each one goes to a file path (written atomically) or to an open binary file (e.g. ``io.BytesIO``, for PNG
+bytes to inline in a page)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import matplotlib
 
@@ -14,14 +16,21 @@ import numpy as np  # noqa: E402
 
 from ..io import atomic_write  # noqa: E402
 
-
-def _save(fig: Any, path: Path) -> None:
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+Target = str | Path | IO[bytes]
 
 
-def plot_confusion(mat: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
+def _save(fig: Any, target: Target) -> None:
+    try:
+        if hasattr(target, "write"):
+            fig.savefig(target, format="png", dpi=110, bbox_inches="tight")
+        else:
+            with atomic_write(Path(target)) as f:
+                fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion(mat: np.ndarray, class_names: Sequence[str], path: Target) -> None:
     """Row-normalised confusion matrix (each ground-truth row sums to 100%), with percentages written in."""
     n = len(class_names)
     rows = mat.sum(1, keepdims=True)
@@ -41,10 +50,10 @@ def plot_confusion(mat: np.ndarray, class_names: Sequence[str], path: str | Path
                     ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7, color=colour)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the class's pixels")
     ax.set_title("confusion matrix (row-normalised, %)")
-    _save(fig, Path(path))
+    _save(fig, path)
 
 
-def plot_per_class(metrics: Mapping[str, Any], path: str | Path) -> None:
+def plot_per_class(metrics: Mapping[str, Any], path: Target) -> None:
     """Horizontal bars of IU per class, with the mean IU marked."""
     names = list(metrics["per_class"])
     ius = [metrics["per_class"][k]["iu"] for k in names]
@@ -61,13 +70,13 @@ def plot_per_class(metrics: Mapping[str, Any], path: str | Path) -> None:
     for i, v in enumerate(vals):
         ax.text(v + 1, i, f"{v:.1f}", va="center", fontsize=8)
     ax.set_title("IU per class")
-    _save(fig, Path(path))
+    _save(fig, path)
 
 
 def plot_predictions(
     panels: Sequence[tuple[np.ndarray, np.ndarray, Mapping[str, np.ndarray]]],
     colors: np.ndarray,
-    path: str | Path,
+    path: Target,
 ) -> None:
     """Rows of image | ground truth | one column per model's prediction (colour-coded classes)."""
     cols = 2 + len(panels[0][2])
@@ -84,10 +93,10 @@ def plot_predictions(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=9)
-    _save(fig, Path(path))
+    _save(fig, path)
 
 
-def plot_model_comparison(rows: Mapping[str, Mapping[str, float]], path: str | Path) -> None:
+def plot_model_comparison(rows: Mapping[str, Mapping[str, float]], path: Target) -> None:
     """Grouped bars: one group per metric, one bar per model."""
     models = list(rows)
     metrics = list(next(iter(rows.values())))
@@ -103,4 +112,30 @@ def plot_model_comparison(rows: Mapping[str, Mapping[str, float]], path: str | P
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")
     ax.legend(fontsize=8, loc="lower right")
-    _save(fig, Path(path))
+    _save(fig, path)
+
+
+def plot_training_curves(rows: Sequence[Mapping[str, str]], path: Target, *, first_head: str = "") -> None:
+    """A training run's ``log.csv`` rows: the training loss and the validation mean IU (one line per head) against
+    the iteration. Empty cells (a loss row has no validation figures and the reverse) are skipped. ``first_head``
+    names the head of the unprefixed columns (the log prefixes only the further heads' columns)."""
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = [(int(r["iteration"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, (loss_ax, iu_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
+    loss_ax.plot(*series("loss"), color="#4878cf", lw=1.2)
+    loss_ax.set_title("training loss")
+    iu_keys = [k for k in (rows[0] if rows else {}) if k == "mean_iu" or k.endswith("/mean_iu")]
+    for key in iu_keys:
+        its, values = series(key)
+        label = f"{first_head} mean IU".strip() if key == "mean_iu" else f"{key.rsplit('/', 1)[0]} mean IU"
+        iu_ax.plot(its, [100 * v for v in values], marker="o", ms=3, lw=1.2, label=label)
+    iu_ax.set_title("validation mean IU (%)")
+    if len(iu_keys) > 1:
+        iu_ax.legend(fontsize=8)
+    for ax in (loss_ax, iu_ax):
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    _save(fig, path)

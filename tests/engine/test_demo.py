@@ -5,6 +5,7 @@ import json
 from PIL import Image
 
 import fcnseg
+from tests.engine.test_report import Page, decode, pct
 
 
 def test_quick_demo(quick_demo):
@@ -27,3 +28,20 @@ def test_quick_demo(quick_demo):
         with Image.open(out / png) as im:
             assert im.size[0] > 300
     assert "fcn8s" in printed and "boundary IU" in printed and "predictions.png" in printed
+
+
+def test_quick_demo_writes_and_links_the_final_models_report(quick_demo):
+    out, printed = quick_demo
+    report = out / "fcn8s" / "eval" / "report.html"
+    assert f"report (FCN-8s on one page, with its worst and best images): {report}" in printed
+    assert not (out / "fcn32s" / "eval" / "report.html").exists()  # the final model's only
+    page = Page(report.read_text(encoding="utf-8"))
+    doc = json.loads((out / "fcn8s" / "eval" / "metrics.json").read_text())
+    assert page.sections == ["metrics", "classes", "figures", "curves", "worst", "best"]  # curves: its run's log
+    assert page.metrics["mean_iu"] == pct(doc["mean_iu"]) and list(page.rows) == list(doc["per_class"])
+    worst, best = page.figures["worst"], page.figures["best"]
+    assert len(worst) == len(best) == 4
+    ius = [float(f["data-iu"]) for f in worst + best[::-1]]
+    assert ius == sorted(ius) and ius[0] < ius[-1]
+    for img in page.images:
+        assert decode(img["src"]).width > 0
