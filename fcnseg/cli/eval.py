@@ -8,7 +8,15 @@ import argparse
 from pathlib import Path
 
 from ..errors import FcnsegError
-from ._common import add_data_option, add_dataset_flags, add_device, add_download, add_out, add_runtime
+from ._common import (
+    add_data_option,
+    add_dataset_flags,
+    add_device,
+    add_download,
+    add_out,
+    add_quiet,
+    add_runtime,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,7 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales, e.g. 0.75 1 1.25")
     add_device(p, "auto")
     add_runtime(p, "eager (fp32), bf16, onnx, onnx-int8 (CPU) or compile")
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="data loading processes (default: as many as the CPU allows, up to 4)")  # fmt: skip
+    add_quiet(p, "no progress bar")
     report_help = "report.html shows the N worst and N best images by their mean IU (default: 4; 0: none)"
     p.add_argument("--report-images", type=int, default=4, metavar="N", help=report_help)
     add_download(p)
@@ -66,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         flip=args.flip,
         scales=args.scales,
         report_images=args.report_images,
+        progress=not args.quiet,
     )
     pages = []
     for sub, head in reports.items():  # empty on all but the main process

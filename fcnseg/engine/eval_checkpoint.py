@@ -6,12 +6,14 @@ the per-image scores that pick the report's worst and best images are gathered f
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..data import get_dataset
 from ..data.base import SegmentationDataset, check_data_options
@@ -118,12 +120,14 @@ def evaluate_checkpoint(
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
     report_images: int = 0,
+    progress: bool = False,
 ) -> dict[str, HeadReport]:
     """Evaluate ``checkpoint`` on ``dataset``'s ``split`` (:func:`evaluate_dataset`, after :func:`check_fits`).
 
     Returns ``{report subfolder: HeadReport}`` on the main process and ``{}`` on the others (under ``torchrun``).
     ``device``: a torch device or ``auto``; ``runtime``: an execution path (:func:`fcnseg.runtime.make_runner`);
-    ``report_images``: how many worst and best images each head's report shows (0: none, nothing recorded)."""
+    ``report_images``: how many worst and best images each head's report shows (0: none, nothing recorded);
+    ``progress``: a progress bar on stderr (main process only)."""
     check_data_options(dict(data_options or {}))
     options = {**(data_options or {}), **({"download": True} if download else {})}
     dev = pick_device(device)
@@ -135,6 +139,8 @@ def evaluate_checkpoint(
         check_fits(model, ds, checkpoint, dataset)
         sampler = ShardSampler(len(ds), info)
         loader = make_loader(ds, batch_size=1, sampler=sampler, num_workers=num_workers)
+        show = progress and info.is_main
+        loader = tqdm(loader, desc="eval", unit="img", disable=not show, file=sys.stderr, total=len(sampler))
         kwargs = {"device": dev, "runner": dataset_runner(model, runtime, ds), "flip": flip, "scales": scales}
         scores = ImageScores(sampler.indices) if report_images else None
         with torch.inference_mode():

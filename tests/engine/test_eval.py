@@ -208,3 +208,15 @@ def test_tta_on_a_two_headed_model_averages_each_heads_own_probabilities():
     cms = evaluate_heads(model, [(x, masks)], heads, flip=True, scales=scales)
     assert [cm.mat.trace().item() for cm in cms.values()] == [40 * 56, 40 * 56]
     assert [cm.mat.sum().item() for cm in cms.values()] == [40 * 56, 40 * 56]
+
+
+def test_eval_shows_its_progress_and_quiet_hides_it(tmp_path, capsys):
+    _blocks_tree(tmp_path / "data", n=3, size=32)
+    ckpt = fcnseg.save_checkpoint(fcnseg.get_model("fcn32s", num_classes=4, **TINY), tmp_path / "m.pt")
+    argv = ["eval", str(ckpt), "--dataset", "folder", "--root", str(tmp_path / "data"), "--split", "val",
+            "--num-workers", "0", "--device", "cpu", "--report-images", "0"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "eval: 100%" in err and "3/3" in err, err  # every image of the split counted, as it is evaluated
+    assert main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "eval" not in capsys.readouterr().err
