@@ -339,6 +339,34 @@ def overlay(image_rgb: np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: 
     return np.where(tinted, np.rint(blend), img).astype(np.uint8)
 
 
+def add_legend(rgb: np.ndarray, mask: np.ndarray, colors: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """``rgb`` (an overlay) with a legend in its lower left corner: a swatch and the name of each class present in
+    ``mask``, largest first, leaving out classes drawn black (background). The text scales with the image; an image
+    too small to hold the legend without hiding most of it is returned as it is."""
+    from PIL import ImageDraw, ImageFont
+
+    counts = np.bincount(np.asarray(mask, np.int64).ravel(), minlength=len(colors))[: len(colors)]
+    shown = [c for c in np.argsort(-counts, kind="stable") if counts[c] and np.any(colors[c] != 0)][:12]
+    h, w = rgb.shape[:2]
+    size = max(10, round(min(h, w) / 28))
+    line, pad = round(size * 1.35), max(2, size // 3)
+    font = ImageFont.load_default(size=size)
+    labels = [names[c] if c < len(names) else f"class {c}" for c in shown]
+    width = pad * 3 + size + max((font.getlength(t) for t in labels), default=0)
+    height = pad * 2 + line * len(shown)
+    if not shown or width > 0.6 * w or height > 0.6 * h:
+        return rgb
+    img = Image.fromarray(np.ascontiguousarray(rgb[:, :, :3]))
+    draw = ImageDraw.Draw(img, "RGBA")
+    top = h - height - pad
+    draw.rectangle((pad, top, pad + width, top + height), fill=(0, 0, 0, 150))
+    for i, (c, label) in enumerate(zip(shown, labels, strict=True)):
+        y = top + pad + i * line
+        draw.rectangle((2 * pad, y, 2 * pad + size, y + size), fill=tuple(int(v) for v in colors[c]), outline="white")
+        draw.text((3 * pad + size, y - size // 8), label, fill="white", font=font)
+    return np.asarray(img)
+
+
 def save_mask_png(path: PathLike, mask: np.ndarray, colors: np.ndarray) -> None:
     """Write a ``H x W`` class-index mask as a palette PNG whose pixel values are the indices.
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import FcnsegError
-from .imageio import as_rgb_array, overlay, save_mask_png, save_rgb
+from .imageio import add_legend, as_rgb_array, overlay, save_mask_png, save_rgb
 from .io import atomic_write
 from .palette import palette_for
 
@@ -154,6 +154,14 @@ def head_colors(model: nn.Module) -> dict[str, np.ndarray]:
     return colours
 
 
+def head_names(model: nn.Module) -> dict[str, list[str]]:
+    """Each head's class names (``class <i>`` where the model records none)."""
+    recorded = {**(getattr(model, "head_classes", None) or {})}
+    first = next(iter(head_sizes(model)))
+    recorded.setdefault(first, getattr(model, "classes", None))
+    return {h: list(recorded.get(h) or [f"class {i}" for i in range(n)]) for h, n in head_sizes(model).items()}
+
+
 def predict_heads(
     model: nn.Module, image: Any, *, probs: bool = False, **kwargs: Any
 ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
@@ -191,14 +199,15 @@ def save_prediction(
     (:func:`head_colors`). Other keywords (``runner``, ``tile``, ``overlap``) as :func:`predict_logits`.
     """
     out = Path(out)
-    colours = head_colors(model)
+    colours, names = head_colors(model), head_names(model)
     if colors is not None:
         colours[next(iter(colours))] = colors
     for i, (head, (mask, p)) in enumerate(predict_heads(model, image, probs=probs, **kwargs).items()):
         name = stem if i == 0 else f"{stem}_{head}"
         save_mask_png(out / f"{name}.png", mask, colours[head])
         if overlay_on is not None:
-            save_rgb(out / f"{name}_overlay.{overlay_format}", overlay(overlay_on, mask, colours[head]))
+            blended = add_legend(overlay(overlay_on, mask, colours[head]), mask, colours[head], names[head])
+            save_rgb(out / f"{name}_overlay.{overlay_format}", blended)
         if p is not None:
             with atomic_write(out / f"{name}.npy") as f:
                 np.save(f, p)

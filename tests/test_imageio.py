@@ -523,3 +523,24 @@ def test_failed_write_keeps_existing_file(tmp_path, monkeypatch, writer):
     assert target.read_bytes() == before
     assert os.listdir(tmp_path) == ["keep.png"]
     assert read_mask_png(target).tolist() == [[3, 3], [3, 3]]
+
+
+def test_overlay_legend_lists_the_classes_present_largest_first():
+    from fcnseg.imageio import add_legend
+
+    rgb = np.full((300, 400, 3), 128, np.uint8)
+    mask = np.zeros((300, 400), np.uint8)  # background (black: not listed)
+    mask[:, 200:] = 2  # the largest class shown
+    mask[:40, :40] = 1
+    colors = np.array([[0, 0, 0], [250, 20, 20], [20, 250, 20], [20, 20, 250]], np.uint8)  # class 3 absent
+    out = add_legend(rgb, mask, colors, ["background", "cat", "dog", "car"])
+    changed = np.argwhere((out != rgb).any(axis=2))
+    assert changed[:, 0].min() > 300 * 0.4 and changed[:, 1].max() < 400 * 0.6  # only the lower left corner
+    swatches = [tuple(c) for c in colors.tolist()]
+    rows = {}  # the first row where each class colour appears exactly, inside the legend
+    for y, x in changed:
+        rows.setdefault(tuple(out[y, x].tolist()), y)
+    assert swatches[2] in rows and swatches[1] in rows and swatches[3] not in rows
+    assert rows[swatches[2]] < rows[swatches[1]]  # dog (more pixels) above cat
+    tiny = np.full((40, 50, 3), 128, np.uint8)  # too small to hold a legend: left alone
+    np.testing.assert_array_equal(add_legend(tiny, mask[:40, :50], colors, ["background", "cat", "dog", "car"]), tiny)

@@ -172,7 +172,7 @@ def write_pictures(out: Path, plan: DemoPlan, count: int = 4) -> None:
         image, mask = ds.load_pair(i)
         preds = {name: m.predict(image) for name, m in models.items()}
         panels.append((image, mask, preds))
-    plot_predictions(panels, np.asarray(ds.palette, np.uint8), out / "predictions.png")
+    plot_predictions(panels, np.asarray(ds.palette, np.uint8), out / "predictions.png", class_names=ds.classes)
     keys = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu", "boundary_mean_iu")
     plot_model_comparison({m: {k: results[m][k] for k in keys} for m in results}, out / "comparison.png")
 

@@ -37,7 +37,7 @@ def plot_confusion(mat: np.ndarray, class_names: Sequence[str], path: Target) ->
     norm = np.divide(mat, rows, out=np.zeros(mat.shape, float), where=rows > 0)
     size = max(4.0, 0.45 * n + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(100 * norm, cmap="Blues", vmin=0, vmax=100)  # in % like the numbers written in, and the bar
     ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), class_names, fontsize=8)
     ax.set_xlabel("predicted")
@@ -48,8 +48,8 @@ def plot_confusion(mat: np.ndarray, class_names: Sequence[str], path: Target) ->
                 if norm[i, j] >= 0.005:
                     colour = "white" if norm[i, j] > 0.5 else "black"
                     ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7, color=colour)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the class's pixels")
-    ax.set_title("confusion matrix (row-normalised, %)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class's pixels")
+    ax.set_title("confusion matrix: each row, % of a true class's pixels")
     _save(fig, path)
 
 
@@ -62,11 +62,12 @@ def plot_per_class(metrics: Mapping[str, Any], path: Target) -> None:
     ax.barh(range(len(names)), vals, color="#4878cf")
     ax.set_yticks(range(len(names)), [n + (" (absent)" if v is None else "") for n, v in zip(names, ius, strict=True)])
     ax.invert_yaxis()
-    ax.set_xlim(0, 100)
+    ax.set_xlim(0, 110)  # room for the value written after a 100% bar
+    ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel("IU (%)")
     if metrics.get("mean_iu") is not None:
         ax.axvline(100 * metrics["mean_iu"], color="#d65f5f", ls="--", label=f"mean IU {100 * metrics['mean_iu']:.1f}")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8)  # beside, not on, bars
     for i, v in enumerate(vals):
         ax.text(v + 1, i, f"{v:.1f}", va="center", fontsize=8)
     ax.set_title("IU per class")
@@ -77,8 +78,10 @@ def plot_predictions(
     panels: Sequence[tuple[np.ndarray, np.ndarray, Mapping[str, np.ndarray]]],
     colors: np.ndarray,
     path: Target,
+    class_names: Sequence[str] | None = None,
 ) -> None:
-    """Rows of image | ground truth | one column per model's prediction (colour-coded classes)."""
+    """Rows of image | ground truth | one column per model's prediction (colour-coded classes), and below them a
+    legend of ``class_names`` in their colours."""
     cols = 2 + len(panels[0][2])
     fig, axes = plt.subplots(len(panels), cols, figsize=(2.2 * cols, 2.2 * len(panels)), squeeze=False)
     lut = np.zeros((256, 3), np.uint8)
@@ -93,7 +96,18 @@ def plot_predictions(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=9)
+    if class_names:
+        _legend(fig, class_names, colors, columns=min(len(class_names), max(2, cols + 1)))
     _save(fig, path)
+
+
+def _legend(fig: Any, class_names: Sequence[str], colors: np.ndarray, columns: int) -> None:
+    """A legend of the classes' colours under the figure (an edge on each swatch, so a black one still shows)."""
+    from matplotlib.patches import Patch
+
+    pairs = zip(class_names, colors[: len(class_names)], strict=True)
+    handles = [Patch(facecolor=np.asarray(c) / 255, edgecolor="0.4", label=n) for n, c in pairs]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns, fontsize=8, frameon=False)
 
 
 def plot_model_comparison(rows: Mapping[str, Mapping[str, float]], path: Target) -> None:
@@ -108,10 +122,10 @@ def plot_model_comparison(rows: Mapping[str, Mapping[str, float]], path: Target)
         bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=m)
         for b, v in zip(bars, vals, strict=True):
             ax.text(b.get_x() + b.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", fontsize=7)
-    ax.set_xticks(x, metrics)
-    ax.set_ylim(0, 105)
+    ax.set_xticks(x, [k.replace("_", " ") for k in metrics])
+    ax.set_ylim(0, 108)
     ax.set_ylabel("%")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the bars
     _save(fig, path)
 
 
