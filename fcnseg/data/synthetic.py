@@ -69,6 +69,9 @@ _REF = 128  # object sizes are given for 128 px images and scale with the shorte
 # yet mostly wide enough that bilinearly upsampled stride-8 scores can outline them: all 2-4 px would cap FCN-8s
 # near 0.85 mean IU even with perfect scores, short of the demo's 0.80 once learning is imperfect.
 STICK_HALF_WIDTH = (1.0, 5.0)
+SHAPE_RADIUS = (13.0, 28.0)  # px at 128 px: discs, squares, triangles, crosses and rings
+SHAPES_PER_IMAGE = (5, 10)  # at 128 px (numpy's integers: the upper bound is excluded); scaled with the area
+STICKS_PER_IMAGE = (2, 5)
 CROSS_HALF_WIDTH = (3.0, 5.5)
 RING_WALL = (5.0, 10.0)
 _PERIOD = 12  # every texture repeats after 12 px in both directions, so a random offset below 12 is a random phase
@@ -245,10 +248,10 @@ def _draw_object(rng: np.random.Generator, sc: _Scene, cls: int, at: tuple[float
         radius = rng.uniform(14, 45) * scale
         half_w = stick_half_w
     elif cls == CROSS:
-        radius = rng.uniform(13, 28) * scale
+        radius = rng.uniform(*SHAPE_RADIUS) * scale
         half_w = rng.uniform(*CROSS_HALF_WIDTH)
     else:
-        radius = rng.uniform(13, 28) * scale
+        radius = rng.uniform(*SHAPE_RADIUS) * scale
         half_w = 0.0
     shape = _shape(rng, cls, radius, half_w)
     win = sc.window(cy, cx, shape["extent"])
@@ -345,8 +348,8 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
     sc = _Scene(height, width, base)
     _draw_clutter(rng, sc, base, scale, area)
 
-    n_shapes = max(1, round(rng.integers(5, 10) * area))
-    n_sticks = max(1, round(rng.integers(2, 5) * area))
+    n_shapes = max(1, round(rng.integers(*SHAPES_PER_IMAGE) * area))
+    n_sticks = max(1, round(rng.integers(*STICKS_PER_IMAGE) * area))
     classes = np.concatenate([rng.choice(_SHAPE_CLASSES, n_shapes), np.full(n_sticks, STICK)])
     rng.shuffle(classes)  # sticks lie on top of some shapes and under others
     # One stick width per image: some images have only hair-thin sticks (2-4 px), others only bolder ones.
