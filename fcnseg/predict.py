@@ -134,15 +134,28 @@ def mask_colors(model: nn.Module) -> np.ndarray:
     return np.asarray(model.palette or palette_for(model.classes, model.num_classes), np.uint8)
 
 
-def save_head_masks(model: nn.Module, image: Any, out: str | Path, stem: str, **kwargs: Any) -> None:
-    """A model of several heads: ``STEM.png`` for the first head (in :func:`mask_colors`), ``STEM_<head>.png`` for
-    the others (in the colours of their class names). Keywords as :func:`predict_logits`."""
-    masks = model.predict(image, **kwargs)
+def head_colors(model: nn.Module) -> dict[str, np.ndarray]:
+    """Each head's class colours (N x 3 uint8), as its masks are written: one head in :func:`mask_colors`; of several,
+    the first in the model's palette when it has one, every other in the colours of its class names."""
+    heads = getattr(model, "heads", None) or {"out": model.num_classes}
+    if len(heads) == 1:
+        return {next(iter(heads)): mask_colors(model)}
     names = getattr(model, "head_classes", {}) or {}
+    colours = {}
+    for i, (head, n) in enumerate(heads.items()):
+        palette = model.palette if i == 0 and model.palette else palette_for(names.get(head) or None, n)
+        colours[head] = np.asarray(palette, np.uint8)
+    return colours
+
+
+def save_head_masks(model: nn.Module, image: Any, out: str | Path, stem: str, **kwargs: Any) -> None:
+    """A model of several heads: ``STEM.png`` for the first head, ``STEM_<head>.png`` for the others, each in its
+    :func:`head_colors`. Keywords as :func:`predict_logits`."""
+    masks = model.predict(image, **kwargs)
+    colours = head_colors(model)
     for i, (head, mask) in enumerate(masks.items()):
-        colours = model.palette if i == 0 and model.palette else palette_for(names.get(head) or None, model.heads[head])
         name = f"{stem}.png" if i == 0 else f"{stem}_{head}.png"
-        save_mask_png(Path(out) / name, mask, np.asarray(colours, np.uint8))
+        save_mask_png(Path(out) / name, mask, colours[head])
 
 
 def save_prediction(
