@@ -44,6 +44,13 @@ let s = ""; for (let i = 0; i < data.length; i++) s += String.fromCharCode(data[
 return [c.width, c.height, btoa(s)];
 """
 
+WATCH_PROGRESS = """
+window.progressTexts = [];
+const box = document.getElementById("progress");
+new MutationObserver(() => { if (!box.hidden) window.progressTexts.push(box.textContent.trim()); })
+  .observe(box, { attributes: true, childList: true, subtree: true, characterData: true });
+"""
+
 DOWNLOADED = """
 const done = arguments[arguments.length - 1];
 const link = document.getElementById("download");
@@ -119,8 +126,10 @@ def test_the_page_segments_a_photo_in_chromium(tmp_path):
         driver.get(server.url)
         card = _wait(driver, lambda d: "background, red" in d.find_element(By.ID, "card").text and d.find_element(
             By.ID, "card").text)  # fmt: skip
+        driver.execute_script(WATCH_PROGRESS)
         driver.find_element(By.ID, "file").send_keys(str(photo_path))
         _wait(driver, lambda d: d.find_element(By.ID, "result").is_displayed())
+        progress_seen = driver.execute_script("return window.progressTexts;")
         legend = [li.text.split("\n") for li in driver.find_elements(By.CSS_SELECTOR, "#legend li")]
         blended = _canvas(driver)
         _set_opacity(driver, 100)
@@ -162,4 +171,6 @@ def test_the_page_segments_a_photo_in_chromium(tmp_path):
     assert error == ("Could not segment the image: notes.png: cannot read image (not an image file Pillow can "
                      "decode; expected JPEG, PNG, BMP, TIFF, WebP, ...)")  # fmt: skip
     assert progress_hidden
+    # While the upload and the segmentation ran, the progress indicator said so.
+    assert any(t.startswith("Uploading") for t in progress_seen) and "Segmenting…" in progress_seen
     assert "POST /predict 200" in server.log() and "POST /predict 400" in server.log(), server.log()

@@ -231,7 +231,7 @@ async function render(result, file) {
   canvas.width = result.width;
   canvas.height = result.height;
   // Small images are shown enlarged (whole pixels, not smoothed); large ones fit the column.
-  const scale = Math.max(1, Math.floor(480 / Math.max(result.width, result.height)));
+  const scale = Math.max(1, Math.round(512 / Math.max(result.width, result.height)));
   canvas.style.width = `${result.width * scale}px`;
   canvas.classList.toggle("enlarged", scale > 1);
   state.picture = await decodePicture(file, result.width, result.height);
