@@ -6,10 +6,15 @@ A flag's name, type and action live here; a command passes only what it says dif
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..errors import FcnsegError
 
 DOWNLOAD_HELP = "fetch voc / sbd first (torchvision's downloader)"
 
@@ -96,3 +101,38 @@ def add_out(p: argparse.ArgumentParser, help_text: str, default: str | None = No
 
 def add_quiet(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--quiet", action="store_true", help=help_text)
+
+
+def add_tiling(p: argparse.ArgumentParser) -> None:
+    """``--tile N`` and ``--overlap PIXELS``: overlapping windows for large images (:mod:`fcnseg.tiling`)."""
+    p.add_argument("--tile", type=int, metavar="N", help="run N x N windows, a multiple of 32 (large images)")
+    p.add_argument("--overlap", type=int, default=64, metavar="N", help="--tile windows overlap (default: 64 px)")
+
+
+def add_calibration(p: argparse.ArgumentParser, default_images: str) -> None:
+    """``--calibration DIR`` and ``--calibration-images N``: what ``--runtime onnx-int8`` calibrates on."""
+    help_text = f"onnx-int8: images to calibrate on (default: {default_images})"
+    p.add_argument("--calibration", metavar="DIR", help=help_text)
+    p.add_argument("--calibration-images", type=int, default=8, metavar="N", help="onnx-int8: how many (default: 8)")
+
+
+def runner_from_flags(args: argparse.Namespace, model, files: Sequence[Path] = ()):
+    """The execution path ``--runtime`` asks for (None: eager, the model's own); onnx-int8 calibrates on the
+    ``--calibration`` images, else on the first of ``files``."""
+    from ..imageio import collect_inputs, load_image
+    from ..runtime import check_path, make_runner, normalised
+
+    check_path(args.runtime)
+    if args.runtime == "eager":
+        return None
+    calibration = []
+    if args.runtime == "onnx-int8":
+        sources, problems = collect_inputs([args.calibration]) if args.calibration else (list(files), [])
+        if problems:
+            raise FcnsegError(f"--calibration {args.calibration}: {problems[0]}")
+        images = []
+        for f in sources[: args.calibration_images]:
+            with contextlib.suppress(FcnsegError):  # a bad file is reported when it is predicted
+                images.append(load_image(f))
+        calibration = normalised(model, images)
+    return make_runner(model, args.runtime, calibration=calibration)

@@ -9,11 +9,21 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import FcnsegError
-from ._common import add_device, add_out, add_quiet, add_runtime, add_weights, add_weights_file, error
+from ._common import (
+    add_calibration,
+    add_device,
+    add_out,
+    add_quiet,
+    add_runtime,
+    add_tiling,
+    add_weights,
+    add_weights_file,
+    error,
+    runner_from_flags,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,10 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--probs", action="store_true", help="also write <stem>.npy, C x H x W probabilities")
     add_device(p, "cpu", "torch device (default: cpu)")
     add_runtime(p, "eager (fp32), bf16, onnx, onnx-int8 or compile")
-    p.add_argument("--calibration", metavar="DIR", help="onnx-int8: images to calibrate on (default: the inputs)")
-    p.add_argument("--calibration-images", type=int, default=8, metavar="N", help="onnx-int8: how many (default: 8)")
-    p.add_argument("--tile", type=int, metavar="N", help="run N x N windows, a multiple of 32 (large images)")
-    p.add_argument("--overlap", type=int, default=64, metavar="N", help="--tile windows overlap (default: 64 px)")
+    add_calibration(p, "the inputs")
+    add_tiling(p)
     add_quiet(p, "no progress bar or summary")
     p.add_argument(
         "--extra", action="append", default=[], metavar="DIR",
@@ -91,27 +99,6 @@ def _check_predictable(model, args: argparse.Namespace, checkpoint: str | None) 
         check_tiling(args.tile, args.overlap, model.stride)
 
 
-def _runner_for(args: argparse.Namespace, model, files: Sequence[Path]):
-    """The execution path asked for; onnx-int8 calibrates on --calibration images or the first inputs."""
-    from ..imageio import collect_inputs, load_image
-    from ..runtime import check_path, make_runner, normalised
-
-    check_path(args.runtime)
-    if args.runtime == "eager":
-        return None
-    calibration = []
-    if args.runtime == "onnx-int8":
-        sources, problems = collect_inputs([args.calibration]) if args.calibration else (list(files), [])
-        if problems:
-            raise FcnsegError(f"--calibration {args.calibration}: {problems[0]}")
-        images = []
-        for f in sources[: args.calibration_images]:
-            with contextlib.suppress(FcnsegError):  # a bad file is reported when it is predicted
-                images.append(load_image(f))
-        calibration = normalised(model, images)
-    return make_runner(model, args.runtime, calibration=calibration)
-
-
 def _report_agreement(model, runner, first: Path | None, quiet: bool) -> None:
     # Reduced precision changes some pixels: say how many, on the first image, against eager fp32.
     if runner is None or first is None or quiet:
@@ -157,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         raise FcnsegError(f"{problems[0]}{more}" if problems else "predict: no input images")
     out = Path(args.out)
     _check_writable(out)
-    runner = _runner_for(args, model, files)
+    runner = runner_from_flags(args, model, files)
     _report_agreement(model, runner, files[0] if files else None, args.quiet)
     options = {"colors": mask_colors(model), "runner": runner, "tile": args.tile, "overlap": args.overlap}
     written = 0

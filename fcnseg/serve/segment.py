@@ -1,0 +1,302 @@
+"""One upload to masks, exactly as ``fcnseg predict`` makes them, and the card that describes the served model.
+
+The upload is written to a private temporary folder and goes through ``predict``'s own functions: read by
+:func:`~fcnseg.imageio.load_image` (every PIL mode, EXIF orientation, the decompression-bomb guard), fusion nets'
+extra images stacked by :func:`~fcnseg.data.nyud.stack_extra_channels`, and segmented and written by
+:func:`~fcnseg.predict.save_prediction` with the same runner, tiling and colours. The PNG the service returns is
+therefore the very file ``fcnseg predict`` writes for the same input, byte for byte. Nothing here knows HTTP beyond
+the status each refusal carries (:class:`ServeError`).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+from torch import nn
+
+from ..errors import FcnsegError, ImageError
+from ..imageio import load_image, overlay, read_mask_png, save_rgb
+from ..predict import head_colors, save_prediction
+
+__all__ = ["DEFAULT_MAX_PIXELS", "Segmentation", "Segmenter", "ServeError", "Upload", "recorded_metrics"]
+
+DEFAULT_MAX_PIXELS = 8_388_608  # 8 MP (4096 x 2048): larger images need --tile or a larger limit
+
+
+class ServeError(FcnsegError):
+    """A request the service refuses: the HTTP ``status`` to answer and a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file: the name the client gave it (used in messages only) and its bytes, readable from the start."""
+
+    name: str
+    file: BinaryIO
+
+
+@dataclass(frozen=True)
+class HeadMask:
+    """One head's answer: its palette PNG (``fcnseg predict``'s file), the class indices and the class colours."""
+
+    name: str
+    png: bytes
+    mask: np.ndarray
+    colors: np.ndarray
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One image's masks, every head's, and the milliseconds spent reading and segmenting it."""
+
+    name: str
+    rgb: np.ndarray
+    heads: list[HeadMask]
+    timing_ms: dict[str, float]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Width and height, as image sizes are written (640x480)."""
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+
+def class_names(model: nn.Module) -> dict[str, list[str]]:
+    """Each head's class names in index order (``class K`` where the model records none)."""
+    heads = getattr(model, "heads", None) or {"out": model.num_classes}
+    recorded = getattr(model, "head_classes", None) or {}
+    names = {}
+    for i, (head, n) in enumerate(heads.items()):
+        known = list(recorded.get(head) or (model.classes if i == 0 else None) or [])
+        names[head] = known if len(known) == n else [f"class {k}" for k in range(n)]
+    return names
+
+
+# ------------------------------------------------------------------------------------------ files of a request
+
+
+def _suffix(name: str) -> str:
+    # The upload keeps its suffix (PIL reads a few formats by name), nothing else of the client's name.
+    suffix = Path(name).suffix
+    return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""
+
+
+def _spool(upload: Upload, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    upload.file.seek(0)
+    with open(path, "wb") as f:
+        shutil.copyfileobj(upload.file, f, 1 << 20)
+    return path
+
+
+@contextlib.contextmanager
+def _as_client_names(names: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise a user's-mistake error as a :class:`ServeError`, the temporary paths in its message replaced by the
+    names the client gave its files: 413 for an image too large to decode, 400 for another unreadable file, 422 for
+    a readable one the model cannot take."""
+    try:
+        yield
+    except ServeError:
+        raise
+    except FcnsegError as e:
+        message = str(e)
+        for path, name in sorted(names.items(), key=lambda item: -len(item[0])):
+            message = message.replace(path, name)
+        status = 422
+        if isinstance(e, ImageError) or "cannot read" in message:
+            status = 413 if "(too large:" in message else 400
+        raise ServeError(status, message) from None
+
+
+def _pixels(path: Path) -> tuple[int, int] | None:
+    """The image's width and height from its header, or None when PIL cannot even open it (reading it says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except Exception:
+        return None
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000, 2)
+
+
+# ------------------------------------------------------------------------------------------------ the service
+
+
+class Segmenter:
+    """A loaded model and the options ``predict`` would run it with; :meth:`segment` is one request's work.
+
+    ``runner``: an execution path (:func:`fcnseg.runtime.make_runner`; None is eager fp32). ``tile`` / ``overlap``:
+    tiled inference as ``predict --tile``. ``max_pixels``: larger images are refused (413) unless ``tile`` is set;
+    PIL's decompression-bomb limit holds in every case. Thread-safe: requests share the model, read only.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        runner: Callable | None = None,
+        tile: int | None = None,
+        overlap: int = 64,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.model = model
+        self.options = {"runner": runner, "tile": tile, "overlap": overlap}
+        self.max_pixels = max_pixels
+        self.colors = head_colors(model)
+        self.names = class_names(model)
+        self.in_channels = int(getattr(model, "in_channels", 3))
+
+    @property
+    def heads(self) -> list[str]:
+        return list(self.colors)
+
+    def segment(self, image: Upload, extras: Sequence[Upload] = ()) -> Segmentation:
+        """Read, check and segment one image (and a fusion net's depth or HHA ``extras``, in channel order).
+
+        Raises :class:`ServeError` with the status to answer for anything the client can fix."""
+        self._check_extras(extras)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
+            path = _spool(image, Path(tmp) / "in", f"fcnseg-upload{_suffix(image.name)}")
+            names = {str(path): image.name, path.name: image.name}  # messages may name the file alone
+            with _as_client_names(names):
+                self._check_pixels(path, image.name)
+                rgb = load_image(path)
+                x = self._stacked(rgb, path, extras, names)
+                read = time.perf_counter()
+                out = Path(tmp) / "out"
+                out.mkdir()
+                save_prediction(self.model, x, out, "mask", colors=self.colors[self.heads[0]], **self.options)
+            heads = [self._head(out, i, head) for i, head in enumerate(self.heads)]
+        end = time.perf_counter()
+        timing = {"read": _ms(start, read), "inference": _ms(read, end), "total": _ms(start, end)}
+        return Segmentation(image.name, rgb, heads, timing)
+
+    def _check_extras(self, extras: Sequence[Upload]) -> None:
+        if self.in_channels > 3 and not extras:
+            raise ServeError(
+                422,
+                f"this model takes {self.in_channels} input channels (colour, then depth or HHA): send each image's "
+                "depth or HHA image as the multipart field 'extra', repeated in channel order",
+            )
+        if self.in_channels == 3 and extras:
+            raise ServeError(422, "this model takes colour images only (3 channels); send no 'extra' field")
+
+    def _check_pixels(self, path: Path, name: str) -> None:
+        size = None if self.options["tile"] else _pixels(path)
+        if size is not None and size[0] * size[1] > self.max_pixels:
+            w, h = size
+            raise ServeError(
+                413,
+                f"{name}: image is {w}x{h} = {w * h:,} pixels, above this server's limit of {self.max_pixels:,} "
+                "(--max-pixels); send a smaller image, or start the server with --tile for large ones",
+            )
+
+    def _stacked(self, rgb: np.ndarray, path: Path, extras: Sequence[Upload], names: dict[str, str]) -> np.ndarray:
+        """The model's input: ``rgb``, or for a fusion net ``rgb`` and the ``extras`` stacked as ``predict --extra``
+        does (each saved under the image's own name in a folder of its own)."""
+        if not extras:
+            return rgb
+        from ..data.nyud import stack_extra_channels
+
+        folders = []
+        for i, extra in enumerate(extras):
+            folder = path.parent.parent / f"extra{i}"
+            names[str(_spool(extra, folder, path.name))] = extra.name
+            folders.append(folder)
+        return stack_extra_channels(rgb, path, folders, self.in_channels)
+
+    def _head(self, out: Path, index: int, head: str) -> HeadMask:
+        path = out / ("mask.png" if index == 0 else f"mask_{head}.png")
+        return HeadMask(head, path.read_bytes(), read_mask_png(path), self.colors[head])
+
+    # -------------------------------------------------------------------------------------------- answers
+
+    def head_index(self, head: str | None) -> int:
+        """The position of ``head`` among the model's heads (None: the first)."""
+        if head is None:
+            return 0
+        if head not in self.colors:
+            raise ServeError(422, f"head {head!r}: this model's heads are {', '.join(self.heads)}")
+        return self.heads.index(head)
+
+    def overlay_jpeg(self, result: Segmentation, head: int = 0, alpha: float = 0.5) -> bytes:
+        """The mask of head number ``head`` blended over the image, as ``predict --overlay`` writes it (JPEG)."""
+        mask = result.heads[head]
+        with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
+            path = Path(tmp) / "overlay.jpg"
+            save_rgb(path, overlay(result.rgb, mask.mask, mask.colors, alpha))
+            return path.read_bytes()
+
+    def describe(self, result: Segmentation) -> dict[str, Any]:
+        """The JSON answer: size, timing, and per head the mask PNG in base64 and every class's pixel share."""
+        w, h = result.size
+        heads = []
+        for mask in result.heads:
+            counts = np.bincount(mask.mask.ravel(), minlength=len(mask.colors))
+            classes = [
+                {"index": k, "name": name, "color": [int(v) for v in mask.colors[k]], "pixels": int(counts[k]),
+                 "share": float(counts[k]) / (w * h)}
+                for k, name in enumerate(self.names[mask.name])
+            ]  # fmt: skip
+            png = base64.b64encode(mask.png).decode("ascii")
+            heads.append({"name": mask.name, "mask_png": png, "classes": classes})
+        return {"file": result.name, "width": w, "height": h, "timing_ms": result.timing_ms, "heads": heads}
+
+    def card(self) -> dict[str, Any]:
+        """What the model is: architecture and its options, parameters, alignment, input, heads and classes."""
+        model = self.model
+        config = getattr(model, "build_config", None) or {"name": type(model).__name__, "kwargs": {}}
+        heads = [
+            {"name": head, "classes": [{"index": k, "name": name, "color": [int(v) for v in self.colors[head][k]]}
+                                       for k, name in enumerate(self.names[head])]}
+            for head in self.heads
+        ]  # fmt: skip
+        return {
+            "architecture": config["name"],
+            "options": json.loads(json.dumps(config["kwargs"], default=str)),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "alignment": getattr(model, "alignment", None),
+            "stride": getattr(model, "stride", None),
+            "input_channels": self.in_channels,
+            "preprocessing": model.preprocessing.to_dict(),
+            "heads": heads,
+        }
+
+
+def recorded_metrics(source: str) -> dict[str, Any]:
+    """The metrics a checkpoint file records (``best.pt``: its validation mean IU and iteration; converted published
+    weights: those their authors reported), or a published weights entry's by name; {} when none."""
+    if Path(source).is_file():
+        from ..checkpoint import read_checkpoint
+
+        extra = read_checkpoint(source, map_location="meta")["extra"]  # tensors as shapes only: nothing is loaded
+        if extra.get("weights", {}).get("metrics"):
+            return json.loads(json.dumps(extra["weights"]["metrics"]))
+        return {k: extra[k] for k in ("mean_iu", "iteration") if isinstance(extra.get(k), (int, float))}
+    from ..models.weights import get_weights, is_weights_name
+
+    if not is_weights_name(source):
+        return {}
+    return {k: dict(v) for k, v in get_weights(source).value.metrics.items()}
