@@ -109,6 +109,8 @@ def test_overlay_and_probabilities(tmp_path, voc_ckpt):
     blend = np.array(Image.open(out / "a_overlay.png"))
     colours = voc_palette(256)[mask]
     expected = np.round(0.5 * img + 0.5 * colours)
+    expected[mask == 0] = img[mask == 0]  # VOC's background is black: left untinted
+    assert (mask == 0).any() and (mask != 0).any()
     assert np.abs(blend.astype(float) - expected).max() <= 1
 
 
