@@ -60,7 +60,7 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     path = fcnseg.save_checkpoint(_model(), tmp_path / "m.pt")
     data = path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"cut\.pt: truncated: the zip archive ends before its directory"):
         fcnseg.load(tmp_path / "cut.pt")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         fcnseg.load(tmp_path / "absent.pt")

@@ -1,13 +1,14 @@
 """A procedurally generated segmentation set for the embedded demo: no files, every image made on demand.
 
-Each image holds several textured objects (5-9 shapes and 2-4 sticks at 128 px), many touching or overlapping, on
-a cluttered background. Every pixel is labelled (no void). Classes (index: name, shape, colour, local cue):
+Each image holds several textured objects (3-5 large shapes and 2-4 sticks at 128 px), many touching or
+overlapping, on a cluttered background. Every pixel is labelled (no void). Classes (index: name, shape, colour,
+local cue):
 
 0 ``background``: low-saturation grey/brown/olive ground with smooth blotches, distractor blobs and thin scribbles
 1 ``disc``: wobbly-edged blob, red, horizontal stripes (period 4 px)
 2 ``square``: rotated rectangle (sharp corners), red, vertical stripes
 3 ``triangle``: irregular triangle, blue, 2 x 2 px checks
-4 ``cross``: two crossing bars 6-11 px wide, blue, diagonal stripes
+4 ``cross``: two crossing bars 9-16 px wide, blue, diagonal stripes
 5 ``ring``: wobbly annulus with 5-10 px walls, yellow-green, dark dots
 6 ``stick``: straight bar, cyan, plain; 2-10 px wide, one width per image, so some images hold only 2-4 px sticks
 
@@ -16,11 +17,11 @@ small network learns what is where within a few hundred steps; yet colour alone 
 triangle from cross, and the clutter repeats the objects' shapes (blobs, thin lines) in background colours. What is
 hard is *where*: sticks, ring walls and cross arms are thinner than one stride-8 cell, rectangles and triangles
 have sharp corners, discs and rings wobbly outlines, and touching objects share boundaries. A stride-32 prediction
-(a 4 x 4 grid at 128 px) smears all of that, and the pool4 / pool3 skips of FCN-16s / FCN-8s win it back: even
-ideal per-image scores, upsampled bilinearly, reach only about 0.49 / 0.71 / 0.91 mean IU at stride 32 / 16 / 8
-(128 px validation images). Trained on 400 images, a width-1/4 FCN-8s (Adam, batches of 16, fixed bilinear
-upsampling) reaches about 0.80 mean IU after 600-1000 steps and ~0.83 after 2000; FCN-32s trained as long stays
-below 0.2.
+(a 4 x 4 grid at 128 px) finds the large shapes but smears all of that, and the pool4 / pool3 skips of FCN-16s /
+FCN-8s win it back: the true class shares of each cell, upsampled bilinearly, reach 0.43 / 0.61 / 0.83 mean IU
+(0.51 / 0.69 / 0.89 mean accuracy) at stride 32 / 16 / 8 on the first 100 validation images. The demo's staged
+width-1/4 nets (AdamW, batches of 16, fixed bilinear upsampling; 800 / +200 / +600 steps) come close to those
+figures: see the README's demo table.
 
 Item ``i`` of split ``s`` with seed ``k`` is drawn from ``np.random.default_rng([k, code(s), i])`` alone: the
 same bytes whatever the access order, and independent of every other item.
@@ -69,10 +70,12 @@ _REF = 128  # object sizes are given for 128 px images and scale with the shorte
 # yet mostly wide enough that bilinearly upsampled stride-8 scores can outline them: all 2-4 px would cap FCN-8s
 # near 0.85 mean IU even with perfect scores, short of the demo's 0.80 once learning is imperfect.
 STICK_HALF_WIDTH = (1.0, 5.0)
-SHAPE_RADIUS = (13.0, 28.0)  # px at 128 px: discs, squares, triangles, crosses and rings
-SHAPES_PER_IMAGE = (5, 10)  # at 128 px (numpy's integers: the upper bound is excluded); scaled with the area
+# Shapes are large next to a stride-32 cell (radius 24-44 px at 128 px: one to three cells across), so that FCN-32s
+# can find them, coarsely, as in the paper's Figure 4; their thin parts and the sticks are what the skips add.
+SHAPE_RADIUS = (24.0, 44.0)  # px at 128 px: discs, squares, triangles, crosses and rings
+SHAPES_PER_IMAGE = (3, 6)  # at 128 px (numpy's integers: the upper bound is excluded); scaled with the area
 STICKS_PER_IMAGE = (2, 5)
-CROSS_HALF_WIDTH = (3.0, 5.5)
+CROSS_HALF_WIDTH = (4.5, 8.0)
 RING_WALL = (5.0, 10.0)
 _PERIOD = 12  # every texture repeats after 12 px in both directions, so a random offset below 12 is a random phase
 
