@@ -41,7 +41,7 @@ class DemoPlan:
 # head, so it learns slowest, and the finer nets start from it (staged, as in the paper). No dropout: at fc6/fc7
 # widths of 64, the release's 0.5 silences too much of the one path FCN-32s has (it learnt nothing with it).
 FULL = DemoPlan(iters=(800, 200, 600), val_images=100, lr=1e-3, batch_size=16, width=1 / 4, fc_dim=64, train_images=400)
-QUICK = DemoPlan(iters=(200, 60, 200), val_images=24, lr=1e-3, batch_size=8, width=1 / 4, fc_dim=64, train_images=128)
+QUICK = DemoPlan(iters=(170, 50, 170), val_images=24, lr=1e-3, batch_size=8, width=1 / 4, fc_dim=64, train_images=128)
 
 
 def stage_config(

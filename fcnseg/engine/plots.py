@@ -97,7 +97,8 @@ def plot_predictions(
             if r == 0:
                 ax.set_title(title, fontsize=9)
     if class_names:
-        _legend(fig, class_names, colors, columns=min(len(class_names), max(2, cols + 1)))
+        fig.tight_layout()  # the rows close together, then the legend right under them
+        _legend(fig, class_names, colors, columns=min(len(class_names), 8))
     _save(fig, path)
 
 

@@ -13,11 +13,16 @@ def test_quick_demo(quick_demo):
     results = json.loads((out / "results.json").read_text())
     models = results["models"]
     assert list(models) == ["fcn32s", "fcn16s", "fcn8s"]
-    # The bar of the CI-sized run: FCN-8s, at the end of the staged chain, is far beyond the all-background answer
-    # (mean IU about 0.1: background is ~70% of the pixels, 1 class of 7) and beats FCN-32s, also near boundaries.
-    r8, r32 = models["fcn8s"], models["fcn32s"]
-    assert r8["mean_iu"] >= 0.30, r8
-    assert r8["mean_iu"] > r32["mean_iu"] and r8["boundary_mean_iu"] > r32["boundary_mean_iu"]
+    # The CI-sized run's own floors for the default run's targets (FCN-32s mean accuracy >= 0.5, FCN-16s 0.05 mean
+    # IU above it, FCN-8s >= 0.80, the boundary figure in the same order), at 170 / 50 / 170 steps of batch 8
+    # (measured: 0.196 mean accuracy, 0.129 / 0.171 / 0.463 mean IU, 0.084 / 0.109 / 0.350 near the edges).
+    # FCN-32s must find something besides background: predicting background everywhere gives a mean accuracy of
+    # exactly 1/7, which is what it gave before it learnt anything.
+    r32, r16, r8 = models["fcn32s"], models["fcn16s"], models["fcn8s"]
+    assert r32["mean_acc"] >= 0.16, r32
+    assert r16["mean_iu"] >= r32["mean_iu"] + 0.01, (r16, r32)
+    assert r8["mean_iu"] >= 0.35 and r8["mean_iu"] >= r16["mean_iu"] + 0.1, r8
+    assert r32["boundary_mean_iu"] < r16["boundary_mean_iu"] < r8["boundary_mean_iu"]
     for r in models.values():
         assert 0 <= r["boundary_mean_iu"] <= 1 and 0 <= r["mean_iu"] <= 1
     for name in models:
