@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--out", default="docs/serve.png")
     ap.add_argument("--size", nargs=2, type=int, default=[192, 256], metavar=("H", "W"))
     ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--colours", type=int, default=96, help="palette size of the saved PNG (default: 96)")
+    ap.add_argument("--colours", type=int, default=256, help="palette size of the saved PNG (default: 256)")
     args = ap.parse_args()
 
     from selenium.webdriver.common.action_chains import ActionChains
@@ -52,7 +52,10 @@ def main() -> int:
             shot = Path(tmp) / "shot.png"
             driver.save_screenshot(str(shot))
         # A palette image of the screenshot: a small file for the repository, the page's few flat colours intact.
-        Image.open(shot).convert("RGB").quantize(args.colours, dither=Image.Dither.NONE).save(args.out, optimize=True)
+        # Octree keeps small flat areas (the legend's swatches) their own colours; median cut merged some of them.
+        rgb = Image.open(shot).convert("RGB")
+        palette = rgb.quantize(args.colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+        palette.save(args.out, optimize=True)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size // 1024} KB)")
     return 0
 

@@ -67,7 +67,14 @@ def _wait(driver, predicate, timeout: float = 30):
     return WebDriverWait(driver, timeout).until(lambda d: predicate(d))
 
 
-def _canvas(driver) -> np.ndarray:
+RECOLOUR = """const [r, g, b] = arguments[0], d = state.mask.data;
+for (let i = 0; i < d.length; i += 4) { if (d[i] === r && d[i + 1] === g && d[i + 2] === b) d.fill(0, i, i + 3); }
+blend();"""
+
+
+def _canvas(driver, recolour_background_black: bool = False) -> np.ndarray:
+    if recolour_background_black:
+        driver.execute_script(RECOLOUR, RED_PALETTE[0])
     w, h, data = driver.execute_script(CANVAS_PIXELS)
     return np.frombuffer(base64.b64decode(data), np.uint8).reshape(h, w, 4)
 
@@ -138,6 +145,9 @@ def test_the_page_segments_a_photo_in_chromium(tmp_path):
         download_name, downloaded = driver.execute_async_script(DOWNLOADED)
         served = _served_png(server.url, photo_path)
         driver.save_screenshot(str(tmp_path / "page.png"))
+        # A class drawn black (background, as palette_for draws it) is left untinted at any opacity: the mask's
+        # background pixels recoloured black in the page's own state, then blended again.
+        untinted = _canvas(driver, recolour_background_black=True)
 
         driver.find_element(By.ID, "file").send_keys(str(bad))
         error = _wait(driver, lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(
@@ -154,6 +164,10 @@ def test_the_page_segments_a_photo_in_chromium(tmp_path):
     # At the default 50% the photo shows through: the blend of photo and mask colours.
     expected = 0.5 * photo.astype(np.float64) + 0.5 * colours
     assert np.abs(blended[..., :3] - expected).max() <= 0.5 + 1e-9
+    background = mask == 0
+    assert background.any() and (~background).any()
+    np.testing.assert_array_equal(untinted[background][:, :3], photo[background])
+    np.testing.assert_array_equal(untinted[~background][:, :3], colours[~background])  # 100%: the mask's colour
     # The legend lists the classes present, largest first, with their shares.
     order = np.argsort(-shares)
     assert legend == [[RED_CLASSES[k], f"{100 * shares[k]:.1f}%"] for k in order]

@@ -165,9 +165,11 @@ function blend() {
   const m = mask.data;
   const p = state.picture ? state.picture.data : null;
   for (let i = 0; i < m.length; i += 4) {
+    // A class drawn black (background) leaves the picture untinted, as fcnseg predict's overlays do.
+    const untinted = p && m[i] === 0 && m[i + 1] === 0 && m[i + 2] === 0;
     for (let c = 0; c < 3; c++) {
       const under = p ? p[i + c] : 255;  // no picture: the mask over white
-      out.data[i + c] = Math.round((1 - alpha) * under + alpha * m[i + c]);
+      out.data[i + c] = untinted ? under : Math.round((1 - alpha) * under + alpha * m[i + c]);
     }
     out.data[i + 3] = 255;
   }
