@@ -75,3 +75,26 @@ def test_the_demos_total_time_is_the_processs_wall_time():
     outside = time.perf_counter() - t0
     inside = float(out.stdout)
     assert 1.5 <= inside <= outside + 0.05, (inside, outside)
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    # `--help` is where a newcomer looks: no flag without a help text, no metavar made of a long dest name
+    # (argparse's default, e.g. CALIBRATION_IMAGES).
+    import argparse
+
+    from fcnseg.cli import build_parser
+
+    silent, shouting = [], []
+    for action in build_parser()._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for command, parser in action.choices.items():
+            for a in parser._actions:
+                if not a.option_strings or isinstance(a, argparse._HelpAction):
+                    continue
+                if not a.help:
+                    silent.append(f"{command} {a.option_strings[0]}")
+                takes_value = a.nargs != 0 and a.choices is None and a.const is None
+                if takes_value and a.metavar is None and "_" in a.dest:
+                    shouting.append(f"{command} {a.option_strings[0]}")
+    assert silent == [] and shouting == [], (silent, shouting)

@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_device(p, "auto")
     add_runtime(p, "eager (fp32), bf16, onnx, onnx-int8 (CPU) or compile")
     p.add_argument("--num-workers", type=int, default=None, metavar="N",
-                   help="data loading processes (default: as many as the CPU allows, up to 4)")  # fmt: skip
+                   help="data loading processes (default: up to 2, as the CPU allows)")  # fmt: skip
     add_quiet(p, "no progress bar")
     report_help = "report.html shows the N worst and N best images by their mean IU (default: 4; 0: none)"
     p.add_argument("--report-images", type=int, default=4, metavar="N", help=report_help)

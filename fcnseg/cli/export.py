@@ -10,7 +10,7 @@ from ._common import add_out, add_weights_file
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="export a checkpoint to ONNX or TorchScript (checked against PyTorch)")
     p.add_argument("checkpoint", help="an fcnseg checkpoint (.pt) or published weights name")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx or torchscript")
     add_out(p, "the file to write")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     add_weights_file(p, "a local copy of the published weights file")

@@ -24,6 +24,10 @@ _HELP = {
     "val_every": "validate and checkpoint every N iterations",
     "val_images": "validate on the first N images only",
     "crop_size": "random crop side in pixels; 0 = whole images",
+    "fc_dim": "fc6/fc7 channels, VGG16 and AlexNet only (default: the builder's, 4096)",
+    "batch_norm": "batch norm after every convolution, VGG16 only (default: off)",
+    "dropout": "dropout after fc6 and fc7, VGG16 and AlexNet only (default: the builder's, 0.5)",
+    "num_workers": "data loading processes (default: up to 2, as the CPU allows)",
     "check_data": "before the run: every image has its mask, every file decodes, sizes match",
     "backbone_weights": "torchvision IMAGENET1K_V1 / IMAGENET1K_FEATURES / DEFAULT, CAFFE, or a VGG16 state-dict file",
 }
