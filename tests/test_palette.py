@@ -126,3 +126,29 @@ def test_full_palette_voc_and_bad_shapes():
         full_palette(np.zeros((4, 4)))
     with pytest.raises(ValueError):
         full_palette(np.array([[0, 0, 256]]))
+
+
+def test_a_class_the_user_marks_black_is_kept_black_and_left_untinted(tmp_path):
+    # classes.txt gives "sky" the colour 0,0,0: a trained model keeps the data's colours (checkpoint palette), its
+    # masks draw sky black and its overlays leave sky pixels as they are.
+    import fcnseg
+    from fcnseg.engine.config import TrainConfig
+    from fcnseg.engine.train import build_data, build_model
+    from fcnseg.imageio import overlay
+    from tests.engine.test_train import _blocks_tree
+    from tests.helpers import TINY
+
+    root = tmp_path / "data"
+    _blocks_tree(root, n=2, size=32)
+    (root / "classes.txt").write_text("sky\t0,0,0\nred\t200,20,20\ngreen\nblue\n")
+    cfg = TrainConfig(dataset="folder", root=str(root), model="fcn32s", **TINY).resolved()
+    train_ds, _ = build_data(cfg)
+    model = build_model(cfg, train_ds)
+    assert model.palette[0] == [0, 0, 0] and model.palette[1] == [200, 20, 20]
+    ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt")
+    colours = np.asarray(fcnseg.load(ckpt).palette, np.uint8)
+    np.testing.assert_array_equal(colours, np.asarray(train_ds.palette, np.uint8))
+    image = np.full((2, 2, 3), 90, np.uint8)
+    mask = np.array([[0, 1], [0, 1]])
+    assert overlay(image, mask, colours)[:, 0].tolist() == [[90, 90, 90]] * 2  # sky: untinted
+    assert overlay(image, mask, colours)[0, 1].tolist() == [145, 55, 55]  # red: blended half and half
