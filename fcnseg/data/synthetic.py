@@ -20,7 +20,7 @@ have sharp corners, discs and rings wobbly outlines, and touching objects share 
 (a 4 x 4 grid at 128 px) finds the large shapes but smears all of that, and the pool4 / pool3 skips of FCN-16s /
 FCN-8s win it back: the true class shares of each cell, upsampled bilinearly, reach 0.43 / 0.61 / 0.83 mean IU
 (0.51 / 0.69 / 0.89 mean accuracy) at stride 32 / 16 / 8 on the first 100 validation images. The demo's staged
-width-1/4 nets (AdamW, batches of 16, fixed bilinear upsampling; 800 / +200 / +600 steps) come close to those
+width-1/4 nets (AdamW, batches of 16, fixed bilinear upsampling; 800 / +200 / +500 steps) come close to those
 figures: see the README's demo table.
 
 Item ``i`` of split ``s`` with seed ``k`` is drawn from ``np.random.default_rng([k, code(s), i])`` alone: the

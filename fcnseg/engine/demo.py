@@ -37,10 +37,10 @@ class DemoPlan:
 
 
 # A quarter-width VGG16 (16..128 channels, fc6/fc7 of 64) trained from scratch with AdamW on 128 x 128 images.
-# FCN-32s gets half the budget: from scratch its only gradient path to the backbone runs through the stride-32
+# FCN-32s gets more than half the budget: from scratch its only gradient path to the backbone runs through the stride-32
 # head, so it learns slowest, and the finer nets start from it (staged, as in the paper). No dropout: at fc6/fc7
 # widths of 64, the release's 0.5 silences too much of the one path FCN-32s has (it learnt nothing with it).
-FULL = DemoPlan(iters=(800, 200, 600), val_images=100, lr=1e-3, batch_size=16, width=1 / 4, fc_dim=64, train_images=400)
+FULL = DemoPlan(iters=(800, 200, 500), val_images=100, lr=1e-3, batch_size=16, width=1 / 4, fc_dim=64, train_images=400)
 QUICK = DemoPlan(iters=(170, 50, 170), val_images=24, lr=1e-3, batch_size=8, width=1 / 4, fc_dim=64, train_images=128)
 
 
