@@ -158,13 +158,19 @@ _SIGNATURES = {
 
 
 def _why_unreadable(path: Path, error: Exception) -> str:
-    """Why torch could not read ``path``, in words: no CUDA device, not a checkpoint at all (neither torch's zip
-    archive nor a pickle), truncated, or objects a weights-only read refuses. torch's own text comes last, whole."""
+    """Why torch could not read ``path``, in words: unreadable, empty, no CUDA device, not a checkpoint at all
+    (neither torch's zip archive nor a pickle), truncated, or objects a weights-only read refuses; else torch's own
+    first line, whole."""
     import zipfile
 
     first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"cannot read the file ({e.strerror or e})"
+    if not head:
+        return "empty file (0 bytes): an interrupted copy or download? copy it again"
     if "CUDA" in str(error) and not torch.cuda.is_available():
         return "saved on a CUDA device, and this machine has none; read it with map_location='cpu' (--device cpu)"
     if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):  # torch's zip archive; legacy pickle

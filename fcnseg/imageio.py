@@ -349,8 +349,11 @@ def add_legend(rgb: np.ndarray, mask: np.ndarray, colors: np.ndarray, names: Seq
     shown = [c for c in np.argsort(-counts, kind="stable") if counts[c] and np.any(colors[c] != 0)][:12]
     h, w = rgb.shape[:2]
     size = max(10, round(min(h, w) / 28))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one small bitmap font, no sizes
+        font, size = ImageFont.load_default(), 11
     line, pad = round(size * 1.35), max(2, size // 3)
-    font = ImageFont.load_default(size=size)
     labels = [names[c] if c < len(names) else f"class {c}" for c in shown]
     width = pad * 3 + size + max((font.getlength(t) for t in labels), default=0)
     height = pad * 2 + line * len(shown)

@@ -65,7 +65,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
-            os.fchmod(f.fileno(), _final_mode(path))
+            with contextlib.suppress(OSError):  # a file system without modes (some network or FUSE mounts)
+                os.fchmod(f.fileno(), _final_mode(path))
             os.fsync(f.fileno())
         crash_point(f"write:{path.name}")
         os.replace(tmp, path)

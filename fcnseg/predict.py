@@ -155,11 +155,14 @@ def head_colors(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def head_names(model: nn.Module) -> dict[str, list[str]]:
-    """Each head's class names (``class <i>`` where the model records none)."""
-    recorded = {**(getattr(model, "head_classes", None) or {})}
-    first = next(iter(head_sizes(model)))
-    recorded.setdefault(first, getattr(model, "classes", None))
-    return {h: list(recorded.get(h) or [f"class {i}" for i in range(n)]) for h, n in head_sizes(model).items()}
+    """Each head's class names in index order: those recorded for it (the first head's may be ``model.classes``),
+    or ``class <i>`` where none, or not as many as the head has classes, are recorded."""
+    recorded = getattr(model, "head_classes", None) or {}
+    names = {}
+    for i, (head, n) in enumerate(head_sizes(model).items()):
+        known = list(recorded.get(head) or (getattr(model, "classes", None) if i == 0 else None) or [])
+        names[head] = known if len(known) == n else [f"class {k}" for k in range(n)]
+    return names
 
 
 def predict_heads(

@@ -394,3 +394,12 @@ def test_a_closed_pipe_ends_quietly():
     )
     assert done.stdout.startswith("name") and done.stdout.count("\n") == 1
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_an_empty_checkpoint_file_is_named_as_such(ckpt, tmp_path, capsys):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "empty.pt"), str(tmp_path / "x.png"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fcnseg: error: {tmp_path / 'empty.pt'}: empty file (0 bytes): an interrupted copy or download? " \
+                  "copy it again\n"  # fmt: skip

@@ -9,7 +9,7 @@ raised while reading may carry a ``kind`` attribute to be filed under that kind 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -145,16 +145,33 @@ def _check_values(mask: np.ndarray, mask_file: str, n: int, counts: _Counts) -> 
     return None
 
 
+def _missing_file(img_path: Path, mask_path: Path) -> Problem | None:
+    """The problem of an item whose image, mask or both do not exist; None when both do."""
+    has_img, has_mask = img_path.exists(), mask_path.exists()
+    if not has_img and not has_mask:
+        return Problem(str(img_path), "id-without-files", f"neither this image nor its mask {mask_path} exists")
+    if not has_mask:
+        return Problem(str(img_path), "image-without-mask", f"its mask {mask_path} does not exist")
+    if not has_img:
+        return Problem(str(mask_path), "mask-without-image", f"its image {img_path} does not exist")
+    return None
+
+
+def _size_mismatch(mask_path: Path, img_path: Path, mask_wh: Sequence[int], img_wh: Sequence[int]) -> Problem:
+    return Problem(
+        str(mask_path),
+        "size-mismatch",
+        f"mask is {mask_wh[0]}x{mask_wh[1]} but its image {img_path.name} is {img_wh[0]}x{img_wh[1]}; expected "
+        "the same size",
+    )
+
+
 def _check_files(ds: SegmentationDataset, i: int, counts: _Counts) -> list[Problem]:
     """Item ``i`` of a dataset with files: existence, each file's decoding, sizes, values."""
     img_path, mask_path = Path(ds.image_path(i)), Path(ds.mask_path(i))
-    has_img, has_mask = img_path.exists(), mask_path.exists()
-    if not has_img and not has_mask:
-        return [Problem(str(img_path), "id-without-files", f"neither this image nor its mask {mask_path} exists")]
-    if not has_mask:
-        return [Problem(str(img_path), "image-without-mask", f"its mask {mask_path} does not exist")]
-    if not has_img:
-        return [Problem(str(mask_path), "mask-without-image", f"its image {img_path} does not exist")]
+    missing = _missing_file(img_path, mask_path)
+    if missing:
+        return [missing]
     problems = []
     image = mask = None
     try:
@@ -168,14 +185,7 @@ def _check_files(ds: SegmentationDataset, i: int, counts: _Counts) -> list[Probl
     if image is None or mask is None:
         return problems
     if image.shape[:2] != mask.shape:
-        return [
-            Problem(
-                str(mask_path),
-                "size-mismatch",
-                f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {img_path.name} is "
-                f"{image.shape[1]}x{image.shape[0]}; expected the same size",
-            )
-        ]
+        return [_size_mismatch(mask_path, img_path, mask.shape[1::-1], image.shape[1::-1])]
     bad = _check_values(mask, str(mask_path), ds.num_classes, counts)
     return [bad] if bad else []
 
@@ -208,14 +218,17 @@ def _check_loaded(ds: SegmentationDataset, i: int, counts: _Counts) -> list[Prob
     return [bad] if bad else []
 
 
-def _opens(path: Path) -> tuple[int, int] | None:
+def _opens(path: Path, oriented: bool) -> tuple[int, int] | None:
     """(width, height) of an image file PIL reads, decoded to the end so that a truncated file fails here (a JPEG
-    at 1/8 scale: the whole stream is still read, at a fraction of the work); None for formats PIL does not read."""
+    at 1/8 scale: the whole stream is still read, at a fraction of the work); None for formats PIL does not read.
+    ``oriented``: the size once the EXIF orientation is applied, as the image reader applies it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             size = im.size
+            if oriented and im.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn: width and height swap
+                size = size[::-1]
             if im.format == "JPEG":
                 im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
@@ -226,37 +239,32 @@ def _opens(path: Path) -> tuple[int, int] | None:
 
 def _quick_item(ds: SegmentationDataset, i: int) -> Problem | None:
     img_path, mask_path = Path(ds.image_path(i)), Path(ds.mask_path(i))
-    for path, other, kind in ((img_path, mask_path, "image-without-mask"), (mask_path, img_path, "mask-without-image")):
-        if not path.exists():
-            what = "image" if path == img_path else "mask"
-            return Problem(str(other), kind, f"its {what} {path} does not exist")
+    missing = _missing_file(img_path, mask_path)
+    if missing:
+        return missing
     sizes = []
     for path, kind in ((img_path, "unreadable-image"), (mask_path, "unreadable-mask")):
         try:
-            size = _opens(path)
+            size = _opens(path, oriented=kind == "unreadable-image")
             if size is None:  # e.g. SBD's .mat masks: the dataset's own reader
                 read = ds.read_image if kind == "unreadable-image" else ds.read_mask
                 size = tuple(read(path).shape[1::-1])
         except Exception as e:
             return _read_problem(e, path, kind)
         sizes.append(size)
-    if sizes[0] != sizes[1]:
-        return Problem(str(mask_path), "size-mismatch", f"mask is {sizes[1][0]}x{sizes[1][1]} but its image "
-                       f"{img_path.name} is {sizes[0][0]}x{sizes[0][1]}; expected the same size")  # fmt: skip
-    return None
+    return _size_mismatch(mask_path, img_path, sizes[1], sizes[0]) if sizes[0] != sizes[1] else None
 
 
 def quick_problems(dataset: SegmentationDataset) -> list[Problem]:
-    """The cheap part of :func:`check_dataset`, run before training: every image has its mask, every file decodes,
-    and each mask is its image's size (mask values are not counted). Datasets without files (synthetic) and those
-    with their own way of reading them (``load_pair``) are left to ``check-data``."""
+    """The cheap part of :func:`check_dataset`, run before training, over the dataset's items: each has its image
+    and its mask, both decode, and the mask is its image's size (mask values are not counted). Files a dataset
+    leaves out of its items (a folder set's image without a mask) are not its items, and are not checked here.
+    Datasets without files (synthetic) and those with their own way of reading them (``load_pair``) are left to
+    ``check-data``."""
     ds = dataset
     if not (_overrides(ds, "image_path") and _overrides(ds, "mask_path")) or _overrides(ds, "load_pair"):
         return []
-    extra = getattr(ds, "extra_problems", None)
-    unpaired = [Problem(*p) for p in (extra() if callable(extra) else [])]  # files the dataset left out of its ids
-    unpaired = [p for p in unpaired if p.kind in ("image-without-mask", "mask-without-image", "id-without-files")]
-    return unpaired + [p for p in (_quick_item(ds, i) for i in range(len(ds))) if p is not None]
+    return [p for p in (_quick_item(ds, i) for i in range(len(ds))) if p is not None]
 
 
 def check_dataset(dataset: SegmentationDataset, *, title: str | None = None, progress: bool = False) -> CheckReport:

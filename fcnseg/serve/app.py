@@ -157,8 +157,10 @@ def _add_pages(app: FastAPI, service: Service) -> None:
 
     @app.get("/health", summary="ok, the model's name, and the pool's load")
     async def health() -> dict[str, Any]:
-        card = service.card()
-        return {"status": "ok", "model": service.name, "architecture": card["architecture"], **service.pool.stats()}
+        model = service.segmenter.model
+        config = getattr(model, "build_config", None) or {"name": type(model).__name__}
+        # The architecture's name only: the whole card (a parameter count among it) is /model's.
+        return {"status": "ok", "model": service.name, "architecture": config["name"], **service.pool.stats()}
 
     @app.get("/model", summary="the model card: architecture, classes and colours, input, runtime, metrics")
     async def model() -> dict[str, Any]:

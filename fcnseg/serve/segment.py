@@ -28,8 +28,8 @@ from PIL import Image
 from torch import nn
 
 from ..errors import FcnsegError, ImageError
-from ..imageio import load_image, overlay, read_mask_png, save_rgb
-from ..predict import head_colors, save_prediction
+from ..imageio import add_legend, load_image, overlay, read_mask_png, save_rgb
+from ..predict import head_colors, head_names, save_prediction
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Segmentation", "Segmenter", "ServeError", "Upload", "recorded_metrics"]
 
@@ -75,17 +75,6 @@ class Segmentation:
     def size(self) -> tuple[int, int]:
         """Width and height, as image sizes are written (640x480)."""
         return self.rgb.shape[1], self.rgb.shape[0]
-
-
-def class_names(model: nn.Module) -> dict[str, list[str]]:
-    """Each head's class names in index order (``class K`` where the model records none)."""
-    heads = getattr(model, "heads", None) or {"out": model.num_classes}
-    recorded = getattr(model, "head_classes", None) or {}
-    names = {}
-    for i, (head, n) in enumerate(heads.items()):
-        known = list(recorded.get(head) or (model.classes if i == 0 else None) or [])
-        names[head] = known if len(known) == n else [f"class {k}" for k in range(n)]
-    return names
 
 
 # ------------------------------------------------------------------------------------------ files of a request
@@ -164,7 +153,7 @@ class Segmenter:
         self.options = {"runner": runner, "tile": tile, "overlap": overlap}
         self.max_pixels = max_pixels
         self.colors = head_colors(model)
-        self.names = class_names(model)
+        self.names = head_names(model)
         self.in_channels = int(getattr(model, "in_channels", 3))
 
     @property
@@ -246,7 +235,8 @@ class Segmenter:
         mask = result.heads[head]
         with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
             path = Path(tmp) / "overlay.jpg"
-            save_rgb(path, overlay(result.rgb, mask.mask, mask.colors, alpha))
+            blended = overlay(result.rgb, mask.mask, mask.colors, alpha)
+            save_rgb(path, add_legend(blended, mask.mask, mask.colors, self.names[mask.name]))
             return path.read_bytes()
 
     def describe(self, result: Segmentation) -> dict[str, Any]:
