@@ -12,7 +12,8 @@ The public API::
 The modules form layers, each importing only from those below it (``tests/test_imports.py`` checks that no import
 cycle exists): leaves such as ``_meta`` (the datasets' class names and means), ``errors``, ``io``, ``palette`` and
 ``preprocessing``; ``checkpoint`` (the file format); ``data`` and ``models``; ``hub`` (``load``: checkpoint files
-and published weights to models); ``engine``, ``runtime`` and ``export``; ``cli`` on top.
+and published weights to models); ``kernels`` (measured convolution kernels); ``engine``, ``runtime`` and ``export``;
+``cli`` on top.
 """
 
 from __future__ import annotations

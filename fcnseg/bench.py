@@ -22,7 +22,33 @@ from torch import nn
 
 from .errors import FcnsegError
 from .models.complexity import count_gflop
-from .runtime import agreement, check_path, make_runner
+from .runtime import PATHS, agreement, make_runner
+
+
+def expand_paths(paths: Sequence[str]) -> list[str]:
+    """``paths`` checked, with ``all`` standing for every path of :data:`~fcnseg.runtime.PATHS` (eager first, the
+    reference of the speed-ups); a path named twice is timed once."""
+    out: list[str] = []
+    for p in paths:
+        if p != "all" and p not in PATHS:
+            raise FcnsegError(f"--paths {p!r}: expected one of {', '.join(PATHS)}, or all")
+        for name in PATHS if p == "all" else [p]:
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def gemm_gflops(n: int = 2048, runs: int = 5) -> float:
+    """This machine's fp32 matrix-product rate now (GFLOP/s, median of ``runs`` n x n products): the ceiling a
+    path's convolutions are compared with."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def _rss_bytes() -> int:
@@ -128,9 +154,9 @@ def bench_model(
     check: Sequence[torch.Tensor] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Time ``model`` on each of ``paths``; ``check`` inputs (default: the bench input) measure agreement."""
-    for p in paths:
-        check_path(p, "--paths")
+    """Time ``model`` on each of ``paths`` (``all``: every one); ``check`` inputs (default: the bench input)
+    measure agreement. Speed-ups are against eager fp32 when it is among the paths."""
+    paths = expand_paths(paths)
     if runs < 1 or warmup < 0 or batch < 1 or min(size) < 1:
         raise FcnsegError("--runs and --batch must be >= 1, --warmup >= 0 and --size positive")
     x = torch.randn(batch, getattr(model, "in_channels", 3), *size, generator=torch.Generator().manual_seed(0))
@@ -140,6 +166,7 @@ def bench_model(
     calibration = list(calibration) if calibration else check
     timing = {"runs": runs, "warmup": warmup, "progress": progress, "gflop": gflop, "reference": reference}
     results = [_bench_path(model, p, x, calibration, check, **timing) for p in paths]
+    eager = next((r.median_ms for r in results if r.path == "eager"), None)
     return {
         "model": getattr(model, "build_config", {}).get("name"),
         "alignment": getattr(model, "alignment", None),
@@ -149,25 +176,33 @@ def bench_model(
         "torch": torch.__version__,
         "runs": runs,
         "warmup": warmup,
-        "results": [asdict(r) for r in results],
+        "gemm_gflop_per_s": gemm_gflops(),
+        "results": [{**asdict(r), "speedup_vs_eager": eager / r.median_ms if eager else None} for r in results],
     }
 
 
 def format_results(doc: dict[str, Any]) -> str:
     h, w = doc["size"]
+    gemm = doc["gemm_gflop_per_s"]
     lines = [
         f"{doc['model']} ({doc['alignment']}), {h}x{w}, batch {doc['batch']}, {doc['threads']} threads, "
-        f"median of {doc['runs']} after {doc['warmup']} warm-up",
-        f"{'path':<10} {'median ms':>10} {'min':>8} {'max':>8} {'img/s':>7} {'GFLOP':>7} {'GFLOP/s':>8} "
-        f"{'peak MB':>8} {'agree':>7}",
+        f"median of {doc['runs']} after {doc['warmup']} warm-up; fp32 GEMM here: {gemm:.0f} GFLOP/s",
+        f"{'path':<10} {'median ms':>10} {'min':>8} {'max':>8} {'vs eager':>8} {'img/s':>7} {'GFLOP':>7} "
+        f"{'GFLOP/s':>8} {'of GEMM':>7} {'peak MB':>8} {'agree':>7}",
     ]
     for r in doc["results"]:
         agree = "-" if r["agreement_with_fp32"] is None else f"{100 * r['agreement_with_fp32']:.2f}%"
+        speedup = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
         lines.append(
-            f"{r['path']:<10} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {r['max_ms']:>8.1f} "
+            f"{r['path']:<10} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {r['max_ms']:>8.1f} {speedup:>8} "
             f"{r['images_per_s']:>7.2f} {r['gflop_per_image']:>7.1f} {r['gflop_per_s']:>8.1f} "
-            f"{r['peak_mem_mb']:>8.0f} {agree:>7}"
+            f"{100 * r['gflop_per_s'] / gemm:>6.0f}% {r['peak_mem_mb']:>8.0f} {agree:>7}"
         )
+    lines.append(
+        "vs eager: speed-up over eager fp32; of GEMM: GFLOP/s as a share of the GEMM rate (Winograd does fewer "
+        "multiplications than it counts, so it can pass 100%); peak MB: resident memory added while the path was "
+        "built and timed"
+    )
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,13 @@ from tests.helpers import hub  # noqa: F401  (hub: a fixture, found here by ever
 
 # Two cores here and in CI: keep torch from oversubscribing them when pytest runs.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# `--runtime auto` (the CLI's default) picks its path from the CPU's features. The suite pins the probe to a CPU
+# without AVX2, where auto is eager, so that outputs compared across processes (predict against serve, a run against
+# its resume) are computed alike on any machine; tests/test_auto_runtime.py covers each feature combination, and
+# tests/test_kernels.py the Winograd path itself. Measured kernel choices go to a folder of this run's own.
+os.environ["FCNSEG_CPU_FEATURES"] = "sse4_2"
+os.environ.setdefault("FCNSEG_CACHE_DIR", tempfile.mkdtemp(prefix="fcnseg-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -321,7 +321,11 @@ ARGUMENT_CASES = [
         "no-folder: no such file or folder",
     ),
     ("unknown-runtime", ["predict", "{ckpt}", "{tmp}/x.png", "--out", "{tmp}/o", "--runtime", "fp4"], "--runtime"),
-    ("bench-unknown-path", ["bench", "--paths", "eager", "onnxx"], "--paths 'onnxx': expected one of eager, bf16"),
+    (
+        "bench-unknown-path",
+        ["bench", "--paths", "eager", "onnxx"],
+        "--paths 'onnxx': expected one of eager, winograd, bf16, onnx, onnx-int8, compile, or all",
+    ),
     ("unknown-weights", ["predict", "--weights", "fcn99s", "{tmp}/x.png", "--out", "{tmp}/o"], "unknown weights"),
     ("unknown-model", ["train", "--model", "fcn4s", "--out", "{tmp}/r", "--iters", "1"], "unknown model 'fcn4s'"),
     ("convert-garbage", ["convert", "{tmp}/x.png", "--format", "caffe", "--out", "{tmp}/c.pt"], "x.png"),

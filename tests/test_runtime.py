@@ -47,11 +47,14 @@ def test_channels_last_eager_equals_the_plain_forward(demo):
 
 def test_runtime_errors_are_one_line(demo):
     model, _, _ = demo
-    with pytest.raises(FcnsegError, match="--runtime 'fp8': expected one of eager, bf16, onnx, onnx-int8, compile"):
+    with pytest.raises(
+        FcnsegError,
+        match="--runtime 'fp8': expected one of eager, winograd, bf16, onnx, onnx-int8, compile, auto, auto-reduced",
+    ):
         make_runner(model, "fp8")
     with pytest.raises(FcnsegError, match="onnx-int8 needs calibration images"):
         make_runner(model, "onnx-int8", calibration=[])
-    assert PATHS == ("eager", "bf16", "onnx", "onnx-int8", "compile")
+    assert PATHS == ("eager", "winograd", "bf16", "onnx", "onnx-int8", "compile")
 
 
 def test_predict_cli_runtime_and_tiling_on_a_4000_x_3000_image(tmp_path, capsys):
@@ -100,6 +103,28 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert 0.9 <= doc["results"][1]["agreement_with_fp32"] <= 1
     assert "median ms" in capsys.readouterr().out
     assert main(["bench", "--size", "abc", "--quiet"]) == 2
+
+
+def test_bench_all_times_every_path_against_eager(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = randomise(fcnseg.get_model("fcn8s", num_classes=4, **TINY), seed=2)
+    ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt")
+    args = ["bench", "--checkpoint", str(ckpt), "--size", "67x91", "--paths", "all", "eager", "--runs", "2"]
+    with pytest.warns(UserWarning):  # int8 on random weights (and bf16 without bf16 instructions) warn
+        assert main([*args, "--warmup", "1", "--json", str(tmp_path / "b.json"), "--quiet"]) == 0
+    doc = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["path"]: r for r in doc["results"]}
+    assert list(rows) == list(PATHS)  # "all" in the registry's order, eager named twice timed once
+    assert doc["gemm_gflop_per_s"] > 0
+    for r in rows.values():
+        assert r["speedup_vs_eager"] == pytest.approx(rows["eager"]["median_ms"] / r["median_ms"])
+        assert r["peak_mem_mb"] >= 0
+    assert rows["eager"]["speedup_vs_eager"] == 1.0 and rows["eager"]["agreement_with_fp32"] is None
+    for fp32_class in ("winograd", "onnx", "compile"):
+        assert rows[fp32_class]["agreement_with_fp32"] >= 0.999, fp32_class
+    table = capsys.readouterr().out
+    assert "vs eager" in table and "of GEMM" in table and "fp32 GEMM here:" in table
+    assert all(f"\n{p} " in table for p in PATHS)
 
 
 def test_flop_count_matches_the_closed_form():

@@ -79,9 +79,32 @@ def add_device(p: argparse.ArgumentParser, default: str, help_text: str | None =
     p.add_argument("--device", default=default, help=text)
 
 
-def add_runtime(p: argparse.ArgumentParser, help_text: str) -> None:
-    """``--runtime PATH``: an execution path of :func:`fcnseg.runtime.make_runner` (default: eager)."""
-    p.add_argument("--runtime", default="eager", metavar="PATH", help=f"{help_text} (default: eager)")
+RUNTIME_HELP = (
+    "auto (fp32 class, chosen from the CPU's features), auto-reduced (may pick bf16 or int8), eager (fp32), "
+    "winograd (fp32, per-layer kernels), bf16, onnx, onnx-int8 or compile"
+)
+
+
+def add_runtime(p: argparse.ArgumentParser, help_text: str = RUNTIME_HELP) -> None:
+    """``--runtime PATH``: an execution path of :func:`fcnseg.runtime.make_runner` (default: auto)."""
+    p.add_argument("--runtime", default="auto", metavar="PATH", help=f"{help_text} (default: auto)")
+
+
+def resolve_runtime(args: argparse.Namespace, model=None, device=None) -> str:
+    """``args.runtime`` with ``auto`` replaced by the path it picks (eager on a GPU), the choice and its reason
+    said in one line on stderr (not with ``--quiet``). ``args.runtime`` is set to the path."""
+    import torch
+
+    from ..runtime import AUTO, resolve_path
+
+    if args.runtime in AUTO and device is not None and torch.device(device).type != "cpu":
+        path, why = "eager", f"runtime {args.runtime}: eager (the model runs on {device})"
+    else:
+        path, why = resolve_path(args.runtime, model)
+    if why and not getattr(args, "quiet", False):
+        print(why, file=sys.stderr)
+    args.runtime = path
+    return path
 
 
 def add_weights(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -117,13 +140,13 @@ def add_calibration(p: argparse.ArgumentParser, default_images: str) -> None:
 
 
 def runner_from_flags(args: argparse.Namespace, model, files: Sequence[Path] = ()):
-    """The execution path ``--runtime`` asks for (None: eager, the model's own); onnx-int8 calibrates on the
-    ``--calibration`` images, else on the first of ``files``."""
+    """The execution path ``--runtime`` asks for (None: eager, the model's own; ``auto`` resolved and said by
+    :func:`resolve_runtime`); onnx-int8 calibrates on the ``--calibration`` images, else on the first of
+    ``files``."""
     from ..imageio import collect_inputs, load_image
-    from ..runtime import check_path, make_runner, normalised
+    from ..runtime import make_runner, normalised
 
-    check_path(args.runtime)
-    if args.runtime == "eager":
+    if resolve_runtime(args, model) == "eager":
         return None
     calibration = []
     if args.runtime == "onnx-int8":

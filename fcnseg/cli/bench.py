@@ -19,12 +19,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--size", default="375x500", help="input HEIGHTxWIDTH (default: 375x500)")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="images per forward pass (default: 1)")
     p.add_argument("--paths", nargs="+", default=["eager"], metavar="PATH",
-                   help="execution paths to time: eager, bf16, onnx, onnx-int8, compile (default: eager)")  # fmt: skip
+                   help="execution paths to time: eager, winograd, bf16, onnx, onnx-int8, compile, or all "
+                   "(default: eager)")  # fmt: skip
     p.add_argument("--runs", type=int, default=10, metavar="N", help="timed runs per path; the median is reported "
                    "(default: 10)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs first (default: 2)")
     p.add_argument("--threads", type=int, metavar="N", help="torch / ONNX Runtime threads (default: torch's)")
     p.add_argument("--images", metavar="DIR", help="images for int8 calibration and the fp32 agreement check")
+    p.add_argument("--int8-sensitivity", action="store_true", help="also quantise each int8 layer alone and list "
+                   "the layers by the agreement they cost (the first ones are the ones to keep in float)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     add_quiet(p, "no progress bars")
     p.set_defaults(func=run)
@@ -52,16 +55,29 @@ def _check_inputs(model, folder: str | None):
     return normalised(model, [load_image(f) for f in files[:8]])
 
 
+def _print_sensitivity(model, check, size: tuple[int, int]) -> dict[str, float]:
+    import torch
+
+    from ..runtime import int8_sensitivity
+
+    inputs = check or [
+        torch.randn(1, getattr(model, "in_channels", 3), *size, generator=torch.Generator().manual_seed(0))
+    ]
+    cost = int8_sensitivity(model, inputs)
+    print("int8 sensitivity: agreement with fp32 when only this layer is int8 (lowest first)")
+    for layer, share in cost.items():
+        print(f"  {layer:<40} {100 * share:.2f}%")
+    return cost
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import bench_model, format_results, write_json
+    from ..bench import bench_model, expand_paths, format_results, write_json
     from ..hub import load
     from ..models import get_model
-    from ..runtime import check_path
 
-    for path in args.paths:  # checked before a model is built
-        check_path(path, "--paths")
+    args.paths = expand_paths(args.paths)  # checked before a model is built
     if args.threads:
         torch.set_num_threads(args.threads)
     size = _size(args.size)
@@ -73,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     doc = bench_model(model, size=size, batch=args.batch, paths=args.paths, runs=args.runs, warmup=args.warmup,
                       check=check, progress=not args.quiet)  # fmt: skip
     print(format_results(doc))
+    if args.int8_sensitivity:
+        doc["int8_sensitivity"] = _print_sensitivity(model, check, size)
     if args.json:
         write_json(doc, args.json)
     return 0

@@ -16,6 +16,7 @@ from ._common import (
     add_out,
     add_quiet,
     add_runtime,
+    resolve_runtime,
 )
 
 
@@ -27,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales, e.g. 0.75 1 1.25")
     add_device(p, "auto")
-    add_runtime(p, "eager (fp32), bf16, onnx, onnx-int8 (CPU) or compile")
+    add_runtime(p)
     p.add_argument("--num-workers", type=int, default=None, metavar="N",
                    help="data loading processes (default: up to 2, as the CPU allows)")  # fmt: skip
     add_quiet(p, "no progress bar")
@@ -57,12 +58,14 @@ def _context(args: argparse.Namespace, head: str) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..device import pick_device
     from ..engine.eval_checkpoint import evaluate_checkpoint
     from ..engine.evaluate import write_report
     from ..engine.report import run_log, write_html_report
 
     if args.report_images < 0:
         raise FcnsegError(f"--report-images {args.report_images}: expected 0 or more images")
+    resolve_runtime(args, device=pick_device(args.device))
     reports = evaluate_checkpoint(
         args.checkpoint,
         args.dataset,

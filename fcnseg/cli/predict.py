@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--probs", action="store_true", help="also write <stem>.npy, C x H x W probabilities")
     add_device(p, "cpu", "torch device (default: cpu)")
-    add_runtime(p, "eager (fp32), bf16, onnx, onnx-int8 or compile")
+    add_runtime(p)
     add_calibration(p, "the inputs")
     add_tiling(p)
     add_quiet(p, "no progress bar or summary")
@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from ..hub import load
     from ..imageio import collect_inputs
     from ..predict import mask_colors, output_stems
+    from ..runtime import FP32_CLASS
 
     checkpoint, inputs = _checkpoint_and_inputs(args)
     files, problems = collect_inputs(inputs)
@@ -145,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_writable(out)
     runner = runner_from_flags(args, model, files)
-    _report_agreement(model, runner, files[0] if files else None, args.quiet)
+    if args.runtime not in FP32_CLASS:
+        _report_agreement(model, runner, files[0] if files else None, args.quiet)
     options = {"colors": mask_colors(model), "runner": runner, "tile": args.tile, "overlap": args.overlap}
     written = 0
     bar = tqdm(files, unit="img", disable=len(files) <= 1 or args.quiet, file=sys.stderr)

@@ -14,7 +14,15 @@ import sys
 from pathlib import Path
 
 from ..errors import FcnsegError
-from ._common import add_calibration, add_device, add_runtime, add_tiling, add_weights_file, runner_from_flags
+from ._common import (
+    RUNTIME_HELP,
+    add_calibration,
+    add_device,
+    add_runtime,
+    add_tiling,
+    add_weights_file,
+    runner_from_flags,
+)
 
 EXTRA_HINT = "fcnseg serve needs FastAPI, uvicorn and python-multipart: pip install 'fcnseg[serve]'"
 
@@ -30,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free port)")
     add_device(p, "cpu", "torch device (default: cpu)")
-    add_runtime(p, "eager (fp32), bf16, onnx, onnx-int8 (needs --calibration) or compile")
+    add_runtime(p, RUNTIME_HELP + "; onnx-int8 needs --calibration")
     add_calibration(p, "none: required for onnx-int8")
     add_tiling(p)
     p.add_argument(

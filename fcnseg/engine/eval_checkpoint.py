@@ -24,7 +24,7 @@ from ..errors import FcnsegError
 from ..hub import load
 from ..metrics import ConfusionMatrix
 from ..predict import head_colors
-from ..runtime import check_path, make_runner
+from ..runtime import make_runner, resolve_path
 from .distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
 from .evaluate import ImageCallback, evaluate_heads
 from .examples import Examples, ImageScores, find_examples
@@ -44,8 +44,10 @@ class HeadReport(NamedTuple):
 
 
 def dataset_runner(model: nn.Module, runtime: str, ds: SegmentationDataset) -> Callable | None:
-    """None for eager; otherwise the execution path, int8 calibrated on the set's first 8 images."""
-    if check_path(runtime) == "eager":
+    """None for eager; otherwise the execution path (``auto`` resolved), int8 calibrated on the set's first 8
+    images."""
+    runtime, _ = resolve_path(runtime, model)
+    if runtime == "eager":
         return None
     first = range(min(8, len(ds))) if runtime == "onnx-int8" else range(0)
     calibration = [ds[i][0].as_subclass(torch.Tensor).unsqueeze(0) for i in first]

@@ -30,7 +30,10 @@ pytest.importorskip("multipart")
         (["--max-upload-mb", "0"], "--max-upload-mb 0: expected a positive size"),
         (["--max-pixels", "0"], "--max-pixels 0: expected a positive number of pixels"),
         (["--runtime", "onnx-int8"], "--runtime onnx-int8 calibrates on your images: give --calibration DIR"),
-        (["--runtime", "gpu"], "--runtime 'gpu': expected one of eager, bf16, onnx, onnx-int8, compile"),
+        (
+            ["--runtime", "gpu"],
+            "--runtime 'gpu': expected one of eager, winograd, bf16, onnx, onnx-int8, compile, auto, auto-reduced",
+        ),
         (["--tile", "50"], "--tile must be a positive multiple of 32 (the model's stride), got 50"),
         (
             ["--tile", "64", "--overlap", "64"],

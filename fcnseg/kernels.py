@@ -1,0 +1,263 @@
+"""Per-layer convolution kernels chosen by measurement: oneDNN, NNPACK's Winograd, im2col + GEMM.
+
+On a CPU with AVX2 but no AVX-512, oneDNN's direct 3x3 convolutions leave speed unused: NNPACK's Winograd
+F(6x6, 3x3) transform does about 2.25x fewer multiplications, and fc6 (a 7x7 x 512 -> 4096 convolution on a small
+map, about a quarter of FCN-8s's work) and the 1x1 layers run faster as one large matrix product (unfold, then
+GEMM) than as a convolution. Which is fastest depends on the CPU, the thread count and the layer's shape, so each
+:class:`MeasuredConv2d` times the kernels that apply to it the first time it sees an input shape and keeps the
+fastest. The choice is cached per CPU and shape in ``conv-kernels.json`` (:func:`cache_path`), so only a new CPU
+or a new image size pays for the measurement.
+
+Winograd's transforms round differently from a direct convolution: outputs differ by about 1e-5 of their range,
+well within fp32-class accuracy. A kernel whose output strays more than :data:`TOLERANCE` of the range from
+oneDNN's when it is measured is never chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNELS: tuple[str, ...] = ("onednn", "nnpack", "gemm")
+TOLERANCE = 1e-4  # of the output's range: a kernel further from oneDNN's output than this is not used
+_TIMED_RUNS = 3
+
+
+def cache_path() -> Path:
+    """``$FCNSEG_CACHE_DIR/conv-kernels.json`` (default: ``$XDG_CACHE_HOME/fcnseg``, else ``~/.cache/fcnseg``)."""
+    root = os.environ.get("FCNSEG_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fcnseg"
+    return Path(root) / "conv-kernels.json"
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform's processor name elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_key() -> str:
+    """What a measured choice depends on besides the layer: the CPU, the instruction set torch and oneDNN may use,
+    the thread count and torch's version."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    return (
+        f"{cpu_model_name()} | {torch.backends.cpu.get_cpu_capability()}{'/' + isa if isa else ''} | "
+        f"{torch.get_num_threads()} threads | torch {torch.__version__}"
+    )
+
+
+class KernelChoices:
+    """The measured choices, ``{layer key: kernel}``, of this CPU (:func:`cpu_key`), read from and saved to the
+    cache file. A cache that cannot be read or written only costs measurements. ``force``: use this kernel
+    wherever it applies, measuring nothing (to compare kernels, and in tests)."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, force: str | None = None) -> None:
+        if force is not None and force not in KERNELS:
+            raise ValueError(f"force={force!r}: expected one of {', '.join(KERNELS)}")
+        self.path = Path(path) if path else cache_path()
+        self.cpu, self.force = cpu_key(), force
+        self.choices: dict[str, str] = {} if force else self._read().get(self.cpu, {})
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def get(self, key: str) -> str | None:
+        kernel = self.choices.get(key)
+        return kernel if kernel in KERNELS else None
+
+    def set(self, key: str, kernel: str) -> None:
+        """Remember ``kernel`` for ``key`` and save it, merged with what other processes saved meanwhile."""
+        from .io import atomic_write
+
+        self.choices[key] = kernel
+        doc = self._read()
+        doc[self.cpu] = {**doc.get(self.cpu, {}), **self.choices}
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.path, "w") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+
+
+def nnpack_ready() -> bool:
+    """Whether this torch build has NNPACK and it initialised (it must be, once, before any call)."""
+    try:
+        return bool(torch._nnpack_available())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class MeasuredConv2d(nn.Conv2d):
+    """A :class:`~torch.nn.Conv2d` that runs each input shape on the fastest kernel of :data:`KERNELS` that
+    applies, measured on first sight of the shape (:class:`KernelChoices`). Made from a Conv2d by
+    :meth:`adopt`, which keeps its parameters and attributes."""
+
+    choices: KernelChoices
+    candidates: list[str]
+    last: str | None  # the kernel of the latest call (for reports)
+
+    @classmethod
+    def adopt(cls, conv: nn.Conv2d, choices: KernelChoices) -> MeasuredConv2d:
+        """``conv`` itself, turned into a MeasuredConv2d."""
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("MeasuredConv2d takes convolutions with numeric zero padding")
+        conv.__class__ = cls
+        conv.choices, conv.last = choices, None
+        conv.candidates = [k for k in KERNELS if conv._applies(k)]
+        return conv
+
+    def _applies(self, kernel: str) -> bool:
+        plain = self.groups == 1
+        if kernel == "nnpack":  # NNPACK: fp32, stride 1, no dilation or groups
+            return plain and self.stride == (1, 1) and self.dilation == (1, 1) and nnpack_ready()
+        return plain or kernel == "onednn"
+
+    def key(self, x: torch.Tensor) -> str:
+        cout, cin, kh, kw = self.weight.shape
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        n, _, h, w = x.shape
+        grad = "+grad" if torch.is_grad_enabled() else ""
+        return f"{cin}->{cout} k{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} in {n}x{h}x{w} {x.dtype}{grad}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return self.run("onednn", x)
+        key = self.key(x)
+        forced = self.choices.force
+        kernel = (forced if forced in self.candidates else "onednn") if forced else self.choices.get(key)
+        if kernel not in self.candidates:
+            kernel = self.measure(x, key)
+        self.last = kernel
+        return self.run(kernel, x)
+
+    def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        return _RUN[kernel](self, x.contiguous())
+
+    def measure(self, x: torch.Tensor, key: str) -> str:
+        """Time every candidate on ``x`` (median of a few runs after one untimed) and remember the fastest whose
+        output is within :data:`TOLERANCE` of oneDNN's range."""
+        with torch.no_grad():
+            reference = self.run("onednn", x)
+            scale = float(reference.max() - reference.min()) or 1.0
+            times = {}
+            for kernel in self.candidates:
+                if kernel != "onednn" and float((self.run(kernel, x) - reference).abs().max()) > TOLERANCE * scale:
+                    continue
+                times[kernel] = _median_ms(lambda k=kernel: self.run(k, x))
+        best = min(times, key=times.__getitem__)
+        self.choices.set(key, best)
+        return best
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    times = []
+    for _ in range(_TIMED_RUNS):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def _onednn(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _nnpack(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
+    (ph, pw), (kh, kw) = conv.padding, conv.weight.shape[2:]
+    if ph >= kh or pw >= kw:  # NNPACK pads by less than the kernel only (the release's pad 100 on conv1_1)
+        x, ph, pw = F.pad(x, (pw, pw, ph, ph)), 0, 0
+    return torch._nnpack_spatial_convolution(x, conv.weight, conv.bias, [ph, pw])
+
+
+def _gemm(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution as one matrix product: (C_out x C_in*kh*kw) times the unfolded input's columns."""
+    n, _, h, w = x.shape
+    cout, _, kh, kw = conv.weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        columns = x.reshape(n, -1, h * w)  # a 1x1 convolution needs no unfolding
+    else:
+        columns = F.unfold(x, (kh, kw), conv.dilation, conv.padding, conv.stride)
+    out = torch.matmul(conv.weight.reshape(cout, -1), columns)
+    if conv.bias is not None:
+        out = out + conv.bias[:, None]
+    return out.reshape(n, cout, oh, ow)
+
+
+_RUN: dict[str, Callable[[MeasuredConv2d, torch.Tensor], torch.Tensor]] = {
+    "onednn": _onednn,
+    "nnpack": _nnpack,
+    "gemm": _gemm,
+}
+
+
+class PairMaxPool2d(nn.MaxPool2d):
+    """2 x 2, stride-2 max pooling (VGG's) as two element-wise maxima of strided views: in NCHW layout 4-6x
+    faster than ATen's pooling, which computes indices it then drops. Gives the same values as MaxPool2d, in
+    ceil mode too (an odd last row or column is its own window); with autograd on it is MaxPool2d itself."""
+
+    @classmethod
+    def adopt(cls, pool: nn.MaxPool2d) -> nn.MaxPool2d:
+        """``pool`` turned into a PairMaxPool2d where its geometry allows it, else ``pool`` as it is."""
+        size, stride, padding, dilation = (
+            _pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+        )
+        if (size, stride, padding, dilation) == ((2, 2), (2, 2), (0, 0), (1, 1)) and not pool.return_indices:
+            pool.__class__ = cls
+        return pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        h, w = x.shape[-2:]
+        even_h, even_w = h - h % 2, w - w % 2
+        rows = torch.maximum(x[..., 0:even_h:2, :], x[..., 1:even_h:2, :])
+        if h % 2 and self.ceil_mode:
+            rows = torch.cat([rows, x[..., even_h:, :]], -2)
+        out = torch.maximum(rows[..., 0:even_w:2], rows[..., 1:even_w:2])
+        if w % 2 and self.ceil_mode:
+            out = torch.cat([out, rows[..., even_w:]], -1)
+        return out
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def with_measured_kernels(model: nn.Module, choices: KernelChoices | None = None) -> nn.Module:
+    """A copy of ``model`` whose Conv2d layers are :class:`MeasuredConv2d` and whose 2 x 2 max pooling is
+    :class:`PairMaxPool2d` (the transposed-convolution upsamplers stay as they are); ``model`` itself is left
+    untouched. The copy keeps NCHW layout, which NNPACK takes."""
+    choices = choices or KernelChoices()
+    fast = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    for child in list(fast.modules()):
+        if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
+            MeasuredConv2d.adopt(child, choices)
+        elif type(child) is nn.MaxPool2d:
+            PairMaxPool2d.adopt(child)
+    return fast
+
+
+def chosen_kernels(model: nn.Module) -> dict[str, str]:
+    """``{layer name: kernel}`` of each MeasuredConv2d of ``model`` at its latest call."""
+    return {name: m.last for name, m in model.named_modules() if isinstance(m, MeasuredConv2d) and m.last}

@@ -1,0 +1,143 @@
+"""The Winograd path (fcnseg.kernels): each kernel's values against F.conv2d / the eager model, the measured choice
+and its cache, 2 x 2 max pooling, and agreement with eager fp32 on the trained demo model."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fcnseg
+from fcnseg import kernels
+from fcnseg.kernels import KernelChoices, MeasuredConv2d, PairMaxPool2d, chosen_kernels, with_measured_kernels
+from fcnseg.runtime import agreement, make_runner
+from tests.helpers import TINY, randomise
+
+needs_nnpack = pytest.mark.skipif(not kernels.nnpack_ready(), reason="this torch build has no NNPACK")
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach(), ref.detach()
+    return float((out - ref).abs().max() / (ref.max() - ref.min()))
+
+
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, padding, dilation, size",
+    [
+        (5, 7, 3, 1, 1, 1, (13, 17)),  # VGG's 3x3
+        (4, 6, 3, 1, 100, 1, (9, 11)),  # the release's conv1_1: pad 100, more than NNPACK pads
+        (6, 9, 7, 1, 3, 1, (5, 6)),  # fc6 in aligned mode
+        (6, 9, 7, 1, 0, 1, (11, 8)),  # fc6 in caffe mode
+        (8, 5, 1, 1, 0, 1, (7, 9)),  # fc7 and the score layers
+        (3, 4, 11, 4, 5, 1, (31, 29)),  # AlexNet's conv1: no NNPACK (stride 4), GEMM over strided columns
+        (4, 4, 3, 1, 2, 2, (15, 14)),  # dilated: GEMM only
+    ],
+)
+@pytest.mark.parametrize("kernel", ["nnpack", "gemm"])
+def test_each_kernel_gives_the_convolution_at_odd_sizes(kernel, cin, cout, k, stride, padding, dilation, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, cin, *size)
+    expected = F.conv2d(x, conv.weight, conv.bias, stride, padding, dilation)
+    fast = MeasuredConv2d.adopt(conv, KernelChoices(force=kernel))
+    applies = kernel in fast.candidates
+    if kernel == "nnpack" and not kernels.nnpack_ready():
+        assert not applies
+        return
+    assert applies == (kernel == "gemm" or (stride, dilation) == (1, 1))
+    with torch.no_grad():
+        out = fast(x)
+    assert fast.last == (kernel if applies else "onednn")
+    assert out.shape == expected.shape
+    assert _relative_error(out, expected) < 1e-5
+
+
+@needs_nnpack
+@pytest.mark.parametrize("alignment", ["aligned", "caffe"])
+@pytest.mark.parametrize("kernel", ["nnpack", "gemm", None])
+def test_fcn8s_on_every_kernel_is_within_1e4_of_the_range_at_odd_sizes(alignment, kernel):
+    torch.manual_seed(1)
+    model = randomise(fcnseg.get_model("fcn8s", num_classes=5, alignment=alignment, **TINY), seed=1).eval()
+    fast = with_measured_kernels(model, KernelChoices(force=kernel) if kernel else None)
+    for size in [(67, 93), (101, 75)]:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            ref, out = model(x), fast(x)
+        assert out.shape == ref.shape == (1, 5, *size)
+        assert _relative_error(out, ref) < 1e-4, (size, _relative_error(out, ref))
+    used = set(chosen_kernels(fast).values())
+    if kernel == "nnpack":  # every 3x3 layer ran NNPACK; fc6 (7x7, pad < 7) too
+        assert chosen_kernels(fast)["backbone.features.2"] == "nnpack" and "nnpack" in used
+    elif kernel == "gemm":
+        assert used == {"gemm"}
+    assert not any(isinstance(m, MeasuredConv2d) for m in model.modules()), "the model itself is left as it was"
+
+
+def test_the_fastest_kernel_is_chosen_and_cached_per_cpu_and_shape(tmp_path, monkeypatch):
+    cache = tmp_path / "conv-kernels.json"
+    speed = {"onednn": 5.0, "nnpack": 3.0, "gemm": 1.0}
+    timed = []
+
+    def fake_median_ms(fn):  # the candidate's name is in the lambda's default argument
+        kernel = fn.__defaults__[0]
+        timed.append(kernel)
+        return speed[kernel]
+
+    monkeypatch.setattr(kernels, "_median_ms", fake_median_ms)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    fast = MeasuredConv2d.adopt(conv, KernelChoices(cache))
+    x = torch.randn(1, 4, 9, 10)
+    fast(x)
+    assert fast.last == "gemm" and set(timed) == set(fast.candidates)
+    doc = json.loads(cache.read_text())
+    assert list(doc) == [kernels.cpu_key()]
+    assert doc[kernels.cpu_key()] == {"4->6 k3x3 s1x1 p1x1 d1x1 in 1x9x10 torch.float32+grad": "gemm"}
+    # A new process (new choices read from the file) measures nothing for a shape it has seen ...
+    timed.clear()
+    again = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(cache))
+    again(x)
+    assert timed == [] and again.last == "gemm"
+    # ... and measures a new shape, keeping both in the file.
+    again(torch.randn(1, 4, 12, 10))
+    assert timed and len(json.loads(cache.read_text())[kernels.cpu_key()]) == 2
+
+
+def test_a_kernel_that_strays_from_onednn_is_never_chosen(tmp_path, monkeypatch):
+    monkeypatch.setitem(kernels._RUN, "gemm", lambda conv, x: kernels._onednn(conv, x) * 1.001)  # 0.1% off
+    monkeypatch.setattr(kernels, "_median_ms", lambda fn: {"gemm": 0.1}.get(fn.__defaults__[0], 9.0))
+    fast = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(tmp_path / "c.json"))
+    with torch.no_grad():
+        fast(torch.randn(1, 4, 9, 10))
+    assert fast.last != "gemm"
+
+
+def test_an_unwritable_cache_costs_only_the_measurement(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    fast = MeasuredConv2d.adopt(nn.Conv2d(3, 4, 3, padding=1), KernelChoices(blocker / "conv-kernels.json"))
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.allclose(fast(x), F.conv2d(x, fast.weight, fast.bias, padding=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("ceil_mode", [True, False])
+@pytest.mark.parametrize("size", [(8, 10), (7, 10), (8, 9), (375, 501), (2, 3)])
+def test_pair_max_pooling_equals_max_pool2d(size, ceil_mode):
+    x = torch.randn(2, 3, *size)
+    pool = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode)
+    expected = pool(x)
+    fast = PairMaxPool2d.adopt(nn.MaxPool2d(2, 2, ceil_mode=ceil_mode))
+    assert type(fast) is PairMaxPool2d
+    with torch.no_grad():
+        assert torch.equal(fast(x), expected)
+    assert type(PairMaxPool2d.adopt(nn.MaxPool2d(3, 2))) is nn.MaxPool2d  # other geometries are left alone
+
+
+def test_winograd_agrees_with_eager_fp32_on_the_demo_model(quick_demo):
+    out, _ = quick_demo
+    model = fcnseg.load(out / "fcn8s" / "best.pt")
+    ds = fcnseg.data.get_dataset("synthetic", split="val")
+    images = [model.preprocessing(ds[i][0].as_subclass(torch.Tensor)).unsqueeze(0) for i in range(24)]
+    share = agreement(make_runner(model, "winograd"), make_runner(model, "eager"), images)
+    print(f"winograd agrees with eager fp32 on {100 * share:.4f}% of {len(images)} demo images' pixels")
+    assert share >= 0.9999
