@@ -4,9 +4,9 @@ On a CPU with AVX2 but no AVX-512, oneDNN's direct 3x3 convolutions leave speed 
 F(6x6, 3x3) transform does about 2.25x fewer multiplications, and fc6 (a 7x7 x 512 -> 4096 convolution on a small
 map, about a quarter of FCN-8s's work) and the 1x1 layers run faster as one large matrix product (unfold, then
 GEMM) than as a convolution. Which is fastest depends on the CPU, the thread count and the layer's shape, so each
-:class:`MeasuredConv2d` times the kernels that apply to it the first time it sees an input shape and keeps the
-fastest. The choice is cached per CPU and shape in ``conv-kernels.json`` (:func:`cache_path`), so only a new CPU
-or a new image size pays for the measurement.
+:class:`MeasuredConv2d` times the kernels that apply to it the first time it sees an input size class and keeps
+the fastest. The choice is cached per CPU and layer shape in ``conv-kernels.json`` (:func:`cache_path`), so only a
+new CPU or a new size class pays for the measurement.
 
 Winograd's transforms round differently from a direct convolution: outputs differ by about 1e-5 of their range,
 well within fp32-class accuracy. A kernel whose output strays more than :data:`TOLERANCE` of the range from
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -131,11 +132,14 @@ class MeasuredConv2d(nn.Conv2d):
         return plain or kernel == "onednn"
 
     def key(self, x: torch.Tensor) -> str:
+        """The layer's geometry and the input's batch and size class: the area rounded to a half power of two, so
+        that a folder of photos of many sizes costs a few measurements, not one per size."""
         cout, cin, kh, kw = self.weight.shape
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         n, _, h, w = x.shape
+        area = 2 ** (round(2 * math.log2(max(h * w, 1))) / 2)
         grad = "+grad" if torch.is_grad_enabled() else ""
-        return f"{cin}->{cout} k{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} in {n}x{h}x{w} {x.dtype}{grad}"
+        return f"{cin}->{cout} k{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} in {n}x~{area:.0f}px {x.dtype}{grad}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
@@ -244,18 +248,23 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def with_measured_kernels(model: nn.Module, choices: KernelChoices | None = None) -> nn.Module:
-    """A copy of ``model`` whose Conv2d layers are :class:`MeasuredConv2d` and whose 2 x 2 max pooling is
-    :class:`PairMaxPool2d` (the transposed-convolution upsamplers stay as they are); ``model`` itself is left
-    untouched. The copy keeps NCHW layout, which NNPACK takes."""
+def use_measured_kernels(model: nn.Module, choices: KernelChoices | None = None) -> nn.Module:
+    """``model`` itself with its Conv2d layers turned into :class:`MeasuredConv2d` and its 2 x 2 max pooling into
+    :class:`PairMaxPool2d`, parameters and their names unchanged (an optimiser built on them keeps working). The
+    transposed-convolution upsamplers stay as they are; NNPACK takes NCHW, so keep the model in that layout."""
     choices = choices or KernelChoices()
-    fast = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    for child in list(fast.modules()):
+    for child in list(model.modules()):
         if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
             MeasuredConv2d.adopt(child, choices)
         elif type(child) is nn.MaxPool2d:
             PairMaxPool2d.adopt(child)
-    return fast
+    return model
+
+
+def with_measured_kernels(model: nn.Module, choices: KernelChoices | None = None) -> nn.Module:
+    """A copy of ``model`` in NCHW layout on measured kernels (:func:`use_measured_kernels`); ``model`` itself is
+    left untouched."""
+    return use_measured_kernels(copy.deepcopy(model).to(memory_format=torch.contiguous_format), choices)
 
 
 def chosen_kernels(model: nn.Module) -> dict[str, str]:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fcnseg
+import fcnseg.engine.config
 from fcnseg import kernels
 from fcnseg.kernels import KernelChoices, MeasuredConv2d, PairMaxPool2d, chosen_kernels, with_measured_kernels
 from fcnseg.runtime import agreement, make_runner
@@ -92,14 +93,17 @@ def test_the_fastest_kernel_is_chosen_and_cached_per_cpu_and_shape(tmp_path, mon
     assert fast.last == "gemm" and set(timed) == set(fast.candidates)
     doc = json.loads(cache.read_text())
     assert list(doc) == [kernels.cpu_key()]
-    assert doc[kernels.cpu_key()] == {"4->6 k3x3 s1x1 p1x1 d1x1 in 1x9x10 torch.float32+grad": "gemm"}
+    assert doc[kernels.cpu_key()] == {"4->6 k3x3 s1x1 p1x1 d1x1 in 1x~91px torch.float32+grad": "gemm"}  # 90 px
     # A new process (new choices read from the file) measures nothing for a shape it has seen ...
     timed.clear()
     again = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(cache))
     again(x)
     assert timed == [] and again.last == "gemm"
-    # ... and measures a new shape, keeping both in the file.
-    again(torch.randn(1, 4, 12, 10))
+    # ... nor for one of about the same area (the size class is the area to a half power of two) ...
+    again(torch.randn(1, 4, 10, 10))
+    assert timed == []
+    # ... and measures a new size class, keeping both in the file.
+    again(torch.randn(1, 4, 12, 12))
     assert timed and len(json.loads(cache.read_text())[kernels.cpu_key()]) == 2
 
 
@@ -141,3 +145,48 @@ def test_winograd_agrees_with_eager_fp32_on_the_demo_model(quick_demo):
     share = agreement(make_runner(model, "winograd"), make_runner(model, "eager"), images)
     print(f"winograd agrees with eager fp32 on {100 * share:.4f}% of {len(images)} demo images' pixels")
     assert share >= 0.9999
+
+
+@needs_nnpack
+@pytest.mark.parametrize("kernel", ["nnpack", "gemm"])
+def test_gradients_through_the_measured_kernels_equal_the_plain_models(kernel):
+    torch.manual_seed(2)
+    plain = randomise(fcnseg.get_model("fcn8s", num_classes=4, **TINY), seed=2).eval()  # eval: no dropout masks
+    fast = with_measured_kernels(plain, KernelChoices(force=kernel))
+    x, y = torch.randn(2, 3, 61, 77), torch.randint(0, 4, (2, 61, 77))
+    for net in (plain, fast):
+        F.cross_entropy(net(x), y).backward()
+    assert set(chosen_kernels(fast).values()) >= {kernel}
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        if p.grad is not None:
+            assert _relative_error(q.grad, p.grad) < 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "features, conv_kernels, deterministic, wanted",
+    [
+        ("avx2 fma", "auto", False, True),
+        ("sse4_2", "auto", False, False),
+        ("sse4_2", "measured", False, True),
+        ("avx2 fma", "onednn", False, False),
+        ("avx2 fma", "auto", True, False),  # the choice depends on timing: not in deterministic mode
+    ],
+)
+def test_training_takes_the_measured_kernels_as_documented(
+    tmp_path, monkeypatch, features, conv_kernels, deterministic, wanted
+):
+    from fcnseg.engine.train import train
+    from tests.engine.conftest import TINY_TRAIN
+
+    if wanted and not kernels.nnpack_ready() and features != "sse4_2":
+        pytest.skip("this torch build has no NNPACK")
+    monkeypatch.setenv("FCNSEG_CPU_FEATURES", features)
+    common = {**TINY_TRAIN, "iters": 2, "val_every": 2, "deterministic": deterministic, "seed": 5}
+    state = train(fcnseg.engine.config.TrainConfig(**common, conv_kernels=conv_kernels, out=str(tmp_path / "a")))
+    model = fcnseg.load(tmp_path / "a" / "last.pt")  # saved under the usual names, loads as a plain model
+    assert not any(isinstance(m, MeasuredConv2d) for m in model.modules())
+    seen = []
+    monkeypatch.setattr(MeasuredConv2d, "forward", lambda self, x: seen.append(1) or nn.Conv2d.forward(self, x))
+    train(fcnseg.engine.config.TrainConfig(**common, conv_kernels=conv_kernels, out=str(tmp_path / "b")))
+    assert bool(seen) == wanted
+    assert state.history and state.history[-1]["mean_iu"] >= 0

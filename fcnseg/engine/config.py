@@ -76,6 +76,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     deterministic: bool = False
+    # Convolution kernels on the CPU: "auto" takes the measured ones (NNPACK Winograd, im2col + GEMM, oneDNN: the
+    # fastest per layer, fcnseg.kernels) where --runtime auto would take winograd; "measured" always, "onednn" never.
+    conv_kernels: str = "auto"
     num_workers: int | None = None
     device: str = "auto"
     progress: bool = True
@@ -97,6 +100,10 @@ class TrainConfig:
             (self.iters >= 1, "--iters must be >= 1"),
             (self.batch_size is not None and self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.accum_steps >= 1, "--accum-steps must be >= 1"),
+            (
+                self.conv_kernels in ("auto", "measured", "onednn"),
+                f"--conv-kernels {self.conv_kernels!r}: expected auto, measured or onednn",
+            ),
             (self.optimizer in ("sgd", "adamw"), f"--optimizer {self.optimizer!r}: expected sgd or adamw"),
             (self.loss in ("sum", "mean"), f"--loss {self.loss!r}: expected sum or mean"),
             (self.lr is not None and self.lr > 0, "--lr must be > 0"),
