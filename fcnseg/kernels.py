@@ -181,7 +181,9 @@ def _median_ms(fn: Callable[[], object]) -> float:
 
 
 def _onednn(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return F.conv2d(
+        x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups
+    )
 
 
 def _nnpack(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
