@@ -213,11 +213,7 @@ def int8_sensitivity(
     import onnx
 
     folder = Path(workdir or tempfile.mkdtemp(prefix="fcnseg-sensitivity-"))
-    fp32 = folder / "model.onnx"
-    if not fp32.is_file():
-        from .export import export_onnx
-
-        export_onnx(model, fp32)
+    fp32 = exported_fp32(model, folder)
     reference = _ort_session(fp32)
     kept = tuple(float_layers(model))
     weights = [n.input[1] for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv" and len(n.input) > 1]
@@ -277,16 +273,22 @@ def make_runner(
     return _onnx_runner(model, path, calibration, workdir)
 
 
-def _onnx_runner(model: nn.Module, path: str, calibration, workdir) -> Runner:
+def exported_fp32(model: nn.Module, folder: Path) -> Path:
+    """``folder/model.onnx``, exported (and checked) unless it is there already."""
     from .export import export_onnx
 
-    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fcnseg-onnx-"))
     fp32 = folder / "model.onnx"
     if not fp32.is_file():
         # ONNX Runtime runs on the CPU in fp32: export a CPU fp32 copy when the model lives elsewhere.
         p = next(model.parameters())
         on_cpu = p.device.type == "cpu" and p.dtype == torch.float32
         export_onnx(model if on_cpu else copy.deepcopy(model).float().cpu(), fp32)
+    return fp32
+
+
+def _onnx_runner(model: nn.Module, path: str, calibration, workdir) -> Runner:
+    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fcnseg-onnx-"))
+    fp32 = exported_fp32(model, folder)
     if path == "onnx":
         return _ort_session(fp32)
     calibration = list(calibration or [])
