@@ -7,8 +7,15 @@ VmHWM at the end). Every mask a good request gets is compared byte for byte with
 ``fcnseg predict``'s own function on the same file; a request that gets no answer within --timeout counts as hung.
 Exits 1 if any mask is wrong, any request is answered otherwise than expected, or any is lost or hung.
 
+With --hostile the same load runs twice, each on a fresh server: once alone, then while --slow-clients connections
+trickle their uploads (one byte every --trickle-interval seconds, never finishing; each reconnects when the server
+ends it) and --idle-sockets connections stay open sending nothing (each reopened when the server closes it). It
+reports both runs' latency and memory, the p50 and p99 ratios, and what the hostile connections got; it also exits
+1 if the p99 latency under attack is more than twice the p99 alone.
+
 python benchmarks/serve_load.py                              # 8 clients, 200 requests, FCN-8s at 1/4 width
 python benchmarks/serve_load.py --queue 2                    # a short queue: some requests get 503 and retry
+python benchmarks/serve_load.py --hostile --requests 120     # alone, then beside 8 slow uploads and 100 idle sockets
 python benchmarks/serve_load.py --model runs/mine/best.pt --sizes 375x500 --json load.json
 """
 
@@ -22,6 +29,7 @@ import platform
 import queue
 import random
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -183,6 +191,86 @@ def sample_memory(pid: int, stop: threading.Event, samples: list[int]) -> None:
             return
 
 
+# ---------------------------------------------------------------------------------------------- hostile clients
+
+
+class Hostile:
+    """Slow uploads and idle sockets against ``address``, each reopened when the server ends it, until stopped."""
+
+    def __init__(self, address: tuple[str, int], slow: int, idle: int, interval: float) -> None:
+        self.address, self.slow, self.idle, self.interval = address, slow, idle, interval
+        self.stop = threading.Event()
+        self.counts: Counter = Counter()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._trickle, daemon=True) for _ in range(slow)]
+        self.threads.append(threading.Thread(target=self._idle, daemon=True))
+
+    def __enter__(self) -> Hostile:
+        for t in self.threads:
+            t.start()
+        time.sleep(2 * self.interval)  # every slow upload under way, every idle socket open
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def _count(self, key: str) -> None:
+        with self.lock:
+            self.counts[key] += 1
+
+    def _trickle(self) -> None:
+        body, content_type = _multipart("slow.png", os.urandom(100_000))
+        head = (f"POST /predict HTTP/1.1\r\nHost: {self.address[0]}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(self.address, timeout=5) as sock:
+                    self._count("slow_connections")
+                    sock.sendall(head)
+                    self._count(self._dribble(sock, body))
+            except OSError:
+                self._count("slow_connection_errors")
+                self.stop.wait(self.interval)
+
+    def _dribble(self, sock: socket.socket, body: bytes) -> str:
+        """One byte per interval until the server answers or closes; what it answered."""
+        for i in range(len(body) - 1):  # never the last byte: the upload never completes
+            if self.stop.wait(self.interval):
+                return "slow_stopped_by_us"
+            if select.select([sock], [], [], 0)[0]:
+                answer = sock.recv(200)
+                return f"slow_answered_{answer.split()[1].decode()}" if answer else "slow_closed"
+            sock.sendall(body[i : i + 1])
+        return "slow_body_exhausted"
+
+    def _idle(self) -> None:
+        socks: list[socket.socket] = []
+        while not self.stop.is_set():
+            while len(socks) < self.idle:
+                try:
+                    socks.append(socket.create_connection(self.address, timeout=5))
+                    self._count("idle_opened")
+                except OSError:
+                    self._count("idle_connect_errors")
+                    break
+            ended = select.select(socks, [], [], 0.5)[0]
+            for sock in ended:
+                self._count("idle_closed_by_server" if not _recv_quietly(sock) else "idle_answered")
+                sock.close()
+                socks.remove(sock)
+        for sock in socks:
+            sock.close()
+
+
+def _recv_quietly(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(200)
+    except OSError:
+        return b""
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -235,6 +323,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300, help="seconds before a request counts as hung")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--hostile", action="store_true", help="run alone, then beside slow uploads and idle sockets")
+    ap.add_argument("--slow-clients", type=int, default=8, help="--hostile: connections trickling uploads")
+    ap.add_argument("--idle-sockets", type=int, default=100, help="--hostile: connections sending nothing")
+    ap.add_argument("--trickle-interval", type=float, default=1.0, help="--hostile: seconds between slow bytes")
     args = ap.parse_args()
     args.server_flags = ["--workers-threads", str(args.workers_threads), "--queue", str(args.queue), "--max-pixels",
                          str(args.max_pixels), "--max-upload-mb", str(args.max_upload_mb)]  # fmt: skip
@@ -260,18 +352,52 @@ def run(args) -> int:
         sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
         files = make_inputs(sizes, args.max_pixels, args.max_upload_mb)
         expected = expected_masks(ckpt, files)
-        proc, address, log = start_server(ckpt, args.server_flags)
-        try:
-            before = memory_kb(proc.pid)
-            summary = _load(args, proc, address, files, expected, before)
-        finally:
-            proc.send_signal(2)
-            proc.wait(60)
+        if args.hostile:
+            _warm_up(args, ckpt, files)
+        alone = _one_run(args, ckpt, files, expected, hostile=False)
+        summary = _compare(alone, _one_run(args, ckpt, files, expected, hostile=True)) if args.hostile else alone
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    lost = summary["answered"] != args.requests or summary["hung"]
-    return 1 if summary["wrong_masks"] or summary["misanswered"] or lost else 0
+    runs = [summary["alone"], summary["hostile"]] if args.hostile else [summary]
+    lost = any(r["answered"] != args.requests or r["hung"] or r["wrong_masks"] or r["misanswered"] for r in runs)
+    return 1 if lost or (args.hostile and summary["p99_ratio"] > 2) else 0
+
+
+def _warm_up(args, ckpt: Path, files) -> None:
+    """One request of each good file on a server of its own, unmeasured: ``--runtime auto`` measures and caches its
+    kernels per layer shape on first use, which would otherwise count against whichever run came first."""
+    proc, address, _ = start_server(ckpt, args.server_flags)
+    try:
+        for name, (data, status) in files.items():
+            if status == 200:
+                one_request(address, name, data, args.timeout)
+    finally:
+        proc.send_signal(2)
+        proc.wait(60)
+
+
+def _one_run(args, ckpt: Path, files, expected, hostile: bool) -> dict:
+    """The load on a fresh server, alone or beside the hostile connections."""
+    proc, address, log = start_server(ckpt, args.server_flags)
+    try:
+        before = memory_kb(proc.pid)
+        if not hostile:
+            return _load(args, proc, address, files, expected, before)
+        with Hostile(address, args.slow_clients, args.idle_sockets, args.trickle_interval) as attack:
+            summary = _load(args, proc, address, files, expected, before)
+        summary["hostile_connections"] = dict(sorted(attack.counts.items()))
+        summary["server_log_lines"] = len(log)
+        return summary
+    finally:
+        proc.send_signal(2)
+        proc.wait(60)
+
+
+def _compare(alone: dict, hostile: dict) -> dict:
+    """Both runs, and how the hostile one's latency compares (the good images' p50 and p99)."""
+    ratio = {q: round(hostile["latency_ms_good"][q] / alone["latency_ms_good"][q], 2) for q in (50, 99)}
+    return {"cpu": alone["cpu"], "p50_ratio": ratio[50], "p99_ratio": ratio[99], "alone": alone, "hostile": hostile}
 
 
 def _load(args, proc, address, files, expected, before) -> dict:

@@ -7,6 +7,7 @@ peak resident set size above the level before the path was built, sampled every 
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -57,10 +58,13 @@ def _rss_bytes() -> int:
 
 
 class PeakRSS:
-    """Samples the process's resident set size in a background thread; ``peak`` is the largest seen."""
+    """Samples the process's resident set size in a background thread; ``peak`` is the largest seen, ``growth`` how
+    far it rose above the size at entry (never negative: the peak starts at that very reading, so memory freed
+    during the block cannot make it so)."""
 
     def __init__(self, every: float = 0.005) -> None:
-        self.every, self.peak, self._stop = every, _rss_bytes(), threading.Event()
+        self.every, self._stop = every, threading.Event()
+        self.start = self.peak = 0
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
@@ -68,7 +72,12 @@ class PeakRSS:
             self.peak = max(self.peak, _rss_bytes())
             time.sleep(self.every)
 
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
     def __enter__(self) -> PeakRSS:
+        self.start = self.peak = _rss_bytes()
         self._thread.start()
         return self
 
@@ -120,9 +129,9 @@ def _bench_path(
 ) -> PathResult:
     """One execution path: built (its time and memory counted), timed on ``x``, compared with ``reference`` (eager
     fp32) on ``check``."""
+    gc.collect()  # the previous path's garbage goes now, not while this one's memory is measured
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        before = _rss_bytes()
         run = make_runner(model, path, calibration=calibration)
         build = time.perf_counter() - t0
         times = time_runs(run, x, runs, warmup, progress, path)
@@ -136,7 +145,7 @@ def _bench_path(
         images_per_s=batch / (median / 1000),
         gflop_per_image=gflop,
         gflop_per_s=gflop * batch / (median / 1000),
-        peak_mem_mb=(mem.peak - before) / 2**20,
+        peak_mem_mb=mem.growth / 2**20,
         build_s=build,
         agreement_with_fp32=None if path == "eager" else agreement(run, reference, check, model),
     )

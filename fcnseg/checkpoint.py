@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, FcnsegError
+from .errors import CheckpointError, FcnsegError, shown
 from .io import atomic_write
 from .palette import palette_for
 from .preprocessing import Preprocessing
@@ -236,5 +236,5 @@ def check_fit(model: nn.Module, state: Mapping[str, Any], source: str, name: str
         if shapes:
             parts.append(f"{len(shapes)} of another shape, e.g. {shapes[0]}")
         raise CheckpointError(
-            f"{source}: weights do not fit model {name!r} (another architecture?): {'; '.join(parts)}"
+            f"{source}: weights do not fit model {shown(name)} (another architecture?): {'; '.join(parts)}"
         )

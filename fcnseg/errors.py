@@ -6,6 +6,9 @@ its message as one line and exits with status 2. Any other exception is a bug in
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 class FcnsegError(Exception):
     """A user's mistake; the message names the file or argument and says what was expected."""
@@ -33,3 +36,28 @@ def user_message(error: FcnsegError) -> str:
         if sep and name.rsplit(".", 1)[-1].endswith("Error") and " " not in name:
             return message
     return text.split("\n", 1)[0]
+
+
+SHOWN_CHARS = 80
+"""At most this many characters of a user's value are quoted in an error message (then its length is said)."""
+
+
+def clipped(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` as it is, or its first ``limit`` characters followed by ``... (N chars)``."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, cut short: a long string keeps its first ``limit`` characters and says
+    how long it was; a container shows its first few items and levels, never its whole expansion (a YAML alias
+    bomb's nested lists would repr to hundreds of megabytes)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} chars)"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = short.maxfrozenset = short.maxdeque = 6
+    try:
+        text = short.repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
+    return text if len(text) <= 2 * limit else f"{text[: 2 * limit]}... (cut)"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import check_fit, read_checkpoint
-from .errors import CheckpointError, FcnsegError
+from .errors import CheckpointError, FcnsegError, shown
 from .io import atomic_write
 from .models import get_model
 from .models.convert import caffe_signature, caffe_to_fcnseg, torchfcn_to_fcnseg
@@ -27,11 +27,12 @@ from .models.weights import (
     CONVERSION_VERSION,
     FCNWeights,
     PublishedWeights,
-    cache_dir,
-    download,
+    cached_weights,
     get_weights,
     is_weights_name,
     released_input,
+    sha256_pin,
+    sha256_record,
     verify_hash,
 )
 from .preprocessing import Preprocessing
@@ -45,25 +46,31 @@ def load(
     map_location: Any = "cpu",
     model: str | None = None,
     file: str | os.PathLike | None = None,
+    sha256: str | None = None,
 ) -> nn.Module:
     """Load a checkpoint, or published weights by name, into a ready-to-use model in eval mode.
 
     ``path``: an fcnseg checkpoint file, or a name from ``fcnseg weights`` (``"fcn8s-heavy-pascal"``), which is
     downloaded on first use into torch.hub's cache, hash-checked and converted; ``file`` gives a local copy of
     that published file instead. ``model``: the architecture the caller expects; another one is refused.
+    ``sha256``: the SHA-256 the file read (the checkpoint, the published file or ``file``) must have.
     """
     if isinstance(path, FCNWeights):
         path = path.id
     if not Path(path).exists() and is_weights_name(str(path)):
-        ckpt = weights_checkpoint(str(path), file=file)
+        ckpt = weights_checkpoint(str(path), file=file, sha256=sha256)
     elif file is not None:
-        raise FcnsegError(f"file={file!r} goes with published weights names only, not with {str(path)!r}")
+        raise FcnsegError(
+            f"file={shown(str(file))} goes with published weights names only, not with {shown(str(path))}"
+        )
     elif not Path(path).exists() and not Path(path).suffix:
         raise CheckpointError(f"{path}: no such checkpoint file, nor published weights of that name (fcnseg weights)")
     else:
+        if sha256 is not None and Path(path).is_file():
+            verify_hash(path, sha256=sha256_pin(sha256))
         ckpt = read_checkpoint(path, map_location=map_location)
     if model is not None and ckpt["model"] != model:
-        raise CheckpointError(f"{path}: checkpoint holds model {ckpt['model']!r}, expected {model!r}")
+        raise CheckpointError(f"{path}: checkpoint holds model {shown(ckpt['model'])}, expected {shown(model)}")
     model = model_from_checkpoint(ckpt, source=str(path))
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
@@ -125,7 +132,7 @@ def import_file(
         if not isinstance(state, Mapping):
             raise FcnsegError(f"{path}: holds a {type(state).__name__}, expected a torchfcn state dict")
         return torchfcn_to_fcnseg(state, **kwargs)
-    raise FcnsegError(f"--format {format!r}: expected torchfcn, caffe or auto")
+    raise FcnsegError(f"--format {shown(format)}: expected torchfcn, caffe or auto")
 
 
 def _import_caffe(
@@ -189,23 +196,20 @@ def weights_checkpoint(
     *,
     file: str | os.PathLike | None = None,
     progress: bool = True,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
     """The fcnseg checkpoint dict of published weights: from ``file`` if given, else from the cache, downloading
-    on first use. The hash is checked wherever the file comes from (when the entry knows one); the conversion of
-    a cached file is cached beside it."""
+    on first use. The file is checked against the published hash (when the entry has one) and the pinned
+    ``sha256`` wherever it comes from, and a cached file against the SHA-256 recorded at its first use
+    (:func:`~fcnseg.models.weights.cached_weights`); the conversion of a cached file is cached beside it."""
     entry = weights if isinstance(weights, PublishedWeights) else get_weights(weights).value
     if file is not None:
         source = Path(file).expanduser()
         if not source.is_file():
             raise FcnsegError(f"--weights-file {source}: no such file")
-        verify_hash(source, md5=entry.md5, sha256=entry.sha256)
+        verify_hash(source, md5=entry.md5, sha256=sha256_pin(sha256) or entry.sha256)
         return _convert(entry, source)
-    source = cache_dir() / entry.file_name
-    fresh = not source.is_file()
-    if fresh:
-        download(entry.url, source, md5=entry.md5, sha256=entry.sha256, progress=progress)
-    else:
-        verify_hash(source, md5=entry.md5, sha256=entry.sha256)
+    source, fresh = cached_weights(entry, sha256=sha256, progress=progress)
     converted = source.with_name(f"{source.stem}.fcnseg-v{CONVERSION_VERSION}.pt")
     ckpt = _cached_conversion(converted, source)
     if ckpt is not None:
@@ -215,6 +219,7 @@ def weights_checkpoint(
     except FcnsegError as e:
         if fresh:  # an error page or a wrong file, with no hash to catch it: do not keep it
             source.unlink(missing_ok=True)
+            sha256_record(source).unlink(missing_ok=True)
             raise FcnsegError(f"{e} (downloaded from {entry.url}; removed)") from None
         raise FcnsegError(f"{e} (the cached copy; delete {source} to download it again)") from None
     with contextlib.suppress(OSError), atomic_write(converted) as f:  # a read-only cache only costs time

@@ -13,6 +13,7 @@ import re
 import stat
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,17 @@ from fcnseg.palette import full_palette
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "IMAGE_FORMATS",
+    "ImageHeader",
     "PathLike",
+    "UnsupportedFormatError",
     "as_rgb_array",
     "collect_inputs",
     "colorize",
     "image_to_array",
     "load_image",
     "overlay",
+    "probe_image",
     "read_mask_png",
     "save_mask_png",
     "save_rgb",
@@ -40,6 +45,12 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 
 _EXIF_ORIENTATION = 0x0112
+
+# The formats every reader here accepts (Pillow's names). Pillow knows many more, some of them through outside
+# programs (EPS goes to Ghostscript) or rarely exercised decoders; an input in any other format is refused from its
+# first bytes, before any plugin parses it. PPM is Netpbm's PBM, PGM and PPM, which IMAGE_EXTENSIONS lists.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+_FORMAT_NAMES = "PNG, JPEG, BMP, TIFF, WebP, GIF or PPM"
 _NONFINITE_MSG = "image array contains NaN or inf values"
 
 
@@ -191,7 +202,7 @@ def _decode_error(name: str, what: str, exc: BaseException) -> ImageError:
         size = f"{int(pixels.group(1)):,} pixels" if pixels else _one_line(exc)
         reason = f"too large: {size}, above PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
     elif isinstance(exc, UnidentifiedImageError):
-        reason = "not an image file Pillow can decode; expected JPEG, PNG, BMP, TIFF, WebP, ..."
+        reason = f"not an image file in a format read here; expected {_FORMAT_NAMES}"
     elif isinstance(exc, FileNotFoundError):
         reason = "file not found"
     elif isinstance(exc, PermissionError):
@@ -215,8 +226,44 @@ def _upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img)
 
 
-def _read(path: PathLike, what: str, convert: Callable[[Image.Image], np.ndarray], upright: bool) -> np.ndarray:
-    """Open, fully decode and convert one file, decoding it exactly once."""
+class UnsupportedFormatError(ImageError):
+    """An image file in a format outside :data:`IMAGE_FORMATS` (its one-line message names the format)."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says: Pillow's format name, width, height and mode (no pixel decoded)."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+
+
+def _other_format(path: PathLike) -> str | None:
+    """The format outside :data:`IMAGE_FORMATS` whose signature the file's first bytes carry, if any: only each
+    plugin's cheap signature test runs, never its parser."""
+    Image.init()
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(16)
+    except OSError:
+        return None
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if name in IMAGE_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return name
+        except Exception:  # a plugin's test may choke on a short prefix: then it is not that format
+            continue
+    return None
+
+
+def _open(path: PathLike, what: str) -> Image.Image:
+    """The file opened by Pillow in one of :data:`IMAGE_FORMATS`, its header read and its size checked against
+    PIL's decompression-bomb limit; no pixel is decoded yet (the caller closes it)."""
     name = os.fspath(path)
     try:
         st = os.stat(path)
@@ -231,17 +278,38 @@ def _read(path: PathLike, what: str, convert: Callable[[Image.Image], np.ndarray
         # error with the picture's dimensions in it, so the warning itself is not needed.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(path, formats=IMAGE_FORMATS)
     # PIL raises many exception types on malformed headers (SyntaxError, struct.error, ...).
     except Exception as exc:
+        other = _other_format(path) if isinstance(exc, UnidentifiedImageError) else None
+        if other:
+            raise UnsupportedFormatError(
+                f"{name}: cannot read {what} (its format, {other} by its first bytes, is not accepted; expected "
+                f"{_FORMAT_NAMES})"
+            ) from None
         raise _decode_error(name, what, exc) from None
-    with img:
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and img.width * img.height > limit:
-            raise ImageError(
-                f"{name}: cannot read {what} (too large: {img.width}x{img.height} = "
-                f"{img.width * img.height:,} pixels, above PIL's limit of {limit:,} pixels)"
-            )
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and img.width * img.height > limit:
+        img.close()
+        raise ImageError(
+            f"{name}: cannot read {what} (too large: {img.width}x{img.height} = "
+            f"{img.width * img.height:,} pixels, above PIL's limit of {limit:,} pixels)"
+        )
+    return img
+
+
+def probe_image(path: PathLike, what: str = "image") -> ImageHeader:
+    """Format, size and mode from the file's header, without decoding its pixels: what a caller checks before it
+    commits the memory a decode takes. Raises :class:`ImageError` as :func:`load_image` would for a missing, empty,
+    unreadable or oversized file (:class:`UnsupportedFormatError` for a format outside :data:`IMAGE_FORMATS`)."""
+    with _open(path, what) as img:
+        return ImageHeader(img.format or "", img.width, img.height, img.mode)
+
+
+def _read(path: PathLike, what: str, convert: Callable[[Image.Image], np.ndarray], upright: bool) -> np.ndarray:
+    """Open, fully decode and convert one file, decoding it exactly once."""
+    name = os.fspath(path)
+    with _open(path, what) as img:
         try:
             # Image.open only reads the header; load() decodes the pixels now, inside the try, so
             # that a truncated or corrupt file fails here rather than later in a conversion.
@@ -258,7 +326,7 @@ def load_image(path: PathLike) -> np.ndarray:
     """Read an image file as a uint8 ``H x W x 3`` RGB array, upright per its EXIF orientation.
 
     Raises :class:`ImageError` for a missing, empty, truncated, corrupt, non-image or oversized
-    file.
+    file, and :class:`UnsupportedFormatError` for one outside :data:`IMAGE_FORMATS`.
     """
     return _read(path, "image", image_to_array, upright=True)
 

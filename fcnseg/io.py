@@ -1,15 +1,17 @@
-"""Atomic file writes: a file is written under a temporary name in its folder and renamed into place."""
+"""Atomic file writes (a file is written under a temporary name in its folder and renamed into place), and the
+YAML reader for the files and values a user writes."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 # Test hook: FCNSEG_TEST_CRASH_AT=NAME[@N] makes the process kill itself (SIGKILL, as kill -9 would) the Nth time
 # (default 1st) it reaches the point NAME, so that the crash-safety tests can stop a real run inside a chosen
@@ -86,3 +88,37 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) ->
                 tmp.unlink()
                 removed.append(tmp)
     return removed
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+
+
+@functools.cache
+def _plain_loader() -> type:
+    import yaml
+
+    class PlainLoader(yaml.SafeLoader):
+        """SafeLoader without aliases: an option file never needs ``*name``, and nested aliases ("billion laughs")
+        make a few hundred bytes stand for gigabytes once anything walks the result."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} found; aliases are not accepted, write the value out",
+                    event.start_mark,
+                )  # fmt: skip
+            return super().compose_node(parent, index)
+
+    return PlainLoader
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)`` without aliases, and a ``yaml.YAMLError`` (not a RecursionError) for a document
+    nested too deeply to read."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_plain_loader())  # a SafeLoader subclass: plain data only
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None

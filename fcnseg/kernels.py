@@ -35,12 +35,17 @@ TOLERANCE = 1e-4  # of the output's range: a kernel further from oneDNN's output
 _TIMED_RUNS = 3
 
 
-def cache_path() -> Path:
-    """``$FCNSEG_CACHE_DIR/conv-kernels.json`` (default: ``$XDG_CACHE_HOME/fcnseg``, else ``~/.cache/fcnseg``)."""
+def cache_root() -> Path:
+    """fcnseg's cache folder: ``$FCNSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/fcnseg``, else ``~/.cache/fcnseg``."""
     root = os.environ.get("FCNSEG_CACHE_DIR")
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fcnseg"
-    return Path(root) / "conv-kernels.json"
+    return Path(root)
+
+
+def cache_path() -> Path:
+    """``conv-kernels.json`` in :func:`cache_root`."""
+    return cache_root() / "conv-kernels.json"
 
 
 def cpu_model_name() -> str:
@@ -52,14 +57,20 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_key() -> str:
-    """What a measured choice depends on besides the layer: the CPU, the instruction set torch and oneDNN may use,
-    the thread count and torch's version."""
+def _isa() -> str:
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-    return (
-        f"{cpu_model_name()} | {torch.backends.cpu.get_cpu_capability()}{'/' + isa if isa else ''} | "
-        f"{torch.get_num_threads()} threads | torch {torch.__version__}"
-    )
+    return f"{torch.backends.cpu.get_cpu_capability()}{'/' + isa if isa else ''}"
+
+
+def isa_key() -> str:
+    """The CPU and the instruction sets torch and oneDNN may use on it (``ATEN_CPU_CAPABILITY``,
+    ``ONEDNN_MAX_CPU_ISA``), with torch's version: what compiled or measured code is only valid for."""
+    return f"{cpu_model_name()} | {_isa()} | torch {torch.__version__}"
+
+
+def cpu_key() -> str:
+    """What a measured choice depends on besides the layer: :func:`isa_key` and the thread count."""
+    return f"{cpu_model_name()} | {_isa()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
 class KernelChoices:

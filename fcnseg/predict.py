@@ -127,15 +127,41 @@ def predict_mask(
 # ---------------------------------------------------------------------------------------------- writing masks
 
 
-def output_stems(files: Sequence[Path]) -> list[str]:
-    """The output name of each input: its stem, ``STEM-2``, ``STEM-3``, ... for later inputs of the same stem, so that
-    two inputs with one stem (a/x.jpg, b/x.png) do not overwrite each other's mask."""
-    counts: dict[str, int] = {}
+def output_names(model: nn.Module, stem: str, *, overlay_format: str | None = None, probs: bool = False) -> list[str]:
+    """Every file name :func:`save_prediction` writes for ``stem``: the mask, and the overlay and probabilities
+    when asked for, of each head of the model (the first head's under ``stem``, the others' under
+    ``STEM_<head>``)."""
+    names = []
+    for i, head in enumerate(head_sizes(model)):
+        name = _head_stem(stem, i, head)
+        names.append(f"{name}.png")
+        if overlay_format:
+            names.append(f"{name}_overlay.{overlay_format}")
+        if probs:
+            names.append(f"{name}.npy")
+    return names
+
+
+def _head_stem(stem: str, index: int, head: str) -> str:
+    return stem if index == 0 else f"{stem}_{head}"
+
+
+def output_stems(files: Sequence[Path], names: Callable[[str], Sequence[str]] | None = None) -> list[str]:
+    """The output name of each input: its stem, else ``STEM-2``, ``STEM-3``, ... the first under which none of the
+    files it writes (``names(stem)``, default ``STEM.png``; see :func:`output_names`) is written for an earlier
+    input. So two inputs of one stem (a/x.jpg, b/x.png), or an input whose stem is another's output (x.png and
+    x_overlay.png, x-2.png), never write over each other's files. Names are compared case-folded, as a
+    case-insensitive file system compares them."""
+    names = names or (lambda stem: [f"{stem}.png"])
+    taken: set[str] = set()
     stems = []
     for f in files:
-        n = counts.get(f.stem, 0)
-        counts[f.stem] = n + 1
-        stems.append(f.stem if n == 0 else f"{f.stem}-{n + 1}")
+        stem, n = f.stem, 1
+        while any(name.casefold() in taken for name in names(stem)):
+            n += 1
+            stem = f"{f.stem}-{n}"
+        taken.update(name.casefold() for name in names(stem))
+        stems.append(stem)
     return stems
 
 
@@ -206,7 +232,7 @@ def save_prediction(
     if colors is not None:
         colours[next(iter(colours))] = colors
     for i, (head, (mask, p)) in enumerate(predict_heads(model, image, probs=probs, **kwargs).items()):
-        name = stem if i == 0 else f"{stem}_{head}"
+        name = _head_stem(stem, i, head)  # the names output_names lists
         save_mask_png(out / f"{name}.png", mask, colours[head])
         if overlay_on is not None:
             blended = add_legend(overlay(overlay_on, mask, colours[head]), mask, colours[head], names[head])

@@ -268,9 +268,32 @@ def make_runner(
             )
         return _eager(copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16, channels_last)
     if path == "compile":
+        use_inductor_cache_of_this_isa()
         compiled = torch.compile(model.eval(), dynamic=True)
         return _eager(compiled, torch.float32, channels_last=False)
     return _onnx_runner(model, path, calibration, workdir)
+
+
+def use_inductor_cache_of_this_isa() -> Path | None:
+    """Point torch.compile's on-disk cache at a folder of this CPU and instruction set (:func:`kernels.isa_key`),
+    under fcnseg's cache folder, unless the user chose another (``TORCHINDUCTOR_CACHE_DIR``). torch's default, one
+    folder in /tmp per user, is shared by every run: graphs compiled under AVX-512 were reloaded by a run held to
+    AVX2 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) and computed NaN and wrong masks, or freed memory
+    twice. Returns the folder now in use, None where it is the user's."""
+    import hashlib
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from .kernels import cache_root, isa_key
+
+    ours = cache_root() / "inductor"
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch writes its default into the variable at first use, and a process started from here inherits ours.
+    if current and Path(current) != Path(default_cache_dir()) and Path(current).parent != ours:
+        return None
+    folder = ours / hashlib.sha256(isa_key().encode()).hexdigest()[:16]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
 
 
 def exported_fp32(model: nn.Module, folder: Path) -> Path:

@@ -6,8 +6,12 @@ import torch
 
 from tests.helpers import hub  # noqa: F401  (hub: a fixture, found here by every test)
 
-# Two cores here and in CI: keep torch from oversubscribing them when pytest runs.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores here and in CI: keep torch from oversubscribing them when pytest runs. The processes the tests start
+# (fcnseg predict, serve, train) take the same count, so that on a machine of more cores they still choose the
+# same convolution kernels as this process does when their outputs are compared with its own.
+THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 # `--runtime auto` (the CLI's default) picks its path from the CPU's features. The suite pins the probe to a CPU
 # without AVX2, where auto is eager, so that outputs compared across processes (predict against serve, a run against

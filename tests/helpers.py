@@ -117,6 +117,31 @@ def assert_span_close(got: Any, expected: Any, *, tol: float = 1e-4, min_span: f
     assert err <= tol, (msg, f"max |got - expected| = {err:.2e} of the span")
 
 
+def kernel_tolerance(model: torch.nn.Module, expected: Any) -> float:
+    """The absolute tolerance for ``model``'s output computed by other kernels (another CPU's AVX2, AVX-512 or AMX
+    code, another thread count): float32's epsilon for every layer the signal passes through, relative to the
+    output's range. Each convolution sums in its own order, so each may add a rounding of that size; a wrong weight
+    or a wrong crop moves the output by a sizeable fraction of its range instead."""
+    depth = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)) for m in model.modules())
+    expected = _array(expected)
+    return depth * float(np.finfo(np.float32).eps) * float(np.abs(expected).max())
+
+
+def assert_same_output_across_kernels(model: torch.nn.Module, got: Any, expected: Any) -> None:
+    """``got`` (N x C x H x W scores) equals ``expected`` as far as other kernels allow: the same shape, values
+    within :func:`kernel_tolerance`, and the same argmax at every pixel whose top two scores are further apart than
+    twice that tolerance (nearer ones may swap honestly)."""
+    got, expected = _array(got), _array(expected)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    tol = kernel_tolerance(model, expected)
+    err = float(np.abs(got - expected).max())
+    assert err <= tol, f"max |got - expected| = {err:.3g}, over the tolerance {tol:.3g}"
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) > 2 * tol
+    assert decided.mean() > 0.9, "too few pixels with a clear winner to compare the argmax"
+    np.testing.assert_array_equal(got.argmax(1)[decided], expected.argmax(1)[decided])
+
+
 # ------------------------------------------------------------------------------------------------ crops
 
 
@@ -131,3 +156,26 @@ def find_window(source: torch.Tensor, window: torch.Tensor) -> list[tuple[bool, 
                 if torch.equal(s[..., top : top + h, left : left + w], window):
                     found.append((flipped, top, left))
     return found
+
+
+# ------------------------------------------------------------------------------------------- crafted pickles
+
+
+class RunsCode:
+    """An object whose unpickling runs code: it opens (so creates) ``marker``. A file that holds one shows whether
+    a reader unpickles arbitrary objects (``torch.load(weights_only=False)``) or refuses them."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+def code_pickle(path: Path, marker: Path, *, zip_format: bool = True) -> Path:
+    """Write ``path``: a ``torch.save`` file of a state dict (one tensor) beside a :class:`RunsCode` that would
+    create ``marker``; torch's zip archive, or with ``zip_format=False`` its legacy pickle format."""
+    payload = {"features.0.weight": torch.zeros(1), "payload": RunsCode(marker)}
+    torch.save(payload, path, _use_new_zipfile_serialization=zip_format)
+    assert not Path(marker).exists()
+    return path

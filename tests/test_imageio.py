@@ -15,11 +15,15 @@ from PIL import Image
 
 from fcnseg.errors import FcnsegError, ImageError
 from fcnseg.imageio import (
+    IMAGE_FORMATS,
+    ImageHeader,
+    UnsupportedFormatError,
     as_rgb_array,
     colorize,
     image_to_array,
     load_image,
     overlay,
+    probe_image,
     read_mask_png,
     save_mask_png,
     save_rgb,
@@ -318,6 +322,54 @@ def test_decompression_bomb(tmp_path, monkeypatch, side):
     assert f"{side * side:,} pixels" in msg and "1,000" in msg
     if side == 40:
         assert "40x40" in msg
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM"])
+def test_the_accepted_formats_read_and_probe(tmp_path, fmt):
+    path = _saved(Image.new("RGB", (5, 3), (200, 10, 10)), tmp_path / f"red.{fmt.lower()}", "P" if fmt == "GIF" else
+                  None, format=fmt)  # fmt: skip
+    assert load_image(path).shape == (3, 5, 3)
+    assert probe_image(path) == ImageHeader(fmt, 5, 3, "P" if fmt == "GIF" else "RGB")
+
+
+@pytest.mark.parametrize(("fmt", "named"), [("PCX", "PCX"), ("ICO", "ICO"), ("SGI", "SGI"), ("DDS", "DDS")])
+def test_other_formats_are_refused_from_their_first_bytes(tmp_path, monkeypatch, fmt, named):
+    """Pillow decodes these; the readers refuse them without running their plugins' parsers."""
+    path = tmp_path / f"picture.{fmt.lower()}"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(path, format=fmt)
+    opened = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(k.get("formats")) or _real_open(*a, **k))
+    for reader, what in ((load_image, "image"), (read_mask_png, "mask"), (probe_image, "image")):
+        with pytest.raises(UnsupportedFormatError) as info:
+            reader(path)
+        assert str(info.value) == (f"{path}: cannot read {what} (its format, {named} by its first bytes, is not "
+                                   "accepted; expected PNG, JPEG, BMP, TIFF, WebP, GIF or PPM)")  # fmt: skip
+    assert opened == [IMAGE_FORMATS] * 3  # Pillow was only ever asked for the accepted formats
+
+
+def test_eps_never_reaches_ghostscript(tmp_path):
+    path = tmp_path / "logo.eps"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    msg = _expect_image_error(path, "its format, EPS by its first bytes, is not accepted")
+    assert isinstance(_raised(load_image, path), UnsupportedFormatError), msg
+
+
+def test_a_png_mask_and_a_tiff_image_still_read(tmp_path):
+    """Datasets' masks are PNG and read as they were; their images may be TIFF."""
+    mask = np.array([[0, 1], [255, 2]], np.uint8)
+    save_mask_png(tmp_path / "m.png", mask, voc_palette(3))
+    np.testing.assert_array_equal(read_mask_png(tmp_path / "m.png"), mask)
+    Image.fromarray(np.full((2, 3), 7, np.uint8)).save(tmp_path / "g.tif")
+    assert load_image(tmp_path / "g.tif").tolist() == [[[7, 7, 7]] * 3] * 2
+
+
+def _raised(reader, path: Path) -> BaseException:
+    with pytest.raises(ImageError) as info:
+        reader(path)
+    return info.value
+
+
+_real_open = Image.open
 
 
 def test_each_file_decoded_once(tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import FcnsegError
+from ..errors import FcnsegError, clipped, shown
+from ..io import load_yaml
 
 DOWNLOAD_HELP = "fetch voc / sbd first (torchvision's downloader)"
 
@@ -28,8 +29,12 @@ def parse_key_value(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` as ``(key, value)``, the value read as YAML (``size=96`` gives the int 96)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {shown(text)}")
+    try:
+        return key.strip(), load_yaml(value)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise argparse.ArgumentTypeError(f"{shown(text)}: the value is not valid YAML ({clipped(first)})") from None
 
 
 def add_data_option(
@@ -115,6 +120,11 @@ def add_weights(p: argparse.ArgumentParser, help_text: str) -> None:
 def add_weights_file(p: argparse.ArgumentParser, help_text: str) -> None:
     """``--weights-file FILE``: a local copy of published weights, read instead of downloaded."""
     p.add_argument("--weights-file", metavar="FILE", help=help_text)
+
+
+def add_sha256(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--sha256 HEX``: the SHA-256 the weights file read must have (a pin; see fcnseg.models.weights)."""
+    p.add_argument("--sha256", metavar="HEX", help=help_text)
 
 
 def add_out(p: argparse.ArgumentParser, help_text: str, default: str | None = None) -> None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import FcnsegError
-from ._common import add_out, add_weights
+from ._common import add_out, add_sha256, add_weights
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--model", help="fcnseg model name when the file cannot tell (torchfcn FCN8s vs FCN8sAtOnce)")
     p.add_argument("--classes", help="a text file of class names, one a line (default: VOC names for 21 classes)")
     add_weights(p, "SRC is this published file (fcnseg weights): take its classes and input")
+    add_sha256(p, "refuse SRC unless its SHA-256 is HEX")
     p.set_defaults(func=run)
     return p
 
@@ -55,7 +56,10 @@ def _save(ckpt: dict, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..hub import import_file
+    from ..models.weights import sha256_pin, verify_hash
 
+    if args.sha256 is not None and Path(args.src).is_file():
+        verify_hash(args.src, sha256=sha256_pin(args.sha256))
     try:
         ckpt = import_file(args.src, args.format, **_import_options(args))
     except FcnsegError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_out, add_weights_file
+from ._common import add_out, add_sha256, add_weights_file
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_out(p, "the file to write")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     add_weights_file(p, "a local copy of the published weights file")
+    add_sha256(p, "refuse the checkpoint or weights file unless its SHA-256 is HEX")
     p.set_defaults(func=run)
     return p
 
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export
     from ..hub import load
 
-    model = load(args.checkpoint, file=args.weights_file)
+    model = load(args.checkpoint, file=args.weights_file, sha256=args.sha256)
     report = export(model, args.out, args.format, opset=args.opset)
     sizes = ", ".join(f"{k} {v:.1e}" for k, v in report.max_rel_diff.items())
     opset = f", opset {report.opset}" if report.opset else ""

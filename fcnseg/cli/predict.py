@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import FcnsegError
@@ -18,6 +20,7 @@ from ._common import (
     add_out,
     add_quiet,
     add_runtime,
+    add_sha256,
     add_tiling,
     add_weights,
     add_weights_file,
@@ -35,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("items", nargs="+", metavar="INPUT", help="[CHECKPOINT] then image files, folders or globs")
     add_weights(p, "published weights instead of a checkpoint (fcnseg weights)")
     add_weights_file(p, "a local copy of the --weights file (no download)")
+    add_sha256(p, "refuse the checkpoint or weights file unless its SHA-256 is HEX")
     add_out(p, "output folder: <stem>.png palette masks")
     p.add_argument(
         "--overlay",
@@ -79,6 +83,45 @@ def _check_writable(out: Path) -> None:
         raise FcnsegError(f"--out {out}: cannot create folder ({e.strerror or e})") from None
     if not os.access(out, os.W_OK):
         raise FcnsegError(f"--out {out}: folder is not writable")
+
+
+def _read_files(args: argparse.Namespace, files: list[Path], checkpoint: str | None) -> list[Path]:
+    """Every file this run reads: the images, each --extra folder's files, the --calibration images and the
+    checkpoint or weights file."""
+    from ..imageio import collect_inputs
+
+    read = [*files, *(Path(f) for f in (checkpoint, args.weights_file) if f and Path(f).is_file())]
+    for folder in args.extra:
+        with contextlib.suppress(OSError):
+            read.extend(p for p in Path(folder).iterdir() if p.is_file())
+    if args.calibration:
+        read.extend(collect_inputs([args.calibration])[0])
+    return read
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_no_input_overwritten(out: Path, plan: Sequence[tuple[Path, list[str]]], read: Sequence[Path]) -> None:
+    """Refuse, before anything is written, a run whose outputs (``plan``: each input with the file names it
+    writes in ``out``) would replace a file it reads: the same path once resolved (symbolic links followed), or
+    the same file on disk (a hard link)."""
+    by_path = {p.resolve(): p for p in read}
+    by_identity = {ident: p for p in read if (ident := _identity(p)) is not None}
+    for source, names in plan:
+        for name in names:
+            target = out / name
+            hit = by_path.get(target.resolve()) or by_identity.get(_identity(target))
+            if hit is not None:
+                raise FcnsegError(
+                    f"--out {out}: the output {name} of {source.name} would overwrite the input {hit}; expected an "
+                    "--out folder where no input has an output's name (a folder of its own, say)"
+                )
 
 
 def _check_predictable(model, args: argparse.Namespace, checkpoint: str | None) -> None:
@@ -133,17 +176,21 @@ def run(args: argparse.Namespace) -> int:
     from ..device import pick_device
     from ..hub import load
     from ..imageio import collect_inputs
-    from ..predict import mask_colors, output_stems
+    from ..predict import mask_colors, output_names, output_stems
     from ..runtime import FP32_CLASS
 
     checkpoint, inputs = _checkpoint_and_inputs(args)
     files, problems = collect_inputs(inputs)
-    model = load(checkpoint, map_location=pick_device(args.device), file=args.weights_file)
+    model = load(checkpoint, map_location=pick_device(args.device), file=args.weights_file, sha256=args.sha256)
     _check_predictable(model, args, checkpoint)
     if not files:  # nothing to do: refused before the output folder is made
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise FcnsegError(f"{problems[0]}{more}" if problems else "predict: no input images")
     out = Path(args.out)
+    names = functools.partial(output_names, model, overlay_format=args.overlay, probs=args.probs)
+    stems = output_stems(files, names)
+    plan = [(f, names(stem)) for f, stem in zip(files, stems, strict=True)]
+    check_no_input_overwritten(out, plan, _read_files(args, files, checkpoint))
     _check_writable(out)
     runner = runner_from_flags(args, model, files)
     if args.runtime not in FP32_CLASS:
@@ -151,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     options = {"colors": mask_colors(model), "runner": runner, "tile": args.tile, "overlap": args.overlap}
     written = 0
     bar = tqdm(files, unit="img", disable=len(files) <= 1 or args.quiet, file=sys.stderr)
-    for path, stem in zip(bar, output_stems(files), strict=True):
+    for path, stem in zip(bar, stems, strict=True):
         try:
             _predict_one(model, path, stem, args, options)
             written += 1

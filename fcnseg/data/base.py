@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from ..errors import FcnsegError
+from ..errors import FcnsegError, clipped, shown
 from ..imageio import load_image
 
 IGNORE_INDEX = 255
@@ -103,7 +103,33 @@ def read_split_file(path: Path) -> list[str]:
         raise SplitError(path, "unreadable-split-file", "split file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SplitError(path, "unreadable-split-file", f"cannot read split file ({e.__class__.__name__})") from None
-    return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    ids = {}
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            ids.setdefault(check_split_id(line.strip(), path, number), None)
+    return list(ids)
+
+
+def check_split_id(image_id: str, split_file: str | Path, line: int) -> str:
+    """``image_id`` if it is a bare name, which joined to a dataset's folder stays inside it; else a
+    :class:`SplitError` naming the list file, the line and the id. Every dataset's ids name files as
+    ``<folder>/<id>.<suffix>``, so an absolute path, a ``..``, a folder separator or a NUL would read (and
+    ``check-data`` would vouch for) a file outside the dataset."""
+    why = None
+    if "\x00" in image_id:
+        why = "it holds a NUL character"
+    elif "/" in image_id or "\\" in image_id:
+        why = "it holds a folder separator (absolute paths and sub-folders are refused)"
+    elif image_id in (".", ".."):
+        why = "it names a folder"
+    elif PureWindowsPath(image_id).drive:
+        why = "it starts with a drive"
+    if why:
+        expected = "expected one id a line, a file name without folder or suffix"
+        raise SplitError(
+            split_file, "unsafe-split-id", f"line {line}: id {shown(image_id)} is not a bare id: {why}; {expected}"
+        )
+    return image_id
 
 
 _DATASETS: dict[str, Callable[..., SegmentationDataset]] = {}
@@ -129,7 +155,7 @@ def list_datasets() -> list[str]:
 def dataset_splits(name: str) -> tuple[str, ...]:
     """The disjoint splits of dataset ``name`` (see :attr:`SegmentationDataset.disjoint_splits`)."""
     if name not in _DATASETS:
-        raise FcnsegError(f"--dataset {name!r}: unknown dataset; expected one of {', '.join(list_datasets())}")
+        raise FcnsegError(f"--dataset {shown(name)}: unknown dataset; expected one of {', '.join(list_datasets())}")
     return tuple(getattr(_DATASETS[name], "disjoint_splits", ("train",)))
 
 
@@ -148,7 +174,7 @@ def get_dataset(
     its modules.
     """
     if name not in _DATASETS:
-        raise FcnsegError(f"--dataset {name!r}: unknown dataset; expected one of {', '.join(list_datasets())}")
+        raise FcnsegError(f"--dataset {shown(name)}: unknown dataset; expected one of {', '.join(list_datasets())}")
     cls = _DATASETS[name]
     check_data_options(kwargs)
     accepted = inspect.signature(cls).parameters
@@ -156,7 +182,8 @@ def get_dataset(
     if unknown:
         options = [k for k in accepted if k not in ("root", "split", "transforms")]
         raise FcnsegError(
-            f"dataset {name!r} takes no option {', '.join(unknown)}; expected some of: {', '.join(options) or 'none'}"
+            f"dataset {shown(name)} takes no option {clipped(', '.join(unknown))}; "
+            f"expected some of: {', '.join(options) or 'none'}"
         )
     return cls(root=root, split=split, transforms=transforms, **kwargs)
 
@@ -170,4 +197,4 @@ def check_data_options(options: dict[str, Any]) -> None:
 
 def check_split(split: str, allowed: Sequence[str], dataset: str) -> None:
     if split not in allowed:
-        raise FcnsegError(f"--split {split!r}: {dataset} has splits {', '.join(allowed)}")
+        raise FcnsegError(f"--split {shown(split)}: {dataset} has splits {', '.join(allowed)}")

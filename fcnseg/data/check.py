@@ -45,6 +45,7 @@ PROBLEM_KINDS: dict[str, str] = {
     "duplicate-stem": "two files for one stem (e.g. a.jpg and a.png)",
     "unsupported-file": "a file with a suffix the dataset does not read",
     "unreadable-split-file": "a split file that cannot be read",
+    "unsafe-split-id": "an id in a split file that is no bare name (a path, '..', NUL): it could name a file outside",
 }
 """Every kind of problem check-data reports, with what it means."""
 

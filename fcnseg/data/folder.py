@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import FcnsegError
+from ..errors import FcnsegError, shown
 from ..imageio import _read, image_to_array, read_mask_png
 from ..palette import VOID_COLOR, palette_for
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
@@ -57,7 +57,7 @@ def _parse_colour(text: str, where: str, name: str) -> tuple[int, int, int]:
         values = ()
     if len(values) != 3 or not all(0 <= v <= 255 for v in values):
         raise FcnsegError(
-            f"{where}: colour {text.strip()!r} of class {name!r}; expected R,G,B with three integers 0..255"
+            f"{where}: colour {shown(text.strip())} of class {shown(name)}; expected R,G,B with three integers 0..255"
         )
     return values  # type: ignore[return-value]
 
@@ -76,7 +76,7 @@ def _class_lines(text: str, path: Path) -> tuple[list[str], list[tuple[int, int,
         if not name:
             raise FcnsegError(f"{where}: empty class name; expected {CLASSES_FORMAT}")
         if name in names:
-            raise FcnsegError(f"{where}: class {name!r} is listed twice; expected each class once")
+            raise FcnsegError(f"{where}: class {shown(name)} is listed twice; expected each class once")
         names.append(name)
         given.append(_parse_colour(colour, where, name) if sep and colour.strip() else None)
     return names, given
@@ -108,11 +108,11 @@ def read_classes_file(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
         key = tuple(int(v) for v in row)
         if key == VOID_COLOR:
             raise FcnsegError(
-                f"{path}: class {name!r} has the void colour {_fmt_colour(key)}; expected a colour of its own"
+                f"{path}: class {shown(name)} has the void colour {_fmt_colour(key)}; expected a colour of its own"
             )
         if key in owner:
             raise FcnsegError(
-                f"{path}: classes {owner[key]!r} and {name!r} share the colour {_fmt_colour(key)}; "
+                f"{path}: classes {shown(owner[key])} and {shown(name)} share the colour {_fmt_colour(key)}; "
                 "expected one colour per class"
             )
         owner[key] = name
@@ -191,7 +191,7 @@ class FolderDataset(SegmentationDataset):
         if root is None:
             raise FcnsegError(f"--root: the folder dataset needs --root DIR holding {_LAYOUT}")
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
-            raise FcnsegError(f"val_fraction {val_fraction!r}: expected a fraction between 0 and 1 (exclusive)")
+            raise FcnsegError(f"val_fraction {shown(val_fraction)}: expected a fraction between 0 and 1 (exclusive)")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FcnsegError(f"--root {self.root}: no such folder; expected {_LAYOUT}")
@@ -333,7 +333,8 @@ class FolderDataset(SegmentationDataset):
             try:
                 ids = read_split_file(path)
             except FcnsegError as e:
-                problems.append(Problem(str(path), "unreadable-split-file", _strip(str(e), path)))
+                kind = e.kind if isinstance(e, SplitError) else "unreadable-split-file"
+                problems.append(Problem(str(path), kind, _strip(str(e), path)))
                 continue
             listed[name] = ids
             for stem in ids:
@@ -342,7 +343,7 @@ class FolderDataset(SegmentationDataset):
                         Problem(
                             str(path),
                             "id-without-files",
-                            f"{stem!r} has no image in images/ and no mask in masks/",
+                            f"{shown(stem)} has no image in images/ and no mask in masks/",
                         )
                     )
             if not any(s in tree.images and s in tree.masks for s in ids):
@@ -351,12 +352,12 @@ class FolderDataset(SegmentationDataset):
         if "train" in listed and "val" in listed:
             both = sorted(set(listed["train"]) & set(listed["val"]))
             if both:
-                shown = ", ".join(repr(s) for s in both[:5]) + (f" and {len(both) - 5} more" if len(both) > 5 else "")
+                listed = ", ".join(shown(s) for s in both[:5]) + (f" and {len(both) - 5} more" if len(both) > 5 else "")
                 problems.append(
                     Problem(
                         str(self.split_file("val")),
                         "split-overlap",
-                        f"{len(both)} stem(s) also in train.txt: {shown}; expected disjoint splits",
+                        f"{len(both)} stem(s) also in train.txt: {listed}; expected disjoint splits",
                     )
                 )
         return problems

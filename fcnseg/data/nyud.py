@@ -17,7 +17,6 @@ shares.
 from __future__ import annotations
 
 import glob
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,12 @@ import numpy as np
 from PIL import Image
 
 from .._meta import NYUD_CLASSES, NYUD_MEAN_BGR, NYUD_MEAN_HHA, NYUD_MEAN_LOG_DEPTH
-from ..errors import FcnsegError
+from ..errors import FcnsegError, shown
 from ..imageio import _read, load_image
 from ..palette import palette_for
 from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
+from .matfile import load_mat
 
 __all__ = [
     "DEPTH_MAX_MM",
@@ -73,21 +73,7 @@ def read_mat_labels(path: str | Path, key: str, *, void: tuple[int, ...], expect
     outside 0..254 is an error; one above the dataset's classes is returned as is (``check-data`` reports it).
     Every failure is an :class:`FcnsegError` naming the file; ``expected`` ends the message.
     """
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise FcnsegError(
-            f"{path}: reading .mat labels needs scipy; expected it installed (pip install scipy)"
-        ) from None
-    # Checked first: loadmat reports a missing pathlib.Path as a confusing "Reader needs file name" error.
-    if not Path(path).is_file():
-        raise FcnsegError(f"{path}: mask file not found; {expected}")
-    try:
-        mat = loadmat(os.fspath(path))
-    # scipy raises ValueError, TypeError, MatReadError, NotImplementedError (v7.3 files), ... on files it cannot read.
-    except Exception as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise FcnsegError(f"{path}: cannot read .mat file ({reason}); {expected}") from None
+    mat = load_mat(path, expected)
     if key not in mat:
         keys = sorted(k for k in mat if not k.startswith("__"))
         found = f" (it holds {', '.join(repr(k) for k in keys)})" if keys else ""
@@ -241,7 +227,7 @@ class NYUDSegmentation(SegmentationDataset):
         super().__init__(transforms)
         check_split(split, NYUD_SPLITS, "nyud")
         if modality not in NYUD_MODALITIES:
-            raise FcnsegError(f"modality {modality!r}: expected one of {', '.join(NYUD_MODALITIES)}")
+            raise FcnsegError(f"modality {shown(modality)}: expected one of {', '.join(NYUD_MODALITIES)}")
         self.split = split
         self.modality = modality
         self.nyud_dir = _resolve_nyud_dir(root)

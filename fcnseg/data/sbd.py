@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from .._meta import VOC_CLASSES
 from ..errors import FcnsegError
 from ..palette import voc_palette
 from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
+from .matfile import load_mat
 
 __all__ = ["SBD_SPLITS", "SBDSegmentation", "find_sbd_dir", "read_sbd_mask", "read_sbd_split", "resolve_sbd_dir"]
 
@@ -96,22 +96,8 @@ def read_sbd_mask(path: str | Path) -> np.ndarray:
 
     SBD has no void border; values above 20 are returned as they are (``check-data`` reports them).
     """
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise FcnsegError(
-            f"{path}: reading SBD .mat masks needs scipy; expected it installed (pip install scipy)"
-        ) from None
-    # Checked first: loadmat reports a missing pathlib.Path as a confusing "Reader needs file name" error.
-    if not Path(path).is_file():
-        raise FcnsegError(f"{path}: mask file not found; {_MAT_EXPECTED}")
-    try:
-        # No squeeze_me: it would turn a one-row mask into a 1-D array; _struct_field unwraps the 1x1 struct itself.
-        mat = loadmat(os.fspath(path), struct_as_record=False)
-    # scipy raises ValueError, TypeError, MatReadError, ... on damaged or non-MATLAB files.
-    except Exception as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise FcnsegError(f"{path}: cannot read .mat file ({reason}); {_MAT_EXPECTED}") from None
+    # No squeeze_me: it would turn a one-row mask into a 1-D array; _struct_field unwraps the 1x1 struct itself.
+    mat = load_mat(path, _MAT_EXPECTED, struct_as_record=False)
     if "GTcls" not in mat:
         raise FcnsegError(f"{path}: no key 'GTcls'; {_MAT_EXPECTED}")
     seg = _struct_field(mat["GTcls"], "Segmentation")

@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from .._meta import SIFTFLOW_ABSENT_IN_TEST, SIFTFLOW_CLASSES, SIFTFLOW_GEO_CLASSES, SIFTFLOW_MEAN_BGR
-from ..errors import FcnsegError
+from ..errors import FcnsegError, shown
 from ..palette import palette_for
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
@@ -136,7 +136,7 @@ class SIFTFlowSegmentation(SegmentationDataset):
         super().__init__(transforms)
         check_split(split, SIFTFLOW_SPLITS, "siftflow")
         if target not in SIFTFLOW_TARGETS:
-            raise FcnsegError(f"target {target!r}: expected one of {', '.join(SIFTFLOW_TARGETS)}")
+            raise FcnsegError(f"target {shown(target)}: expected one of {', '.join(SIFTFLOW_TARGETS)}")
         self.split = split
         self.target = target
         self.root = _resolve_root(root)

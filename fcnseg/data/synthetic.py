@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FcnsegError
+from ..errors import FcnsegError, shown
 from .base import SegmentationDataset, check_split, register_dataset
 
 CLASSES: tuple[str, ...] = ("background", "disc", "square", "triangle", "cross", "ring", "stick")
@@ -437,16 +437,16 @@ class SyntheticShapes(SegmentationDataset):
         if num_images is None:
             num_images = DEFAULT_SIZES[split]
         if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 0:
-            raise FcnsegError(f"num_images must be a non-negative integer, got {num_images!r}")
+            raise FcnsegError(f"num_images must be a non-negative integer, got {shown(num_images)}")
         hw: tuple[Any, ...] = ()
         if isinstance(size, (int, np.integer)):
             hw = (size, size)
         elif isinstance(size, (tuple, list)):
             hw = tuple(size)
         if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 8 for v in hw):
-            raise FcnsegError(f"size must be an integer >= 8 or a (height, width) pair of them, got {size!r}")
+            raise FcnsegError(f"size must be an integer >= 8 or a (height, width) pair of them, got {shown(size)}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise FcnsegError(f"seed must be a non-negative integer, got {seed!r}")
+            raise FcnsegError(f"seed must be a non-negative integer, got {shown(seed)}")
         self.root = root
         self.split = split
         self.size = (int(hw[0]), int(hw[1]))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._meta import VOC_CLASSES
-from ..errors import FcnsegError
+from ..errors import FcnsegError, shown
 from ..imageio import read_mask_png
 from ..palette import voc_palette
 from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
@@ -35,7 +35,7 @@ def check_year(year: str | int) -> str:
     """The year as the devkit spells it (``"2012"``); anything outside 2007..2012 is a user error."""
     text = str(year).strip()
     if text not in VOC_YEARS:
-        raise FcnsegError(f"--year {year!r}: expected a PASCAL VOC year from 2007 to 2012")
+        raise FcnsegError(f"--year {shown(year)}: expected a PASCAL VOC year from 2007 to 2012")
     return text
 
 

@@ -17,12 +17,17 @@ from typing import Any
 import yaml
 
 from .. import __version__
-from ..errors import FcnsegError
-from ..io import atomic_write
+from ..errors import FcnsegError, clipped, shown
+from ..io import atomic_write, load_yaml
 from ..models.registry import saved_options
 
 # The release's learning rates go with an unnormalised (summed) loss over ~500 x 375 images, batch 1; each
 # finer stage starts from the previous one and moves much less (facts file, section 4).
+MAX_CONFIG_BYTES = 1 << 20
+"""An options file is a few hundred bytes; anything past a mebibyte is not one."""
+MAX_OPTION_CHARS = 4096
+"""The longest text option accepted from a file (a path at most: PATH_MAX on Linux)."""
+
 PAPER_LR = {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14, "fcn8s_atonce": 1e-10}
 
 
@@ -89,7 +94,7 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the preset's values in every field left as None, checked for consistency."""
         if self.preset not in PRESETS:
-            raise FcnsegError(f"--preset {self.preset!r}: expected one of {', '.join(PRESETS)}")
+            raise FcnsegError(f"--preset {shown(self.preset)}: expected one of {', '.join(PRESETS)}")
         values = PRESETS[self.preset](self)
         cfg = dataclasses.replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
         cfg._validate()
@@ -102,10 +107,10 @@ class TrainConfig:
             (self.accum_steps >= 1, "--accum-steps must be >= 1"),
             (
                 self.conv_kernels in ("auto", "measured", "onednn"),
-                f"--conv-kernels {self.conv_kernels!r}: expected auto, measured or onednn",
+                f"--conv-kernels {shown(self.conv_kernels)}: expected auto, measured or onednn",
             ),
-            (self.optimizer in ("sgd", "adamw"), f"--optimizer {self.optimizer!r}: expected sgd or adamw"),
-            (self.loss in ("sum", "mean"), f"--loss {self.loss!r}: expected sum or mean"),
+            (self.optimizer in ("sgd", "adamw"), f"--optimizer {shown(self.optimizer)}: expected sgd or adamw"),
+            (self.loss in ("sum", "mean"), f"--loss {shown(self.loss)}: expected sum or mean"),
             (self.lr is not None and self.lr > 0, "--lr must be > 0"),
             (self.val_every >= 1, "--val-every must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
@@ -133,12 +138,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> dict[str, Any]:
         """The options a YAML file sets, checked against the fields and their types (not yet applied)."""
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise FcnsegError(f"--config {path}: file not found") from None
-        except yaml.YAMLError as e:
-            raise FcnsegError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data = _read_yaml(path, "--config")
         if data is None:
             return {}
         if not isinstance(data, dict):
@@ -147,10 +147,12 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         out = {}
         for key, value in data.items():
-            name = str(key).replace("-", "_")
+            if not isinstance(key, str):
+                raise FcnsegError(f"--config {path}: option names are text; got {shown(key)}")
+            name = key.replace("-", "_")
             if name not in known:
-                raise FcnsegError(f"--config {path}: unknown option {key!r}")
-            out[name] = _coerce(value, hints[name], f"--config {path}: option {key!r}")
+                raise FcnsegError(f"--config {path}: unknown option {shown(key)}")
+            out[name] = _coerce(value, hints[name], f"--config {path}: option {shown(key)}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,7 +162,14 @@ class TrainConfig:
         """Write the configuration with the fcnseg version and git commit that ran it."""
         doc = {"fcnseg_version": __version__, "git_commit": _git_hash(), **self.to_dict()}
         with atomic_write(path, "w") as f:
-            yaml.safe_dump(doc, f, sort_keys=False)
+            yaml.dump(doc, f, Dumper=_PlainDumper, sort_keys=False)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value met twice out again instead of as an alias: the file is read back without aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -168,19 +177,48 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if value is None and type(None) in options:
         return None
+    if isinstance(value, str) and len(value) > MAX_OPTION_CHARS:
+        raise FcnsegError(f"{where}: a text of {len(value)} characters; expected at most {MAX_OPTION_CHARS}")
     for t in options:
         if t is bool and isinstance(value, bool):
             return value
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool) and _fits_float(value):
             return float(value)
         if t is str and isinstance(value, str):
             return value
         if t is dict and isinstance(value, dict):
             return {str(k): v for k, v in value.items()}
     names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
-    raise FcnsegError(f"{where}: expected {names}, got {value!r}")
+    raise FcnsegError(f"{where}: expected {names}, got {shown(value)}")
+
+
+def _fits_float(value: int | float) -> bool:
+    # An int of a few hundred digits is valid YAML but no float (float() would raise OverflowError).
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _read_yaml(path: str | Path, flag: str) -> Any:
+    """The YAML document of an options file: plain data, no aliases (:func:`fcnseg.io.load_yaml`), at most
+    :data:`MAX_CONFIG_BYTES`; every problem an :class:`FcnsegError` naming ``flag`` and the file."""
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise FcnsegError(f"{flag} {path}: {size} bytes; expected a YAML file of options (at most 1 MiB)")
+        return load_yaml(Path(path).read_text())
+    except FileNotFoundError:
+        raise FcnsegError(f"{flag} {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e.__class__.__name__
+        raise FcnsegError(f"{flag} {path}: cannot read ({reason})") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise FcnsegError(f"{flag} {path}: not valid YAML ({clipped(first, 200)})") from None
 
 
 def _git_hash() -> str | None:
@@ -249,7 +287,9 @@ def layered_config(flags: dict[str, Any], config_file: str | Path | None = None)
         saved = Path(merged.get("out", TrainConfig.out)) / "config.yaml"
         if not saved.is_file():
             raise FcnsegError(f"--resume: {saved} not found; nothing to resume")
-        base = yaml.safe_load(saved.read_text())
+        base = _read_yaml(saved, "--resume")
+        if not isinstance(base, dict):
+            raise FcnsegError(f"--resume: {saved} holds a {type(base).__name__}; expected a run's saved options")
         base = saved_options(base.get("model", ""), base)  # fc_dim & co. saved for a builder without them
         base = {k: v for k, v in base.items() if k in {f.name for f in fields(TrainConfig)}}
         merged = {**base, **merged}

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.models import vgg as tv_vgg
 
-from ..errors import FcnsegError
+from ..errors import FcnsegError, shown
 from ..preprocessing import CAFFE, IMAGENET, Preprocessing
 from .adapt import convolutionalise_vgg16, widen_input_weight
 from .geometry import CoordMap, compose
@@ -26,7 +26,7 @@ ALIGNMENTS: tuple[str, ...] = ("caffe", "aligned")
 
 def check_alignment(alignment: str) -> None:
     if alignment not in ALIGNMENTS:
-        raise FcnsegError(f"alignment must be one of {', '.join(ALIGNMENTS)}; got {alignment!r}")
+        raise FcnsegError(f"alignment must be one of {', '.join(ALIGNMENTS)}; got {shown(alignment)}")
 
 
 class Backbone(nn.Module):
@@ -151,7 +151,9 @@ def _read_state_dict(path: str, arch: str = "VGG16") -> dict[str, torch.Tensor]:
 
 def _enum_state_dict(weights: WeightsEnum, arch: str = "VGG16") -> dict[str, torch.Tensor]:
     try:
-        return weights.get_state_dict(progress=True)
+        # torch.hub reads its cache with weights_only=False unless told otherwise: a file put there in place of
+        # the download would run its pickled code.
+        return weights.get_state_dict(progress=True, weights_only=True)
     except OSError as e:  # URLError included: no network, proxy, dead link
         raise FcnsegError(
             f"backbone weights {weights}: cannot download {weights.url} ({getattr(e, 'reason', e)}); "
@@ -188,18 +190,20 @@ def load_vgg16_imagenet(backbone: VGG16Backbone, weights: str | os.PathLike | tv
 
         path = os.path.expanduser(label[6:])
         if not os.path.isfile(path):
-            raise FcnsegError(f"backbone weights {label!r}: no such file {path}")
+            raise FcnsegError(f"backbone weights {shown(label)}: no such file {path}")
         verify_hash(path, md5=VGG16_CAFFE.md5)
         sd, preprocessing = _read_state_dict(path), CAFFE
     elif os.path.exists(label):
         sd, preprocessing = _read_state_dict(label), IMAGENET
     else:
         choices = ", ".join([*tv_vgg.VGG16_Weights.__members__, "DEFAULT", "CAFFE", "caffe:FILE"])
-        raise FcnsegError(f"backbone weights {label!r}: expected a file or one of {choices}")
+        raise FcnsegError(f"backbone weights {shown(label)}: expected a file or one of {choices}")
     sd = {k: v for k, v in sd.items() if k.startswith("features.")} if features_only else convolutionalise_vgg16(sd)
     own = backbone.state_dict()
     mismatched = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]
     if mismatched:
-        raise FcnsegError(f"backbone weights {label!r} do not fit this VGG16 (width/fc_dim differ): {mismatched[0]}")
+        raise FcnsegError(
+            f"backbone weights {shown(label)} do not fit this VGG16 (width/fc_dim differ): {mismatched[0]}"
+        )
     backbone.load_state_dict(sd, strict=not features_only)
     backbone.preprocessing = preprocessing

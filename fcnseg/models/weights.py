@@ -7,6 +7,11 @@ cache folder (``$TORCH_HOME/hub/checkpoints``), checks the hash, converts it onc
 beside it. A copy obtained by hand is used instead when passed as ``file=`` (``--weights-file``) or placed in that
 folder under the file name shown by ``fcnseg weights``.
 
+The Caffe release publishes no hashes: the SHA-256 of a cached file is recorded beside it (``NAME.sha256``) the
+first time it is used, and every later use checks the file against it; ``sha256=`` (``--sha256``) pins the hash a
+file must have. Downloads are capped in size (:data:`MAX_DOWNLOAD_BYTES`), by the announced length and while the
+bytes arrive.
+
 This module is the catalogue and the downloads; the conversion of a downloaded file into a checkpoint
 (``weights_checkpoint``, ``import_file``) is :mod:`fcnseg.hub`'s, so that the backbones can fetch their ImageNet
 weights from here without importing the converters that build models.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
 
@@ -39,7 +45,8 @@ from .._meta import (
     SIFTFLOW_MEAN_BGR,
     VOC_CLASSES,
 )
-from ..errors import FcnsegError
+from ..errors import FcnsegError, shown
+from ..io import atomic_write
 from ..preprocessing import CAFFE, Preprocessing
 
 NYUD_CAFFE = Preprocessing(mean=NYUD_MEAN_BGR, std=(1.0, 1.0, 1.0), channel_order="BGR", value_range=255.0)
@@ -55,6 +62,10 @@ NYUD_CAFFE_HHA = Preprocessing(mean=NYUD_MEAN_HHA, std=(1.0, 1.0, 1.0), channel_
 """The release's NYUDv2 HHA input: the HHA image's channels as stored (not reversed), 0-255, minus the HHA mean."""
 
 Format = Literal["caffe", "torchfcn", "fcnseg"]
+
+MAX_DOWNLOAD_BYTES = 2 << 30
+"""The most bytes a download may bring (2 GiB): the largest published file, NYUDv2's colour-HHA net, holds two
+VGG16 streams of about 134 million float32 parameters each (about 1.1 GB)."""
 
 CONVERSION_VERSION = 1
 """In the name of a cached conversion: bump it when converting the same file would give other numbers (a layout
@@ -85,13 +96,15 @@ class PublishedWeights:
     """The input in words, as ``fcnseg weights`` shows it: the colour order, or what other image the net takes."""
     head_classes: Mapping[str, tuple[str, ...]] | None = None
     """A two-headed model's class names per head (the first head's are ``classes``)."""
+    max_bytes: int = MAX_DOWNLOAD_BYTES
+    """A download of more bytes is refused."""
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-_DL = "http://dl.caffe.berkeleyvision.org"
+_DL = "https://dl.caffe.berkeleyvision.org"
 _DRIVE = "https://drive.google.com/uc?id="
 _HEAVY = "Caffe release ('heavy' PAMI-era training), converted on load"
 _TORCHFCN = "torchfcn's PyTorch copy of the Caffe release weights"
@@ -200,7 +213,7 @@ def get_weights(name: str | FCNWeights) -> FCNWeights:
     try:
         return FCNWeights[key]
     except KeyError:
-        raise FcnsegError(f"unknown weights {name!r}; expected one of: {', '.join(list_weights())}") from None
+        raise FcnsegError(f"unknown weights {shown(name)}; expected one of: {', '.join(list_weights())}") from None
 
 
 def is_weights_name(name: str) -> bool:
@@ -227,38 +240,74 @@ def file_digest(path: str | os.PathLike, algorithm: str) -> str:
 
 
 def verify_hash(path: str | os.PathLike, *, md5: str | None = None, sha256: str | None = None) -> None:
-    """Raise :class:`FcnsegError` naming ``path`` if its digest differs from the expected one."""
+    """Raise :class:`FcnsegError` naming ``path`` if its digest differs from an expected one (each one given)."""
     for algorithm, expected in (("sha256", sha256), ("md5", md5)):
         if expected:
             got = file_digest(path, algorithm)
             if got != expected.lower():
                 raise FcnsegError(f"{path}: {algorithm} is {got}, expected {expected} (a different or damaged file)")
-            return
 
 
-def _fetch(url: str, dst: Path, progress: bool) -> None:
-    """Download ``url`` to ``dst`` (which the caller removes on failure)."""
+def sha256_pin(text: str | None) -> str | None:
+    """A SHA-256 given by the user (``--sha256``, ``sha256=``) in lower case; anything but 64 hexadecimal digits
+    is an :class:`FcnsegError`."""
+    if text is None:
+        return None
+    pin = str(text).strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", pin):
+        raise FcnsegError(f"--sha256 {shown(text)}: expected 64 hexadecimal digits (as sha256sum prints them)")
+    return pin
+
+
+class _TooLargeError(Exception):
+    """A download stopped because it is larger than expected."""
+
+
+class _HttpsOnly(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, except from https to anything else: a file asked for over TLS never arrives in clear."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlparse(req.full_url).scheme == "https" and urllib.parse.urlparse(newurl).scheme != "https":
+            raise urllib.error.HTTPError(newurl, code, f"redirected from https to {newurl}", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch(url: str, dst: Path, progress: bool, max_bytes: int) -> None:
+    """Download ``url`` to ``dst`` (which the caller removes on failure), at most ``max_bytes``."""
     parsed = urllib.parse.urlparse(url)
     if parsed.netloc == "drive.google.com":
-        # torchvision's Google Drive helper handles the confirmation page of large files (it needs gdown).
+        # torchvision's Google Drive helper handles the confirmation page of large files (it needs gdown); its
+        # size is checked once it is written.
         from torchvision.datasets.utils import download_file_from_google_drive
 
         file_id = urllib.parse.parse_qs(parsed.query)["id"][0]
         download_file_from_google_drive(file_id, str(dst.parent), dst.name)
+        if dst.stat().st_size > max_bytes:
+            raise _TooLargeError(f"{dst.stat().st_size:,} bytes")
         return
-    from tqdm import tqdm
-
     request = urllib.request.Request(url, headers={"User-Agent": "fcnseg"})
-    received = 0
-    with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as f:
+    with urllib.request.build_opener(_HttpsOnly).open(request, timeout=60) as response, open(dst, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                f.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+        if total is not None and total > max_bytes:
+            raise _TooLargeError(f"its announced length is {total:,} bytes")
+        received = _stream(response, f, total, progress, max_bytes)
     if total is not None and received != total:  # the connection closed early: a truncated file
         raise OSError(f"received {received} of {total} bytes")
+
+
+def _stream(response: IO[bytes], f: IO[bytes], total: int | None, progress: bool, max_bytes: int) -> int:
+    """Copy ``response`` to ``f`` in pieces, stopping as soon as more than ``max_bytes`` arrive; returns the count."""
+    from tqdm import tqdm
+
+    received = 0
+    with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            received += len(chunk)
+            if received > max_bytes:
+                raise _TooLargeError(f"more than {max_bytes:,} bytes arrived")
+            f.write(chunk)
+            bar.update(len(chunk))
+    return received
 
 
 def download(
@@ -268,10 +317,12 @@ def download(
     md5: str | None = None,
     sha256: str | None = None,
     progress: bool = True,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> Path:
     """Download ``url`` to ``dst``, checking the hash; on any failure nothing is left at ``dst`` or beside it.
 
-    The file is fetched into a temporary folder next to ``dst`` and renamed only once the hash matches.
+    The file is fetched into a temporary folder next to ``dst`` and renamed only once the hash matches. More than
+    ``max_bytes`` (announced, or arriving) stops the download.
     """
     dst = Path(dst)
     try:
@@ -284,14 +335,7 @@ def download(
         ) from None
     try:
         tmp = tmp_dir / dst.name
-        try:
-            _fetch(url, tmp, progress)
-        except Exception as e:  # urllib, http.client, gdown and torchvision each raise their own types
-            reason = getattr(e, "reason", None) or (str(e).splitlines()[0] if str(e) else e.__class__.__name__)
-            raise FcnsegError(
-                f"cannot download {url} ({reason}); fetch it by hand and pass it with --weights-file FILE "
-                f"(fcnseg.load(NAME, file=FILE)), or place it at {dst}"
-            ) from None
+        _fetch_or_explain(url, tmp, dst, progress=progress, max_bytes=max_bytes)
         try:
             verify_hash(tmp, md5=md5, sha256=sha256)
         except FcnsegError as e:
@@ -300,6 +344,92 @@ def download(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return dst
+
+
+def _fetch_or_explain(url: str, tmp: Path, dst: Path, *, progress: bool, max_bytes: int) -> None:
+    """:func:`_fetch`, its failures as one :class:`FcnsegError` line each."""
+    try:
+        _fetch(url, tmp, progress, max_bytes)
+    except _TooLargeError as e:
+        raise FcnsegError(
+            f"download of {url} refused: {e}, over the {max_bytes:,} expected at most; nothing was kept"
+        ) from None
+    except Exception as e:  # urllib, http.client, gdown and torchvision each raise their own types
+        reason = getattr(e, "reason", None) or (str(e).splitlines()[0] if str(e) else e.__class__.__name__)
+        raise FcnsegError(
+            f"cannot download {url} ({reason}); fetch it by hand and pass it with --weights-file FILE "
+            f"(fcnseg.load(NAME, file=FILE)), or place it at {dst}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+
+
+def sha256_record(path: str | os.PathLike) -> Path:
+    """Where the SHA-256 of the cached file ``path`` is recorded: ``path`` + ``.sha256``, as sha256sum writes it."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.sha256")
+
+
+def recorded_sha256(path: str | os.PathLike) -> str | None:
+    """The SHA-256 recorded for the cached file ``path`` when it was first used; None when none is."""
+    record = sha256_record(path)
+    try:
+        text = record.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FcnsegError(f"{record}: cannot read ({getattr(e, 'strerror', None) or e.__class__.__name__})") from None
+    digest = (text.split() or [""])[0].lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise FcnsegError(f"{record}: not a SHA-256 record; delete it and {Path(path).name} to download it again")
+    return digest
+
+
+def record_sha256(path: str | os.PathLike, digest: str, *, say: bool = True) -> None:
+    """Write ``digest`` beside the cached file ``path`` (atomically) and, with ``say``, print it on stderr."""
+    path = Path(path)
+    try:
+        with atomic_write(sha256_record(path), "w") as f:
+            f.write(f"{digest}  {path.name}\n")
+    except OSError as e:
+        raise FcnsegError(f"{sha256_record(path)}: cannot write ({e.strerror or e})") from None
+    if say:
+        print(f"fcnseg: {path.name}: sha256 {digest}, recorded in {sha256_record(path).name}", file=sys.stderr)
+
+
+def _expected_sha256(entry: PublishedWeights, pin: str | None) -> str | None:
+    """The SHA-256 a file of ``entry`` must have: the published one, or the pinned one; both must agree."""
+    if pin and entry.sha256 and pin != entry.sha256.lower():
+        raise FcnsegError(f"--sha256 {pin}: {entry.file_name} is published with sha256 {entry.sha256}")
+    return pin or entry.sha256
+
+
+def cached_weights(entry: PublishedWeights, *, sha256: str | None = None, progress: bool = True) -> tuple[Path, bool]:
+    """The cached copy of ``entry``'s file, downloaded on first use, and whether it was just downloaded.
+
+    Checked against the published hash, the pinned ``sha256`` and the SHA-256 recorded at its first use (which is
+    recorded now if none is): a file that differs is refused and not used.
+    """
+    expected = _expected_sha256(entry, sha256_pin(sha256))
+    path = cache_dir() / entry.file_name
+    if not path.is_file():
+        sha256_record(path).unlink(missing_ok=True)  # a record whose file is gone records nothing
+        download(entry.url, path, md5=entry.md5, sha256=expected, progress=progress, max_bytes=entry.max_bytes)
+        record_sha256(path, file_digest(path, "sha256"), say=progress)
+        return path, True
+    recorded, digest = recorded_sha256(path), file_digest(path, "sha256")
+    if recorded is not None and digest != recorded:
+        raise FcnsegError(
+            f"{path}: sha256 is {digest}, but {sha256_record(path).name} recorded {recorded} at its first use (a "
+            f"changed or damaged file); delete both to download it again"
+        )
+    if expected and digest != expected.lower():
+        raise FcnsegError(f"{path}: sha256 is {digest}, expected {expected} (a different or damaged file)")
+    verify_hash(path, md5=entry.md5)
+    if recorded is None:
+        record_sha256(path, digest, say=progress)
+    return path, False
 
 
 # ------------------------------------------------------------------------------------------------ converting
@@ -358,9 +488,8 @@ VGG16_CAFFE = PublishedWeights(
 
 def vgg16_caffe_state_dict(progress: bool = True) -> dict[str, torch.Tensor]:
     """The Caffe VGG16 as a torchvision ``vgg16`` state dict, from torch.hub's cache or downloaded into it."""
-    path = cache_dir() / VGG16_CAFFE.file_name
-    if path.is_file():
-        verify_hash(path, md5=VGG16_CAFFE.md5)
-    else:
-        download(VGG16_CAFFE.url, path, md5=VGG16_CAFFE.md5, progress=progress)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    path, _ = cached_weights(VGG16_CAFFE, progress=progress)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file whose hash matches is no state dict: it holds Python objects, or is damaged
+        raise FcnsegError(f"{path}: cannot read it as a VGG16 state dict ({e.__class__.__name__})") from None

@@ -2,8 +2,11 @@
 
 ``create_app(Service(...))`` builds it over a loaded model (:class:`~fcnseg.serve.segment.Segmenter`) and a bounded
 pool (:class:`~fcnseg.serve.pool.InferencePool`); ``fcnseg serve`` runs it under uvicorn, and the tests call it
-through FastAPI's ``TestClient``. Every refusal is ``{"error": "one line"}`` with its status; the server keeps
-serving after each. The endpoints are documented by FastAPI's own OpenAPI page, ``/docs``.
+through FastAPI's ``TestClient``. Around the endpoints, outermost first: the access log, the :class:`.guard.Guard`
+(Host, Origin, API key) and the :class:`.middleware.BodyReader` (the whole body, within its limits, before a request
+takes a place in the pool). Every refusal is ``{"error": "one line"}`` with its status; the server keeps serving
+after each. The endpoints are described at ``/openapi.json``; FastAPI's interactive page, ``/docs``, is served only
+when asked for (it loads Swagger UI's scripts from a CDN).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +28,9 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import FcnsegError
-from .middleware import AccessLog, UploadLimit
-from .pool import BusyError, InferencePool
+from .guard import LOOPBACK_HOSTS, Guard
+from .middleware import AccessLog, BodyReader, Refusal, Scope
+from .pool import BusyError, ClientGoneError, DeadlineError, InferencePool, Place
 from .segment import Segmentation, Segmenter, ServeError, Upload
 
 __all__ = ["STATIC", "Service", "create_app"]
@@ -34,6 +38,7 @@ __all__ = ["STATIC", "Service", "create_app"]
 STATIC = Path(__file__).parent / "static"
 LOG = logging.getLogger("fcnseg.serve")
 MAX_BATCH = 64  # images in one /predict/batch request
+MAX_PREDICT_FILES = 8  # files in one /predict request: the image and a fusion net's extra images
 
 
 @dataclass
@@ -47,13 +52,21 @@ class Service:
     metrics: dict[str, Any] = field(default_factory=dict)
     max_upload_mb: float = 20.0
     threads: int = 1  # torch threads per worker
+    timeout: float | None = 60.0  # seconds a request may hold a place (--timeout)
+    upload_timeout: float = 60.0  # seconds for a whole body (--upload-timeout)
+    idle_timeout: float = 10.0  # seconds of silence in the middle of a body (--idle-timeout)
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # None: any Host
+    api_key: str | None = field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()
+    docs: bool = False  # FastAPI's /docs page (Swagger UI from a CDN)
 
     def card(self) -> dict[str, Any]:
         seg = self.segmenter
         serving = {
             "runtime": self.runtime, "tile": seg.options["tile"], "overlap": seg.options["overlap"],
-            "max_pixels": seg.max_pixels, "max_upload_mb": self.max_upload_mb, "workers": self.pool.workers,
-            "queue": self.pool.queue, "threads_per_worker": self.threads, "fcnseg_version": __version__,
+            "max_pixels": seg.max_pixels, "max_upload_mb": self.max_upload_mb, "max_batch": MAX_BATCH,
+            "timeout_s": self.timeout, "workers": self.pool.workers, "queue": self.pool.queue,
+            "threads_per_worker": self.threads, "fcnseg_version": __version__,
         }  # fmt: skip
         return {"name": self.name, **seg.card(), "metrics": self.metrics, "serving": serving}
 
@@ -70,7 +83,7 @@ def _upload_body(fields: dict[str, dict[str, Any]], required: str) -> dict[str, 
 _BINARY = {"type": "string", "format": "binary"}
 _PREDICT_BODY = _upload_body(
     {
-        "file": {**_BINARY, "description": "the image: JPEG, PNG, BMP, TIFF, WebP, ... (any PIL mode)"},
+        "file": {**_BINARY, "description": "the image: PNG, JPEG, BMP, TIFF, WebP, GIF or PPM (any PIL mode)"},
         "extra": {
             "type": "array",
             "items": _BINARY,
@@ -83,16 +96,29 @@ _PREDICT_BODY = _upload_body(
 _BATCH_BODY = _upload_body({"files": {"type": "array", "items": _BINARY, "description": "the images"}}, "files")
 
 
-def _form(request: Request, expected: str) -> Any:
-    """``async with _form(request, FIELD) as form``: the multipart body, read now (uploads spooled to temporary
-    files, closed after the block); 415 for another kind of body."""
+def _form(request: Request, expected: str, max_files: int) -> Any:
+    """``async with _form(request, FIELD, N) as form``: the multipart body, parsed now (uploads spooled to temporary
+    files, closed after the block; more than ``max_files`` files is an HTTPException); 415 for another kind of
+    body."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ServeError(
             415, f"expected a multipart/form-data upload with the image in the field {expected!r} "
             f"(curl -F {expected}=@photo.jpg), got content type {content_type or 'none'!r}"
         )  # fmt: skip
-    return request.form(max_files=MAX_BATCH + 8, max_fields=MAX_BATCH + 8)
+    return request.form(max_files=max_files, max_fields=max_files + 8)
+
+
+@contextlib.asynccontextmanager
+async def _batch_form(request: Request) -> AsyncIterator[FormData]:
+    """The batch's form; 413 naming the cap when it holds more than :data:`MAX_BATCH` files."""
+    try:
+        async with _form(request, "files", MAX_BATCH) as form:
+            yield form
+    except HTTPException as e:
+        if "Too many files" not in str(e.detail):
+            raise
+        raise ServeError(413, f"a batch holds at most {MAX_BATCH} images; send the others in another request") from None
 
 
 def _uploads(form: FormData, name: str, *, required: bool) -> list[Upload]:
@@ -112,10 +138,15 @@ def _safe_stem(name: str) -> str:
 # ------------------------------------------------------------------------------------------------ answers
 
 
-def _predict_job(service: Service, form: FormData, answer: str, head: int, alpha: float) -> tuple[Segmentation, Any]:
-    """One /predict request's work on a worker thread: segment, then encode the answer asked for."""
-    seg = service.segmenter
-    result = seg.segment(_uploads(form, "file", required=True)[0], _uploads(form, "extra", required=False))
+def _predict_job(
+    service: Service, form: FormData, options: tuple[str, int, float], place: Place
+) -> tuple[Segmentation, Any]:
+    """One /predict request's work on a worker thread: segment, then encode the answer asked for (``options``:
+    format, head index, overlay opacity)."""
+    seg, (answer, head, alpha) = service.segmenter, options
+    image, extras = _uploads(form, "file", required=True)[0], _uploads(form, "extra", required=False)
+    result = seg.segment(image, extras, check=place.check)
+    place.check()  # given up during the inference: no answer to encode
     if answer == "json":
         return result, seg.describe(result)
     if answer == "overlay":
@@ -123,10 +154,10 @@ def _predict_job(service: Service, form: FormData, answer: str, head: int, alpha
     return result, result.heads[head].png
 
 
-def _describe_job(service: Service, upload: Upload) -> dict[str, Any]:
+def _describe_job(service: Service, upload: Upload, place: Place) -> dict[str, Any]:
     """One image of a batch: its JSON answer, or its error and status."""
     try:
-        result = service.segmenter.segment(upload)
+        result = service.segmenter.segment(upload, check=place.check)
     except ServeError as e:
         return {"file": upload.name, "status": e.status, "error": str(e)}
     return {"status": 200, **service.segmenter.describe(result)}
@@ -172,10 +203,15 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
           "description": "format=png: the palette mask (pixel values are class indices); overlay: a JPEG; json: "
           "size, timing, and per head the mask PNG in base64 and every class's pixel share"},
     400: {"description": "not an image, or a truncated or empty file"},
-    413: {"description": "upload over --max-upload-mb, or image over --max-pixels (without --tile) or PIL's limit"},
-    415: {"description": "not a multipart/form-data upload"},
+    401: {"description": "no API key, or another than the server's (when it was started with one)"},
+    408: {"description": "the upload took longer than --upload-timeout, or stalled for --idle-timeout"},
+    413: {"description": "upload over --max-upload-mb; image whose padded area (or, with --tile, own area) is over "
+                        "--max-pixels, or over PIL's limit; a batch of more than 64 images"},
+    415: {"description": "not a multipart/form-data upload, or an image format outside PNG, JPEG, BMP, TIFF, WebP, "
+                        "GIF and PPM"},
     422: {"description": "no 'file' field, an unknown head, or a fusion net's image without its 'extra' images"},
-    503: {"description": "every worker and queue place taken: retry after the Retry-After header's seconds"},
+    503: {"description": "every worker and queue place taken (retry after the Retry-After header's seconds), or "
+                        "the request ran past --timeout"},
 }  # fmt: skip
 
 
@@ -190,23 +226,42 @@ def _add_predict(app: FastAPI, service: Service) -> None:
         alpha: float = Query(0.5, ge=0.0, le=1.0, description="overlay: the mask's opacity"),
     ) -> Response:
         index = service.segmenter.head_index(head)
-        with service.pool.admit():
-            async with _form(request, "file") as form:
-                result, body = await service.pool.run(_predict_job, service, form, format, index, alpha)
+        with _admit(service, request) as place:
+            async with _form(request, "file", MAX_PREDICT_FILES) as form:
+                job = (_predict_job, service, form, (format, index, alpha), place)
+                result, body = await service.pool.run(place, *job)
         request.state.image_size = "{}x{}".format(*result.size)
         if format == "json":
             return JSONResponse(body)
         return _image_response(result, body, format, service.segmenter.heads[index])
 
-    @app.post("/predict/batch", summary="segment several images: one entry per image, good and bad alike",
-              openapi_extra=_BATCH_BODY)  # fmt: skip
+    @app.post("/predict/batch", summary=f"segment up to {MAX_BATCH} images: one entry per image, good and bad alike",
+              openapi_extra=_BATCH_BODY, responses=_PREDICT_RESPONSES)  # fmt: skip
     async def predict_batch(request: Request) -> dict[str, Any]:
-        with service.pool.admit():
-            async with _form(request, "files") as form:
+        with _admit(service, request) as place:
+            async with _batch_form(request) as form:
                 uploads = _uploads(form, "files", required=True)
-                results = [await service.pool.run(_describe_job, service, upload) for upload in uploads]
+                results = [await service.pool.run(place, _describe_job, service, upload, place) for upload in uploads]
         request.state.image_size = ",".join(f"{r['width']}x{r['height']}" if "width" in r else "-" for r in results)
         return {"results": results}
+
+
+def _admit(service: Service, request: Request) -> contextlib.AbstractContextManager[Place]:
+    """A place in the pool for this request (its body has been read by now), given up at its deadline or when its
+    client leaves."""
+    return service.pool.admit(service.timeout, getattr(request.state, "client_gone", None))
+
+
+def _precheck(service: Service) -> Callable[[Scope], Refusal | None]:
+    """503 from the headers of an upload that would find no place: before any of its body is read or sent."""
+
+    def precheck(scope: Scope) -> Refusal | None:
+        if scope["method"] != "POST" or scope.get("path") not in ("/predict", "/predict/batch"):
+            return None
+        busy = service.pool.busy()
+        return None if busy is None else (503, str(busy), {"Retry-After": str(busy.retry_after)})
+
+    return precheck
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -232,6 +287,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def busy(request: Request, exc: BusyError) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after), "Connection": "close"})
 
+    @app.exception_handler(DeadlineError)
+    async def too_long(request: Request, exc: DeadlineError) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @app.exception_handler(ClientGoneError)
+    async def client_left(request: Request, exc: ClientGoneError) -> Response:
+        # Nobody reads this answer (uvicorn drops it); the access log writes 499 and when the client left.
+        request.state.client_left = "before its answer"
+        return Response(status_code=499)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
@@ -247,7 +312,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(service: Service) -> FastAPI:
-    """The application over ``service``: the page, /health, /model, /predict, /predict/batch, /docs."""
+    """The application over ``service``: the page, /health, /model, /predict, /predict/batch, /openapi.json (and
+    /docs when ``service.docs``), behind its guard, body reader and access log."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -259,10 +325,16 @@ def create_app(service: Service) -> FastAPI:
         version=__version__,
         description=f"Semantic segmentation with {service.name} (fcnseg). The page is at /.",
         lifespan=lifespan,
+        docs_url="/docs" if service.docs else None,
+        redoc_url=None,  # ReDoc too loads its script from a CDN
     )
     _add_pages(app, service)
     _add_predict(app, service)
     _add_error_handlers(app)
-    app.add_middleware(UploadLimit, max_bytes=int(service.max_upload_mb * 2**20))
-    app.add_middleware(AccessLog, logger=LOG)  # outermost: refusals by the limit are logged too
+    # add_middleware wraps what is there already: the last added is the outermost.
+    app.add_middleware(BodyReader, max_bytes=int(service.max_upload_mb * 2**20), precheck=_precheck(service),
+                       upload_timeout=service.upload_timeout, idle_timeout=service.idle_timeout)  # fmt: skip
+    app.add_middleware(Guard, allowed_hosts=service.allowed_hosts, api_key=service.api_key,
+                       cors_origins=service.cors_origins)  # fmt: skip
+    app.add_middleware(AccessLog, logger=LOG)  # outermost: every refusal is logged too
     return app

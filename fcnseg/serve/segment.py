@@ -1,11 +1,13 @@
 """One upload to masks, exactly as ``fcnseg predict`` makes them, and the card that describes the served model.
 
 The upload is written to a private temporary folder and goes through ``predict``'s own functions: read by
-:func:`~fcnseg.imageio.load_image` (every PIL mode, EXIF orientation, the decompression-bomb guard), fusion nets'
-extra images stacked by :func:`~fcnseg.data.nyud.stack_extra_channels`, and segmented and written by
-:func:`~fcnseg.predict.save_prediction` with the same runner, tiling and colours. The PNG the service returns is
-therefore the very file ``fcnseg predict`` writes for the same input, byte for byte. Nothing here knows HTTP beyond
-the status each refusal carries (:class:`ServeError`).
+:func:`~fcnseg.imageio.load_image` (every PIL mode, EXIF orientation, the decompression-bomb guard, the format
+allowlist), fusion nets' extra images stacked by :func:`~fcnseg.data.nyud.stack_extra_channels`, and segmented and
+written by :func:`~fcnseg.predict.save_prediction` with the same runner, tiling and colours. The PNG the service
+returns is therefore the very file ``fcnseg predict`` writes for the same input, byte for byte. Before any pixel is
+decoded, the headers of the image and of every extra image are checked: format, size, and the padded area the model
+will compute on (:mod:`.limits`). Nothing here knows HTTP beyond the status each refusal carries
+(:class:`ServeError`).
 """
 
 from __future__ import annotations
@@ -17,23 +19,23 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image
+import torch
 from torch import nn
 
 from ..errors import FcnsegError, ImageError
-from ..imageio import add_legend, load_image, overlay, read_mask_png, save_rgb
-from ..predict import head_colors, head_names, save_prediction
+from ..imageio import UnsupportedFormatError, add_legend, load_image, overlay, probe_image, read_mask_png, save_rgb
+from ..predict import default_runner, head_colors, head_names, save_prediction
+from .limits import padded_size
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Segmentation", "Segmenter", "ServeError", "Upload", "recorded_metrics"]
 
-DEFAULT_MAX_PIXELS = 8_388_608  # 8 MP (4096 x 2048): larger images need --tile or a larger limit
+DEFAULT_MAX_PIXELS = 8_388_608  # 8 MP of padded area (4096 x 2048 in aligned mode): more needs a larger limit
 
 
 class ServeError(FcnsegError):
@@ -98,8 +100,8 @@ def _spool(upload: Upload, folder: Path, name: str) -> Path:
 @contextlib.contextmanager
 def _as_client_names(names: Mapping[str, str]) -> Iterator[None]:
     """Re-raise a user's-mistake error as a :class:`ServeError`, the temporary paths in its message replaced by the
-    names the client gave its files: 413 for an image too large to decode, 400 for another unreadable file, 422 for
-    a readable one the model cannot take."""
+    names the client gave its files: 413 for an image too large to decode, 415 for a format not accepted, 400 for
+    another unreadable file, 422 for a readable one the model cannot take."""
     try:
         yield
     except ServeError:
@@ -109,20 +111,11 @@ def _as_client_names(names: Mapping[str, str]) -> Iterator[None]:
         for path, name in sorted(names.items(), key=lambda item: -len(item[0])):
             message = message.replace(path, name)
         status = 422
-        if isinstance(e, ImageError) or "cannot read" in message:
+        if isinstance(e, UnsupportedFormatError):
+            status = 415
+        elif isinstance(e, ImageError) or "cannot read" in message:
             status = 413 if "(too large:" in message else 400
         raise ServeError(status, message) from None
-
-
-def _pixels(path: Path) -> tuple[int, int] | None:
-    """The image's width and height from its header, or None when PIL cannot even open it (reading it says why)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return im.size
-    except Exception:
-        return None
 
 
 def _ms(start: float, end: float) -> float:
@@ -132,12 +125,29 @@ def _ms(start: float, end: float) -> float:
 # ------------------------------------------------------------------------------------------------ the service
 
 
+def _never_cancelled() -> None:
+    return None
+
+
+def _checked(run: Callable[[torch.Tensor], torch.Tensor], check: Callable[[], None]) -> Callable:
+    """``run`` with ``check()`` before every call: a tiled image stops between two tiles once its request has been
+    given up. The same runner otherwise, so the masks are the bytes ``predict`` writes."""
+
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        check()
+        return run(x)
+
+    return checked
+
+
 class Segmenter:
     """A loaded model and the options ``predict`` would run it with; :meth:`segment` is one request's work.
 
     ``runner``: an execution path (:func:`fcnseg.runtime.make_runner`; None is eager fp32). ``tile`` / ``overlap``:
-    tiled inference as ``predict --tile``. ``max_pixels``: larger images are refused (413) unless ``tile`` is set;
-    PIL's decompression-bomb limit holds in every case. Thread-safe: requests share the model, read only.
+    tiled inference as ``predict --tile``. ``max_pixels``: the largest padded area (:func:`.limits.padded_size`) an
+    image may make the model compute on, or with ``tile`` the largest image area (each tile's padded area is
+    bounded by the tile size); larger is refused with 413, from the header. PIL's decompression-bomb limit holds in
+    every case. Thread-safe: requests share the model, read only.
     """
 
     def __init__(
@@ -160,27 +170,38 @@ class Segmenter:
     def heads(self) -> list[str]:
         return list(self.colors)
 
-    def segment(self, image: Upload, extras: Sequence[Upload] = ()) -> Segmentation:
+    def segment(
+        self, image: Upload, extras: Sequence[Upload] = (), check: Callable[[], None] = _never_cancelled
+    ) -> Segmentation:
         """Read, check and segment one image (and a fusion net's depth or HHA ``extras``, in channel order).
 
-        Raises :class:`ServeError` with the status to answer for anything the client can fix."""
+        Every header is checked before any pixel is decoded. ``check`` raises once the request has been given up
+        (:meth:`.pool.Place.check`); it is called between the stages and tiles. Raises :class:`ServeError` with the
+        status to answer for anything the client can fix."""
         self._check_extras(extras)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
             path = _spool(image, Path(tmp) / "in", f"fcnseg-upload{_suffix(image.name)}")
             names = {str(path): image.name, path.name: image.name}  # messages may name the file alone
             with _as_client_names(names):
-                self._check_pixels(path, image.name)
+                size = self._check_header(path, image.name)
+                folders = [self._spool_extra(extra, i, path, names, size) for i, extra in enumerate(extras)]
+                check()
                 rgb = load_image(path)
-                x = self._stacked(rgb, path, extras, names)
+                x = self._stacked(rgb, path, folders)
                 read = time.perf_counter()
+                check()
                 out = Path(tmp) / "out"
                 out.mkdir()
-                save_prediction(self.model, x, out, "mask", colors=self.colors[self.heads[0]], **self.options)
+                options = {**self.options, "runner": self._runner(check)}
+                save_prediction(self.model, x, out, "mask", colors=self.colors[self.heads[0]], **options)
             heads = [self._head(out, i, head) for i, head in enumerate(self.heads)]
         end = time.perf_counter()
         timing = {"read": _ms(start, read), "inference": _ms(read, end), "total": _ms(start, end)}
         return Segmentation(image.name, rgb, heads, timing)
+
+    def _runner(self, check: Callable[[], None]) -> Callable:
+        return _checked(self.options["runner"] or default_runner(self.model), check)
 
     def _check_extras(self, extras: Sequence[Upload]) -> None:
         if self.in_channels > 3 and not extras:
@@ -191,29 +212,50 @@ class Segmenter:
             )
         if self.in_channels == 3 and extras:
             raise ServeError(422, "this model takes colour images only (3 channels); send no 'extra' field")
+        if len(extras) > self.in_channels - 3:
+            raise ServeError(422, f"this model takes {self.in_channels - 3} extra channels; got {len(extras)} 'extra' "
+                             "images")  # fmt: skip
 
-    def _check_pixels(self, path: Path, name: str) -> None:
-        size = None if self.options["tile"] else _pixels(path)
-        if size is not None and size[0] * size[1] > self.max_pixels:
-            w, h = size
+    def _check_header(self, path: Path, name: str) -> tuple[int, int]:
+        """The image's (width, height) from its header, once its format and size are known to be accepted."""
+        header = probe_image(path)
+        w, h = header.width, header.height
+        if self.options["tile"]:  # each tile's padded area is bounded by the tile size; the image's own, here
+            if w * h > self.max_pixels:
+                raise ServeError(
+                    413, f"{name}: image is {w}x{h} = {w * h:,} pixels, above this server's limit of "
+                    f"{self.max_pixels:,} (--max-pixels, tiled or not); send a smaller image"
+                )  # fmt: skip
+            return w, h
+        rows, cols = padded_size(self.model, h, w)
+        if rows * cols > self.max_pixels:
             raise ServeError(
-                413,
-                f"{name}: image is {w}x{h} = {w * h:,} pixels, above this server's limit of {self.max_pixels:,} "
-                "(--max-pixels); send a smaller image, or start the server with --tile for large ones",
-            )
+                413, f"{name}: image is {w}x{h}, which the model computes on as {cols}x{rows} = {rows * cols:,} "
+                f"pixels with its padding, above this server's limit of {self.max_pixels:,} (--max-pixels); send a "
+                "smaller image, or start the server with --tile for large ones"
+            )  # fmt: skip
+        return w, h
 
-    def _stacked(self, rgb: np.ndarray, path: Path, extras: Sequence[Upload], names: dict[str, str]) -> np.ndarray:
-        """The model's input: ``rgb``, or for a fusion net ``rgb`` and the ``extras`` stacked as ``predict --extra``
-        does (each saved under the image's own name in a folder of its own)."""
-        if not extras:
+    def _spool_extra(self, extra: Upload, index: int, path: Path, names: dict[str, str], size: tuple[int, int]) -> Path:
+        """Save a fusion net's extra image under the image's own name in a folder of its own (as ``predict --extra``
+        finds it), once its header shows an accepted format and the image's size (its area: EXIF orientation may
+        turn the colour image, and the exact sizes are compared after reading)."""
+        folder = path.parent.parent / f"extra{index}"
+        spooled = _spool(extra, folder, path.name)
+        names[str(spooled)] = extra.name
+        header = probe_image(spooled, "depth or HHA image")
+        if header.width * header.height != size[0] * size[1]:
+            raise ServeError(422, f"{extra.name}: is {header.width}x{header.height} but {names[path.name]} is "
+                             f"{size[0]}x{size[1]}; expected the same size")  # fmt: skip
+        return folder
+
+    def _stacked(self, rgb: np.ndarray, path: Path, folders: Sequence[Path]) -> np.ndarray:
+        """The model's input: ``rgb``, or for a fusion net ``rgb`` and the extra images stacked as ``predict --extra``
+        does."""
+        if not folders:
             return rgb
         from ..data.nyud import stack_extra_channels
 
-        folders = []
-        for i, extra in enumerate(extras):
-            folder = path.parent.parent / f"extra{i}"
-            names[str(_spool(extra, folder, path.name))] = extra.name
-            folders.append(folder)
         return stack_extra_channels(rgb, path, folders, self.in_channels)
 
     def _head(self, out: Path, index: int, head: str) -> HeadMask:

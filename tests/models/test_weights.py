@@ -163,7 +163,8 @@ def test_first_use_downloads_converts_and_caches(tmp_path, hub, monkeypatch):
     ckpt = weights_checkpoint(entry, progress=False)
     assert ckpt["model"] == "fcn16s" and ckpt["preprocessing"] == CAFFE.to_dict()
     assert ckpt["extra"]["weights"]["metrics"]["seg11valid"]["mean_iu"] == 3.0
-    assert _leftovers(hub) == ["fcn16s-test.caffemodel", "fcn16s-test.fcnseg-v1.pt"]
+    # The file, the SHA-256 recorded at its download, and its conversion.
+    assert _leftovers(hub) == ["fcn16s-test.caffemodel", "fcn16s-test.caffemodel.sha256", "fcn16s-test.fcnseg-v1.pt"]
     (tmp_path / "server" / "fcn16s-test.caffemodel").unlink()  # the second use needs no network...
 
     def no_conversion(*args, **kwargs):

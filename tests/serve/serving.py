@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -112,6 +113,20 @@ def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def grey16_png(width: int, height: int) -> bytes:
+    """A valid 16-bit greyscale PNG of zeros (depth as a fusion net takes it), compressed as it is written: a
+    9000 x 9000 one is 160 MB of pixels in about 160 KB, without 160 MB in this process."""
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + 2 * width)  # filter byte 0, then the row's samples
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 @contextlib.contextmanager
 def client_for(model: str | Path, *flags: str) -> Iterator:
     """FastAPI's TestClient over the application ``fcnseg serve MODEL FLAGS`` builds (the same loading, runner,
@@ -129,7 +144,8 @@ def client_for(model: str | Path, *flags: str) -> Iterator:
 
     args = build_parser().parse_args(["serve", str(model), *flags])
     service = build_service(args)
-    with TestClient(create_app(service)) as client:
+    # A Host name the server answers to (TestClient's own, "testserver", is not one).
+    with TestClient(create_app(service), base_url="http://127.0.0.1") as client:
         client.service = service
         yield client
 
@@ -193,11 +209,16 @@ def stop(server: Server, timeout: float = 30) -> int:
 
 
 @contextlib.contextmanager
-def serving(model: str | Path, *flags: str, timeout: float = 90) -> Iterator[Server]:
-    """``python -m fcnseg serve MODEL --port 0 FLAGS`` from this checkout, until the block ends (then Ctrl-C)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+def serving(
+    model: str | Path, *flags: str, timeout: float = 90, env: dict[str, str] | None = None, preexec_fn=None
+) -> Iterator[Server]:
+    """``python -m fcnseg serve MODEL --port 0 FLAGS`` from this checkout, until the block ends (then Ctrl-C).
+    ``env``: variables to set besides this process's; ``preexec_fn``: run in the child before it starts (limits)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     cmd = [sys.executable, "-m", "fcnseg", "serve", str(model), "--port", "0", *flags]
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=preexec_fn)  # fmt: skip
     lines: list[str] = []
     found: queue.Queue = queue.Queue()
     threading.Thread(target=_drain, args=(process.stderr, lines, found), daemon=True).start()
@@ -212,6 +233,17 @@ def serving(model: str | Path, *flags: str, timeout: float = 90) -> Iterator[Ser
         yield server
     finally:
         stop(server)
+
+
+def until_closed(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Everything the server sends on ``sock`` until it closes the connection (a reset after the answer counts as
+    closed, no error)."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
 
 
 def wait_for(predicate, timeout: float = 20, interval: float = 0.02):

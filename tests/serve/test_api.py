@@ -5,7 +5,6 @@ each of which the server must still answer."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import logging
@@ -31,6 +30,7 @@ from tests.serve.serving import (
     live,
     noise,
     rotated_jpeg,
+    until_closed,
     wait_for,
 )
 
@@ -68,7 +68,7 @@ def test_health_and_model_card(ckpt):
         health = client.get("/health").json()
         card = client.get("/model").json()
     assert health == {"status": "ok", "model": "tiny.pt", "architecture": "fcn8s", "workers": 1, "queue": 3,
-                      "admitted": 0, "running": 0}  # fmt: skip
+                      "admitted": 0, "running": 0, "skipped": 0}  # fmt: skip
     model = fcnseg.load(ckpt)
     assert card["architecture"] == "fcn8s" and card["alignment"] == "aligned" and card["input_channels"] == 3
     assert card["parameters"] == sum(p.numel() for p in model.parameters())
@@ -78,6 +78,7 @@ def test_health_and_model_card(ckpt):
     assert [c["color"] for c in head["classes"]] == [list(c) for c in model.palette]
     assert card["metrics"] == {"mean_iu": 0.625, "iteration": 40}  # what the checkpoint records
     assert card["serving"]["runtime"] == "eager" and card["serving"]["max_pixels"] == 8388608
+    assert (card["serving"]["max_batch"], card["serving"]["timeout_s"]) == (64, 60.0)
 
 
 def test_published_weights_card_metrics_come_from_the_catalogue():
@@ -92,9 +93,13 @@ def test_published_weights_card_metrics_come_from_the_catalogue():
 def test_docs_openapi_page_and_static_files(ckpt):
     with client_for(ckpt) as client:
         spec = client.get("/openapi.json").json()
-        docs = client.get("/docs")
+        no_docs = [client.get(path) for path in ("/docs", "/redoc")]
         page = client.get("/")
         assets = {name: client.get(f"/static/{name}") for name in ("app.js", "app.css")}
+    with client_for(ckpt, "--docs") as client:
+        docs = client.get("/docs")
+    # The interactive page loads Swagger UI from a CDN: off unless asked for (--docs); ReDoc is never served.
+    assert [(r.status_code, r.json()) for r in no_docs] == [(404, {"error": "Not Found"})] * 2
     assert {"/health", "/model", "/predict", "/predict/batch"} <= set(spec["paths"])
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["file"] and set(body["properties"]) == {"file", "extra"}
@@ -205,7 +210,7 @@ def test_batch_answers_every_image_good_and_bad(ckpt):
     assert batch.status_code == 200 and [r["status"] for r in results] == [200, 400, 200, 400]
     assert [r["file"] for r in results] == ["a.png", "notes.txt", "b.png", "empty.png"]
     assert [base64.b64decode(results[i]["heads"][0]["mask_png"]) for i in (0, 2)] == singles
-    assert results[1]["error"].startswith("notes.txt: cannot read image (not an image file Pillow can decode")
+    assert results[1]["error"].startswith("notes.txt: cannot read image (not an image file in a format read here")
     assert results[3]["error"] == "empty.png: cannot read image (empty file)"
     assert none.status_code == 422 and none.json() == {"error": "expected the image in the multipart field 'files'; "
                                                                 "got 'file'"}  # fmt: skip
@@ -216,16 +221,21 @@ def test_batch_answers_every_image_good_and_bad(ckpt):
 
 BAD = {
     "non-image": ({"file": ("notes.txt", b"just some text\n")}, 400,
-                  "notes.txt: cannot read image (not an image file Pillow can decode; expected JPEG, PNG, BMP, TIFF, "
-                  "WebP, ...)"),
-    "truncated": ({"file": ("cut.png", encoded(noise(30, 40))[:300])}, 400, "cut.png: cannot read image (truncated "
+                  "notes.txt: cannot read image (not an image file in a format read here; expected PNG, JPEG, BMP, "
+                  "TIFF, WebP, GIF or PPM)"),
+    "eps": ({"file": ("logo.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")}, 415,
+            "logo.eps: cannot read image (its format, EPS by its first bytes, is not accepted; expected PNG, JPEG, "
+            "BMP, TIFF, WebP, GIF or PPM)"),
+    "pcx": ({"file": ("a.pcx", encoded(noise(8, 8), "PCX"))}, 415, "a.pcx: cannot read image (its format, PCX by "
+            "its first bytes, is not accepted; expected PNG, JPEG, BMP, TIFF, WebP, GIF or PPM)"),
+    "truncated": ({"file": ("cut.png", encoded(noise(30, 30))[:300])}, 400, "cut.png: cannot read image (truncated "
                   "file)"),
     "zero-byte": ({"file": ("empty.jpg", b"")}, 400, "empty.jpg: cannot read image (empty file)"),
     "decompression-bomb": ({"file": ("bomb.png", bomb_png())}, 413, "bomb.png: cannot read image (too large: "
                            "900,000,000 pixels, above PIL's limit of 89,478,485 pixels)"),
-    "over-max-pixels": ({"file": ("big.png", encoded(noise(40, 60)))}, 413, "big.png: image is 60x40 = 2,400 pixels, "
-                        "above this server's limit of 2,000 (--max-pixels); send a smaller image, or start the server "
-                        "with --tile for large ones"),
+    "over-max-pixels": ({"file": ("big.png", encoded(noise(40, 60)))}, 413, "big.png: image is 60x40, which the model "
+                        "computes on as 64x64 = 4,096 pixels with its padding, above this server's limit of 2,000 "
+                        "(--max-pixels); send a smaller image, or start the server with --tile for large ones"),
     "wrong-field": ({"image": ("a.png", encoded(noise(8, 8)))}, 422, "expected the image in the multipart field "
                     "'file'; got 'image'"),
     "text-field": ({"file": (None, "a.png")}, 422, "the multipart field 'file' must be a file upload, got text"),
@@ -257,21 +267,21 @@ def test_bad_requests_that_are_not_uploads(ckpt):
 
 
 def test_image_over_max_pixels_is_segmented_with_tile(ckpt, tmp_path):
-    image = encoded(noise(40, 100, seed=6))
+    """70 x 100 pads to 96 x 128 = 12,288 pixels whole, over the limit; in 64-px tiles each window pads to at most
+    95 x 95 = 9,025 and the image's own 7,000 pixels are under it."""
+    image = encoded(noise(70, 100, seed=6))
     out = _predicted(tmp_path, ckpt, image, "big.png", "--tile", "64", "--overlap", "32")
-    with client_for(ckpt, "--max-pixels", "2000", "--tile", "64", "--overlap", "32") as client:
+    with client_for(ckpt, "--max-pixels", "10000") as client:
+        whole = client.post("/predict", files={"file": ("big.png", image)})
+    with client_for(ckpt, "--max-pixels", "10000", "--tile", "64", "--overlap", "32") as client:
         r = client.post("/predict", files={"file": ("big.png", image)})
+        larger = client.post("/predict", files={"file": ("larger.png", encoded(noise(100, 101)))})
+    assert whole.status_code == 413 and "computes on as 128x96 = 12,288 pixels" in whole.json()["error"]
     assert r.status_code == 200 and r.content == (out / "big.png").read_bytes()
-
-
-def _answer(sock: socket.socket, timeout: float = 10) -> bytes:
-    """What the server answered, up to its closing the connection (a reset after the answer is no error)."""
-    sock.settimeout(timeout)
-    data = b""
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
+    # Tiled or not, the image's own area is bounded too.
+    assert (larger.status_code, larger.json()) == (413, {"error": "larger.png: image is 101x100 = 10,100 pixels, "
+                                                                  "above this server's limit of 10,000 (--max-pixels, "
+                                                                  "tiled or not); send a smaller image"})  # fmt: skip
 
 
 def _send_until_answered(sock: socket.socket, chunks) -> None:
@@ -293,16 +303,16 @@ def test_upload_over_the_limit_is_refused_while_it_is_read(ckpt):
 
     with client_for(ckpt, "--max-upload-mb", "1") as client, live(create_app(client.service)) as address:
         with socket.create_connection(address) as sock:  # headers only: 50 MB announced, none sent
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                         b"Content-Length: 52428800\r\n\r\n")  # fmt: skip
-            declared = _answer(sock)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                         b"boundary=b\r\nContent-Length: 52428800\r\n\r\n")  # fmt: skip
+            declared = until_closed(sock)
         with socket.create_connection(address) as sock:  # 1.5 MB of an unfinished chunked upload
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                         b"boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n")  # fmt: skip
             part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
             sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
             _send_until_answered(sock, [b"10000\r\n" + b"\1" * 0x10000 + b"\r\n"] * 24)  # 1.5 MB, never ended
-            chunked = _answer(sock)
+            chunked = until_closed(sock)
         _still_serving(client)
     assert declared.startswith(b"HTTP/1.1 413 ")
     assert declared.endswith(b'{"error": "upload of 50.0 MB is over this server\'s limit of 1 MB (--max-upload-mb); '
@@ -356,9 +366,9 @@ def test_workers_share_the_thread_budget(ckpt):
 
 def test_one_log_line_per_request(ckpt, caplog):
     caplog.set_level(logging.INFO, logger="fcnseg.serve")
-    with client_for(ckpt, "--max-pixels", "100") as client:
+    with client_for(ckpt, "--max-pixels", "1100") as client:  # 11 x 9 pads to 32 x 32 = 1,024; 60 x 30 to 2,048
         client.post("/predict?format=json", files={"file": ("a.png", encoded(noise(9, 11)))})
-        client.post("/predict", files={"file": ("b.png", encoded(noise(20, 30)))})
+        client.post("/predict", files={"file": ("b.png", encoded(noise(30, 60)))})
         client.get("/health")
     lines = [r.getMessage() for r in caplog.records if r.name == "fcnseg.serve"]
     assert len(lines) == 3

@@ -182,9 +182,45 @@ def test_the_page_segments_a_photo_in_chromium(tmp_path):
     assert download_name == "photo.png" and base64.b64decode(downloaded) == served
     assert (tmp_path / "page.png").read_bytes().startswith(b"\x89PNG")
     # A bad file gives a readable error, not a blank page.
-    assert error == ("Could not segment the image: notes.png: cannot read image (not an image file Pillow can "
-                     "decode; expected JPEG, PNG, BMP, TIFF, WebP, ...)")  # fmt: skip
+    assert error == ("Could not segment the image: notes.png: cannot read image (not an image file in a format "
+                     "read here; expected PNG, JPEG, BMP, TIFF, WebP, GIF or PPM)")  # fmt: skip
     assert progress_hidden
     # While the upload and the segmentation ran, the progress indicator said so.
     assert any(t.startswith("Uploading") for t in progress_seen) and "Segmenting…" in progress_seen
     assert "POST /predict 200" in server.log() and "POST /predict 400" in server.log(), server.log()
+
+
+def test_the_page_asks_for_the_api_key_and_sends_it(tmp_path):
+    """A server started with a key (here from FCNSEG_API_KEY) serves the page to anyone; the page asks for the key,
+    says so when it is refused, and sends it with the model card and upload requests."""
+    from selenium.webdriver.common.by import By
+
+    key = "page-test-key-7f3a"
+    ckpt = red_checkpoint(tmp_path / "red.pt")
+    photo_path = tmp_path / "photo.png"
+    Image.fromarray(red_photo()).save(photo_path)
+    with serving(ckpt, "--runtime", "eager", env={"FCNSEG_API_KEY": key}) as server, chromium() as driver:
+        driver.get(server.url)
+        _wait(driver, lambda d: d.find_element(By.ID, "key-form").is_displayed())
+        asked = driver.find_element(By.ID, "model-name").text
+        driver.find_element(By.ID, "key").send_keys("not-the-key-123")
+        driver.find_element(By.ID, "key-submit").click()
+        refused = _wait(driver, lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(
+            By.ID, "error").text)  # fmt: skip
+        driver.find_element(By.ID, "key").send_keys(key)
+        driver.find_element(By.ID, "key-submit").click()
+        card = _wait(driver, lambda d: "background, red" in d.find_element(By.ID, "card").text and d.find_element(
+            By.ID, "card").text)  # fmt: skip
+        form_hidden = not driver.find_element(By.ID, "key-form").is_displayed()
+        driver.find_element(By.ID, "file").send_keys(str(photo_path))
+        _wait(driver, lambda d: d.find_element(By.ID, "result").is_displayed())
+        legend = [li.text.split("\n")[0] for li in driver.find_elements(By.CSS_SELECTOR, "#legend li")]
+        kept = driver.execute_script("return sessionStorage.getItem('fcnseg-api-key');")
+        log = server.log()
+    assert asked == "an API key is needed"
+    assert refused == "The server refused this API key: check it and enter it again."
+    assert "fcn32s" in card and form_hidden and kept == key
+    assert sorted(legend) == ["background", "red"]
+    # The page and its files needed no key; the card needed it (refused twice, then given), and so did the upload.
+    assert "GET / 200" in log and "GET /static/app.js 200" in log
+    assert log.count("GET /model 401") == 2 and "GET /model 200" in log and "POST /predict 200" in log, log

@@ -34,6 +34,34 @@ pytest.importorskip("multipart")
             ["--runtime", "gpu"],
             "--runtime 'gpu': expected one of eager, winograd, bf16, onnx, onnx-int8, compile, auto, auto-reduced",
         ),
+        (["--timeout", "0"], "--timeout 0: expected a positive number of seconds"),
+        (["--upload-timeout", "-1"], "--upload-timeout -1: expected a positive number of seconds"),
+        (["--idle-timeout", "0"], "--idle-timeout 0: expected a positive number of seconds"),
+        (["--max-connections", "0"], "--max-connections 0: expected at least 1"),
+        (
+            ["--api-key", "short"],
+            "--api-key (or FCNSEG_API_KEY): expected at least 8 printable ASCII characters, no spaces",
+        ),
+        (
+            ["--api-key", "has a space"],
+            "--api-key (or FCNSEG_API_KEY): expected at least 8 printable ASCII characters, no spaces",
+        ),
+        (
+            ["--cors-origin", "*"],
+            "--cors-origin '*': expected a web origin, scheme and host (and port), such as https://app.example.org; "
+            "name each site, no wildcard",
+        ),
+        (
+            ["--cors-origin", "https://app.example.org/page"],
+            "--cors-origin 'https://app.example.org/page': expected a web origin, scheme and host (and port), such as "
+            "https://app.example.org; name each site, no wildcard",
+        ),
+        (["--allowed-hosts", "a.example,,b"], "--allowed-hosts 'a.example,,b': expected comma-separated host names"),
+        (
+            ["--tile", "4096"],
+            "--tile 4096: a tile is computed on as up to 4128x4128 = 17,040,384 pixels with the model's padding, above "
+            "--max-pixels 8,388,608; use a smaller --tile or a larger --max-pixels",
+        ),
         (["--tile", "50"], "--tile must be a positive multiple of 32 (the model's stride), got 50"),
         (
             ["--tile", "64", "--overlap", "64"],
@@ -64,12 +92,46 @@ def test_a_missing_model_or_a_taken_port_is_one_line(ckpt, tmp_path, capsys):
     )
 
 
+def test_a_pinned_sha256_the_checkpoint_does_not_have_is_one_line(ckpt, capsys):
+    import hashlib
+
+    right = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    wrong = "0" * 64
+    assert main(["serve", str(ckpt), "--port", "0", "--sha256", wrong]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(ckpt) in err and f"sha256 is {right}, expected {wrong}" in err
+
+
 def test_without_the_serve_extra_it_says_what_to_install(ckpt, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if uvicorn were not installed
     assert main(["serve", str(ckpt)]) == 2
     assert capsys.readouterr().err == (
         "fcnseg: error: fcnseg serve needs FastAPI, uvicorn and python-multipart: pip install 'fcnseg[serve]' "
         "(uvicorn is missing)\n"
+    )
+
+
+def test_a_short_key_in_the_environment_is_a_mistake_too(ckpt, capsys, monkeypatch):
+    monkeypatch.setenv("FCNSEG_API_KEY", "short")
+    assert main(["serve", str(ckpt), "--port", "0"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "fcnseg: error: --api-key (or FCNSEG_API_KEY): expected at least 8 printable ASCII characters, no spaces\n"
+    )
+
+
+def test_listening_beyond_this_machine_without_a_key_is_warned_about(capsys):
+    from argparse import Namespace
+
+    from fcnseg.cli.serve import _warn_if_open
+
+    _warn_if_open(Namespace(host="127.0.0.1", api_key=None), 8000)
+    _warn_if_open(Namespace(host="0.0.0.0", api_key="a-long-key"), 8000)
+    assert capsys.readouterr().err == ""
+    _warn_if_open(Namespace(host="0.0.0.0", api_key=None), 8000)
+    assert capsys.readouterr().err == (
+        "fcnseg serve: warning: listening on 0.0.0.0 with no API key: anyone who can reach port 8000 can use this "
+        "model; set FCNSEG_API_KEY, and put TLS in front (see the README)\n"
     )
 
 

@@ -1,8 +1,29 @@
 // The page of `fcnseg serve`: upload an image to /predict?format=json, blend the mask over it on a canvas, list the
 // classes present, name the class under the cursor, offer the mask PNG. Plain JavaScript, nothing fetched elsewhere.
+// A server started with an API key answers 401 without it: the page then asks for the key, keeps it for this tab
+// only (sessionStorage) and sends it with every request as the X-API-Key header.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const KEY_ITEM = "fcnseg-api-key";
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_ITEM) || "";
+}
+
+function authHeaders() {
+  return apiKey() ? { "X-API-Key": apiKey() } : {};
+}
+
+function askForKey(refused) {
+  // A key that was sent and refused is forgotten, and said so; the form stays until a key is accepted.
+  if (refused) {
+    sessionStorage.removeItem(KEY_ITEM);
+    showError("The server refused this API key: check it and enter it again.");
+  }
+  $("key-form").hidden = false;
+  $("key").focus();
+}
 
 const state = {
   card: null,       // GET /model
@@ -95,8 +116,8 @@ function renderCard(card) {
   addCardRow(list, "Runtime", serving.runtime + (serving.tile ? `, tiles of ${serving.tile} px` : ""));
   addCardRow(list, "Workers", `${serving.workers} (${serving.threads_per_worker} threads each), queue ${serving.queue}`);
   addCardRow(list, "Metrics", metricsText(card.metrics));
-  $("limits").textContent = `Up to ${serving.max_upload_mb} MB` +
-    (serving.tile ? "" : ` and ${serving.max_pixels.toLocaleString("en")} pixels`) + " per image.";
+  $("limits").textContent = `Up to ${serving.max_upload_mb} MB and ${serving.max_pixels.toLocaleString("en")} ` +
+    (serving.tile ? "pixels per image." : "pixels per image, counted as the model pads it.");
   if (card.input_channels > 3) {
     showError(`This model takes ${card.input_channels} input channels (colour plus depth or HHA); ` +
       "the page sends colour images only. Use the API with the 'extra' field.");
@@ -105,8 +126,14 @@ function renderCard(card) {
 
 async function loadCard() {
   try {
-    const response = await fetch("/model");
+    const response = await fetch("/model", { headers: authHeaders() });
+    if (response.status === 401) {
+      $("model-name").textContent = "an API key is needed";
+      askForKey(apiKey() !== "");
+      return;
+    }
     if (!response.ok) throw new Error(`the server answered ${response.status}`);
+    $("key-form").hidden = true;
     renderCard(await response.json());
   } catch (e) {
     $("model-name").textContent = "model card unavailable";
@@ -270,12 +297,14 @@ function upload(file) {
   form.append("file", file, file.name);
   const xhr = new XMLHttpRequest();
   xhr.open("POST", "/predict?format=json");
+  for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
   xhr.upload.onprogress = (e) => {
     if (e.lengthComputable) setProgress(`Uploading… ${Math.round((100 * e.loaded) / e.total)}%`, (100 * e.loaded) / e.total);
   };
   xhr.upload.onload = () => setProgress("Segmenting…");
   xhr.onload = async () => {
     try {
+      if (xhr.status === 401) askForKey(apiKey() !== "");
       if (xhr.status !== 200) throw new Error(errorOf(xhr));
       await render(JSON.parse(xhr.responseText), file);
     } catch (e) {
@@ -329,6 +358,13 @@ function wire() {
     e.preventDefault();
     drop.classList.remove("over");
     if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
+  });
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(KEY_ITEM, $("key").value.trim());
+    $("key").value = "";
+    clearError();
+    loadCard();
   });
   $("opacity").addEventListener("input", blend);
   $("head").addEventListener("change", (e) => showHead(Number(e.target.value)));
