@@ -207,7 +207,8 @@ def weights_checkpoint(
         source = Path(file).expanduser()
         if not source.is_file():
             raise FcnsegError(f"--weights-file {source}: no such file")
-        verify_hash(source, md5=entry.md5, sha256=sha256_pin(sha256) or entry.sha256)
+        verify_hash(source, md5=entry.md5, sha256=entry.sha256)  # the published hashes, and the pin besides
+        verify_hash(source, sha256=sha256_pin(sha256))
         return _convert(entry, source)
     source, fresh = cached_weights(entry, sha256=sha256, progress=progress)
     converted = source.with_name(f"{source.stem}.fcnseg-v{CONVERSION_VERSION}.pt")

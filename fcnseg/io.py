@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import clipped
+
 # Test hook: FCNSEG_TEST_CRASH_AT=NAME[@N] makes the process kill itself (SIGKILL, as kill -9 would) the Nth time
 # (default 1st) it reaches the point NAME, so that the crash-safety tests can stop a real run inside a chosen
 # window (e.g. ``write:best.pt``: best.pt's temporary file is complete but not yet renamed into place).
@@ -114,11 +116,15 @@ def _plain_loader() -> type:
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)`` without aliases, and a ``yaml.YAMLError`` (not a RecursionError) for a document
-    nested too deeply to read."""
+    """``yaml.safe_load(text)`` without aliases; every failure is a ``yaml.YAMLError``: a document nested too deeply
+    (a RecursionError otherwise) and a value the safe constructors cannot build (a ValueError or OverflowError
+    otherwise: an impossible date such as 2001-13-45, an integer of more digits than Python converts)."""
     import yaml
 
     try:
         return yaml.load(text, Loader=_plain_loader())  # a SafeLoader subclass: plain data only
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
+    except (ValueError, OverflowError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise yaml.YAMLError(f"a value that cannot be read ({clipped(reason)})") from None

@@ -280,11 +280,17 @@ def use_inductor_cache_of_this_isa() -> Path | None:
     folder in /tmp per user, is shared by every run: graphs compiled under AVX-512 were reloaded by a run held to
     AVX2 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) and computed NaN and wrong masks, or freed memory
     twice. Returns the folder now in use, None where it is the user's."""
+    import getpass
     import hashlib
 
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
     from .kernels import cache_root, isa_key
+
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # torch moved it: its default as torch 2.x spells it
+
+        def default_cache_dir() -> str:
+            return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
 
     ours = cache_root() / "inductor"
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")

@@ -2,7 +2,8 @@
 given a pickle whose unpickling would create a marker file, and must refuse it in one clear line with the marker
 never made (every read is ``weights_only=True``).
 
-The places: checkpoints (``fcnseg.load``, ``predict``, a cached conversion), torchfcn files (``fcnseg convert``),
+The places: checkpoints (``fcnseg.load``, ``predict``; a cached conversion is read by the same function), torchfcn
+files (``fcnseg convert``),
 VGG16 state-dict files (``--backbone-weights FILE``), the Caffe VGG16 in the cache (``CAFFE``) and torchvision's
 ImageNet weights in torch.hub's cache.
 """

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import math
 import os
 import socket
 import sys
@@ -121,14 +122,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise FcnsegError(f"--port {args.port}: expected 0 to 65535")
     if args.max_pixels is not None and args.max_pixels < 1:
         raise FcnsegError(f"--max-pixels {args.max_pixels}: expected a positive number of pixels")
-    if not args.max_upload_mb > 0:
+    if not 0 < args.max_upload_mb < math.inf:
         raise FcnsegError(f"--max-upload-mb {args.max_upload_mb:g}: expected a positive size")
     if args.workers_threads < 1:
         raise FcnsegError(f"--workers-threads {args.workers_threads}: expected at least 1")
     if args.queue < 0:
         raise FcnsegError(f"--queue {args.queue}: expected 0 or more")
     for flag in ("timeout", "upload_timeout", "idle_timeout"):
-        if not getattr(args, flag) > 0:
+        if not 0 < getattr(args, flag) < math.inf:  # every limit is finite: inf would bound nothing
             raise FcnsegError(
                 f"--{flag.replace('_', '-')} {getattr(args, flag):g}: expected a positive number of seconds"
             )

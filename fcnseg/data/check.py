@@ -225,8 +225,10 @@ def _opens(path: Path, oriented: bool) -> tuple[int, int] | None:
     ``oriented``: the size once the EXIF orientation is applied, as the image reader applies it."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..imageio import IMAGE_FORMATS
+
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             size = im.size
             if oriented and im.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn: width and height swap
                 size = size[::-1]

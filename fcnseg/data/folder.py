@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import FcnsegError, shown
-from ..imageio import _read, image_to_array, read_mask_png
+from ..imageio import IMAGE_FORMATS, _read, image_to_array, read_mask_png
 from ..palette import VOID_COLOR, palette_for
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
@@ -376,7 +376,7 @@ def _strip(message: str, path: str | Path) -> str:
 def _mode(path: Path) -> str | None:
     """The file's PIL mode from its header; None when it cannot be opened (the real read then reports why)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             return img.mode
     except Exception:
         return None

@@ -24,8 +24,8 @@ MAX_LABEL_ELEMENTS = MAX_LABEL_SIDE * MAX_LABEL_SIDE
 """The most elements one array of a label file may hold: a 4096 x 4096 matrix (the releases' largest is SBD's
 500 x 500)."""
 MAX_MAT_BYTES = MAX_LABEL_ELEMENTS * 8 + (1 << 20)
-"""The most bytes a label file or one of its variables may take once inflated: a 4096 x 4096 matrix of doubles
-(MATLAB's default type) and room for the small arrays beside it."""
+"""The most bytes a label file may take once inflated, all its variables together (loadmat reads every one): a
+4096 x 4096 matrix of doubles (MATLAB's default type) and room for the small arrays beside it."""
 MAX_ARRAYS = 10_000
 """The most arrays a variable may nest (cells, struct fields): SBD's ``GTcls`` holds 24."""
 MAX_DEPTH = 16
@@ -45,10 +45,11 @@ class _DamagedError(Exception):
 
 class _Variable:
     """The bytes of one variable, read in order: inflated in small pieces (a compressed variable) or straight from
-    the file. Inflated bytes are counted, never past ``limit``; ``pos`` is how many were handed out or skipped."""
+    the file. Inflated bytes are counted, never past ``limit`` (what is left of the file's ``cap``); ``pos`` is how
+    many were handed out or skipped."""
 
-    def __init__(self, f: IO[bytes], size: int, limit: int, *, compressed: bool) -> None:
-        self.f, self.left, self.limit = f, size, limit
+    def __init__(self, f: IO[bytes], size: int, limit: int, *, cap: int, compressed: bool) -> None:
+        self.f, self.left, self.limit, self.cap = f, size, limit, cap
         self.inflater = zlib.decompressobj() if compressed else None
         self.pending, self.inflated, self.pos, self.arrays = b"", 0, 0, 0
 
@@ -74,7 +75,7 @@ class _Variable:
                 self.pending = self._more()
                 self.inflated += len(self.pending)
                 if self.inflated > self.limit:
-                    raise _TooLargeError(f"a variable inflates to more than {self.limit:,} bytes")
+                    raise _TooLargeError(f"its variables inflate to more than {self.cap:,} bytes")
                 if not self.pending:
                     break
             piece, self.pending = self.pending[:n], self.pending[n:]
@@ -169,16 +170,18 @@ def _check_variables(f: IO[bytes], max_elements: int, max_bytes: int) -> None:
     order = _byte_order(f.read(128))
     if order is None:
         return
+    budget = max_bytes  # shared by every variable: four 500 KB variables of zeros could each inflate to 128 MB
     while len(tag := f.read(8)) == 8:
         kind, size = struct.unpack(f"{order}II", tag)
         end = f.tell() + size
         if kind in (_MI_COMPRESSED, _MI_MATRIX):
-            v = _Variable(f, size, max_bytes, compressed=kind == _MI_COMPRESSED)
+            v = _Variable(f, size, budget, cap=max_bytes, compressed=kind == _MI_COMPRESSED)
             if kind == _MI_COMPRESSED:
                 kind, size, small = _tag(v, order)
                 if kind != _MI_MATRIX or small is not None:
                     raise _DamagedError
             _walk(v, order, size, 0, max_elements)
+            budget -= v.inflated
         f.seek(end)
 
 
@@ -186,7 +189,7 @@ def check_mat_size(
     path: str | os.PathLike, *, max_elements: int = MAX_LABEL_ELEMENTS, max_bytes: int = MAX_MAT_BYTES
 ) -> None:
     """Refuse, naming the file, a ``.mat`` file larger than ``max_bytes``, holding an array (nested ones included)
-    of more than ``max_elements`` elements, or a compressed variable inflating past ``max_bytes``. A file that is
+    of more than ``max_elements`` elements, or variables inflating past ``max_bytes`` together. A file that is
     damaged or no MATLAB file passes: loadmat says what is wrong with it."""
     try:
         if os.path.getsize(path) > max_bytes:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .._meta import NYUD_CLASSES, NYUD_MEAN_BGR, NYUD_MEAN_HHA, NYUD_MEAN_LOG_DEPTH
 from ..errors import FcnsegError, shown
-from ..imageio import _read, load_image
+from ..imageio import IMAGE_FORMATS, _read, load_image
 from ..palette import palette_for
 from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
@@ -314,7 +314,7 @@ def read_depth_or_hha(path: str | Path) -> np.ndarray:
     """A fusion net's extra input, H x W x 1 or H x W x 3 uint8: a one-channel image is depth (16-bit millimetres
     through :func:`encode_depth`, 8 bits taken as encoded, as :func:`read_depth`), a colour one is HHA."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             depth = im.mode in ("I", "L") or im.mode.startswith("I;16")
     except Exception:
         raise FcnsegError(f"{path}: cannot read it as an image; expected a depth or HHA PNG") from None

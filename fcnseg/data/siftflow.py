@@ -26,6 +26,7 @@ from torchvision import tv_tensors
 
 from .._meta import SIFTFLOW_ABSENT_IN_TEST, SIFTFLOW_CLASSES, SIFTFLOW_GEO_CLASSES, SIFTFLOW_MEAN_BGR
 from ..errors import FcnsegError, shown
+from ..imageio import IMAGE_FORMATS
 from ..palette import palette_for
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
@@ -232,7 +233,7 @@ class SIFTFlowSegmentation(SegmentationDataset):
         except FcnsegError as e:
             return Problem(str(path), "unreadable-mask", str(e).removeprefix(f"{path}: "))
         try:
-            with Image.open(img_path) as im:
+            with Image.open(img_path, formats=IMAGE_FORMATS) as im:
                 w, h = im.size
         except Exception:
             return None  # an unreadable image is reported with the item

@@ -153,13 +153,19 @@ def _enum_state_dict(weights: WeightsEnum, arch: str = "VGG16") -> dict[str, tor
     try:
         # torch.hub reads its cache with weights_only=False unless told otherwise: a file put there in place of
         # the download would run its pickled code.
-        return weights.get_state_dict(progress=True, weights_only=True)
+        # check_hash: the download must have the SHA-256 prefix its file name carries (vgg16-397923af.pth).
+        return weights.get_state_dict(progress=True, weights_only=True, check_hash=True)
     except OSError as e:  # URLError included: no network, proxy, dead link
         raise FcnsegError(
             f"backbone weights {weights}: cannot download {weights.url} ({getattr(e, 'reason', e)}); "
             f"pass a local {arch} state dict with --backbone-weights FILE"
         ) from None
     except Exception as e:  # a damaged file in torch.hub's cache
+        if "invalid hash value" in str(e):  # torch.hub kept nothing of the download
+            raise FcnsegError(
+                f"backbone weights {weights}: the download of {weights.url} is not the published file ({e}); "
+                "nothing was kept"
+            ) from None
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
         raise FcnsegError(
             f"backbone weights {weights}: cannot read {cached} ({e.__class__.__name__}); delete it to download again"

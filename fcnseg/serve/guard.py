@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Collection, Sequence
 
 from .middleware import ASGIApp, Message, Receive, Scope, Send, send_json_error
@@ -30,12 +31,16 @@ _CORS_EXPOSED = "Content-Disposition, Retry-After, X-Image-Size, X-Inference-Ms"
 
 
 def host_name(value: str) -> str:
-    """The host of a ``Host`` header or of an origin's authority: lower case, without port, brackets or final dot."""
+    """The host of a ``Host`` header or of an origin's authority: lower case, without port, brackets or final dot;
+    "" (a name no server answers to) when anything but a port follows the host (``[::1]evil.example``)."""
     value = value.strip().lower()
     if value.startswith("["):  # an IPv6 address, [::1]:8000
-        return value[1 : value.find("]")] if "]" in value else value
+        host, bracket, rest = value[1:].partition("]")
+        return host if bracket and (not rest or re.fullmatch(r":[0-9]{1,5}", rest)) else ""
     if value.count(":") == 1:
-        value = value.partition(":")[0]
+        value, _, port = value.partition(":")
+        if not re.fullmatch(r"[0-9]{1,5}", port):
+            return ""
     return value.rstrip(".")
 
 
@@ -80,7 +85,8 @@ class Guard:
         host = _header(scope, b"host")
         if self.hosts is not None and (host is None or host_name(host) not in self.hosts):
             named = f"Host {host!r} is not" if host is not None else "a request without a Host header is not"
-            hint = f"; start the server with --allowed-hosts {host_name(host)} to accept it" if host else ""
+            name = host_name(host or "")
+            hint = f"; start the server with --allowed-hosts {name} to accept it" if name else ""
             return 400, f"{named} a name this server answers to{hint}", {}
         if origin is not None and origin.lower() not in self.origins and _authority(origin) != (host or "").lower():
             return 403, (f"a request from the web page origin {origin!r} is refused; start the server with "

@@ -73,11 +73,21 @@ def test_inflated_bytes_are_counted_whatever_the_headers_say(tmp_path):
     path = tmp_path / "d.mat"
     scipy.io.savemat(path, {"S": np.zeros((100, 100))}, do_compression=True)
     check_mat_size(path)
-    with pytest.raises(FcnsegError, match="a variable inflates to more than 50,000 bytes"):
+    with pytest.raises(FcnsegError, match="its variables inflate to more than 50,000 bytes"):
         check_mat_size(path, max_bytes=50_000)
     with pytest.raises(FcnsegError, match="an array of 100 x 100 = 10,000 elements"):
         check_mat_size(path, max_elements=9_999)
     assert MAX_LABEL_ELEMENTS == 4096 * 4096
+
+
+def test_the_byte_cap_holds_for_all_variables_together(tmp_path):
+    # loadmat reads every variable: four of 80 KB inflated each pass a cap of 200 KB alone, not together.
+    path = tmp_path / "many.mat"
+    zeros = np.zeros((100, 100))
+    scipy.io.savemat(path, {"a": zeros, "b": zeros, "c": zeros, "d": zeros}, do_compression=True)
+    check_mat_size(path, max_bytes=400_000)
+    with pytest.raises(FcnsegError, match="its variables inflate to more than 200,000 bytes"):
+        check_mat_size(path, max_bytes=200_000)
 
 
 @pytest.mark.parametrize("compressed", [False, True])

@@ -59,8 +59,11 @@ def test_a_data_option_with_aliases_is_refused(capsys):
         (f"lr: {'9' * 400}\n", r"option 'lr': expected float or null, got 9{18}\.\.\.9{19}$"),
         ("a: " + "[" * 5000 + "]" * 5000 + "\n", r"not valid YAML \(nested too deeply\)$"),
         ("1: 3\n", r"option names are text; got 1$"),
+        # Values the safe constructors cannot build (a ValueError inside PyYAML) are YAML errors too.
+        ("lr: 2001-13-45\n", r"not valid YAML \(a value that cannot be read \(month must be in 1\.\.12\)\)$"),
+        (f"iters: {'7' * 5000}\n", r"not valid YAML \(a value that cannot be read \(Exceeds the limit .*\)\)$"),
     ],
-    ids=["list", "long-text", "long-int", "deep", "int-key"],
+    ids=["list", "long-text", "long-int", "deep", "int-key", "bad-date", "int-past-python"],
 )  # fmt: skip
 def test_values_are_quoted_short(tmp_path, text, message):
     path = tmp_path / "c.yaml"

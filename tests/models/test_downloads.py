@@ -256,3 +256,32 @@ def test_a_pin_that_contradicts_the_published_hash_is_refused(tmp_path, server, 
     with pytest.raises(FcnsegError, match=f"--sha256 {ZERO}: fcn16s-test.caffemodel is published with sha256 a+$"):
         weights_checkpoint(entry, sha256=ZERO, progress=False)
     assert _leftovers(hub) == []
+
+
+def test_torchvision_backbone_downloads_are_checked_against_their_hash_prefix(hub, monkeypatch):
+    import torch.hub
+    from torchvision.models import VGG16_Weights
+
+    from tests.helpers import TINY
+
+    asked = {}
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        asked["hash_prefix"] = hash_prefix
+        raise RuntimeError(f'invalid hash value (expected "{hash_prefix}", got "0123abcd")')  # as torch.hub says
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    with pytest.raises(FcnsegError, match="is not the published file .*; nothing was kept$"):
+        fcnseg.get_model("fcn32s", backbone_weights="IMAGENET1K_V1", **TINY)
+    assert asked["hash_prefix"] == VGG16_Weights.IMAGENET1K_V1.url.rsplit("-", 1)[1].split(".")[0] == "397923af"
+
+
+def test_a_pin_adds_to_a_published_hash_and_never_replaces_it(tmp_path, server):
+    import hashlib
+
+    entry, data = _caffe_entry(tmp_path, server, sha256=ZERO)  # the published hash says: not this file
+    local = tmp_path / "copy.caffemodel"
+    local.write_bytes(data)
+    actual = hashlib.sha256(data).hexdigest()
+    with pytest.raises(FcnsegError, match=f"sha256 is {actual}, expected {ZERO}"):
+        weights_checkpoint(entry, file=local, sha256=actual)  # a pin of the file's own hash overrides nothing

@@ -325,6 +325,9 @@ def test_host_names_and_the_api_key(guarded):
         400, "Host 'attacker.example' is not a name this server answers to; start the server with --allowed-hosts "
         "attacker.example to accept it")  # fmt: skip
     assert _status(guarded, "GET", "/model", {"Host": "SEG.example.org:8443", **key}) == (200, "")
+    for malformed in ("[::1]evil.example", "127.0.0.1:x", "localhost:"):  # a loopback name with more after it
+        assert _status(guarded, "GET", "/model", {"Host": malformed, **key}) == (
+            400, f"Host {malformed!r} is not a name this server answers to")  # fmt: skip
     assert _status(guarded, "GET", "/model", {}) == (401, "this server needs an API key: send it in the X-API-Key "
                                                           "header (or Authorization: Bearer KEY)")  # fmt: skip
     assert _status(guarded, "GET", "/health", {"X-API-Key": KEY[:-1] + "x"}) == (401, "the API key sent is not "
