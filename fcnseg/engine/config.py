@@ -21,13 +21,13 @@ from ..errors import FcnsegError, clipped, shown
 from ..io import atomic_write, load_yaml
 from ..models.registry import saved_options
 
-# The release's learning rates go with an unnormalised (summed) loss over ~500 x 375 images, batch 1; each
-# finer stage starts from the previous one and moves much less (facts file, section 4).
 MAX_CONFIG_BYTES = 1 << 20
 """An options file is a few hundred bytes; anything past a mebibyte is not one."""
 MAX_OPTION_CHARS = 4096
 """The longest text option accepted from a file (a path at most: PATH_MAX on Linux)."""
 
+# The release's learning rates (its solver.prototxt files) go with an unnormalised (summed) loss over ~500 x 375
+# images, batch 1; each finer stage starts from the previous one and moves much less (PAMI 2016, section 4).
 PAPER_LR = {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14, "fcn8s_atonce": 1e-10}
 
 

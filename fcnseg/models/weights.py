@@ -108,7 +108,7 @@ _DL = "https://dl.caffe.berkeleyvision.org"
 _DRIVE = "https://drive.google.com/uc?id="
 _HEAVY = "Caffe release ('heavy' PAMI-era training), converted on load"
 _TORCHFCN = "torchfcn's PyTorch copy of the Caffe release weights"
-# Reported by torchfcn's authors for the released models on seg11valid (facts file, section 1).
+# Reported by torchfcn's authors for the released models on seg11valid (torchfcn's README).
 _VOC = {
     "fcn32s": {"seg11valid": _metrics(90.48, 76.48, 63.63, 83.46)},
     "fcn16s": {"seg11valid": _metrics(91.00, 78.07, 65.01, 84.26)},

@@ -27,6 +27,8 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..errors import FcnsegError
+
 __all__ = ["Listener", "connection_limits", "guarded_protocol", "new_event_loop"]
 
 LOG = logging.getLogger("fcnseg.serve")
@@ -117,8 +119,35 @@ class _GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
+# What the subclass relies on in uvicorn's h11 protocol (its methods, and names its __init__ and connection_made
+# set): checked when the server starts, so that a uvicorn release that renames them fails in one line instead of
+# quietly serving without the cap and the deadline.
+_RELIED_ON = ("connection_made", "connection_lost", "data_received", "on_response_complete")
+_RELIED_ON_NAMES = ("self.connections", "self.cycle", "self.loop", "self.transport", "response_complete")
+
+
+def check_uvicorn(protocol: type = H11Protocol) -> None:
+    """An :class:`FcnsegError` naming the installed uvicorn when its h11 protocol lacks what the guard relies on."""
+    import inspect
+
+    import uvicorn
+
+    try:
+        source = inspect.getsource(inspect.getmodule(protocol))
+    except (OSError, TypeError):
+        source = ""
+    missing = [m for m in _RELIED_ON if not callable(getattr(protocol, m, None))]
+    missing += [n for n in _RELIED_ON_NAMES if source and n not in source]
+    if missing:
+        raise FcnsegError(
+            f"uvicorn {uvicorn.__version__}: its h11 protocol has no {', '.join(missing)}, which fcnseg serve's "
+            "connection cap and header deadline rely on; expected a uvicorn that has them (tested with 0.55)"
+        )
+
+
 def guarded_protocol(idle_timeout: float, max_connections: int) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a connection cap and a deadline for request headers (see the module)."""
+    check_uvicorn()
     attributes = {"idle_timeout": idle_timeout, "max_connections": max_connections, "refusals": _Throttled()}
     return type("GuardedH11Protocol", (_GuardedH11Protocol,), attributes)
 

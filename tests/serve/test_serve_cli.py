@@ -178,3 +178,21 @@ def test_ctrl_c_finishes_the_requests_in_flight_then_stops(ckpt):
     assert log.index("Shutting down") < log.index("POST /predict/batch 200") < log.index("fcnseg serve: stopped")
     assert re.search(r"POST /predict/batch 200 \d+\.\d ms (320x320,){11}320x320$", log, re.MULTILINE), log
     assert "Traceback" not in log
+
+
+def test_a_uvicorn_without_what_the_connection_guard_relies_on_is_one_line():
+    from fcnseg.errors import FcnsegError
+    from fcnseg.serve.protocol import check_uvicorn
+
+    check_uvicorn()  # the installed one has it all
+
+    class Renamed:  # an h11 protocol whose hooks were renamed
+        def connection_made(self, transport):
+            pass
+
+    with pytest.raises(
+        FcnsegError,
+        match=r"^uvicorn [0-9.]+: its h11 protocol has no connection_lost, data_received, "
+        r"on_response_complete\b.*, which fcnseg serve's connection cap and header deadline rely on",
+    ):
+        check_uvicorn(Renamed)
