@@ -19,7 +19,7 @@ import hmac
 import re
 from collections.abc import Collection, Sequence
 
-from .middleware import ASGIApp, Message, Receive, Scope, Send, send_json_error
+from .middleware import ASGIApp, Message, Receive, Scope, Send, header, send_json_error
 
 __all__ = ["LOOPBACK_HOSTS", "Guard", "host_name"]
 
@@ -44,23 +44,16 @@ def host_name(value: str) -> str:
     return value.rstrip(".")
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 def _authority(origin: str) -> str:
     """``https://example.org:8443`` -> ``example.org:8443`` (lower case)."""
     return origin.partition("://")[2].lower()
 
 
 def _given_key(scope: Scope) -> str | None:
-    key = _header(scope, b"x-api-key")
+    key = header(scope, b"x-api-key")
     if key is not None:
         return key.strip()
-    scheme, _, token = (_header(scope, b"authorization") or "").strip().partition(" ")
+    scheme, _, token = (header(scope, b"authorization") or "").strip().partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
 
 
@@ -82,7 +75,7 @@ class Guard:
         self.origins = {o.rstrip("/").lower() for o in cors_origins}
 
     def _refusal(self, scope: Scope, origin: str | None, preflight: bool) -> tuple[int, str, dict[str, str]] | None:
-        host = _header(scope, b"host")
+        host = header(scope, b"host")
         if self.hosts is not None and (host is None or host_name(host) not in self.hosts):
             named = f"Host {host!r} is not" if host is not None else "a request without a Host header is not"
             name = host_name(host or "")
@@ -116,7 +109,7 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        origin = _header(scope, b"origin")
+        origin = header(scope, b"origin")
         cors = self._cors(origin)
         preflight = bool(cors) and self._preflight(scope)
         refusal = self._refusal(scope, origin, preflight)
@@ -135,7 +128,7 @@ class Guard:
 
     @staticmethod
     def _preflight(scope: Scope) -> bool:
-        return scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method") is not None
+        return scope["method"] == "OPTIONS" and header(scope, b"access-control-request-method") is not None
 
 
 async def _answer_preflight(send: Send) -> None:

@@ -24,17 +24,10 @@ def _networks(model: nn.Module) -> list[nn.Module]:
 
 
 def _model_padding(net: nn.Module, height: int, width: int) -> tuple[int, int]:
-    """The input size after the network's own padding step (aligned mode: up to its stride and margin)."""
-    pad = getattr(net, "_pad", None)
-    if callable(pad):
-        # The model's own padding, run on a tensor without storage: the geometry, not a copy of it.
-        channels = int(getattr(net, "in_channels", 3))
-        shape = pad(torch.empty(1, channels, height, width, device="meta")).shape
-        return int(shape[-2]), int(shape[-1])
-    stride = int(getattr(net, "stride", 1))
-    if getattr(net, "alignment", None) == "aligned":
-        return -(-height // stride) * stride, -(-width // stride) * stride
-    return height, width
+    """The input size after the network's own padding step (aligned mode: up to its stride and margin), run on a
+    tensor without storage: the geometry, not a copy of it."""
+    shape = net._pad(torch.empty(1, net.in_channels, height, width, device="meta")).shape
+    return int(shape[-2]), int(shape[-1])
 
 
 def _first_layer_excess(net: nn.Module) -> tuple[int, int]:

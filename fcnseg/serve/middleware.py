@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import IO, Any
 
-__all__ = ["AccessLog", "BodyReader", "printable", "send_json_error"]
+__all__ = ["AccessLog", "BodyReader", "header", "printable", "send_json_error"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,14 +62,19 @@ class _ClientLeftError(Exception):
     pass
 
 
-def _content_length(scope: Scope) -> int | None:
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of the request header ``name`` (lower case, as ASGI gives names), or None."""
     for key, value in scope.get("headers", []):
-        if key == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+        if key == name:
+            return value.decode("latin-1")
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    try:
+        return int(header(scope, b"content-length") or "")
+    except ValueError:
+        return None
 
 
 def _replay(body: IO[bytes], size: int, gone: asyncio.Event) -> Receive:
