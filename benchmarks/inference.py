@@ -9,23 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 import fcnseg
 from fcnseg.bench import count_gflop
+from fcnseg.runtime.timing import time_ms
 
 
 def latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int, warmup: int) -> list[float]:
-    times = []
     with torch.inference_mode():
-        for i in range(warmup + runs):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return times
+        return time_ms(lambda: model(x), runs, warmup)
 
 
 def main() -> None:

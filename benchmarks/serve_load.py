@@ -46,6 +46,7 @@ from PIL import Image
 
 import fcnseg
 from fcnseg.imageio import load_image
+from fcnseg.inference import Predictor
 from fcnseg.predict import save_prediction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def expected_masks(ckpt: Path, files: dict[str, tuple[bytes, int]]) -> dict[str,
                 continue
             src = Path(tmp) / name
             src.write_bytes(data)
-            save_prediction(model, load_image(src), tmp, "mask")
+            save_prediction(Predictor(model), load_image(src), tmp, "mask")
             out[name] = (Path(tmp) / "mask.png").read_bytes()
     return out
 

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.torchfcn_loader import load_torchfcn_models  # noqa: E402
 from fcnseg.bench import gemm_gflops  # noqa: E402
 from fcnseg.hub import load, model_from_checkpoint  # noqa: E402
-from fcnseg.kernels import with_measured_kernels  # noqa: E402
 from fcnseg.models.complexity import count_gflop  # noqa: E402
 from fcnseg.models.convert import torchfcn_to_fcnseg  # noqa: E402
 from fcnseg.runtime import agreement, cpu_features, make_runner  # noqa: E402
+from fcnseg.runtime.kernels import with_measured_kernels  # noqa: E402
 
 
 def randomised_torchfcn(seed: int = 0) -> torch.nn.Module:
@@ -47,8 +48,8 @@ def randomised_torchfcn(seed: int = 0) -> torch.nn.Module:
     return net
 
 
-def sample_images(model: torch.nn.Module, size: tuple[int, int], n: int, split: str = "val") -> list[torch.Tensor]:
-    """Synthetic-shape images resized to ``size``, normalised for ``model``."""
+def sample_rgb(size: tuple[int, int], n: int, split: str = "val") -> list[np.ndarray]:
+    """Synthetic-shape images resized to ``size``, H x W x 3 uint8."""
     from fcnseg.data import get_dataset
 
     ds = get_dataset("synthetic", split=split)
@@ -56,8 +57,23 @@ def sample_images(model: torch.nn.Module, size: tuple[int, int], n: int, split: 
     for i in range(n):
         img = ds[i][0].as_subclass(torch.Tensor).float()[None]
         img = F.interpolate(img, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
-        out.append(model.preprocessing(img[0].to(torch.uint8)).unsqueeze(0))
+        out.append(img[0].to(torch.uint8).permute(1, 2, 0).numpy())
     return out
+
+
+def sample_images(model: torch.nn.Module, size: tuple[int, int], n: int, split: str = "val") -> list[torch.Tensor]:
+    """Synthetic-shape images resized to ``size``, normalised for ``model``."""
+    return [model.preprocessing(rgb).unsqueeze(0) for rgb in sample_rgb(size, n, split)]
+
+
+def predict_agreement(model: torch.nn.Module, reference, rgbs: list[np.ndarray]) -> float:
+    """Share of pixels where ``model.predict`` (the Python default) labels as ``reference``'s argmax."""
+    same = total = 0
+    for rgb in rgbs:
+        expected = reference(model.preprocessing(rgb).unsqueeze(0))[0].argmax(0).numpy()
+        same += int((model.predict(rgb) == expected).sum())
+        total += expected.size
+    return same / total
 
 
 FP32_ALIGNED = "fcnseg aligned fp32"
@@ -96,9 +112,18 @@ def build_contenders(size: tuple[int, int], calibration_images: int) -> tuple[di
         run(checks[0])
     print(f"built every path in {time.perf_counter() - t0:.0f} s (ONNX export, int8 calibration, kernel choice)",
           file=sys.stderr)  # fmt: skip
-    agree = {k: agreement(run, torchfcn_run, checks) for k, run in contenders.items() if "caffe mode" in k}
+    # model.predict, the Python default (runtime auto, built once and kept with the model), timed on an image.
+    rgbs = sample_rgb(size, calibration_images + 2)[calibration_images:]
+    contenders["fcnseg caffe mode model.predict"] = lambda x, rgb=rgbs[0]: caffe.predict(rgb)
+    contenders["fcnseg aligned model.predict"] = lambda x, rgb=rgbs[0]: aligned.predict(rgb)
+    caffe.predict(rgbs[0]), aligned.predict(rgbs[0])  # built and measured before the clock starts
+    predicted = {k: v for k, v in contenders.items() if k.endswith("model.predict")}
+    agree = {k: agreement(run, torchfcn_run, checks) for k, run in contenders.items() if "caffe mode" in k
+             and k not in predicted}  # fmt: skip
+    agree["fcnseg caffe mode model.predict"] = predict_agreement(caffe, torchfcn_run, rgbs)
+    agree["fcnseg aligned model.predict"] = predict_agreement(aligned, contenders[FP32_ALIGNED], rgbs)
     for name, run in contenders.items():
-        if name.startswith("fcnseg aligned") and name != FP32_ALIGNED:
+        if name.startswith("fcnseg aligned") and name != FP32_ALIGNED and name not in predicted:
             agree[name] = agreement(run, contenders[FP32_ALIGNED], checks)
     x = checks[0]
     gflop = {name: count_gflop(aligned if "aligned" in name else caffe, x) for name in contenders}
@@ -181,7 +206,7 @@ def print_table(times: dict, agree: dict, gflop: dict, gemm: float) -> list[dict
 
 
 def main() -> None:
-    from fcnseg.kernels import cpu_model_name
+    from fcnseg.runtime import cpu_model_name
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", nargs=2, type=int, default=[375, 500], metavar=("H", "W"))

@@ -8,12 +8,14 @@ The public API::
     fcnseg.save_checkpoint(model, "fcn8s.pt", classes=[...])
     model = fcnseg.load("fcn8s.pt")             # ready for model.predict(image)
     model = fcnseg.load("fcn8s-heavy-pascal")   # published weights by name (``fcnseg weights`` lists them)
+    fcnseg.Predictor(model, runtime="auto", tile=512, flip=True).outputs(["a.jpg"], confidence=True)
 
 The modules form layers, each importing only from those below it (``tests/test_imports.py`` checks that no import
 cycle exists): leaves such as ``_meta`` (the datasets' class names and means), ``errors``, ``io``, ``palette`` and
-``preprocessing``; ``checkpoint`` (the file format); ``data`` and ``models``; ``hub`` (``load``: checkpoint files
-and published weights to models); ``kernels`` (measured convolution kernels); ``engine``, ``runtime`` and ``export``;
-``cli`` on top.
+``preprocessing``; ``checkpoint`` (the file format); ``runtime`` (the execution paths, which know models only by
+their contract); ``inference`` (the one inference object, over ``runtime``); ``data`` and ``models`` (whose
+``predict`` reaches ``inference``); ``hub`` (``load``: checkpoint files and published weights to models);
+``engine`` and ``export``; ``cli`` on top.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _LAZY = {
     "list_models": "fcnseg.models",
     "register_model": "fcnseg.models",
     "FCN": "fcnseg.models",
+    "SegmentationModel": "fcnseg.models.base",
+    "Predictor": "fcnseg.inference",
     "save_checkpoint": "fcnseg.checkpoint",
     "load": "fcnseg.hub",
     "Preprocessing": "fcnseg.preprocessing",

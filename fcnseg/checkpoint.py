@@ -52,7 +52,7 @@ def checkpoint_dict(
     ``state_dict`` replaces the model's own tensors (importers describe a model built on the meta device and
     supply the converted weights); it must have exactly the model's keys and shapes.
     """
-    config = getattr(model, "build_config", None)
+    config = model.build_config
     if config is None:
         raise FcnsegError("model was not built through the fcnseg registry: no build_config to save")
     n = model.num_classes
@@ -79,10 +79,27 @@ def checkpoint_dict(
         "palette": [[int(v) for v in c] for c in palette],
         "preprocessing": preprocessing.to_dict(),
         # Two-headed models: every head's class names (the first head's are ``classes``).
-        "head_classes": {k: list(v or []) for k, v in (getattr(model, "head_classes", None) or {}).items()},
+        "head_classes": {k: list(v or []) for k, v in (model.head_classes or {}).items()},
         "state_dict": _tensors(model, state_dict),
         "extra": dict(extra or {}),
     }
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """What a deployment needs besides the graph: the JSON stored in exported files."""
+    ckpt = checkpoint_dict(model) if model.build_config else {}
+    keys = (
+        "model",
+        "config",
+        "alignment",
+        "num_classes",
+        "classes",
+        "head_classes",
+        "palette",
+        "preprocessing",
+        "fcnseg_version",
+    )
+    return {k: ckpt[k] for k in keys if k in ckpt}
 
 
 def _tensors(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

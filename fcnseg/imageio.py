@@ -1,8 +1,10 @@
-"""Reading images and masks as arrays, and writing masks, colourised masks and RGB images.
+"""Reading images, masks and a fusion net's depth or HHA images as arrays; encoding and writing masks, colourised
+masks and RGB images.
 
 Every reader returns plain uint8 arrays whatever the file's PIL mode, and every failure to read a
-file is an :class:`~fcnseg.errors.ImageError` whose one-line message names the file. Writers go
-through :func:`~fcnseg.io.atomic_write`, so an interrupted write never leaves a half-written file.
+file is an :class:`~fcnseg.errors.ImageError` whose one-line message names the file. The encoders
+(:func:`encode_mask_png`, :func:`encode_rgb`) return the bytes of a file; the writers write those
+bytes through :func:`~fcnseg.io.atomic_write`, so an interrupted write never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import stat
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +27,27 @@ from fcnseg.io import atomic_write
 from fcnseg.palette import full_palette
 
 __all__ = [
+    "DEPTH_MAX_MM",
     "IMAGE_EXTENSIONS",
     "IMAGE_FORMATS",
     "ImageHeader",
     "PathLike",
     "UnsupportedFormatError",
     "as_rgb_array",
-    "collect_inputs",
     "colorize",
+    "encode_depth",
+    "encode_mask_png",
+    "encode_rgb",
     "image_to_array",
     "load_image",
     "overlay",
     "probe_image",
+    "read_depth",
+    "read_depth_or_hha",
     "read_mask_png",
     "save_mask_png",
     "save_rgb",
+    "stack_extra_channels",
 ]
 
 # What a path argument may be: a str or any os.PathLike (pathlib.Path, ...).
@@ -52,6 +61,20 @@ _EXIF_ORIENTATION = 0x0112
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 _FORMAT_NAMES = "PNG, JPEG, BMP, TIFF, WebP, GIF or PPM"
 _NONFINITE_MSG = "image array contains NaN or inf values"
+
+# The suffixes (lower case) that mark a file in a folder as an image.
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+    ".ppm",
+    ".pgm",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,6 +381,76 @@ def read_mask_png(path: PathLike) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
+# Depth and HHA images: NYUDv2's, and a fusion net's extra inputs beside its colour images.
+
+DEPTH_MAX_MM = 10_000
+"""Depth that the uint8 depth channel's 255 stands for (10 m, beyond the Kinect's range); deeper is clipped."""
+
+
+def encode_depth(depth_mm: np.ndarray) -> np.ndarray:
+    """Millimetres -> uint8: ``round(min(d, DEPTH_MAX_MM) * 255 / DEPTH_MAX_MM)`` (one step is about 39 mm).
+
+    0 (no depth measured) stays 0. Exact integer arithmetic, so the encoding is reproducible bit for bit.
+    """
+    d = np.clip(np.asarray(depth_mm).astype(np.int64), 0, DEPTH_MAX_MM)
+    return ((d * 255 + DEPTH_MAX_MM // 2) // DEPTH_MAX_MM).astype(np.uint8)
+
+
+def _depth_to_uint8(img: Image.Image) -> np.ndarray:
+    if img.mode.startswith("I;16") or img.mode == "I":
+        d = np.array(img)
+        if d.size and (int(d.min()) < 0 or int(d.max()) > 65535):
+            raise FcnsegError(f"depth values {d.min()}..{d.max()} do not fit 16 bits; expected millimetres")
+        return encode_depth(d)
+    if img.mode == "L":
+        return np.array(img)  # 8 bits: taken as encoded already
+    raise FcnsegError(f"depth has image mode {img.mode!r}; expected a 16-bit greyscale PNG of millimetres")
+
+
+def read_depth(path: str | Path) -> np.ndarray:
+    """A depth PNG as uint8 H x W: 16-bit millimetres through :func:`encode_depth`; an 8-bit PNG as it is."""
+    return _read(path, "depth", _depth_to_uint8, upright=False)
+
+
+def _find_beside(image: Path, folder: str | Path) -> Path:
+    """``folder``'s file of ``image``'s name, else the first of its stem with any suffix."""
+    same = Path(folder) / image.name
+    found = [same] if same.is_file() else sorted(Path(folder).glob(f"{glob.escape(image.stem)}.*"))
+    if not found:
+        raise FcnsegError(f"{image}: --extra {folder} holds no {image.stem}.*; expected its depth or HHA image there")
+    return found[0]
+
+
+def read_depth_or_hha(path: str | Path) -> np.ndarray:
+    """A fusion net's extra input, H x W x 1 or H x W x 3 uint8: a one-channel image is depth (16-bit millimetres
+    through :func:`encode_depth`, 8 bits taken as encoded, as :func:`read_depth`), a colour one is HHA."""
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            depth = im.mode in ("I", "L") or im.mode.startswith("I;16")
+    except Exception:
+        raise FcnsegError(f"{path}: cannot read it as an image; expected a depth or HHA PNG") from None
+    return read_depth(path)[:, :, None] if depth else load_image(path)
+
+
+def stack_extra_channels(rgb: np.ndarray, image: Path, folders: Sequence[str | Path], channels: int) -> np.ndarray:
+    """``rgb`` (H x W x 3, read from ``image``) followed by the same-named depth or HHA image of each of ``folders``
+    (:func:`read_depth_or_hha`), as the ``channels`` a fusion net takes. Every problem is an FcnsegError naming the
+    file (in ``fcnseg predict --extra``'s words)."""
+    parts = [rgb]
+    for folder in folders:
+        path = _find_beside(image, folder)
+        extra = read_depth_or_hha(path)
+        if extra.shape[:2] != rgb.shape[:2]:
+            raise FcnsegError(f"{path}: is {extra.shape[1]}x{extra.shape[0]} but {image.name} is "
+                              f"{rgb.shape[1]}x{rgb.shape[0]}; expected the same size")  # fmt: skip
+        parts.append(extra)
+    x = np.concatenate(parts, axis=2)
+    if x.shape[2] != channels:
+        raise FcnsegError(f"{image}: colour and --extra give {x.shape[2]} channels; the model takes {channels}")
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
 # Masks, colours and writing files.
 
 
@@ -438,12 +531,12 @@ def add_legend(rgb: np.ndarray, mask: np.ndarray, colors: np.ndarray, names: Seq
     return np.asarray(img)
 
 
-def save_mask_png(path: PathLike, mask: np.ndarray, colors: np.ndarray) -> None:
-    """Write a ``H x W`` class-index mask as a palette PNG whose pixel values are the indices.
+def encode_mask_png(mask: np.ndarray, colors: np.ndarray) -> bytes:
+    """A ``H x W`` class-index mask as the bytes of a palette PNG whose pixel values are the indices.
 
     The palette is :func:`~fcnseg.palette.full_palette` of ``colors`` (void 255 = 224,224,192), so
     the file reads back as indices and shows in colour, like VOC's ``SegmentationClass`` PNGs.
-    Written atomically.
+    :func:`save_mask_png` writes these bytes.
     """
     m = _check_mask(mask)
     palette = full_palette(colors)
@@ -452,65 +545,41 @@ def save_mask_png(path: PathLike, mask: np.ndarray, colors: np.ndarray) -> None:
     # remap them.
     img = Image.frombytes("P", (w, h), np.ascontiguousarray(m).tobytes())
     img.putpalette(palette)
+    buf = BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_RGB_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG"}
+
+
+def encode_rgb(rgb: PathLike | Image.Image | np.ndarray, format: str, *, full_chroma: bool = False) -> bytes:
+    """An RGB image (anything :func:`as_rgb_array` takes) as the bytes of a ``"jpeg"`` (quality 90) or ``"png"``
+    file, any case; :func:`save_rgb` writes these bytes. ``full_chroma`` keeps a JPEG's colour at full resolution
+    (4:4:4) rather than Pillow's default 4:2:0."""
+    name = _RGB_FORMATS.get(format.lower())
+    if name is None:
+        raise ValueError(f"format {format!r}: expected jpeg or png")
+    img = Image.fromarray(as_rgb_array(rgb))
+    buf = BytesIO()
+    if name == "JPEG":
+        img.save(buf, format="JPEG", quality=90, subsampling=0 if full_chroma else -1)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_mask_png(path: PathLike, mask: np.ndarray, colors: np.ndarray) -> None:
+    """Write a ``H x W`` class-index mask atomically as the palette PNG of :func:`encode_mask_png`."""
+    data = encode_mask_png(mask, colors)
     _check_parent(path)
     with atomic_write(path) as f:
-        img.save(f, format="PNG")
+        f.write(data)
 
 
 def save_rgb(path: PathLike, array: np.ndarray) -> None:
-    """Write an RGB image atomically: JPEG (quality 90) for ``.jpg``/``.jpeg``, else PNG."""
-    img = Image.fromarray(as_rgb_array(array))
-    is_jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
+    """Write an RGB image atomically: JPEG (quality 90) for ``.jpg``/``.jpeg``, else PNG (:func:`encode_rgb`)."""
+    data = encode_rgb(array, "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png")
     _check_parent(path)
     with atomic_write(path) as f:
-        if is_jpeg:
-            img.save(f, format="JPEG", quality=90)
-        else:
-            img.save(f, format="PNG")
-
-
-# --------------------------------------------------------------------------------------------------
-# Finding the image files that command-line inputs name.
-
-# The suffixes (lower case) that mark a file in a folder as an image.
-IMAGE_EXTENSIONS = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".gif",
-    ".ppm",
-    ".pgm",
-}
-
-
-def _expand_input(item: str) -> tuple[list[Path], str | None]:
-    """The files one input names, and the problem with it (None when it names some)."""
-    p = Path(item)
-    if p.is_dir():
-        found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        return found, None if found else f"{item}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-    if p.is_file():
-        return [p], None
-    if glob.has_magic(item):
-        found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
-        return found, None if found else f"{item}: pattern matches no file"
-    return [], f"{item}: no such file or folder"
-
-
-def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
-    """Expand files, folders (their images, sorted) and glob patterns; returns (files, problems).
-
-    A file named twice (directly and through a folder, say) is kept once, at its first place."""
-    files: list[Path] = []
-    problems: list[str] = []
-    for item in inputs:
-        found, problem = _expand_input(item)
-        files.extend(found)
-        if problem:
-            problems.append(problem)
-    seen: set[Path] = set()
-    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))], problems
+        f.write(data)

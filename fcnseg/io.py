@@ -57,27 +57,39 @@ def _final_mode(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success flush, fsync and rename it to ``path``.
+def staged_path(path: str | os.PathLike) -> Iterator[Path]:
+    """An empty temporary file beside ``path`` (``.NAME.*.tmp``) for the block to write; if the block succeeds it
+    gets the mode a plain write gives (:func:`_final_mode`) and is renamed to ``path``, else it is removed.
 
-    A crash or an exception leaves ``path`` as it was (absent or the previous version), never half written. The
-    file ends with the mode a plain write gives: the previous version's, or what the umask leaves of 0666.
+    Creating it raises OSError before the block runs; ``path``'s folder must exist.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            with contextlib.suppress(OSError):  # a file system without modes (some network or FUSE mounts)
-                os.fchmod(f.fileno(), _final_mode(path))
-            os.fsync(f.fileno())
+        yield tmp
+        with contextlib.suppress(OSError):  # a file system without modes (some network or FUSE mounts)
+            os.chmod(tmp, _final_mode(path))
         crash_point(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` (:func:`staged_path`); on success flush, fsync and rename it to ``path``.
+
+    A crash or an exception leaves ``path`` as it was (absent or the previous version), never half written. The
+    file ends with the mode a plain write gives: the previous version's, or what the umask leaves of 0666.
+    """
+    with staged_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:

@@ -99,10 +99,10 @@ def palette_for(classes: Sequence[str] | None, n: int) -> np.ndarray:
         is_voc = tuple(classes) == VOC_CLASSES
     else:
         is_voc = n == len(VOC_CLASSES)
-    colours = voc_palette(n) if is_voc else generated_palette(n)
+    colors = voc_palette(n) if is_voc else generated_palette(n)
     if n and classes is not None and len(classes) and str(classes[0]).strip().lower() in BACKGROUND_NAMES:
-        colours[0] = BLACK
-    return colours
+        colors[0] = BLACK
+    return colors
 
 
 def full_palette(colors: np.ndarray) -> list[int]:

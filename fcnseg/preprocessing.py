@@ -41,7 +41,7 @@ class Preprocessing:
         """Input channels: 3 for colour images, more for colour plus depth or HHA."""
         return len(self.mean)
 
-    def colour(self) -> Preprocessing:
+    def color(self) -> Preprocessing:
         """The first three (colour) channels only."""
         return Preprocessing(self.mean[:3], self.std[:3], self.channel_order, self.value_range)
 
@@ -52,7 +52,7 @@ class Preprocessing:
         (none) for Caffe-style input and about 0.226 for ImageNet-style input, so that every channel of a fused
         input reaches the first layer on one scale.
         """
-        c = self.colour()
+        c = self.color()
         scale = sum(c.std) / 3
         extra = tuple(m * self.value_range / 255.0 for m in means)
         return Preprocessing(c.mean + extra, c.std + (scale,) * len(extra), c.channel_order, c.value_range)
@@ -63,7 +63,7 @@ class Preprocessing:
         if channels == self.channels:
             return self
         grey = sum(self.mean[:3]) / 3 * 255.0 / self.value_range
-        return self.colour().with_extra_channels((grey,) * (channels - 3))
+        return self.color().with_extra_channels((grey,) * (channels - 3))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -177,22 +177,38 @@ def tiled_mask(
     align: int = 32,
     progress: bool = False,
 ) -> np.ndarray:
-    """H x W argmax labels (uint8 when num_classes <= 256, else int64), the same as ``tiled_logits(...).argmax(0)``.
+    """H x W argmax labels (uint8 when num_classes <= 256, else int64), the same as ``tiled_logits(...).argmax(0)``,
+    in memory bounded by the tile height (:func:`tiled_masks`, one head)."""
+    return tiled_masks(run, x, [num_classes], tile=tile, overlap=overlap, align=align, progress=progress)[0]
+
+
+def tiled_masks(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    heads: Sequence[int],
+    *,
+    tile: int,
+    overlap: int,
+    align: int = 32,
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """Each head's H x W argmax labels, where ``run`` gives the heads' scores concatenated (``heads``: their class
+    counts in order): the same as splitting ``tiled_logits(...)`` and taking each part's argmax.
 
     Windows are processed one row of windows at a time; output rows are argmax'ed and their logits released as soon
     as no later window touches them (the rows above the next row of windows). Peak memory is about
     C x (tile + align) x W floats plus H x W label bytes: bounded by the tile height, not by the image's.
     """
-    _check_input(x, num_classes)
+    _check_input(x, sum(heads))
     height, width = x.shape[-2:]
     windows = tile_windows(height, width, tile, overlap, align)
-    labels = np.empty((height, width), dtype=np.uint8 if num_classes <= 256 else np.int64)
+    masks = [np.empty((height, width), dtype=np.uint8 if k <= 256 else np.int64) for k in heads]
     bands = [list(group) for _, group in itertools.groupby(windows, key=lambda win: win[0])]
     # One buffer a band high, reused: band i covers image rows [y0, y0 + h) and all earlier rows are written out
     # by then, so buffer row 0 is image row y0. Rows shared with the next band carry over to the buffer's top.
     band_h = max(band[0][2] for band in bands)
     with torch.inference_mode(), _progress_bar(len(windows), progress) as bar:
-        acc = torch.zeros(num_classes, band_h, width, dtype=torch.float32, device=x.device)
+        acc = torch.zeros(sum(heads), band_h, width, dtype=torch.float32, device=x.device)
         wsum = torch.zeros(band_h, width, dtype=torch.float32, device=x.device)
         for i, band in enumerate(bands):
             y0, _, h, _ = band[0]  # every window of a band has the same rows
@@ -204,12 +220,17 @@ def tiled_mask(
             # done with) spares a band-sized temporary and rounds exactly as tiled_logits does.
             done = bands[i + 1][0][0] if i + 1 < len(bands) else height
             n = done - y0
-            labels[y0:done] = acc[:, :n].div_(wsum[:n]).argmax(0).cpu().numpy()
-            kept = y0 + h - done  # >= 0: consecutive bands overlap or abut
-            if kept:
-                # Source and destination rows may overlap in memory: copy through a (overlap-sized) clone.
-                acc[:, :kept] = acc[:, n : n + kept].clone()
-                wsum[:kept] = wsum[n : n + kept].clone()
-            acc[:, kept:].zero_()
-            wsum[kept:].zero_()
-    return labels
+            for mask, scores in zip(masks, acc[:, :n].div_(wsum[:n]).split(list(heads)), strict=True):
+                mask[y0:done] = scores.argmax(0).cpu().numpy()
+            _carry_over(acc, wsum, n, y0 + h - done)
+    return masks
+
+
+def _carry_over(acc: torch.Tensor, wsum: torch.Tensor, n: int, kept: int) -> None:
+    """Move the ``kept`` rows after the first ``n`` (shared with the next band) to the buffer's top; zero the rest."""
+    if kept:  # >= 0: consecutive bands overlap or abut
+        # Source and destination rows may overlap in memory: copy through a (overlap-sized) clone.
+        acc[:, :kept] = acc[:, n : n + kept].clone()
+        wsum[:kept] = wsum[n : n + kept].clone()
+    acc[:, kept:].zero_()
+    wsum[kept:].zero_()

@@ -11,8 +11,8 @@ from PIL import Image
 import fcnseg
 from fcnseg.cli import main
 from fcnseg.imageio import read_mask_png
-from fcnseg.kernels import nnpack_ready
 from fcnseg.runtime import check_int8, choose_path, cpu_features, make_runner, resolve_path
+from fcnseg.runtime.kernels import nnpack_ready
 from tests.helpers import TINY, randomise
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma"}
@@ -151,7 +151,8 @@ def test_eval_and_serve_flags_default_to_auto():
 
 
 def test_int8_sensitivity_puts_the_layer_that_quantises_worst_first(tiny_checkpoint, capsys):
-    from fcnseg.runtime import float_layers, int8_sensitivity
+    from fcnseg.bench import int8_sensitivity
+    from fcnseg.runtime import float_layers
 
     model, ckpt, tmp = tiny_checkpoint
     hostile = "backbone.features.12"  # conv3_2: one huge weight per output channel sets its int8 scale, so the

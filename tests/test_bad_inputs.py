@@ -152,7 +152,7 @@ def _other_size(root: Path) -> str:
     return "mask is 32x30 but its image im1.png is 32x32; expected the same size"
 
 
-def _foreign_colour(root: Path) -> str:
+def _foreign_color(root: Path) -> str:
     m = np.zeros((32, 32, 3), np.uint8)
     m[:3, :3] = (9, 9, 9)
     Image.fromarray(m).save(root / "masks" / "im2.png")
@@ -167,7 +167,7 @@ def _missing_id(root: Path) -> str:
 DATA_CASES = [
     ("mask-value-not-a-class", _bad_value),
     ("mask-of-another-size", _other_size),
-    ("rgb-mask-foreign-colour", _foreign_colour),
+    ("rgb-mask-foreign-colour", _foreign_color),
     ("split-names-missing-id", _missing_id),
 ]
 

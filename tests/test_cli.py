@@ -11,7 +11,7 @@ import torch
 import fcnseg
 import fcnseg.cli
 from fcnseg.cli import build_parser
-from fcnseg.imageio import collect_inputs
+from fcnseg.cli._inputs import collect_inputs
 from fcnseg.models.complexity import meta_gflop, trainable_parameters
 from fcnseg.models.upsampling import BilinearUpsample
 from fcnseg.predict import output_stems

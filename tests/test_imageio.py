@@ -1,9 +1,10 @@
-"""Image and mask I/O: PIL modes, EXIF orientation, unreadable files, masks, atomic writes."""
+"""Image and mask I/O: PIL modes, EXIF orientation, unreadable files, masks, encoders, atomic writes."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from fcnseg.imageio import (
     UnsupportedFormatError,
     as_rgb_array,
     colorize,
+    encode_mask_png,
+    encode_rgb,
     image_to_array,
     load_image,
     overlay,
@@ -105,7 +108,7 @@ def test_mode_RGB(tmp_path):
     np.testing.assert_array_equal(arr, rgb)
 
 
-def test_mode_RGBA_drops_alpha_keeps_colour(tmp_path):
+def test_mode_RGBA_drops_alpha_keeps_color(tmp_path):
     rgba = np.array([[[200, 100, 50, 0], [1, 2, 3, 255]]], dtype=np.uint8)
     arr = load_image(_saved(Image.fromarray(rgba), tmp_path / "rgba.png", "RGBA"))
     assert arr[0].tolist() == [[200, 100, 50], [1, 2, 3]]
@@ -537,6 +540,60 @@ def test_save_rgb_png_and_jpeg(tmp_path):
         back = load_image(tmp_path / name).astype(int)
         assert np.abs(back[8, 2] - [0, 0, 0]).max() <= 6
         assert np.abs(back[8, 13] - [200, 30, 60]).max() <= 6
+
+
+# ------------------------------------------------------------------------------------ encoders
+
+
+@pytest.mark.parametrize("classes", [2, 21, 256])
+def test_encoded_mask_decodes_to_its_indices_and_palette_and_is_the_file_written(tmp_path, classes):
+    rng = np.random.default_rng(classes)
+    mask = rng.integers(0, classes, (13, 17)).astype(np.uint8)
+    mask[0, :3] = 255
+    colors = voc_palette(classes)
+    data = encode_mask_png(mask, colors)
+    with Image.open(BytesIO(data)) as img:
+        assert img.format == "PNG" and img.mode == "P"
+        np.testing.assert_array_equal(np.array(img), mask)
+        palette = np.array(img.getpalette()).reshape(-1, 3)
+    np.testing.assert_array_equal(palette[:classes], colors)  # 256 colours: the last one wins over void
+    assert tuple(palette[255]) == (VOID if classes < 256 else tuple(colors[255]))
+    save_mask_png(tmp_path / "m.png", mask.astype(np.int64), colors)
+    assert (tmp_path / "m.png").read_bytes() == data
+    np.testing.assert_array_equal(read_mask_png(tmp_path / "m.png"), mask)
+
+
+def test_encoded_mask_refuses_what_save_mask_png_refuses():
+    with pytest.raises(ValueError, match=r"0\.\.255"):
+        encode_mask_png(np.array([[0, 256]]), voc_palette(21))
+
+
+@pytest.mark.parametrize(("suffix", "fmt"), [(".png", "png"), (".jpg", "jpeg"), (".JPEG", "JPG"), (".bmp", "PNG")])
+def test_encoded_rgb_is_the_file_save_rgb_writes(tmp_path, suffix, fmt):
+    rgb = np.random.default_rng(1).integers(0, 256, (9, 14, 3)).astype(np.uint8)
+    save_rgb(tmp_path / f"out{suffix}", rgb)
+    data = encode_rgb(rgb, fmt)
+    assert (tmp_path / f"out{suffix}").read_bytes() == data
+    with Image.open(BytesIO(data)) as img:
+        assert img.format == ("PNG" if fmt.lower() == "png" else "JPEG") and img.size == (14, 9)
+        if img.format == "PNG":
+            np.testing.assert_array_equal(np.array(img), rgb)
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    with Image.open(BytesIO(data)) as img:
+        return np.array(img.convert("RGB"))
+
+
+def test_encode_rgb_full_chroma_and_unknown_formats():
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[::2, ::2] = (255, 0, 0)  # colour detail that 4:2:0 averages away
+    halved, full = encode_rgb(rgb, "jpeg"), encode_rgb(rgb, "jpeg", full_chroma=True)
+    assert halved != full
+    error = [np.abs(_decoded(d).astype(int) - rgb).mean() for d in (halved, full)]
+    assert error[1] < error[0]
+    with pytest.raises(ValueError, match="expected jpeg or png"):
+        encode_rgb(rgb, "gif")
 
 
 def test_writing_into_missing_folder_is_a_user_error(tmp_path):

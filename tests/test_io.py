@@ -8,7 +8,7 @@ import pytest
 
 import fcnseg
 from fcnseg.imageio import save_mask_png
-from fcnseg.io import atomic_write, current_umask
+from fcnseg.io import atomic_write, current_umask, staged_path
 from tests.helpers import TINY
 
 
@@ -52,3 +52,27 @@ def test_masks_and_checkpoints_are_readable_by_others_under_umask_022(tmp_path, 
     save_mask_png(tmp_path / "m.png", np.zeros((4, 5), np.uint8), np.zeros((2, 3), np.uint8))
     ckpt = fcnseg.save_checkpoint(fcnseg.get_model("fcn32s", num_classes=2, **TINY), tmp_path / "m.pt")
     assert _mode(tmp_path / "m.png") == 0o644 and _mode(ckpt) == 0o644
+
+
+def test_a_staged_file_written_by_name_gets_the_mode_of_a_plain_write(tmp_path, umask):
+    # Exports and downloads write the staged file by its name (torch.jit.save, onnx.save, urllib): mkstemp made it
+    # 0600, the rename must not keep that.
+    umask(0o022)
+    with staged_path(tmp_path / "m.onnx") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".m.onnx.") and tmp.name.endswith(".tmp")
+        tmp.write_bytes(b"graph")
+    assert (tmp_path / "m.onnx").read_bytes() == b"graph" and _mode(tmp_path / "m.onnx") == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_failed_block_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="failed"), staged_path(tmp_path / "a.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("failed")
+    with pytest.raises(OSError, match="disk full"), atomic_write(tmp_path / "a.bin") as f:
+        f.write(b"half")
+        raise OSError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"] and (tmp_path / "a.bin").read_bytes() == b"old"
+    with pytest.raises(FileNotFoundError), staged_path(tmp_path / "missing" / "a.bin"):
+        raise AssertionError("the block does not run without the folder")

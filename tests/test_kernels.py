@@ -1,5 +1,5 @@
-"""The Winograd path (fcnseg.kernels): each kernel's values against F.conv2d / the eager model, the measured choice
-and its cache, 2 x 2 max pooling, and agreement with eager fp32 on the trained demo model."""
+"""The Winograd path (fcnseg.runtime.kernels): each kernel's values against F.conv2d / the eager model, the measured
+choice and its cache, 2 x 2 max pooling, and agreement with eager fp32 on the trained demo model."""
 
 import json
 
@@ -10,12 +10,25 @@ from torch import nn
 
 import fcnseg
 import fcnseg.engine.config
-from fcnseg import kernels
-from fcnseg.kernels import KernelChoices, MeasuredConv2d, PairMaxPool2d, chosen_kernels, with_measured_kernels
-from fcnseg.runtime import agreement, make_runner
+from fcnseg.runtime import agreement, kernels, make_runner
+from fcnseg.runtime.kernels import KernelChoices, MeasuredConv2d, PairMaxPool2d, with_measured_kernels
 from tests.helpers import TINY, randomise
 
 needs_nnpack = pytest.mark.skipif(not kernels.nnpack_ready(), reason="this torch build has no NNPACK")
+
+
+def _pin(monkeypatch, kernel: str) -> None:
+    """Make the measurement find ``kernel`` the fastest, oneDNN next: each layer then runs ``kernel`` where it
+    applies and oneDNN elsewhere. The timer is the one thing faked; the choice, its tolerance check and its cache
+    are the real ones. (Each test needs a cache of its own, or an earlier test's choices are read back.)"""
+    speed = {kernel: 1.0, "onednn": 2.0}
+    # The candidate's name is in the default argument of the lambda that measure() times.
+    monkeypatch.setattr(kernels, "median_ms", lambda fn, **_: speed.get(fn.__defaults__[0], 9.0))
+
+
+def _used(model: torch.nn.Module) -> dict[str, str]:
+    """``{layer name: kernel}`` of each MeasuredConv2d of ``model`` at its latest call."""
+    return {name: m.last for name, m in model.named_modules() if isinstance(m, MeasuredConv2d) and m.last}
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -36,12 +49,15 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     ],
 )
 @pytest.mark.parametrize("kernel", ["nnpack", "gemm"])
-def test_each_kernel_gives_the_convolution_at_odd_sizes(kernel, cin, cout, k, stride, padding, dilation, size):
+def test_each_kernel_gives_the_convolution_at_odd_sizes(
+    kernel, cin, cout, k, stride, padding, dilation, size, tmp_path, monkeypatch
+):
+    _pin(monkeypatch, kernel)
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation)
     x = torch.randn(2, cin, *size)
     expected = F.conv2d(x, conv.weight, conv.bias, stride, padding, dilation)
-    fast = MeasuredConv2d.adopt(conv, KernelChoices(force=kernel))
+    fast = MeasuredConv2d.adopt(conv, KernelChoices(tmp_path / "c.json"))
     applies = kernel in fast.candidates
     if kernel == "nnpack" and not kernels.nnpack_ready():
         assert not applies
@@ -57,19 +73,21 @@ def test_each_kernel_gives_the_convolution_at_odd_sizes(kernel, cin, cout, k, st
 @needs_nnpack
 @pytest.mark.parametrize("alignment", ["aligned", "caffe"])
 @pytest.mark.parametrize("kernel", ["nnpack", "gemm", None])
-def test_fcn8s_on_every_kernel_is_within_1e4_of_the_range_at_odd_sizes(alignment, kernel):
+def test_fcn8s_on_every_kernel_is_within_1e4_of_the_range_at_odd_sizes(alignment, kernel, tmp_path, monkeypatch):
+    if kernel:
+        _pin(monkeypatch, kernel)
     torch.manual_seed(1)
     model = randomise(fcnseg.get_model("fcn8s", num_classes=5, alignment=alignment, **TINY), seed=1).eval()
-    fast = with_measured_kernels(model, KernelChoices(force=kernel) if kernel else None)
+    fast = with_measured_kernels(model, KernelChoices(tmp_path / "c.json"))
     for size in [(67, 93), (101, 75)]:
         x = torch.randn(1, 3, *size)
         with torch.no_grad():
             ref, out = model(x), fast(x)
         assert out.shape == ref.shape == (1, 5, *size)
         assert _relative_error(out, ref) < 1e-4, (size, _relative_error(out, ref))
-    used = set(chosen_kernels(fast).values())
+    used = set(_used(fast).values())
     if kernel == "nnpack":  # every 3x3 layer ran NNPACK; fc6 (7x7, pad < 7) too
-        assert chosen_kernels(fast)["backbone.features.2"] == "nnpack" and "nnpack" in used
+        assert _used(fast)["backbone.features.2"] == "nnpack" and "nnpack" in used
     elif kernel == "gemm":
         assert used == {"gemm"}
     assert not any(isinstance(m, MeasuredConv2d) for m in model.modules()), "the model itself is left as it was"
@@ -80,12 +98,12 @@ def test_the_fastest_kernel_is_chosen_and_cached_per_cpu_and_shape(tmp_path, mon
     speed = {"onednn": 5.0, "nnpack": 3.0, "gemm": 1.0}
     timed = []
 
-    def fake_median_ms(fn):  # the candidate's name is in the lambda's default argument
+    def fake_median_ms(fn, **_):  # the candidate's name is in the lambda's default argument
         kernel = fn.__defaults__[0]
         timed.append(kernel)
         return speed[kernel]
 
-    monkeypatch.setattr(kernels, "_median_ms", fake_median_ms)
+    monkeypatch.setattr(kernels, "median_ms", fake_median_ms)
     conv = nn.Conv2d(4, 6, 3, padding=1)
     fast = MeasuredConv2d.adopt(conv, KernelChoices(cache))
     x = torch.randn(1, 4, 9, 10)
@@ -109,7 +127,7 @@ def test_the_fastest_kernel_is_chosen_and_cached_per_cpu_and_shape(tmp_path, mon
 
 def test_a_kernel_that_strays_from_onednn_is_never_chosen(tmp_path, monkeypatch):
     monkeypatch.setitem(kernels._RUN, "gemm", lambda conv, x: kernels._onednn(conv, x) * 1.001)  # 0.1% off
-    monkeypatch.setattr(kernels, "_median_ms", lambda fn: {"gemm": 0.1}.get(fn.__defaults__[0], 9.0))
+    monkeypatch.setattr(kernels, "median_ms", lambda fn, **_: {"gemm": 0.1}.get(fn.__defaults__[0], 9.0))
     fast = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(tmp_path / "c.json"))
     with torch.no_grad():
         fast(torch.randn(1, 4, 9, 10))
@@ -149,14 +167,15 @@ def test_winograd_agrees_with_eager_fp32_on_the_demo_model(quick_demo):
 
 @needs_nnpack
 @pytest.mark.parametrize("kernel", ["nnpack", "gemm"])
-def test_gradients_through_the_measured_kernels_equal_the_plain_models(kernel):
+def test_gradients_through_the_measured_kernels_equal_the_plain_models(kernel, tmp_path, monkeypatch):
+    _pin(monkeypatch, kernel)
     torch.manual_seed(2)
     plain = randomise(fcnseg.get_model("fcn8s", num_classes=4, **TINY), seed=2).eval()  # eval: no dropout masks
-    fast = with_measured_kernels(plain, KernelChoices(force=kernel))
+    fast = with_measured_kernels(plain, KernelChoices(tmp_path / "c.json"))
     x, y = torch.randn(2, 3, 61, 77), torch.randint(0, 4, (2, 61, 77))
     for net in (plain, fast):
         F.cross_entropy(net(x), y).backward()
-    assert set(chosen_kernels(fast).values()) >= {kernel}
+    assert set(_used(fast).values()) >= {kernel}
     for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
         if p.grad is not None:
             assert _relative_error(q.grad, p.grad) < 1e-4, name

@@ -13,7 +13,7 @@ from fcnseg.palette import (
     voc_palette,
 )
 
-# Straight from the facts file (section 5), not recomputed: index, name, RGB.
+# Written out, not recomputed: index, name and RGB of the VOC devkit's colour map (VOClabelcolormap.m).
 VOC_TABLE = [
     (0, "background", (0, 0, 0)),
     (1, "aeroplane", (128, 0, 0)),
@@ -45,14 +45,14 @@ def test_voc_classes_names_and_order():
     assert list(VOC_CLASSES) == [name for _, name, _ in VOC_TABLE]
 
 
-def test_voc_palette_matches_published_colours():
+def test_voc_palette_matches_published_colors():
     pal = voc_palette()
     assert pal.shape == (256, 3) and pal.dtype == np.uint8
     for idx, _, rgb in VOC_TABLE:
         assert tuple(pal[idx]) == rgb, idx
 
 
-def test_bit_rule_gives_void_colour_for_255():
+def test_bit_rule_gives_void_color_for_255():
     # 255 = 0b11_111_111: bits 0-2 and 3-5 set 128 and 64 in every channel, bits 6-7 add 32 to red
     # and green.
     assert tuple(voc_palette(256)[255]) == VOID
@@ -97,9 +97,9 @@ def test_palette_for_chooses_voc_or_generated():
 
 @pytest.mark.parametrize("name", ["background", "Background", "void", "unlabeled", "_background_"])
 def test_a_background_class_0_is_black_and_no_other_class_is(name):
-    colours = palette_for((name, "cat", "dog", "car"), 4)
-    assert colours[0].tolist() == [0, 0, 0]
-    assert all(c.tolist() != [0, 0, 0] for c in colours[1:])
+    colors = palette_for((name, "cat", "dog", "car"), 4)
+    assert colors[0].tolist() == [0, 0, 0]
+    assert all(c.tolist() != [0, 0, 0] for c in colors[1:])
     # The first generated colour was a bright yellow (255, 231, 13): an overlay where nothing is found must not
     # be washed in it.
     assert generated_palette(1)[0].tolist() != [0, 0, 0]
@@ -133,7 +133,8 @@ def test_a_class_the_user_marks_black_is_kept_black_and_left_untinted(tmp_path):
     # masks draw sky black and its overlays leave sky pixels as they are.
     import fcnseg
     from fcnseg.engine.config import TrainConfig
-    from fcnseg.engine.train import build_data, build_model
+    from fcnseg.engine.fitting import build_model
+    from fcnseg.engine.run import build_data
     from fcnseg.imageio import overlay
     from tests.engine.test_train import _blocks_tree
     from tests.helpers import TINY
@@ -146,9 +147,9 @@ def test_a_class_the_user_marks_black_is_kept_black_and_left_untinted(tmp_path):
     model = build_model(cfg, train_ds)
     assert model.palette[0] == [0, 0, 0] and model.palette[1] == [200, 20, 20]
     ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt")
-    colours = np.asarray(fcnseg.load(ckpt).palette, np.uint8)
-    np.testing.assert_array_equal(colours, np.asarray(train_ds.palette, np.uint8))
+    colors = np.asarray(fcnseg.load(ckpt).palette, np.uint8)
+    np.testing.assert_array_equal(colors, np.asarray(train_ds.palette, np.uint8))
     image = np.full((2, 2, 3), 90, np.uint8)
     mask = np.array([[0, 1], [0, 1]])
-    assert overlay(image, mask, colours)[:, 0].tolist() == [[90, 90, 90]] * 2  # sky: untinted
-    assert overlay(image, mask, colours)[0, 1].tolist() == [145, 55, 55]  # red: blended half and half
+    assert overlay(image, mask, colors)[:, 0].tolist() == [[90, 90, 90]] * 2  # sky: untinted
+    assert overlay(image, mask, colors)[0, 1].tolist() == [145, 55, 55]  # red: blended half and half

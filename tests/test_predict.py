@@ -107,8 +107,8 @@ def test_overlay_and_probabilities(tmp_path, voc_ckpt):
     mask = np.array(Image.open(out / "a.png"))
     np.testing.assert_array_equal(probs.argmax(0), mask)
     blend = np.array(Image.open(out / "a_overlay.png"))
-    colours = voc_palette(256)[mask]
-    expected = np.round(0.5 * img + 0.5 * colours)
+    colors = voc_palette(256)[mask]
+    expected = np.round(0.5 * img + 0.5 * colors)
     expected[mask == 0] = img[mask == 0]  # VOC's background is black: left untinted
     assert (mask == 0).any() and (mask != 0).any()
     assert np.abs(blend.astype(float) - expected).max() <= 1

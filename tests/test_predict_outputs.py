@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import fcnseg
@@ -135,3 +136,22 @@ def test_same_stems_never_share_an_output(ckpt, twohead, tmp_path):
         np.testing.assert_array_equal(read_mask_png(out / f"{stem}.png"), expected["semantic"])
         np.testing.assert_array_equal(read_mask_png(out / f"{stem}_geometric.png"), expected["geometric"])
         assert np.load(out / f"{stem}_geometric.npy").shape == (3, 18, 22)
+
+
+def test_confidence_maps_are_each_heads_top_probability_by_hand(twohead, tmp_path):
+    # --confidence writes STEM_confidence.png (and STEM_geometric_confidence.png): 16-bit grey, the largest class
+    # probability x 65535, rounded; computed here from the model's own forward, each head its own softmax.
+    _image(tmp_path / "in" / "x.png", 5)
+    assert main(["predict", str(twohead), str(tmp_path / "in" / "x.png"), "--out", str(tmp_path / "out"),
+                 "--confidence", "--runtime", "eager", "--quiet"]) == 0  # fmt: skip
+    model = fcnseg.load(twohead).eval()
+    rgb = np.asarray(Image.open(tmp_path / "in" / "x.png"))
+    with torch.no_grad():
+        logits = model(model.preprocessing(rgb)[None])[0].double()
+    for name, part in (("x", logits[:4]), ("x_geometric", logits[4:])):
+        with Image.open(tmp_path / "out" / f"{name}_confidence.png") as im:
+            assert im.mode.startswith("I") and im.size == (22, 18)
+            levels = np.asarray(im).astype(np.int64)
+        expected = np.rint(part.softmax(0).max(0).values.numpy() * 65535)
+        assert np.abs(levels - expected).max() <= 1
+        assert levels.min() >= 65535 // 4 - 1  # never below a uniform guess over four classes (three for geometric)

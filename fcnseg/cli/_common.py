@@ -149,23 +149,33 @@ def add_calibration(p: argparse.ArgumentParser, default_images: str) -> None:
     p.add_argument("--calibration-images", type=int, default=8, metavar="N", help="onnx-int8: how many (default: 8)")
 
 
-def runner_from_flags(args: argparse.Namespace, model, files: Sequence[Path] = ()):
-    """The execution path ``--runtime`` asks for (None: eager, the model's own; ``auto`` resolved and said by
-    :func:`resolve_runtime`); onnx-int8 calibrates on the ``--calibration`` images, else on the first of
-    ``files``."""
-    from ..imageio import collect_inputs, load_image
-    from ..runtime import make_runner, normalised
+def add_augmentation(p: argparse.ArgumentParser) -> None:
+    """``--flip`` and ``--scales S [S ...]``: test-time augmentation (:class:`fcnseg.inference.Predictor`)."""
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="test-time scales whose probabilities are averaged, e.g. 0.75 1 1.25 (default: 1)")  # fmt: skip
 
-    if resolve_runtime(args, model) == "eager":
-        return None
+
+def predictor_from_flags(args: argparse.Namespace, model, files: Sequence[Path] = ()):
+    """The :class:`~fcnseg.inference.Predictor` the flags ask for: ``--runtime`` (``auto`` resolved and said by
+    :func:`resolve_runtime`), ``--tile`` / ``--overlap``, ``--flip`` / ``--scales`` where the command has them;
+    onnx-int8 calibrates on the ``--calibration`` images, else on the first of ``files``."""
+    from ..imageio import load_image
+    from ..inference import Predictor
+    from ._inputs import collect_inputs
+
+    resolve_runtime(args, model)
     calibration = []
     if args.runtime == "onnx-int8":
         sources, problems = collect_inputs([args.calibration]) if args.calibration else (list(files), [])
         if problems:
             raise FcnsegError(f"--calibration {args.calibration}: {problems[0]}")
-        images = []
         for f in sources[: args.calibration_images]:
             with contextlib.suppress(FcnsegError):  # a bad file is reported when it is predicted
-                images.append(load_image(f))
-        calibration = normalised(model, images)
-    return make_runner(model, args.runtime, calibration=calibration)
+                calibration.append(load_image(f))
+        if not calibration:
+            raise FcnsegError("onnx-int8 needs calibration images (--calibration DIR or the images being predicted)")
+    options = {"tile": args.tile, "overlap": args.overlap}
+    if hasattr(args, "flip"):  # commands without test-time augmentation (serve's old flags) leave it out
+        options.update(flip=args.flip, scales=args.scales)
+    return Predictor(model, runtime=args.runtime, calibration=calibration, **options)

@@ -1,5 +1,5 @@
-"""``fcnseg bench``: latency, throughput, GFLOP and memory of a model on each execution path
-(:func:`fcnseg.bench.bench_model`)."""
+"""``fcnseg bench``: latency, throughput, GFLOP and memory of a model on each execution path, and each path's
+agreement with eager fp32 (:func:`fcnseg.bench.bench_model`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from ._common import add_quiet
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="latency, throughput, GFLOP and memory of a model on each execution path")
-    p.add_argument("--model", default="fcn8s", help="a registered model (default: fcn8s), random weights")
+    p.add_argument("--model", default="fcn8s", help="a registered model (default: fcn8s), as built: untrained, so "
+                   "agreement is measured on jittered weights (see --no-jitter)")  # fmt: skip
     p.add_argument("--checkpoint", help="bench this checkpoint instead of --model")
     p.add_argument("--alignment", default="aligned", choices=["aligned", "caffe"],
                    help="aligned (default) or caffe: the release's padding and crops")  # fmt: skip
@@ -26,6 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs first (default: 2)")
     p.add_argument("--threads", type=int, metavar="N", help="torch / ONNX Runtime threads (default: torch's)")
     p.add_argument("--images", metavar="DIR", help="images for int8 calibration and the fp32 agreement check")
+    p.add_argument("--no-jitter", action="store_true", help="measure agreement on the model's own weights even where "
+                   "its argmax is one class everywhere (an untrained model): '-' then, with the reason")  # fmt: skip
     p.add_argument("--int8-sensitivity", action="store_true", help="also quantise each int8 layer alone and list "
                    "the layers by the agreement they cost (the first ones are the ones to keep in float)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -44,8 +47,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def _check_inputs(model, folder: str | None):
     """The first 8 images of ``--images``, normalised for ``model`` (None without ``--images``)."""
-    from ..imageio import collect_inputs, load_image
-    from ..runtime import normalised
+    from ..imageio import load_image
+    from ..inference import normalised
+    from ._inputs import collect_inputs
 
     if not folder:
         return None
@@ -53,21 +57,6 @@ def _check_inputs(model, folder: str | None):
     if problems:
         raise FcnsegError(f"--images {folder}: {problems[0]}")
     return normalised(model, [load_image(f) for f in files[:8]])
-
-
-def _print_sensitivity(model, check, size: tuple[int, int]) -> dict[str, float]:
-    import torch
-
-    from ..runtime import int8_sensitivity
-
-    inputs = check or [
-        torch.randn(1, getattr(model, "in_channels", 3), *size, generator=torch.Generator().manual_seed(0))
-    ]
-    cost = int8_sensitivity(model, inputs)
-    print("int8 sensitivity: agreement with fp32 when only this layer is int8 (lowest first)")
-    for layer, share in cost.items():
-        print(f"  {layer:<40} {100 * share:.2f}%")
-    return cost
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,10 +76,9 @@ def run(args: argparse.Namespace) -> int:
         model = get_model(args.model, num_classes=args.num_classes, alignment=args.alignment)
     check = _check_inputs(model, args.images)
     doc = bench_model(model, size=size, batch=args.batch, paths=args.paths, runs=args.runs, warmup=args.warmup,
-                      check=check, progress=not args.quiet)  # fmt: skip
+                      check=check, progress=not args.quiet, checkpoint=args.checkpoint, images=args.images,
+                      jitter=not args.no_jitter, sensitivity=args.int8_sensitivity)  # fmt: skip
     print(format_results(doc))
-    if args.int8_sensitivity:
-        doc["int8_sensitivity"] = _print_sensitivity(model, check, size)
     if args.json:
         write_json(doc, args.json)
     return 0

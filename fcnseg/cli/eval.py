@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import FcnsegError
 from ._common import (
+    add_augmentation,
     add_data_option,
     add_dataset_flags,
     add_device,
@@ -16,6 +17,7 @@ from ._common import (
     add_out,
     add_quiet,
     add_runtime,
+    add_tiling,
     resolve_runtime,
 )
 
@@ -25,8 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("checkpoint", help="an fcnseg checkpoint (.pt)")
     add_dataset_flags(p, split_default="val")
     add_out(p, "folder for metrics.json, confusion.csv/.png, per_class.png and report.html")
-    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales, e.g. 0.75 1 1.25")
+    add_augmentation(p)
+    add_tiling(p)
     add_device(p, "auto")
     add_runtime(p)
     p.add_argument("--num-workers", type=int, default=None, metavar="N",
@@ -53,6 +55,7 @@ def _context(args: argparse.Namespace, head: str) -> dict[str, str]:
         **({"head": head} if head else {}),
         "runtime": args.runtime,
         "test-time augmentation": ", ".join(tta) or "none",
+        **({"tiling": f"{args.tile} x {args.tile} windows, overlap {args.overlap}"} if args.tile else {}),
         "fcnseg": __version__,
     }
 
@@ -76,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         runtime=args.runtime,
         num_workers=args.num_workers,
-        flip=args.flip,
-        scales=args.scales,
+        prediction={"flip": args.flip, "scales": args.scales, "tile": args.tile, "overlap": args.overlap},
         report_images=args.report_images,
         progress=not args.quiet,
     )

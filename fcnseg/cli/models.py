@@ -31,6 +31,6 @@ def run(args: argparse.Namespace) -> int:
             aligned = get_model(name, alignment="aligned")
         params = trainable_parameters(caffe)
         gflop = f"{meta_gflop(caffe, SIZE):>10.1f} {meta_gflop(aligned, SIZE):>11.1f}"
-        crops = ", ".join(f"{k} {v}" for k, v in caffe.crop_offsets.items())
-        print(f"{name:<26} {'+'.join(caffe.skips) or '-':<24} {params:>12,} {gflop}   {crops}", flush=True)
+        crops = ", ".join(f"{k} {v}" for k, v in caffe.head.crop_offsets.items())
+        print(f"{name:<26} {'+'.join(caffe.head.skips) or '-':<24} {params:>12,} {gflop}   {crops}", flush=True)
     return 0

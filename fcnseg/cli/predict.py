@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import FcnsegError
 from ._common import (
+    add_augmentation,
     add_calibration,
     add_device,
     add_out,
@@ -25,7 +26,7 @@ from ._common import (
     add_weights,
     add_weights_file,
     error,
-    runner_from_flags,
+    predictor_from_flags,
 )
 
 
@@ -48,10 +49,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="also write <stem>_overlay.jpg|png, the mask blended over the image",
     )
     p.add_argument("--probs", action="store_true", help="also write <stem>.npy, C x H x W probabilities")
+    p.add_argument(
+        "--confidence", action="store_true",
+        help="also write <stem>_confidence.png, each pixel's largest class probability as 16-bit grey (x 65535)",
+    )  # fmt: skip
     add_device(p, "cpu", "torch device (default: cpu)")
     add_runtime(p)
     add_calibration(p, "the inputs")
     add_tiling(p)
+    add_augmentation(p)
     add_quiet(p, "no progress bar or summary")
     p.add_argument(
         "--extra", action="append", default=[], metavar="DIR",
@@ -88,7 +94,7 @@ def _check_writable(out: Path) -> None:
 def _read_files(args: argparse.Namespace, files: list[Path], checkpoint: str | None) -> list[Path]:
     """Every file this run reads: the images, each --extra folder's files, the --calibration images and the
     checkpoint or weights file."""
-    from ..imageio import collect_inputs
+    from ._inputs import collect_inputs
 
     read = [*files, *(Path(f) for f in (checkpoint, args.weights_file) if f and Path(f).is_file())]
     for folder in args.extra:
@@ -142,32 +148,34 @@ def _check_predictable(model, args: argparse.Namespace, checkpoint: str | None) 
         check_tiling(args.tile, args.overlap, model.stride)
 
 
-def _report_agreement(model, runner, first: Path | None, quiet: bool) -> None:
+def _report_agreement(predictor, first: Path | None, quiet: bool) -> None:
     # Reduced precision changes some pixels: say how many, on the first image, against eager fp32.
-    if runner is None or first is None or quiet:
+    if first is None or quiet:
         return
     from ..imageio import load_image
-    from ..predict import default_runner
-    from ..runtime import agreement, normalised
+    from ..inference import Predictor, agreement
 
+    reference = Predictor(predictor.model, runtime="eager")
     with contextlib.suppress(FcnsegError):
-        share = agreement(runner, default_runner(model), normalised(model, [load_image(first)]), model)
+        x = predictor.inputs([load_image(first)])[0][None]  # the model's normalised 1 x C x H x W input
+        share = agreement(predictor, reference, [x])
         print(f"runtime agrees with eager fp32 on {100 * share:.2f}% of the pixels of {first.name}", file=sys.stderr)
 
 
-def _predict_one(model, path: Path, stem: str, args: argparse.Namespace, options: dict) -> None:
+def _predict_one(predictor, path: Path, stem: str, args: argparse.Namespace, colors) -> None:
     """Read ``path`` (and its --extra images) and write its mask(s) under ``stem``."""
     from ..imageio import load_image
     from ..predict import save_prediction
 
     rgb = load_image(path)
     x = rgb
-    if args.extra:  # fusion nets only: the dataset package is not imported otherwise
-        from ..data.nyud import stack_extra_channels
+    if args.extra:  # fusion nets only
+        from ..imageio import stack_extra_channels
 
-        x = stack_extra_channels(rgb, path, args.extra, model.in_channels)
+        x = stack_extra_channels(rgb, path, args.extra, predictor.model.in_channels)
     overlay = {"overlay_on": rgb, "overlay_format": args.overlay} if args.overlay else {}
-    save_prediction(model, x, Path(args.out), stem, probs=args.probs, **overlay, **options)
+    save_prediction(predictor, x, Path(args.out), stem, colors=colors, probs=args.probs,
+                    confidence=args.confidence, **overlay)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..device import pick_device
     from ..hub import load
-    from ..imageio import collect_inputs
     from ..predict import mask_colors, output_names, output_stems
     from ..runtime import FP32_CLASS
+    from ._inputs import collect_inputs
 
     checkpoint, inputs = _checkpoint_and_inputs(args)
     files, problems = collect_inputs(inputs)
@@ -187,20 +195,22 @@ def run(args: argparse.Namespace) -> int:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise FcnsegError(f"{problems[0]}{more}" if problems else "predict: no input images")
     out = Path(args.out)
-    names = functools.partial(output_names, model, overlay_format=args.overlay, probs=args.probs)
+    names = functools.partial(
+        output_names, model, overlay_format=args.overlay, probs=args.probs, confidence=args.confidence
+    )
     stems = output_stems(files, names)
     plan = [(f, names(stem)) for f, stem in zip(files, stems, strict=True)]
     check_no_input_overwritten(out, plan, _read_files(args, files, checkpoint))
     _check_writable(out)
-    runner = runner_from_flags(args, model, files)
+    predictor = predictor_from_flags(args, model, files)
     if args.runtime not in FP32_CLASS:
-        _report_agreement(model, runner, files[0] if files else None, args.quiet)
-    options = {"colors": mask_colors(model), "runner": runner, "tile": args.tile, "overlap": args.overlap}
+        _report_agreement(predictor, files[0] if files else None, args.quiet)
+    colors = mask_colors(model)
     written = 0
     bar = tqdm(files, unit="img", disable=len(files) <= 1 or args.quiet, file=sys.stderr)
     for path, stem in zip(bar, stems, strict=True):
         try:
-            _predict_one(model, path, stem, args, options)
+            _predict_one(predictor, path, stem, args, colors)
             written += 1
         except FcnsegError as e:
             problems.append(str(e))

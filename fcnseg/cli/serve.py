@@ -23,13 +23,14 @@ from pathlib import Path
 from ..errors import FcnsegError
 from ._common import (
     RUNTIME_HELP,
+    add_augmentation,
     add_calibration,
     add_device,
     add_runtime,
     add_sha256,
     add_tiling,
     add_weights_file,
-    runner_from_flags,
+    predictor_from_flags,
 )
 
 EXTRA_HINT = "fcnseg serve needs FastAPI, uvicorn and python-multipart: pip install 'fcnseg[serve]'"
@@ -111,6 +112,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_runtime(p, RUNTIME_HELP + "; onnx-int8 needs --calibration")
     add_calibration(p, "none: required for onnx-int8")
     add_tiling(p)
+    add_augmentation(p)
     _add_limits(p)
     _add_access(p)
     p.set_defaults(func=run)
@@ -213,8 +215,9 @@ def build_service(args: argparse.Namespace):
         _tile_fits(model, args, max_pixels)
     pool = InferencePool(args.workers_threads, args.queue)
     threads = share_threads(args.workers_threads)  # before the runner: ONNX Runtime takes the count when built
-    runner = runner_from_flags(args, model)
-    segmenter = Segmenter(model, runner=runner, tile=args.tile, overlap=args.overlap, max_pixels=max_pixels)
+    predictor = predictor_from_flags(args, model)
+    predictor.runner()  # built now, once: not by the first requests, side by side
+    segmenter = Segmenter(predictor, max_pixels=max_pixels)
     name = Path(args.model).name if Path(args.model).is_file() else args.model  # no server paths in answers
     hosts = allowed_hosts(args)
     return Service(

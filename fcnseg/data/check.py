@@ -3,7 +3,7 @@
 A dataset can add problems that no item shows (stray files, split files naming missing ids, empty splits) by
 defining ``extra_problems() -> Iterable[Problem]``; :class:`~fcnseg.data.folder.FolderDataset` does. An error
 raised while reading may carry a ``kind`` attribute to be filed under that kind (the folder dataset's
-``MaskColourError`` is ``unknown-colour``).
+``MaskColorError`` is ``unknown-colour``).
 """
 
 from __future__ import annotations

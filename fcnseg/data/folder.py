@@ -28,7 +28,7 @@ from ..palette import VOID_COLOR, palette_for
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
 
-__all__ = ["CLASSES_FORMAT", "FolderDataset", "MaskColourError", "read_classes_file"]
+__all__ = ["CLASSES_FORMAT", "FolderDataset", "MaskColorError", "read_classes_file"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = ".png"
@@ -39,17 +39,17 @@ _LAYOUT = "ROOT/images/<stem>.jpg|jpeg|png, ROOT/masks/<stem>.png and ROOT/class
 _COLOUR_MODES = ("RGB", "RGBA", "RGBX")
 
 
-class MaskColourError(FcnsegError):
+class MaskColorError(FcnsegError):
     """An RGB mask holding a colour that is neither a class colour nor the void colour."""
 
     kind = "unknown-colour"  # how check-data files this problem (see fcnseg.data.check)
 
 
-def _fmt_colour(rgb: tuple[int, int, int] | np.ndarray) -> str:
+def _fmt_color(rgb: tuple[int, int, int] | np.ndarray) -> str:
     return ",".join(str(int(v)) for v in rgb)
 
 
-def _parse_colour(text: str, where: str, name: str) -> tuple[int, int, int]:
+def _parse_color(text: str, where: str, name: str) -> tuple[int, int, int]:
     parts = [p.strip() for p in text.split(",")]
     try:
         values = tuple(int(p) for p in parts)
@@ -70,7 +70,7 @@ def _class_lines(text: str, path: Path) -> tuple[list[str], list[tuple[int, int,
         if not line.strip():
             continue
         # Split on the tab only: class names may contain spaces ("potted plant").
-        name, sep, colour = line.partition("\t")
+        name, sep, color = line.partition("\t")
         name = name.strip()
         where = f"{path}:{lineno}"
         if not name:
@@ -78,7 +78,7 @@ def _class_lines(text: str, path: Path) -> tuple[list[str], list[tuple[int, int,
         if name in names:
             raise FcnsegError(f"{where}: class {shown(name)} is listed twice; expected each class once")
         names.append(name)
-        given.append(_parse_colour(colour, where, name) if sep and colour.strip() else None)
+        given.append(_parse_color(color, where, name) if sep and color.strip() else None)
     return names, given
 
 
@@ -108,11 +108,11 @@ def read_classes_file(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
         key = tuple(int(v) for v in row)
         if key == VOID_COLOR:
             raise FcnsegError(
-                f"{path}: class {shown(name)} has the void colour {_fmt_colour(key)}; expected a colour of its own"
+                f"{path}: class {shown(name)} has the void colour {_fmt_color(key)}; expected a colour of its own"
             )
         if key in owner:
             raise FcnsegError(
-                f"{path}: classes {shown(owner[key])} and {shown(name)} share the colour {_fmt_colour(key)}; "
+                f"{path}: classes {shown(owner[key])} and {shown(name)} share the colour {_fmt_color(key)}; "
                 "expected one colour per class"
             )
         owner[key] = name
@@ -200,8 +200,8 @@ class FolderDataset(SegmentationDataset):
         self.seed = seed
         self.classes_file = self.root / "classes.txt"
         self.classes, self.palette = read_classes_file(self.classes_file)
-        self._colour_index = {tuple(int(v) for v in row): i for i, row in enumerate(self.palette)}
-        self._colour_index[VOID_COLOR] = IGNORE_INDEX
+        self._color_index = {tuple(int(v) for v in row): i for i, row in enumerate(self.palette)}
+        self._color_index[VOID_COLOR] = IGNORE_INDEX
         self._tree = _Tree(self.root)
         self.ids = self._split_ids(split)
         if not self.ids:
@@ -260,10 +260,10 @@ class FolderDataset(SegmentationDataset):
         """Class indices from a palette / greyscale PNG, or an RGB(A) PNG's colours mapped through the palette."""
         if _mode(path) in _COLOUR_MODES:
             # Not load_image: that applies EXIF orientation, and a label map is stored as its pixels lie.
-            return self.colours_to_indices(_read(path, "mask", image_to_array, upright=False), path)
+            return self.colors_to_indices(_read(path, "mask", image_to_array, upright=False), path)
         return read_mask_png(path)
 
-    def colours_to_indices(self, rgb: np.ndarray, path: str | Path = "mask") -> np.ndarray:
+    def colors_to_indices(self, rgb: np.ndarray, path: str | Path = "mask") -> np.ndarray:
         """Map an ``H x W x 3`` colour mask to ``H x W`` uint8 indices; a colour not in the palette is an error."""
         flat = rgb.reshape(-1, 3).astype(np.uint32)
         keys = (flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2]
@@ -272,19 +272,19 @@ class FolderDataset(SegmentationDataset):
         table = np.zeros(len(uniq), dtype=np.uint8)
         foreign: list[tuple[int, tuple[int, int, int]]] = []
         for j, key in enumerate(uniq.tolist()):
-            colour = (key >> 16, (key >> 8) & 255, key & 255)
-            index = self._colour_index.get(colour)
+            color = (key >> 16, (key >> 8) & 255, key & 255)
+            index = self._color_index.get(color)
             if index is None:
-                foreign.append((int(counts[j]), colour))
+                foreign.append((int(counts[j]), color))
             else:
                 table[j] = index
         if foreign:
             foreign.sort(key=lambda t: (-t[0], t[1]))
-            listed = ", ".join(f"{_fmt_colour(c)} ({n} px)" for n, c in foreign[:5])
+            listed = ", ".join(f"{_fmt_color(c)} ({n} px)" for n, c in foreign[:5])
             more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-            raise MaskColourError(
+            raise MaskColorError(
                 f"{path}: colour{'s' if len(foreign) > 1 else ''} {listed}{more} not in the palette of "
-                f"{self.classes_file}; expected class colours or the void colour {_fmt_colour(VOID_COLOR)}"
+                f"{self.classes_file}; expected class colours or the void colour {_fmt_color(VOID_COLOR)}"
             )
         return table[inverse.reshape(-1)].reshape(rgb.shape[:2])
 

@@ -11,22 +11,20 @@ Layout (the folder FCN's ``nyud_layers.py`` calls ``nyud_dir``)::
 
 The split files ship with FCN's repository (``data/nyud/``), not with the images: copy them into ROOT.
 This module also holds the ``.mat`` label reader and the split-overlap check that :mod:`fcnseg.data.siftflow`
-shares.
+shares. The depth encoding and reader live in :mod:`fcnseg.imageio` (prediction reads a fusion net's depth too).
 """
 
 from __future__ import annotations
 
-import glob
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from .._meta import NYUD_CLASSES, NYUD_MEAN_BGR, NYUD_MEAN_HHA, NYUD_MEAN_LOG_DEPTH
 from ..errors import FcnsegError, shown
-from ..imageio import IMAGE_FORMATS, _read, load_image
+from ..imageio import DEPTH_MAX_MM, encode_depth, load_image, read_depth
 from ..palette import palette_for
 from .base import SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
@@ -41,12 +39,9 @@ __all__ = [
     "NYUD_MODALITIES",
     "NYUD_SPLITS",
     "NYUDSegmentation",
-    "decode_depth",
     "encode_depth",
     "read_depth",
-    "read_depth_or_hha",
     "read_mat_labels",
-    "stack_extra_channels",
     "read_nyud_mask",
     "read_nyud_split",
     "split_overlap_problems",
@@ -55,9 +50,6 @@ __all__ = [
 NYUD_SPLITS: tuple[str, ...] = ("train", "val", "test", "trainval")
 NYUD_MODALITIES: dict[str, int] = {"rgb": 3, "hha": 3, "rgbd": 4, "rgb-hha": 6}
 """Image channels per ``modality``: RGB; HHA; RGB then encoded depth; RGB then HHA."""
-
-DEPTH_MAX_MM = 10_000
-"""Depth that the uint8 depth channel's 255 stands for (10 m, beyond the Kinect's range); deeper is clipped."""
 
 _MAT_EXPECTED = "expected a NYUDv2 segmentation/img_<id>.mat file with key 'segmentation' (0 = void, 1..40 = classes)"
 _LAYOUT = "data/images, data/depth, data/hha, segmentation and the split files train.txt, val.txt, test.txt"
@@ -124,36 +116,6 @@ def split_overlap_problems(files: Mapping[str, Path]) -> list[Problem]:
 def read_nyud_mask(path: str | Path) -> np.ndarray:
     """``segmentation`` of a NYUDv2 ``.mat`` as uint8 H x W: 0 (void) -> 255, class k in 1..40 -> k - 1."""
     return read_mat_labels(path, "segmentation", void=(0,), expected=_MAT_EXPECTED)
-
-
-def encode_depth(depth_mm: np.ndarray) -> np.ndarray:
-    """Millimetres -> uint8: ``round(min(d, DEPTH_MAX_MM) * 255 / DEPTH_MAX_MM)`` (one step is about 39 mm).
-
-    0 (no depth measured) stays 0. Exact integer arithmetic, so the encoding is reproducible bit for bit.
-    """
-    d = np.clip(np.asarray(depth_mm).astype(np.int64), 0, DEPTH_MAX_MM)
-    return ((d * 255 + DEPTH_MAX_MM // 2) // DEPTH_MAX_MM).astype(np.uint8)
-
-
-def decode_depth(encoded: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`encode_depth` up to its rounding: uint8 -> float32 millimetres."""
-    return np.asarray(encoded).astype(np.float32) * np.float32(DEPTH_MAX_MM / 255)
-
-
-def _depth_to_uint8(img: Image.Image) -> np.ndarray:
-    if img.mode.startswith("I;16") or img.mode == "I":
-        d = np.array(img)
-        if d.size and (int(d.min()) < 0 or int(d.max()) > 65535):
-            raise FcnsegError(f"depth values {d.min()}..{d.max()} do not fit 16 bits; expected millimetres")
-        return encode_depth(d)
-    if img.mode == "L":
-        return np.array(img)  # 8 bits: taken as encoded already
-    raise FcnsegError(f"depth has image mode {img.mode!r}; expected a 16-bit greyscale PNG of millimetres")
-
-
-def read_depth(path: str | Path) -> np.ndarray:
-    """A depth PNG as uint8 H x W: 16-bit millimetres through :func:`encode_depth`; an 8-bit PNG as it is."""
-    return _read(path, "depth", _depth_to_uint8, upright=False)
 
 
 def read_nyud_split(nyud_dir: Path, split: str) -> list[str]:
@@ -257,8 +219,8 @@ class NYUDSegmentation(SegmentationDataset):
         Training normalises the non-colour channels with these, scaled like the colour channels and never reversed
         (the release reverses colour only)."""
         depth = float(np.exp(NYUD_MEAN_LOG_DEPTH)) * 255 / DEPTH_MAX_MM
-        colour: tuple[float | None, ...] = (None, None, None)
-        return {"rgb": colour, "hha": NYUD_MEAN_HHA, "rgbd": (*colour, depth), "rgb-hha": (*colour, *NYUD_MEAN_HHA)}[
+        color: tuple[float | None, ...] = (None, None, None)
+        return {"rgb": color, "hha": NYUD_MEAN_HHA, "rgbd": (*color, depth), "rgb-hha": (*color, *NYUD_MEAN_HHA)}[
             self.modality
         ]
 
@@ -296,44 +258,3 @@ class NYUDSegmentation(SegmentationDataset):
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, modality={self.modality!r})"
-
-
-# -- depth or HHA beside colour images (fcnseg predict --extra) -------------------------------------------------------
-
-
-def _find_beside(image: Path, folder: str | Path) -> Path:
-    """``folder``'s file of ``image``'s name, else the first of its stem with any suffix."""
-    same = Path(folder) / image.name
-    found = [same] if same.is_file() else sorted(Path(folder).glob(f"{glob.escape(image.stem)}.*"))
-    if not found:
-        raise FcnsegError(f"{image}: --extra {folder} holds no {image.stem}.*; expected its depth or HHA image there")
-    return found[0]
-
-
-def read_depth_or_hha(path: str | Path) -> np.ndarray:
-    """A fusion net's extra input, H x W x 1 or H x W x 3 uint8: a one-channel image is depth (16-bit millimetres
-    through :func:`encode_depth`, 8 bits taken as encoded, as :func:`read_depth`), a colour one is HHA."""
-    try:
-        with Image.open(path, formats=IMAGE_FORMATS) as im:
-            depth = im.mode in ("I", "L") or im.mode.startswith("I;16")
-    except Exception:
-        raise FcnsegError(f"{path}: cannot read it as an image; expected a depth or HHA PNG") from None
-    return read_depth(path)[:, :, None] if depth else load_image(path)
-
-
-def stack_extra_channels(rgb: np.ndarray, image: Path, folders: Sequence[str | Path], channels: int) -> np.ndarray:
-    """``rgb`` (H x W x 3, read from ``image``) followed by the same-named depth or HHA image of each of ``folders``
-    (:func:`read_depth_or_hha`), as the ``channels`` a fusion net takes. Every problem is an FcnsegError naming the
-    file (in ``fcnseg predict --extra``'s words)."""
-    parts = [rgb]
-    for folder in folders:
-        path = _find_beside(image, folder)
-        extra = read_depth_or_hha(path)
-        if extra.shape[:2] != rgb.shape[:2]:
-            raise FcnsegError(f"{path}: is {extra.shape[1]}x{extra.shape[0]} but {image.name} is "
-                              f"{rgb.shape[1]}x{rgb.shape[0]}; expected the same size")  # fmt: skip
-        parts.append(extra)
-    x = np.concatenate(parts, axis=2)
-    if x.shape[2] != channels:
-        raise FcnsegError(f"{image}: colour and --extra give {x.shape[2]} channels; the model takes {channels}")
-    return x

@@ -218,7 +218,7 @@ class _Scene:
         self.ids = np.zeros((h, w), dtype=np.uint16)
         # Thing 0 is the ground: class background, light = dark = its base colour, plus the noise field.
         self.cls: list[int] = [BACKGROUND]
-        self.colours: list[np.ndarray] = [ground, ground]  # light, dark of thing 0, then of thing 1, ...
+        self.colors: list[np.ndarray] = [ground, ground]  # light, dark of thing 0, then of thing 1, ...
         self.field: list[float] = [1.0]
 
     def window(self, cy: float, cx: float, radius: float) -> _Window | None:
@@ -231,11 +231,11 @@ class _Scene:
         """Put a new thing where ``inside``; ``field`` = how much of the ground's noise shows through it."""
         self.ids[win.image][inside] = len(self.cls)
         self.cls.append(cls)
-        self.colours += [light, dark]
+        self.colors += [light, dark]
         self.field.append(field)
 
 
-def _object_colours(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.ndarray]:
+def _object_colors(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.ndarray]:
     light, dark = (np.asarray(c, dtype=np.float32) for c in _COLOURS[cls])
     # Per-object jitter: objects of one class differ in shade, so the net must not memorise exact RGB values.
     shift = rng.normal(0, 12, 3).astype(np.float32)
@@ -260,7 +260,7 @@ def _draw_object(rng: np.random.Generator, sc: _Scene, cls: int, at: tuple[float
     win = sc.window(cy, cx, shape["extent"])
     if win is None:
         return radius
-    sc.add(win, _inside(win, cls, shape), cls, *_object_colours(rng, cls), field=0.0)
+    sc.add(win, _inside(win, cls, shape), cls, *_object_colors(rng, cls), field=0.0)
     return radius
 
 
@@ -370,17 +370,17 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
             cy, cx = rng.uniform(0.05, 0.95) * height, rng.uniform(0.05, 0.95) * width
         placed.append((cy, cx, _draw_object(rng, sc, int(cls), (cy, cx, scale, stick_half_w))))
 
-    return _colour(rng, sc, height, width)
+    return _color(rng, sc, height, width)
 
 
-def _colour(rng: np.random.Generator, sc: _Scene, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _color(rng: np.random.Generator, sc: _Scene, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """The scene's image and mask: colours by class pattern, ground noise, lighting and sensor noise."""
     # Colour everything at once. Each thing has a light and a dark colour; its class's pattern picks one.
     ids = sc.ids
     label = np.take(np.asarray(sc.cls, dtype=np.uint8), ids)
     oy, ox = rng.integers(0, _PERIOD, 2)
     dark = (_texture_bits(height, width)[oy : oy + height, ox : ox + width] >> label) & 1
-    image = np.take(np.stack(sc.colours), (ids << 1) | dark, axis=0)
+    image = np.take(np.stack(sc.colors), (ids << 1) | dark, axis=0)
     # Ground noise: blotches ~16 px across in brightness plus ~4 px colour grain, summed on the fine grid so that
     # only one full-size upsampling is paid for, and weighted by how much of it shows through each thing.
     grid = 7 * _noise_grid(rng, height, width, 4, 3)

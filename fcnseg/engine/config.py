@@ -82,7 +82,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     # Convolution kernels on the CPU: "auto" takes the measured ones (NNPACK Winograd, im2col + GEMM, oneDNN: the
-    # fastest per layer, fcnseg.kernels) where --runtime auto would take winograd; "measured" always, "onednn" never.
+    # fastest per layer, fcnseg.runtime.kernels) where the CPU has AVX2 and FMA for NNPACK; "measured" always,
+    # "onednn" never.
     conv_kernels: str = "auto"
     num_workers: int | None = None
     device: str = "auto"

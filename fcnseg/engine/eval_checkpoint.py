@@ -7,7 +7,7 @@ the per-image scores that pick the report's worst and best images are gathered f
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,9 +22,10 @@ from ..data.transforms import eval_transforms
 from ..device import pick_device
 from ..errors import FcnsegError
 from ..hub import load
+from ..inference import Predictor
 from ..metrics import ConfusionMatrix
-from ..predict import head_colors
-from ..runtime import make_runner, resolve_path
+from ..models.base import SegmentationModel
+from ..runtime import resolve_path
 from .distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
 from .evaluate import ImageCallback, evaluate_heads
 from .examples import Examples, ImageScores, find_examples
@@ -43,15 +44,13 @@ class HeadReport(NamedTuple):
     examples: Examples | None
 
 
-def dataset_runner(model: nn.Module, runtime: str, ds: SegmentationDataset) -> Callable | None:
-    """None for eager; otherwise the execution path (``auto`` resolved), int8 calibrated on the set's first 8
-    images."""
+def dataset_predictor(model: SegmentationModel, runtime: str, ds: SegmentationDataset, **options: Any) -> Predictor:
+    """The :class:`~fcnseg.inference.Predictor` of ``model`` on ``runtime`` (``auto`` resolved), int8 calibrated on
+    the set's first 8 images; ``options``: tiling and test-time augmentation."""
     runtime, _ = resolve_path(runtime, model)
-    if runtime == "eager":
-        return None
     first = range(min(8, len(ds))) if runtime == "onnx-int8" else range(0)
     calibration = [ds[i][0].as_subclass(torch.Tensor).unsqueeze(0) for i in first]
-    return make_runner(model, runtime, calibration=calibration)
+    return Predictor(model, runtime=runtime, calibration=calibration, **options)
 
 
 def _describe(heads: Mapping[str, int]) -> str:
@@ -64,7 +63,7 @@ def check_fits(model: nn.Module, ds: SegmentationDataset, source: str, dataset: 
     """The model (from ``source``) predicts the heads and classes ``ds`` (named ``dataset``) labels, and takes its
     input channels; else an FcnsegError saying what differs."""
     heads = head_classes(ds)
-    model_heads = getattr(model, "heads", {"out": model.num_classes})
+    model_heads = model.heads
     if list(model_heads.values()) != [len(names) for names in heads.values()]:
         raise FcnsegError(
             f"{source}: model predicts {_describe(model_heads)} but --dataset {dataset} gives "
@@ -84,16 +83,14 @@ def evaluate_dataset(
     loader: Any,
     *,
     device: torch.device | str = "cpu",
-    runner: Callable | None = None,
-    flip: bool = False,
-    scales: Sequence[float] = (1.0,),
+    predictor: Predictor | None = None,
     on_image: ImageCallback | None = None,
 ) -> Reports:
     """``{report subfolder: (confusion matrix, class names)}``, one per head: the subfolder is ``""`` for a
-    one-headed model (its report goes in the output folder itself) and the head's name otherwise. ``on_image``:
-    as :func:`~fcnseg.engine.evaluate.evaluate_heads`'s."""
+    one-headed model (its report goes in the output folder itself) and the head's name otherwise. ``predictor``
+    and ``on_image``: as :func:`~fcnseg.engine.evaluate.evaluate_heads`'s."""
     heads = head_classes(ds)
-    kwargs = {"device": device, "exclude": excluded_indices(ds), "runner": runner, "flip": flip, "scales": scales}
+    kwargs = {"device": device, "exclude": excluded_indices(ds), "predictor": predictor}
     cms = evaluate_heads(model, loader, heads, on_image=on_image, **kwargs)
     return {("" if len(cms) == 1 else name): (cm, list(heads[name])) for name, cm in cms.items()}
 
@@ -119,8 +116,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     runtime: str = "eager",
     num_workers: int | None = None,
-    flip: bool = False,
-    scales: Sequence[float] = (1.0,),
+    prediction: Mapping[str, Any] | None = None,
     report_images: int = 0,
     progress: bool = False,
 ) -> dict[str, HeadReport]:
@@ -128,6 +124,8 @@ def evaluate_checkpoint(
 
     Returns ``{report subfolder: HeadReport}`` on the main process and ``{}`` on the others (under ``torchrun``).
     ``device``: a torch device or ``auto``; ``runtime``: an execution path (:func:`fcnseg.runtime.make_runner`);
+    ``prediction``: test-time augmentation and tiling (``flip``, ``scales``, ``tile``, ``overlap``), keywords of
+    :class:`~fcnseg.inference.Predictor`;
     ``report_images``: how many worst and best images each head's report shows (0: none, nothing recorded);
     ``progress``: a progress bar on stderr (main process only)."""
     check_data_options(dict(data_options or {}))
@@ -143,7 +141,7 @@ def evaluate_checkpoint(
         loader = make_loader(ds, batch_size=1, sampler=sampler, num_workers=num_workers)
         show = progress and info.is_main
         loader = tqdm(loader, desc="eval", unit="img", disable=not show, file=sys.stderr, total=len(sampler))
-        kwargs = {"device": dev, "runner": dataset_runner(model, runtime, ds), "flip": flip, "scales": scales}
+        kwargs = {"device": dev, "predictor": dataset_predictor(model, runtime, ds, **(prediction or {}))}
         scores = ImageScores(sampler.indices) if report_images else None
         with torch.inference_mode():
             reports = evaluate_dataset(model, ds, loader, on_image=scores, **kwargs)
@@ -152,8 +150,8 @@ def evaluate_checkpoint(
         cleanup_distributed()
     if not info.is_main:
         return {}
-    colours = head_colors(model).values()
+    palettes = model.class_colors().values()
     return {
         sub: HeadReport(cm, names, colors, examples.get(head))
-        for (sub, (cm, names)), head, colors in zip(reports.items(), head_classes(ds), colours, strict=True)
+        for (sub, (cm, names)), head, colors in zip(reports.items(), head_classes(ds), palettes, strict=True)
     }

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.base import IGNORE_INDEX
+from ..inference import Predictor
 from ..io import atomic_write
 from ..metrics import ConfusionMatrix
 
@@ -34,33 +35,18 @@ def boundary_band(target: torch.Tensor, width: int) -> torch.Tensor:
     return band if target.dim() == 3 else band[0]
 
 
-@torch.no_grad()
-def predict_logits_batch(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
+def predictor_for(
+    model: nn.Module,
+    predictor: Predictor | None,
     *,
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
-    heads: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """N x C x H x W class scores, averaged as probabilities over mirror and scale test-time augmentation.
-
-    ``heads``: the class counts of the heads whose scores are concatenated along C (each head its own softmax);
-    None for one head."""
-    if not flip and tuple(scales) == (1.0,):
-        return model(images)
-    h, w = images.shape[-2:]
-    total = 0
-    for s in scales:
-        x = images if s == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
-        views = [x, x.flip(-1)] if flip else [x]
-        for i, v in enumerate(views):
-            out = model(v)
-            out = out.flip(-1) if i == 1 else out
-            if s != 1.0:
-                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
-            total = total + torch.cat([p.softmax(1) for p in out.float().split(list(heads or [out.shape[1]]), 1)], 1)
-    return total / (len(scales) * (2 if flip else 1))
+) -> Predictor:
+    """``predictor``, else one of ``model`` on ``runner`` (default eager) with ``flip`` and ``scales``."""
+    if predictor is not None:
+        return predictor
+    return Predictor(model, runtime=runner or "eager", flip=flip, scales=scales)
 
 
 ImageCallback = Callable[[dict[str, ConfusionMatrix]], None]
@@ -106,28 +92,26 @@ def evaluate(
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     exclude: Sequence[int] = (),
     on_image: ImageCallback | None = None,
+    predictor: Predictor | None = None,
 ) -> ConfusionMatrix | tuple[ConfusionMatrix, ConfusionMatrix]:
     """Accumulate one confusion matrix over ``loader`` (summed across ranks under DDP).
 
     With ``boundary_width`` also returns the matrix restricted to pixels within that distance of a class edge.
-    ``runner``: an execution path (:func:`fcnseg.runtime.make_runner`) used instead of calling ``model``.
+    ``predictor``: how to predict (:class:`~fcnseg.inference.Predictor`: execution path, tiling, test-time
+    augmentation); by default one of ``model`` on ``runner`` (eager when None) with ``flip`` and ``scales``.
     ``exclude``: class indices left out of the mean accuracy and mean IU (classes a test set lacks).
     ``on_image``: called once per image with ``{"out": that image's matrix}`` (:func:`count`).
     """
-    was_training = model.training
-    model.eval()
+    predictor = predictor_for(model, predictor, runner=runner, flip=flip, scales=scales)
     cm = ConfusionMatrix(num_classes, class_names, exclude=exclude)
     band_cm = ConfusionMatrix(num_classes, class_names, exclude=exclude) if boundary_width is not None else None
-    try:
-        for images, masks in loader:
-            images, masks = images.to(device), masks.to(device)
-            pred = predict_logits_batch(runner or model, images, flip=flip, scales=scales).argmax(1).to(masks.device)
-            count({"out": cm}, [pred], [masks], on_image)
-            if band_cm is not None:
-                band = boundary_band(masks, boundary_width)
-                band_cm.update(pred[band], masks[band])
-    finally:
-        model.train(was_training)
+    for images, masks in loader:
+        images, masks = images.to(device), masks.to(device)
+        pred = next(iter(predictor.batch_masks(images).values())).to(masks.device)
+        count({"out": cm}, [pred], [masks], on_image)
+        if band_cm is not None:
+            band = boundary_band(masks, boundary_width)
+            band_cm.update(pred[band], masks[band])
     cm.all_reduce()
     if band_cm is not None:
         band_cm.all_reduce()
@@ -147,36 +131,28 @@ def evaluate_heads(
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
     on_image: ImageCallback | None = None,
+    predictor: Predictor | None = None,
 ) -> dict[str, ConfusionMatrix]:
     """One confusion matrix per head of ``model`` (one for most models; SIFT Flow's semantic and geometric), in
     one pass over ``loader``, summed across ranks under DDP.
 
     ``loader`` yields masks N x H x W for one head, N x K x H x W for K heads (the k-th map labels the k-th head);
     ``head_classes`` names each head's classes in the model's head order; ``exclude`` maps a head to class indices
-    left out of its means; ``flip`` and ``scales``: test-time augmentation (:func:`predict_logits_batch`);
+    left out of its means; ``predictor`` (or ``runner``, ``flip`` and ``scales``): as :func:`evaluate`'s;
     ``on_image``: called once per image, in the loader's order, with ``{head: that image's matrix}`` (see
     :func:`count`).
     """
-    from ..models.fcn import split_heads
-
-    heads = getattr(model, "heads", None) or {"out": None}
-    if len(heads) != len(head_classes):
-        raise ValueError(f"the model has heads {list(heads)}, the data {list(head_classes)}")
+    if len(model.heads) != len(head_classes):
+        raise ValueError(f"the model has heads {list(model.heads)}, the data {list(head_classes)}")
     cms = {
         name: ConfusionMatrix(len(names), list(names), exclude=(exclude or {}).get(name, ()))
         for name, names in head_classes.items()
     }
-    sizes = [len(names) for names in head_classes.values()]
-    was_training = model.training
-    model.eval()
-    try:
-        for images, masks in loader:
-            logits = predict_logits_batch(runner or model, images.to(device), flip=flip, scales=scales, heads=sizes)
-            per_head = masks[:, None] if masks.dim() == 3 else masks
-            preds = [scores.argmax(1).to(masks.device) for scores in split_heads(model, logits).values()]
-            count(cms, preds, per_head.unbind(1), on_image)
-    finally:
-        model.train(was_training)
+    predictor = predictor_for(model, predictor, runner=runner, flip=flip, scales=scales)
+    for images, masks in loader:
+        per_head = masks[:, None] if masks.dim() == 3 else masks
+        preds = [pred.to(masks.device) for pred in predictor.batch_masks(images.to(device)).values()]
+        count(cms, preds, per_head.unbind(1), on_image)
     for cm in cms.values():
         cm.all_reduce()
     return cms

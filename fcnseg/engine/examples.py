@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ..data.base import SegmentationDataset
+from ..inference import Predictor
 from ..metrics import ConfusionMatrix
 from .distributed import gather_objects
-from .evaluate import predict_logits_batch
+from .evaluate import predictor_for
 from .fitting import head_classes
 
 Scores = dict[str, list[tuple[int, float]]]
@@ -109,26 +110,20 @@ def predict_items(
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    predictor: Predictor | None = None,
 ) -> dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
     """``{index: (image as shown, truth per head, prediction per head)}`` for items ``indices`` of ``ds``, each
-    read once and predicted as the evaluation predicts it (:func:`~fcnseg.engine.evaluate.predict_logits_batch`)."""
-    from ..models.fcn import split_heads
-
-    sizes = [len(names) for names in head_classes(ds).values()]
-    was_training = model.training
-    model.eval()
+    read once and predicted as the evaluation predicts it (``predictor``, or ``runner``, ``flip`` and ``scales``:
+    as :func:`~fcnseg.engine.evaluate.evaluate`'s)."""
+    predictor = predictor_for(model, predictor, runner=runner, flip=flip, scales=scales)
     out = {}
-    try:
-        for i in sorted(set(indices)):
-            image, mask = ds[i]
-            x = image.as_subclass(torch.Tensor)[None].to(device)
-            logits = predict_logits_batch(runner or model, x, flip=flip, scales=scales, heads=sizes)
-            preds = [scores.argmax(1)[0].cpu().numpy() for scores in split_heads(model, logits).values()]
-            mask = mask.as_subclass(torch.Tensor)
-            truths = list((mask[None] if mask.dim() == 2 else mask).cpu().numpy())
-            out[i] = (shown(ds.load_pair(i)[0]), truths, preds)
-    finally:
-        model.train(was_training)
+    for i in sorted(set(indices)):
+        image, mask = ds[i]
+        x = image.as_subclass(torch.Tensor)[None].to(device)
+        preds = [pred[0].cpu().numpy() for pred in predictor.batch_masks(x).values()]
+        mask = mask.as_subclass(torch.Tensor)
+        truths = list((mask[None] if mask.dim() == 2 else mask).cpu().numpy())
+        out[i] = (shown(ds.load_pair(i)[0]), truths, preds)
     return out
 
 

@@ -94,7 +94,7 @@ def fit_input(model: nn.Module, ds: SegmentationDataset) -> None:
     means = tuple(getattr(ds, "channel_means", ()) or ())
     if not means or all(m is None for m in means) or len(means) != model.preprocessing.channels:
         return
-    pp = model.preprocessing.colour()
+    pp = model.preprocessing.color()
     if means[:3] == (None, None, None):  # colour first, then depth / HHA
         model.preprocessing = pp.with_extra_channels(means[3:])
     elif None not in means:  # no colour at all (HHA alone): every channel is an "extra" one
@@ -103,7 +103,7 @@ def fit_input(model: nn.Module, ds: SegmentationDataset) -> None:
         model.preprocessing = Preprocessing(mean, (scale,) * len(means), "RGB", pp.value_range)
 
 
-def has_non_colour(ds: SegmentationDataset) -> bool:
+def has_non_color(ds: SegmentationDataset) -> bool:
     """Whether ``ds`` gives channels other than colour (depth, HHA)."""
     return any(m is not None for m in (getattr(ds, "channel_means", ()) or ()))
 

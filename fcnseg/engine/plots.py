@@ -46,8 +46,8 @@ def plot_confusion(mat: np.ndarray, class_names: Sequence[str], path: Target) ->
         for i in range(n):
             for j in range(n):
                 if norm[i, j] >= 0.005:
-                    colour = "white" if norm[i, j] > 0.5 else "black"
-                    ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7, color=colour)
+                    color = "white" if norm[i, j] > 0.5 else "black"
+                    ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class's pixels")
     ax.set_title("confusion matrix: each row, % of a true class's pixels")
     _save(fig, path)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..imageio import encode_mask_png, encode_rgb
 from ..io import atomic_write
 from ..metrics import ConfusionMatrix
 from ..palette import VOID_COLOR, full_palette
@@ -66,28 +67,24 @@ def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _fit(img: Image.Image, resample: Image.Resampling) -> Image.Image:
-    scale = MAX_SIDE / max(img.size)
+def _fit(a: np.ndarray, resample: Image.Resampling) -> np.ndarray:
+    """``a`` (an image or a mask) scaled down so that its longer side is ``MAX_SIDE``; as it is when it fits."""
+    h, w = a.shape[:2]
+    scale = MAX_SIDE / max(h, w)
     if scale >= 1:
-        return img
-    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+        return a
+    return np.asarray(Image.fromarray(a).resize((max(1, round(w * scale)), max(1, round(h * scale))), resample))
 
 
 def mask_png(mask: np.ndarray, colors: np.ndarray) -> bytes:
-    """A class-index mask as a palette PNG: its pixels are the indices, its palette the class colours (void 255 in
-    the neutral void colour)."""
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
-    img = Image.frombytes("P", (m.shape[1], m.shape[0]), m.tobytes())
-    img.putpalette(full_palette(colors))
-    buf = io.BytesIO()
-    _fit(img, Image.Resampling.NEAREST).save(buf, format="PNG")
-    return buf.getvalue()
+    """A class-index mask as a palette PNG (:func:`~fcnseg.imageio.encode_mask_png`): its pixels are the indices,
+    its palette the class colours (void 255 in the neutral void colour)."""
+    return encode_mask_png(_fit(np.ascontiguousarray(mask, dtype=np.uint8), Image.Resampling.NEAREST), colors)
 
 
 def image_jpeg(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    _fit(Image.fromarray(image), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=90, subsampling=0)
-    return buf.getvalue()
+    """An image as JPEG (:func:`~fcnseg.imageio.encode_rgb`), its colour kept at full resolution."""
+    return encode_rgb(_fit(image, Image.Resampling.BILINEAR), "jpeg", full_chroma=True)
 
 
 def figure_png(draw: Callable[..., None], *args: Any) -> bytes:
@@ -131,7 +128,7 @@ def _metrics_section(doc: Mapping[str, Any]) -> str:
     )
 
 
-def _class_row(name: str, row: Mapping[str, Any], colour: Sequence[int], excluded: bool) -> str:
+def _class_row(name: str, row: Mapping[str, Any], color: Sequence[int], excluded: bool) -> str:
     mark = " (excluded from the means)" if excluded else ""
     cells = [
         f'<td class="num" data-col="iu">{pct(row["iu"])}</td>',
@@ -139,7 +136,7 @@ def _class_row(name: str, row: Mapping[str, Any], colour: Sequence[int], exclude
         f'<td class="num" data-col="pixels">{row["pixels"]}</td>',
     ]
     attrs = f' data-class="{html.escape(name)}"' + (' class="excluded"' if excluded else "")
-    return f"<tr{attrs}><td>{_swatch(colour)}{html.escape(name)}{mark}</td>{''.join(cells)}</tr>"
+    return f"<tr{attrs}><td>{_swatch(color)}{html.escape(name)}{mark}</td>{''.join(cells)}</tr>"
 
 
 def _classes_section(doc: Mapping[str, Any], colors: np.ndarray) -> str:

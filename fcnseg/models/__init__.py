@@ -9,9 +9,7 @@ from .backbones_tv import (
     convolutionalise_alexnet,
     load_torchvision_weights,
 )
-from .fcn import (
-    FCN,
-    ScoreHead,
+from .builders import (  # importing the builders registers them
     fcn8s,
     fcn8s_atonce,
     fcn8s_googlenet,
@@ -19,11 +17,15 @@ from .fcn import (
     fcn8s_resnet50,
     fcn8s_resnet101,
     fcn16s,
+    fcn16s_rgb_hha,
+    fcn16s_twohead,
     fcn32s,
     fcn32s_alexnet,
     fcn32s_googlenet,
+    fcn32s_rgb_hha,
 )
-from .multi import LateFusionFCN, TwoHeadFCN, fcn16s_rgb_hha, fcn16s_twohead, fcn32s_rgb_hha, split_heads
+from .fcn import FCN, ScoreHead
+from .multi import LateFusionFCN, TwoHeadFCN, split_heads
 from .registry import get_model, list_models, register_model
 from .upsampling import BilinearUpsample, bilinear_kernel
 

@@ -85,7 +85,8 @@ class VGG16Backbone(Backbone):
         self.features = tv_vgg.make_layers(cfg, batch_norm=batch_norm)
         pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
         if alignment == "caffe":
-            # Pad 100 makes every input size alignable (facts: "why pad 100"); Caffe pools round up.
+            # Pad 100 lets the output be cropped into alignment with any input size (conv1_1 pad=100 in the Caffe
+            # release's voc-fcn32s/net.py; its README, "Why pad the input?"); Caffe pools round up.
             self.features[0].padding = (100, 100)
             for i in pools:
                 self.features[i].ceil_mode = True

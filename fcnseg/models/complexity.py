@@ -43,7 +43,7 @@ def meta_gflop(model: nn.Module, height: int, width: int | None = None) -> float
     hooks = [m.register_forward_hook(dense_part) for m in upsamplers]
     for m in upsamplers:
         m.weight.requires_grad_(True)  # the full transposed convolution, which meta tensors can run
-    x = torch.empty(1, getattr(model, "in_channels", 3), height, width or height, device="meta")
+    x = torch.empty(1, model.in_channels, height, width or height, device="meta")
     try:
         total = count_gflop(model, x)
     finally:

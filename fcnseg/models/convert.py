@@ -21,6 +21,7 @@ from ..checkpoint import checkpoint_dict
 from ..errors import FcnsegError
 from ..preprocessing import CAFFE, Preprocessing
 from .adapt import caffe_layer_names
+from .fcn import FCN
 from .registry import get_model
 
 # torchfcn class name -> fcnseg model. FCN8s and FCN8sAtOnce have the same parameters; only the forward differs
@@ -321,7 +322,8 @@ def _fold_scales(model: nn.Module, state: dict[str, torch.Tensor], scales: dict[
     """score(s * x) = (W diag(s / s0)) (s0 * x): the Caffe net's factor s on a tap (1 where it has no Scale layer)
     becomes the model's fixed factor s0 with the rest folded into the score layer's input columns, which is exact.
     So an FCN-8s-at-once file imported as staged FCN-8s, or the reverse, still computes what the file computes."""
-    skip_scales = getattr(model, "skip_scales", {})
+    # FCN-8s at once scales its skips; a late-fusion net's streams have no Scale layers to fold.
+    skip_scales = model.head.skip_scales if isinstance(model, FCN) else {}
     unknown = sorted(set(scales) - set(skip_scales))
     if unknown:
         raise FcnsegError(f"{source}: Scale layer on {unknown[0]!r}, which fcnseg {model.build_config['name']} lacks")

@@ -9,29 +9,19 @@ MobileNetV3-Large from torchvision (``backbones_tv.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
-from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FcnsegError
 from ..preprocessing import Preprocessing
-from .backbones import Backbone, VGG16Backbone, check_alignment, first_conv, load_vgg16_imagenet, widen_first_conv
-from .backbones_tv import (
-    AlexNetBackbone,
-    GoogLeNetBackbone,
-    MobileNetV3LargeBackbone,
-    ResNetBackbone,
-    TorchvisionBackbone,
-    load_torchvision_weights,
-)
+from .backbones import Backbone, first_conv
+from .base import SegmentationModel
 from .geometry import CoordMap, crop_offset, layer_map
-from .registry import register_model
 from .upsampling import BilinearUpsample
 
 
@@ -198,7 +188,7 @@ class ScoreHead(nn.Module):
         return out[:, :, o : o + h, o : o + w]
 
 
-class FCN(nn.Module):
+class FCN(SegmentationModel):
     """A backbone and one :class:`ScoreHead` per label set on its taps: the paper's fully convolutional network.
 
     Args:
@@ -226,15 +216,13 @@ class FCN(nn.Module):
         if not self.score_heads:
             raise FcnsegError("an FCN needs at least one head")
         self.preprocessing: Preprocessing = backbone.preprocessing
-        self.classes: list[str] | None = None
-        self.palette: list[list[int]] | None = None
         # Class names per head, for models of several heads (the first head's are ``classes``).
         self.head_classes: dict[str, list[str] | None] = {}
 
     # -- what the heads share or the first head decides ------------------------------------------------------
     @property
     def head(self) -> ScoreHead:
-        """The first head: its layers carry the release's names (``model.score_fr``, ``model.upsample_out``)."""
+        """The first head, whose layers carry the release's names (``model.head.score_fr``, ``.upsample_out``)."""
         return next(iter(self.score_heads.values()))
 
     @property
@@ -247,20 +235,39 @@ class FCN(nn.Module):
         """Channels of the input: 3, or more where the first layer takes depth or HHA too (early fusion)."""
         return first_conv(self.backbone).in_channels
 
-    num_classes = property(lambda self: self.head.num_classes, doc="The first head's number of classes.")
-    alignment = property(lambda self: self.backbone.alignment, doc="``caffe`` or ``aligned``.")
-    stride = property(lambda self: self.head.stride, doc="Output stride of the deepest tap (32 for VGG16).")
-    skips = property(lambda self: self.head.skips, doc="The first head's skip taps, coarse to fine.")
-    top = property(lambda self: self.head.top, doc="The deepest tap, which every head scores (fc7 for VGG16).")
-    skip_scales = property(lambda self: self.head.skip_scales)
-    crop_offsets = property(lambda self: self.head.crop_offsets)
-    upsample_kernels = property(lambda self: self.head.upsample_kernels)
-    score_fr = property(lambda self: self.head.score_fr)
-    score_skip = property(lambda self: self.head.score_skip)
-    upsample_skip = property(lambda self: self.head.upsample_skip)
-    upsample_out = property(lambda self: self.head.upsample_out)
+    @property
+    def alignment(self) -> str:
+        """``caffe`` or ``aligned``: the backbone's."""
+        return self.backbone.alignment
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def stride(self) -> int:
+        """Output stride of the deepest tap (32 for VGG16)."""
+        return self.head.stride
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        # The padding step run on a tensor without storage (the geometry, not a copy), then the rows and columns
+        # the first convolution adds beyond "same" padding (caffe mode's 100 px a side).
+        shape = self.pad(torch.empty(1, self.in_channels, height, width, device="meta")).shape
+        conv = first_conv(self.backbone)
+        pads = (0, 0) if isinstance(conv.padding, str) else conv.padding
+        extra = [max(0, 2 * p - d * (k - 1)) for p, d, k in zip(pads, conv.dilation, conv.kernel_size, strict=True)]
+        return int(shape[-2]) + extra[0], int(shape[-1]) + extra[1]
+
+    def float_layers(self) -> list[str]:
+        """The convolutions before the first pooling (full resolution, fed the 8-bit-quantised image itself), and
+        every head's class-score layers and upsamplers, where the argmax is decided; the bulk of the work (conv2 to
+        fc7) runs in int8."""
+        keep = [f"score_heads.{name}.{part}" for name in self.score_heads for part in ("score_", "upsample_")]
+        for i, m in enumerate(getattr(self.backbone, "features", [])):  # VGG16 and AlexNet keep a features list
+            if isinstance(m, nn.MaxPool2d):
+                break
+            if isinstance(m, nn.Conv2d):
+                keep.append(f"backbone.features.{i}.")
+        return keep
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded as ``forward`` pads it: aligned mode up to a multiple of the stride (and margin)."""
         if self.alignment != "aligned":
             return x
         h, w = x.shape[-2:]
@@ -274,343 +281,11 @@ class FCN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels)
         h, w = x.shape[-2:]
-        feats = self.backbone(self._pad(x))  # one trunk pass for every head
+        feats = self.backbone(self.pad(x))  # one trunk pass for every head
         scores = [head.decode(feats, h, w) for head in self.score_heads.values()]
         return scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)
 
-    def predict_proba(self, image: Any, **kwargs: Any) -> np.ndarray | dict[str, np.ndarray]:
-        """Class probabilities, C x H x W float32, for one image (path, PIL image or H x W x C array); a model of
-        several heads gives ``{head: probabilities}``.
 
-        Keywords: ``runner`` (an execution path, :func:`fcnseg.runtime.make_runner`), ``tile`` and ``overlap``.
-        """
-        from ..predict import predict_logits
-
-        logits = predict_logits(self, image, **kwargs)[None]
-        probs = {k: v[0].softmax(0).cpu().numpy() for k, v in split_heads(self, logits).items()}
-        return probs if len(probs) > 1 else next(iter(probs.values()))
-
-    def predict(self, image: Any, **kwargs: Any) -> np.ndarray | dict[str, np.ndarray]:
-        """Class indices, H x W, at the image's own size (path, PIL image or H x W x C array); a model of several
-        heads gives ``{head: mask}`` (with ``tile``, the heads' scores are blended window by window, then split).
-
-        Keywords: ``runner`` (an execution path, :func:`fcnseg.runtime.make_runner`), ``tile`` and ``overlap``.
-        """
-        from ..predict import predict_mask
-
-        if len(self.heads) == 1:
-            return predict_mask(self, image, **kwargs)
-        from ..predict import predict_logits
-
-        logits = predict_logits(self, image, **kwargs)[None]
-        return {k: v[0].argmax(0).to(torch.uint8).cpu().numpy() for k, v in split_heads(self, logits).items()}
-
-
-def split_heads(model: nn.Module, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+def split_heads(model: SegmentationModel, logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{head: N x classes x H x W}`` from a model's concatenated output (one entry, ``"out"``, for most models)."""
-    heads: dict[str, int] = getattr(model, "heads", None) or {"out": logits.shape[1]}
-    return dict(zip(heads, logits.split(list(heads.values()), dim=1), strict=True))
-
-
-def _build(
-    skips: Sequence[str],
-    *,
-    num_classes: int | Mapping[str, int],
-    alignment: str,
-    width: float,
-    fc_dim: int,
-    batch_norm: bool,
-    dropout: float,
-    learnable_upsampling: bool,
-    backbone_weights: str | None,
-    in_channels: int = 3,
-    skip_scales: Mapping[str, float] | None = None,
-) -> FCN:
-    """A VGG16 FCN with these skips; ``num_classes`` is one head's count or ``{head: count}`` for several."""
-    _check_common(alignment, width, in_channels)
-    _check_fully_connected(fc_dim, dropout)
-    backbone = VGG16Backbone(alignment=alignment, width=width, fc_dim=fc_dim, batch_norm=batch_norm, dropout=dropout)  # type: ignore[arg-type]
-    if backbone_weights is not None:
-        load_vgg16_imagenet(backbone, backbone_weights)
-    model = FCN(backbone, num_classes, skips=skips, skip_scales=skip_scales, learnable_upsampling=learnable_upsampling)
-    return with_input_channels(model, in_channels)
-
-
-def with_input_channels(model: FCN, in_channels: int) -> FCN:
-    """``model`` taking ``in_channels`` (colour first, then e.g. depth): the first layer widened by
-    :func:`~fcnseg.models.backbones.widen_input_weight` (after any ImageNet weights were loaded) and the
-    preprocessing extended with channels normalised like the average colour channel until a dataset says better
-    (``fcnseg train`` takes NYUDv2's depth and HHA means)."""
-    if in_channels == 3:
-        return model
-    widen_first_conv(model.backbone, in_channels)
-    model.preprocessing = model.preprocessing.for_channels(in_channels)
-    model.backbone.preprocessing = model.preprocessing
-    return model
-
-
-@register_model()
-def fcn32s(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    fc_dim: int = 4096,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """FCN-32s on VGG16: scores at stride 32, one 64/32 upsampling.
-
-    ``backbone_weights``: torchvision enum name ("IMAGENET1K_V1") or a VGG16 state-dict file; None = random.
-    ``in_channels``: 3 for colour; 4 for the paper's RGBD early fusion (colour, then depth).
-    """
-    return _build((), **locals())
-
-
-@register_model()
-def fcn16s(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    fc_dim: int = 4096,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """FCN-16s on VGG16: stride-32 scores upsampled 2x, plus pool4 scores, upsampled 32/16."""
-    return _build(("pool4",), **locals())
-
-
-@register_model()
-def fcn8s(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    fc_dim: int = 4096,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """FCN-8s on VGG16 (staged training): FCN-16s plus pool3 scores, upsampled 16/8."""
-    return _build(("pool4", "pool3"), **locals())
-
-
-@register_model()
-def fcn8s_atonce(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    fc_dim: int = 4096,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """FCN-8s trained in one stage: pool4 scaled by 0.01 and pool3 by 0.0001 before their score layers."""
-    return _build(("pool4", "pool3"), skip_scales={"pool4": 0.01, "pool3": 1e-4}, **locals())
-
-
-# ------------------------------------------------------------------------------ other torchvision backbones
-#
-# Each builder takes its own options. Every one takes num_classes, alignment, width, learnable_upsampling,
-# backbone_weights and in_channels (> 3 widens the first layer for colour plus depth: the paper's early fusion,
-# :func:`with_input_channels`). fc6/fc7's ``fc_dim`` and ``dropout`` belong to the networks that keep fully
-# connected layers (VGG16, AlexNet), and ``batch_norm`` to VGG16 alone: the others refuse them, naming them
-# (:func:`~fcnseg.models.registry.get_model`), rather than ignore them.
-
-
-def _check_common(alignment: str, width: float, in_channels: int = 3) -> None:
-    check_alignment(alignment)
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 3:
-        raise FcnsegError(f"in_channels must be an integer >= 3 (colour first, then depth or HHA), got {in_channels!r}")
-    if width <= 0:
-        raise FcnsegError(f"width must be > 0, got width={width}")
-
-
-def _check_fully_connected(fc_dim: int, dropout: float) -> None:
-    """fc6/fc7's options, for the networks that keep them (VGG16, AlexNet)."""
-    if not 0 <= dropout < 1:
-        raise FcnsegError(f"dropout must be in [0, 1), got {dropout}")
-    if fc_dim < 1:
-        raise FcnsegError(f"fc_dim must be >= 1, got fc_dim={fc_dim}")
-
-
-def _build_tv(
-    backbone: TorchvisionBackbone,
-    skips: Sequence[str],
-    *,
-    num_classes: int,
-    learnable_upsampling: bool,
-    backbone_weights: str | None,
-    in_channels: int = 3,
-    upsample_kernels: Mapping[str, int] | None = None,
-) -> FCN:
-    if backbone_weights is not None:
-        load_torchvision_weights(backbone, backbone_weights)
-    model = FCN(
-        backbone,
-        num_classes,
-        skips=skips,
-        learnable_upsampling=learnable_upsampling,
-        upsample_kernels=upsample_kernels,
-    )
-    return with_input_channels(model, in_channels)
-
-
-@register_model()
-def fcn32s_alexnet(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    fc_dim: int = 4096,
-    dropout: float = 0.5,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """FCN-AlexNet as released: FCN-32s on AlexNet (fc6 a 6 x 6, fc7 a 1 x 1 convolution), one 63/32 upsampling;
-    final crop 18 in caffe mode. ``fc_dim`` and ``dropout``: as for VGG16 (no batch-norm variant).
-
-    ``backbone_weights``: ``"IMAGENET1K_V1"`` / ``"DEFAULT"`` or a torchvision ``alexnet`` state-dict file.
-    """
-    _check_common(alignment, width, in_channels)
-    _check_fully_connected(fc_dim, dropout)
-    backbone = AlexNetBackbone(alignment=alignment, width=width, fc_dim=fc_dim, dropout=dropout)  # type: ignore[arg-type]
-    # 63, not 64: AlexNet's fc7 cells sit on whole input pixels, and only an odd kernel keeps them there.
-    return _build_tv(
-        backbone,
-        (),
-        num_classes=num_classes,
-        learnable_upsampling=learnable_upsampling,
-        backbone_weights=backbone_weights,
-        in_channels=in_channels,
-        upsample_kernels={"out": 63},
-    )
-
-
-def _tv_model(
-    make_backbone: Callable[[str, float], TorchvisionBackbone],
-    skips: Sequence[str],
-    *,
-    num_classes: int,
-    alignment: str,
-    width: float,
-    learnable_upsampling: bool,
-    backbone_weights: str | None,
-    in_channels: int,
-) -> FCN:
-    """A network without fully connected layers, with batch norm by construction."""
-    _check_common(alignment, width, in_channels)
-    return _build_tv(
-        make_backbone(alignment, width),
-        skips,
-        num_classes=num_classes,
-        learnable_upsampling=learnable_upsampling,
-        backbone_weights=backbone_weights,
-        in_channels=in_channels,
-    )
-
-
-def _googlenet(alignment: str, width: float) -> GoogLeNetBackbone:
-    return GoogLeNetBackbone(alignment=alignment, width=width)  # type: ignore[arg-type]
-
-
-@register_model()
-def fcn32s_googlenet(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """The paper's FCN-GoogLeNet: FCN-32s on GoogLeNet without its pooling, classifier and auxiliary heads.
-
-    ``backbone_weights``: ``"IMAGENET1K_V1"`` / ``"DEFAULT"`` or a torchvision ``googlenet`` state-dict file.
-    """
-    return _tv_model(_googlenet, (), **locals())
-
-
-@register_model()
-def fcn8s_googlenet(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """FCN-8s on GoogLeNet: skips from inception4e (1/16) and inception3b (1/8). Options as ``fcn32s_googlenet``."""
-    return _tv_model(_googlenet, ("inception4e", "inception3b"), **locals())
-
-
-def _resnet(depth: int, alignment: str, width: float) -> ResNetBackbone:
-    return ResNetBackbone(depth, alignment=alignment, width=width)  # type: ignore[arg-type]
-
-
-@register_model()
-def fcn8s_resnet50(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """FCN-8s on ResNet-50: scores on layer4 (1/32) with skips from layer3 (1/16) and layer2 (1/8).
-
-    ``backbone_weights``: ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``, ``"DEFAULT"`` or a torchvision state-dict file.
-    """
-    return _tv_model(partial(_resnet, 50), ("layer3", "layer2"), **locals())
-
-
-@register_model()
-def fcn8s_resnet101(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """FCN-8s on ResNet-101: scores on layer4 (1/32) with skips from layer3 (1/16) and layer2 (1/8).
-    Options as ``fcn8s_resnet50``."""
-    return _tv_model(partial(_resnet, 101), ("layer3", "layer2"), **locals())
-
-
-def _mobilenet_v3_large(alignment: str, width: float) -> MobileNetV3LargeBackbone:
-    return MobileNetV3LargeBackbone(alignment=alignment, width=width)  # type: ignore[arg-type]
-
-
-@register_model()
-def fcn8s_mobilenet_v3_large(
-    *,
-    num_classes: int = 21,
-    alignment: str = "aligned",
-    width: float = 1.0,
-    learnable_upsampling: bool = False,
-    backbone_weights: str | None = None,
-    in_channels: int = 3,
-) -> FCN:
-    """FCN-8s on MobileNetV3-Large: scores on its last 1 x 1 convolution (1/32), skips from the last 112-channel
-    (1/16) and 40-channel (1/8) blocks. ``width`` is torchvision's width multiplier (channels rounded to 8).
-
-    ``backbone_weights``: ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``, ``"DEFAULT"`` or a torchvision state-dict file.
-    """
-    return _tv_model(_mobilenet_v3_large, ("features12", "features6"), **locals())
+    return dict(zip(model.heads, logits.split(list(model.heads.values()), dim=1), strict=True))

@@ -75,9 +75,12 @@ class BilinearUpsample(nn.ConvTranspose2d):
         w = self.weight
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         if key != self._depthwise_key:
-            diag = torch.diagonal(w.detach(), 0, 0, 1)  # k x k x C
-            off_diagonal = w.detach().abs().sum() - diag.abs().sum()
-            self._depthwise = diag.permute(2, 0, 1).unsqueeze(1).contiguous() if off_diagonal == 0 else None
+            # Made as an ordinary tensor even when the first call runs under inference mode (prediction): training
+            # that follows saves the kernel for backward, which an inference tensor cannot be.
+            with torch.inference_mode(False), torch.no_grad():
+                diag = torch.diagonal(w.detach(), 0, 0, 1)  # k x k x C
+                off_diagonal = w.detach().abs().sum() - diag.abs().sum()
+                self._depthwise = diag.permute(2, 0, 1).unsqueeze(1).contiguous() if off_diagonal == 0 else None
             self._depthwise_key = key
         return self._depthwise
 

@@ -19,10 +19,10 @@ weights from here without importing the converters that build models.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
-import shutil
 import sys
 import tempfile
 import urllib.error
@@ -46,7 +46,7 @@ from .._meta import (
     VOC_CLASSES,
 )
 from ..errors import FcnsegError, shown
-from ..io import atomic_write
+from ..io import atomic_write, staged_path
 from ..preprocessing import CAFFE, Preprocessing
 
 NYUD_CAFFE = Preprocessing(mean=NYUD_MEAN_BGR, std=(1.0, 1.0, 1.0), channel_order="BGR", value_range=255.0)
@@ -281,7 +281,11 @@ def _fetch(url: str, dst: Path, progress: bool, max_bytes: int) -> None:
         from torchvision.datasets.utils import download_file_from_google_drive
 
         file_id = urllib.parse.parse_qs(parsed.query)["id"][0]
-        download_file_from_google_drive(file_id, str(dst.parent), dst.name)
+        # Into a folder of its own, then over ``dst``: the helper takes an existing file (``dst`` is created empty)
+        # for a finished download, and gdown leaves its partial file beside its target when it fails.
+        with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as folder:
+            download_file_from_google_drive(file_id, folder, dst.name)
+            os.replace(Path(folder) / dst.name, dst)
         if dst.stat().st_size > max_bytes:
             raise _TooLargeError(f"{dst.stat().st_size:,} bytes")
         return
@@ -321,28 +325,24 @@ def download(
 ) -> Path:
     """Download ``url`` to ``dst``, checking the hash; on any failure nothing is left at ``dst`` or beside it.
 
-    The file is fetched into a temporary folder next to ``dst`` and renamed only once the hash matches. More than
-    ``max_bytes`` (announced, or arriving) stops the download.
+    The file is fetched into a temporary file next to ``dst`` (:func:`~fcnseg.io.staged_path`) and renamed only once
+    the hash matches. More than ``max_bytes`` (announced, or arriving) stops the download.
     """
     dst = Path(dst)
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    except OSError as e:
-        raise FcnsegError(
-            f"{dst.parent}: cannot write the weights cache ({e.strerror or e}); set TORCH_HOME to a writable "
-            "folder or pass a local copy of the file"
-        ) from None
-    try:
-        tmp = tmp_dir / dst.name
+    with contextlib.ExitStack() as stack:
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(staged_path(dst))
+        except OSError as e:
+            raise FcnsegError(
+                f"{dst.parent}: cannot write the weights cache ({e.strerror or e}); set TORCH_HOME to a writable "
+                "folder or pass a local copy of the file"
+            ) from None
         _fetch_or_explain(url, tmp, dst, progress=progress, max_bytes=max_bytes)
         try:
             verify_hash(tmp, md5=md5, sha256=sha256)
         except FcnsegError as e:
             raise FcnsegError(f"download of {url} refused: {str(e).split(': ', 1)[1]}; nothing was kept") from None
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return dst
 
 

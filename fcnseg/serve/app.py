@@ -61,9 +61,9 @@ class Service:
     docs: bool = False  # FastAPI's /docs page (Swagger UI from a CDN)
 
     def card(self) -> dict[str, Any]:
-        seg = self.segmenter
+        seg, p = self.segmenter, self.segmenter.predictor
         serving = {
-            "runtime": self.runtime, "tile": seg.options["tile"], "overlap": seg.options["overlap"],
+            "runtime": self.runtime, "tile": p.tile, "overlap": p.overlap, "flip": p.flip, "scales": list(p.scales),
             "max_pixels": seg.max_pixels, "max_upload_mb": self.max_upload_mb, "max_batch": MAX_BATCH,
             "timeout_s": self.timeout, "workers": self.pool.workers, "queue": self.pool.queue,
             "threads_per_worker": self.threads, "fcnseg_version": __version__,
@@ -139,18 +139,20 @@ def _safe_stem(name: str) -> str:
 
 
 def _predict_job(
-    service: Service, form: FormData, options: tuple[str, int, float], place: Place
+    service: Service, form: FormData, options: tuple[str, int, float, bool], place: Place
 ) -> tuple[Segmentation, Any]:
     """One /predict request's work on a worker thread: segment, then encode the answer asked for (``options``:
-    format, head index, overlay opacity)."""
-    seg, (answer, head, alpha) = service.segmenter, options
+    format, head index, overlay opacity, whether the JSON carries confidence maps)."""
+    seg, (answer, head, alpha, confidence) = service.segmenter, options
     image, extras = _uploads(form, "file", required=True)[0], _uploads(form, "extra", required=False)
-    result = seg.segment(image, extras, check=place.check)
+    result = seg.segment(image, extras, check=place.check, confidence=confidence or answer == "confidence")
     place.check()  # given up during the inference: no answer to encode
     if answer == "json":
         return result, seg.describe(result)
     if answer == "overlay":
         return result, seg.overlay_jpeg(result, head, alpha)
+    if answer == "confidence":
+        return result, seg.confidence_png(result, head)
     return result, result.heads[head].png
 
 
@@ -166,7 +168,11 @@ def _describe_job(service: Service, upload: Upload, place: Place) -> dict[str, A
 def _image_response(result: Segmentation, body: bytes, answer: str, head: str) -> Response:
     first = head == result.heads[0].name
     stem = _safe_stem(result.name) + ("" if first else f"_{_safe_stem(head)}")
-    name, media = (f"{stem}.png", "image/png") if answer == "png" else (f"{stem}_overlay.jpg", "image/jpeg")
+    name, media = {
+        "png": (f"{stem}.png", "image/png"),
+        "confidence": (f"{stem}_confidence.png", "image/png"),
+        "overlay": (f"{stem}_overlay.jpg", "image/jpeg"),
+    }[answer]
     w, h = result.size
     headers = {
         "Content-Disposition": f'inline; filename="{name}"',
@@ -189,7 +195,7 @@ def _add_pages(app: FastAPI, service: Service) -> None:
     @app.get("/health", summary="ok, the model's name, and the pool's load")
     async def health() -> dict[str, Any]:
         model = service.segmenter.model
-        config = getattr(model, "build_config", None) or {"name": type(model).__name__}
+        config = model.build_config or {"name": type(model).__name__}
         # The architecture's name only: the whole card (a parameter count among it) is /model's.
         return {"status": "ok", "model": service.name, "architecture": config["name"], **service.pool.stats()}
 
@@ -200,8 +206,10 @@ def _add_pages(app: FastAPI, service: Service) -> None:
 
 _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}, "image/jpeg": {}, "application/json": {}},
-          "description": "format=png: the palette mask (pixel values are class indices); overlay: a JPEG; json: "
-          "size, timing, and per head the mask PNG in base64 and every class's pixel share"},
+          "description": "format=png: the palette mask (pixel values are class indices); overlay: a JPEG; "
+          "confidence: each pixel's largest class probability x 65535, a 16-bit grey PNG; json: size, timing, and per "
+          "head the mask PNG in base64 and every class's pixel share (with confidence=true, also the confidence PNG "
+          "in base64 and its mean)"},
     400: {"description": "not an image, or a truncated or empty file"},
     401: {"description": "no API key, or another than the server's (when it was started with one)"},
     408: {"description": "the upload took longer than --upload-timeout, or stalled for --idle-timeout"},
@@ -219,16 +227,19 @@ def _add_predict(app: FastAPI, service: Service) -> None:
     @app.post("/predict", summary="segment one image", openapi_extra=_PREDICT_BODY, responses=_PREDICT_RESPONSES)
     async def predict(
         request: Request,
-        format: Literal["png", "overlay", "json"] = Query(
-            "png", description="png: the palette mask; overlay: the mask over the image, JPEG; json: see below"
+        format: Literal["png", "overlay", "confidence", "json"] = Query(
+            "png",
+            description="png: the palette mask; overlay: the mask over the image, JPEG; confidence: the "
+            "confidence map, 16-bit grey PNG; json: see below",
         ),
-        head: str | None = Query(None, description="which head's mask (png, overlay); default: the first"),
+        head: str | None = Query(None, description="which head's mask (png, overlay, confidence); default: the first"),
         alpha: float = Query(0.5, ge=0.0, le=1.0, description="overlay: the mask's opacity"),
+        confidence: bool = Query(False, description="json: add each head's confidence map and its mean"),
     ) -> Response:
         index = service.segmenter.head_index(head)
         with _admit(service, request) as place:
             async with _form(request, "file", MAX_PREDICT_FILES) as form:
-                job = (_predict_job, service, form, (format, index, alpha), place)
+                job = (_predict_job, service, form, (format, index, alpha, confidence), place)
                 result, body = await service.pool.run(place, *job)
         request.state.image_size = "{}x{}".format(*result.size)
         if format == "json":

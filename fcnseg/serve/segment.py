@@ -1,10 +1,11 @@
 """One upload to masks, exactly as ``fcnseg predict`` makes them, and the card that describes the served model.
 
-The upload is written to a private temporary folder and goes through ``predict``'s own functions: read by
+The upload is written to a private temporary folder and goes the way ``fcnseg predict`` takes: read by
 :func:`~fcnseg.imageio.load_image` (every PIL mode, EXIF orientation, the decompression-bomb guard, the format
-allowlist), fusion nets' extra images stacked by :func:`~fcnseg.data.nyud.stack_extra_channels`, and segmented and
-written by :func:`~fcnseg.predict.save_prediction` with the same runner, tiling and colours. The PNG the service
-returns is therefore the very file ``fcnseg predict`` writes for the same input, byte for byte. Before any pixel is
+allowlist), fusion nets' extra images stacked by :func:`~fcnseg.imageio.stack_extra_channels`, segmented by the
+same :class:`~fcnseg.inference.Predictor` (execution path, tiling, test-time augmentation) and encoded by the same
+encoders, in memory. The PNG the service returns is therefore the very file ``fcnseg predict`` writes for the same
+input, byte for byte. Before any pixel is
 decoded, the headers of the image and of every extra image are checked: format, size, and the padded area the model
 will compute on (:mod:`.limits`). Nothing here knows HTTP beyond the status each refusal carries
 (:class:`ServeError`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -26,11 +28,20 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import FcnsegError, ImageError
-from ..imageio import UnsupportedFormatError, add_legend, load_image, overlay, probe_image, read_mask_png, save_rgb
-from ..predict import default_runner, head_colors, head_names, save_prediction
+from ..imageio import (
+    UnsupportedFormatError,
+    add_legend,
+    encode_mask_png,
+    encode_rgb,
+    load_image,
+    overlay,
+    probe_image,
+    stack_extra_channels,
+)
+from ..inference import Predictor
+from ..predict import confidence_png
 from .limits import padded_size
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Segmentation", "Segmenter", "ServeError", "Upload", "recorded_metrics"]
@@ -56,12 +67,14 @@ class Upload:
 
 @dataclass(frozen=True)
 class HeadMask:
-    """One head's answer: its palette PNG (``fcnseg predict``'s file), the class indices and the class colours."""
+    """One head's answer: its palette PNG (``fcnseg predict``'s file), the class indices, the class colours and,
+    when asked for, the confidence map (each pixel's largest class probability)."""
 
     name: str
     png: bytes
     mask: np.ndarray
     colors: np.ndarray
+    confidence: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -141,43 +154,40 @@ def _checked(run: Callable[[torch.Tensor], torch.Tensor], check: Callable[[], No
 
 
 class Segmenter:
-    """A loaded model and the options ``predict`` would run it with; :meth:`segment` is one request's work.
+    """A model's :class:`~fcnseg.inference.Predictor`, as ``predict`` would run it; :meth:`segment` is one
+    request's work.
 
-    ``runner``: an execution path (:func:`fcnseg.runtime.make_runner`; None is eager fp32). ``tile`` / ``overlap``:
-    tiled inference as ``predict --tile``. ``max_pixels``: the largest padded area (:func:`.limits.padded_size`) an
-    image may make the model compute on, or with ``tile`` the largest image area (each tile's padded area is
-    bounded by the tile size); larger is refused with 413, from the header. PIL's decompression-bomb limit holds in
-    every case. Thread-safe: requests share the model, read only.
+    ``max_pixels``: the largest padded area (:func:`.limits.padded_size`, at the largest test-time scale) an image
+    may make the model compute on, or with tiling the largest image area (each tile's padded area is bounded by the
+    tile size); larger is refused with 413, from the header. PIL's decompression-bomb limit holds in every case.
+    Thread-safe: requests share the model, read only.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        runner: Callable | None = None,
-        tile: int | None = None,
-        overlap: int = 64,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> None:
-        self.model = model
-        self.options = {"runner": runner, "tile": tile, "overlap": overlap}
+    def __init__(self, predictor: Predictor, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.predictor = predictor
+        self.model = predictor.model
         self.max_pixels = max_pixels
-        self.colors = head_colors(model)
-        self.names = head_names(model)
-        self.in_channels = int(getattr(model, "in_channels", 3))
+        self.colors = self.model.class_colors()
+        self.names = self.model.class_names()
+        self.in_channels = self.model.in_channels
 
     @property
     def heads(self) -> list[str]:
         return list(self.colors)
 
     def segment(
-        self, image: Upload, extras: Sequence[Upload] = (), check: Callable[[], None] = _never_cancelled
+        self,
+        image: Upload,
+        extras: Sequence[Upload] = (),
+        check: Callable[[], None] = _never_cancelled,
+        *,
+        confidence: bool = False,
     ) -> Segmentation:
         """Read, check and segment one image (and a fusion net's depth or HHA ``extras``, in channel order).
 
         Every header is checked before any pixel is decoded. ``check`` raises once the request has been given up
-        (:meth:`.pool.Place.check`); it is called between the stages and tiles. Raises :class:`ServeError` with the
-        status to answer for anything the client can fix."""
+        (:meth:`.pool.Place.check`); it is called between the stages and tiles. ``confidence``: also each head's
+        confidence map. Raises :class:`ServeError` with the status to answer for anything the client can fix."""
         self._check_extras(extras)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
@@ -191,17 +201,21 @@ class Segmenter:
                 x = self._stacked(rgb, path, folders)
                 read = time.perf_counter()
                 check()
-                out = Path(tmp) / "out"
-                out.mkdir()
-                options = {**self.options, "runner": self._runner(check)}
-                save_prediction(self.model, x, out, "mask", colors=self.colors[self.heads[0]], **options)
-            heads = [self._head(out, i, head) for i, head in enumerate(self.heads)]
+                result = self._request_predictor(check).outputs([x], confidence=confidence)[0]
+        heads = [
+            HeadMask(head, encode_mask_png(mask, self.colors[head]), mask, self.colors[head],
+                     result.confidence.get(head))
+            for head, mask in result.masks.items()
+        ]  # fmt: skip
         end = time.perf_counter()
         timing = {"read": _ms(start, read), "inference": _ms(read, end), "total": _ms(start, end)}
         return Segmentation(image.name, rgb, heads, timing)
 
-    def _runner(self, check: Callable[[], None]) -> Callable:
-        return _checked(self.options["runner"] or default_runner(self.model), check)
+    def _request_predictor(self, check: Callable[[], None]) -> Predictor:
+        # The server's execution path (built once) behind a check between tiles; every other option the same.
+        p = self.predictor
+        return Predictor(p.model, runtime=_checked(p.runner(), check), tile=p.tile, overlap=p.overlap, flip=p.flip,
+                         scales=p.scales)  # fmt: skip
 
     def _check_extras(self, extras: Sequence[Upload]) -> None:
         if self.in_channels > 3 and not extras:
@@ -220,14 +234,15 @@ class Segmenter:
         """The image's (width, height) from its header, once its format and size are known to be accepted."""
         header = probe_image(path)
         w, h = header.width, header.height
-        if self.options["tile"]:  # each tile's padded area is bounded by the tile size; the image's own, here
+        if self.predictor.tile:  # each tile's padded area is bounded by the tile size; the image's own, here
             if w * h > self.max_pixels:
                 raise ServeError(
                     413, f"{name}: image is {w}x{h} = {w * h:,} pixels, above this server's limit of "
                     f"{self.max_pixels:,} (--max-pixels, tiled or not); send a smaller image"
                 )  # fmt: skip
             return w, h
-        rows, cols = padded_size(self.model, h, w)
+        scale = max(self.predictor.scales)  # the largest copy test-time augmentation runs
+        rows, cols = padded_size(self.model, math.ceil(h * scale), math.ceil(w * scale))
         if rows * cols > self.max_pixels:
             raise ServeError(
                 413, f"{name}: image is {w}x{h}, which the model computes on as {cols}x{rows} = {rows * cols:,} "
@@ -254,15 +269,7 @@ class Segmenter:
         does."""
         if not folders:
             return rgb
-        from ..data.nyud import stack_extra_channels
-
         return stack_extra_channels(rgb, path, folders, self.in_channels)
-
-    def _head(self, out: Path, index: int, head: str) -> HeadMask:
-        path = out / ("mask.png" if index == 0 else f"mask_{head}.png")
-        return HeadMask(head, path.read_bytes(), read_mask_png(path), self.colors[head])
-
-    # -------------------------------------------------------------------------------------------- answers
 
     def head_index(self, head: str | None) -> int:
         """The position of ``head`` among the model's heads (None: the first)."""
@@ -275,11 +282,16 @@ class Segmenter:
     def overlay_jpeg(self, result: Segmentation, head: int = 0, alpha: float = 0.5) -> bytes:
         """The mask of head number ``head`` blended over the image, as ``predict --overlay`` writes it (JPEG)."""
         mask = result.heads[head]
-        with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
-            path = Path(tmp) / "overlay.jpg"
-            blended = overlay(result.rgb, mask.mask, mask.colors, alpha)
-            save_rgb(path, add_legend(blended, mask.mask, mask.colors, self.names[mask.name]))
-            return path.read_bytes()
+        blended = overlay(result.rgb, mask.mask, mask.colors, alpha)
+        return encode_rgb(add_legend(blended, mask.mask, mask.colors, self.names[mask.name]), "jpeg")
+
+    @staticmethod
+    def confidence_png(result: Segmentation, head: int = 0) -> bytes:
+        """The confidence map of head number ``head`` as ``predict --confidence`` writes it (16-bit grey PNG)."""
+        conf = result.heads[head].confidence
+        if conf is None:
+            raise ValueError("segment(..., confidence=True) computes the confidence maps")
+        return confidence_png(conf)
 
     def describe(self, result: Segmentation) -> dict[str, Any]:
         """The JSON answer: size, timing, and per head the mask PNG in base64 and every class's pixel share."""
@@ -292,14 +304,17 @@ class Segmenter:
                  "share": float(counts[k]) / (w * h)}
                 for k, name in enumerate(self.names[mask.name])
             ]  # fmt: skip
-            png = base64.b64encode(mask.png).decode("ascii")
-            heads.append({"name": mask.name, "mask_png": png, "classes": classes})
+            entry = {"name": mask.name, "mask_png": base64.b64encode(mask.png).decode("ascii"), "classes": classes}
+            if mask.confidence is not None:
+                entry["mean_confidence"] = float(mask.confidence.mean())
+                entry["confidence_png"] = base64.b64encode(confidence_png(mask.confidence)).decode("ascii")
+            heads.append(entry)
         return {"file": result.name, "width": w, "height": h, "timing_ms": result.timing_ms, "heads": heads}
 
     def card(self) -> dict[str, Any]:
         """What the model is: architecture and its options, parameters, alignment, input, heads and classes."""
         model = self.model
-        config = getattr(model, "build_config", None) or {"name": type(model).__name__, "kwargs": {}}
+        config = model.build_config or {"name": type(model).__name__, "kwargs": {}}
         heads = [
             {"name": head, "classes": [{"index": k, "name": name, "color": [int(v) for v in self.colors[head][k]]}
                                        for k, name in enumerate(self.names[head])]}
@@ -309,8 +324,8 @@ class Segmenter:
             "architecture": config["name"],
             "options": json.loads(json.dumps(config["kwargs"], default=str)),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "alignment": getattr(model, "alignment", None),
-            "stride": getattr(model, "stride", None),
+            "alignment": model.alignment,
+            "stride": model.stride,
             "input_channels": self.in_channels,
             "preprocessing": model.preprocessing.to_dict(),
             "heads": heads,

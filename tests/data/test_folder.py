@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from fcnseg.data.folder import FolderDataset, MaskColourError, read_classes_file, seeded_split
+from fcnseg.data.folder import FolderDataset, MaskColorError, read_classes_file, seeded_split
 from fcnseg.errors import FcnsegError
 from fcnseg.palette import palette_for
 
@@ -57,10 +57,10 @@ def write_grey_mask(root: Path, stem: str, values: np.ndarray) -> Path:
     return path
 
 
-def write_rgb_mask(root: Path, stem: str, colours: list[list[tuple[int, int, int]]], alpha: bool = False) -> Path:
+def write_rgb_mask(root: Path, stem: str, colors: list[list[tuple[int, int, int]]], alpha: bool = False) -> Path:
     path = root / "masks" / f"{stem}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.array(colours, dtype=np.uint8)
+    arr = np.array(colors, dtype=np.uint8)
     if alpha:
         arr = np.concatenate([arr, np.full(arr.shape[:2] + (1,), 128, np.uint8)], axis=2)
     Image.fromarray(arr).save(path)
@@ -198,21 +198,21 @@ def test_missing_classes_file_says_what_is_expected(tmp_path):
 # ------------------------------------------------------------------------------------------- classes.txt
 
 
-def test_classes_with_colours(tmp_path):
+def test_classes_with_colors(tmp_path):
     write_classes(tmp_path, "background\t0,0,0\npotted plant\t 10, 20 ,30\r\nsky\t255,255,255\n")
     names, palette = read_classes_file(tmp_path / "classes.txt")
     assert names == ("background", "potted plant", "sky")
     assert palette.dtype == np.uint8 and palette.tolist() == [[0, 0, 0], [10, 20, 30], [255, 255, 255]]
 
 
-def test_classes_without_colours_use_palette_for(tmp_path):
+def test_classes_without_colors_use_palette_for(tmp_path):
     write_classes(tmp_path, "\ufeffroad\n\ncar\nperson\n")  # byte-order mark, blank line
     names, palette = read_classes_file(tmp_path / "classes.txt")
     assert names == ("road", "car", "person")
     assert np.array_equal(palette, palette_for(names, 3))
 
 
-def test_classes_some_colours_given(tmp_path):
+def test_classes_some_colors_given(tmp_path):
     write_classes(tmp_path, "road\ncar\t1,2,3\nperson\n")
     names, palette = read_classes_file(tmp_path / "classes.txt")
     generated = palette_for(names, 3)
@@ -269,21 +269,21 @@ def test_rgb_masks_map_through_the_palette(tmp_path, alpha):
     assert mask.tolist() == [[0, 1, 2, 255], [2, 2, 0, 1]]
 
 
-def test_rgb_masks_with_generated_colours(tmp_path):
+def test_rgb_masks_with_generated_colors(tmp_path):
     write_classes(tmp_path, "road\ncar\n")
-    colours = [tuple(int(v) for v in row) for row in palette_for(["road", "car"], 2)]
+    colors = [tuple(int(v) for v in row) for row in palette_for(["road", "car"], 2)]
     write_image(tmp_path, "x", 3, 1)
-    write_rgb_mask(tmp_path, "x", [[colours[1], VOID, colours[0]]])
+    write_rgb_mask(tmp_path, "x", [[colors[1], VOID, colors[0]]])
     _, mask = FolderDataset(tmp_path, "all")[0]
     assert mask.tolist() == [[1, 255, 0]]
 
 
-def test_rgb_mask_with_a_foreign_colour_names_file_and_colour(tmp_path):
+def test_rgb_mask_with_a_foreign_color_names_file_and_color(tmp_path):
     write_classes(tmp_path, "red\t200,0,0\ngreen\t0,200,0\n")
     write_image(tmp_path, "x", 3, 1)
     path = write_rgb_mask(tmp_path, "x", [[RED, (9, 9, 9), (9, 9, 9)]])
     ds = FolderDataset(tmp_path, "all")
-    with pytest.raises(MaskColourError) as info:
+    with pytest.raises(MaskColorError) as info:
         ds[0]
     msg = str(info.value)
     assert msg.startswith(f"{path}: colour 9,9,9 (2 px) not in the palette of {tmp_path / 'classes.txt'}")

@@ -12,8 +12,8 @@ from PIL import EpsImagePlugin
 
 from fcnseg.data.check import _opens
 from fcnseg.data.folder import _mode
-from fcnseg.data.nyud import read_depth_or_hha
 from fcnseg.errors import FcnsegError
+from fcnseg.imageio import read_depth_or_hha
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fcnseg"
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"

@@ -141,7 +141,7 @@ def test_objects_touch(train50):
     assert sum(touching(m) for _, m in train50) >= 40
 
 
-def test_colour_alone_is_informative_but_not_enough(train50):
+def test_color_alone_is_informative_but_not_enough(train50):
     # Nearest class-mean RGB per pixel, fit on train, scored on val by mean per-class accuracy (chance = 1 / 7).
     # Disc/square and triangle/cross share colours and the background is cluttered, so local texture and context
     # must do the rest; measured ~0.68 (0.68-0.69 over seeds 0-2).

@@ -210,7 +210,7 @@ def test_normalize_flips_channels_for_bgr():
     assert imagenet == pytest.approx([(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225], abs=1e-5)
 
 
-def test_normalize_more_channels_flips_colour_only():
+def test_normalize_more_channels_flips_color_only():
     # RGB-D / RGB-HHA input: BGR reverses the colour channels, the others keep their place (the release's readers).
     pre = CAFFE.with_extra_channels((65.0, 132.431))
     assert pre.channels == 5 and pre.std == (1.0,) * 5 and pre.mean[3:] == (65.0, 132.431)
@@ -222,7 +222,7 @@ def test_normalize_more_channels_flips_colour_only():
     pre = IMAGENET.with_extra_channels((51.0,))
     assert pre.mean[3] == pytest.approx(0.2) and pre.std[3] == pytest.approx((0.229 + 0.224 + 0.225) / 3)
     out = pre(np.full((1, 1, 4), 102, np.uint8)).flatten().tolist()
-    assert out[3] == pytest.approx((0.4 - 0.2) / pre.std[3], abs=1e-6) and pre.colour() == IMAGENET
+    assert out[3] == pytest.approx((0.4 - 0.2) / pre.std[3], abs=1e-6) and pre.color() == IMAGENET
     with pytest.raises(ValueError, match="H x W x 4"):
         pre(np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(ValueError, match="one value per channel"):

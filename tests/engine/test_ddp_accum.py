@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fcnseg.engine import run as run_mod
 from fcnseg.engine import train as train_mod
 from fcnseg.engine.config import TrainConfig
 from tests.helpers import HANG_TIMEOUT
@@ -42,11 +43,11 @@ def _setup():
 def _steps(model, steps, cfg, reduced=()):
     """Run ``train_step`` over each step's micro-batches: the gradients each step applied, its loss and, per step,
     the gradient buckets all-reduced (what the communication hook appended to ``reduced``)."""
-    optimizer = train_mod.build_optimizer(model, cfg)
-    params = [(k, p) for k, p in train_mod._unwrap(model).named_parameters() if p.requires_grad]
+    optimizer = run_mod.build_optimizer(model, cfg)
+    params = [(k, p) for k, p in run_mod.unwrap(model).named_parameters() if p.requires_grad]
     out = {"grads": [], "losses": [], "reduced": []}
     optimizer.register_step_pre_hook(lambda *_: out["grads"].append({k: p.grad.clone() for k, p in params}))
-    _, scaler = train_mod.amp_context(cfg, torch.device("cpu"))
+    _, scaler = run_mod.amp_context(cfg, torch.device("cpu"))
     for micro in steps:
         before = len(reduced)
         loss = train_mod.train_step(model, micro, optimizer, scaler, cfg, torch.device("cpu"), contextlib.nullcontext)

@@ -76,16 +76,14 @@ def test_eval_figures_equal_an_independent_computation(evaluated):
 
 
 def test_flip_tta_is_the_mean_of_both_views():
-    from fcnseg.engine.evaluate import predict_logits_batch
-
     torch.manual_seed(1)
     model = fcnseg.get_model("fcn32s", num_classes=3, width=1 / 16, fc_dim=8).eval()
     with torch.no_grad():
-        model.score_fr.weight.normal_()
+        model.head.score_fr.weight.normal_()
         x = torch.randn(1, 3, 33, 47)
         expected = (model(x).softmax(1) + model(x.flip(-1)).flip(-1).softmax(1)) / 2
-        torch.testing.assert_close(predict_logits_batch(model, x, flip=True), expected)
-        assert predict_logits_batch(model, x, scales=(0.5, 1.0)).shape == (1, 3, 33, 47)
+        torch.testing.assert_close(_tta(model, x, flip=True), expected)
+        assert _tta(model, x, scales=(0.5, 1.0)).shape == (1, 3, 33, 47)
 
 
 def test_boundary_band_by_hand():
@@ -117,6 +115,15 @@ def _random_fcn8s(num_classes=4):
     return randomise(model, trainable_only=True, bias_std=None).eval()
 
 
+def _tta(model, x, **options):
+    """The inference object's test-time augmentation: each head's mean probabilities, concatenated."""
+    from fcnseg.inference import Predictor
+
+    scores, probs = Predictor(model, **options).batch_scores(x)
+    assert probs or options.get("scales", (1.0,)) == (1.0,) and not options.get("flip")
+    return scores
+
+
 def _tta_by_hand(model, x, scales, flip):
     """The mean of the class probabilities of every view: the image resized bilinearly (half-pixel centres, i.e.
     align_corners=False) to scale s, and its mirror image when ``flip``; each view's scores mirrored back, resized
@@ -137,14 +144,12 @@ def _tta_by_hand(model, x, scales, flip):
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_multi_scale_tta_is_the_mean_of_the_per_scale_outputs(flip):
-    from fcnseg.engine.evaluate import predict_logits_batch
-
     model = _random_fcn8s()
     x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(4))
     scales = (0.75, 1.0, 1.25)
     with torch.no_grad():
         expected = _tta_by_hand(model, x, scales, flip)
-        got = predict_logits_batch(model, x, flip=flip, scales=scales)
+        got = _tta(model, x, flip=flip, scales=scales)
         # The scales matter for this model: each one alone, and the plain prediction, are far from the mean.
         for one in [(s,) for s in scales]:
             assert (_tta_by_hand(model, x, one, flip) - expected).abs().max() > 0.05, one
@@ -188,7 +193,7 @@ def test_eval_scales_reach_the_confusion_matrix(tmp_path):
 def test_tta_on_a_two_headed_model_averages_each_heads_own_probabilities():
     # Each head's probabilities are its own softmax: one softmax across both heads' concatenated scores would weigh
     # the views differently (each view's shared normaliser), and its per-head argmax can differ from this one.
-    from fcnseg.engine.evaluate import evaluate_heads, predict_logits_batch
+    from fcnseg.engine.evaluate import evaluate_heads
     from fcnseg.models.fcn import split_heads
 
     torch.manual_seed(5)
@@ -198,8 +203,8 @@ def test_tta_on_a_two_headed_model_averages_each_heads_own_probabilities():
     scales = (0.75, 1.0, 1.25)
     with torch.no_grad():
         both = [_tta_by_hand(lambda v, k=k: split_heads(model, model(v))[k], x, scales, True) for k in model.heads]
-        got = predict_logits_batch(model, x, flip=True, scales=scales, heads=[4, 3])
-        shared = predict_logits_batch(model, x, flip=True, scales=scales)
+        got = _tta(model, x, flip=True, scales=scales)
+        shared = _tta_by_hand(model, x, scales, True)  # one softmax over both heads' scores
     torch.testing.assert_close(got, torch.cat(both, 1), rtol=1e-5, atol=1e-6)
     assert (shared - got).abs().max() > 1e-3  # the shared softmax is a different (wrong) figure here
     # Through the evaluation: the confusion matrices are those of each head's argmax of the hand-computed mean.

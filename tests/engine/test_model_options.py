@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from fcnseg.engine import fitting
+from fcnseg.engine.checkpointing import check_resume_config
 from fcnseg.engine.config import TrainConfig
-from fcnseg.engine.train import build_data, build_model, check_resume_config
+from fcnseg.engine.fitting import build_model
+from fcnseg.engine.run import build_data
 from fcnseg.errors import FcnsegError
 from tests.engine.conftest import TINY_TRAIN
 

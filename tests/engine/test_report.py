@@ -20,7 +20,7 @@ from PIL import Image
 
 import fcnseg
 from fcnseg.cli import main
-from fcnseg.engine.train import LOG_FIELDS
+from fcnseg.engine.checkpointing import LOG_FIELDS
 from fcnseg.imageio import read_mask_png
 from fcnseg.palette import VOID_COLOR, palette_for
 from tests.engine.test_train import _blocks_tree
@@ -219,7 +219,7 @@ def test_worst_and_best_are_ranked_by_their_own_iu_computed_by_hand(evaluated):
     assert [f["data-name"] for f in worst] == ranked[:2]  # lowest first
     assert [f["data-name"] for f in best] == ranked[::-1][:2]  # highest first
     assert "among the 5 images evaluated, 1 without a labelled pixel left out" in text
-    colours = np.asarray(palette_for(CLASSES, 4), np.uint8)
+    colors = np.asarray(palette_for(CLASSES, 4), np.uint8)
     for fig in worst + best:
         stem = fig["data-name"]
         assert int(fig["data-index"]) == stems.index(stem)
@@ -236,7 +236,7 @@ def test_worst_and_best_are_ranked_by_their_own_iu_computed_by_hand(evaluated):
         assert np.array_equal(pred_labels, model.predict(Image.open(data / "images" / f"{stem}.png")))
         assert iu_by_hand(pred_labels, np.asarray(truth), 4) == pytest.approx(float(fig["data-iu"]), abs=1e-12)
         palette = np.asarray(pred.getpalette(), np.uint8).reshape(-1, 3)
-        assert np.array_equal(palette[:4], colours) and tuple(palette[255]) == VOID_COLOR
+        assert np.array_equal(palette[:4], colors) and tuple(palette[255]) == VOID_COLOR
 
 
 def test_a_negative_report_images_is_one_line_and_exit_2(evaluated, capsys):

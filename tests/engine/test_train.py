@@ -12,9 +12,12 @@ import torch
 import fcnseg
 from fcnseg.checkpoint import read_checkpoint
 from fcnseg.cli import main
+from fcnseg.engine import checkpointing
+from fcnseg.engine import run as run_mod
 from fcnseg.engine import train as train_mod
 from fcnseg.engine.config import TrainConfig
-from fcnseg.engine.train import TrainingDivergedError, staged_init, train
+from fcnseg.engine.fitting import build_model, staged_init
+from fcnseg.engine.train import TrainingDivergedError, train
 from tests.engine.conftest import TINY_TRAIN
 from tests.helpers import TINY, randomise
 
@@ -28,7 +31,7 @@ def _blocks_tree(root, n=3, size=64):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    colours = np.array([[40, 40, 40], [220, 30, 30], [30, 200, 40], [40, 60, 230]])
+    colors = np.array([[40, 40, 40], [220, 30, 30], [30, 200, 40], [40, 60, 230]])
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     (root / "classes.txt").write_text("background\nred\ngreen\nblue\n")
@@ -38,7 +41,7 @@ def _blocks_tree(root, n=3, size=64):
             y, x = rng.integers(0, size - 20, 2)
             h, w = rng.integers(8, 20, 2)
             mask[y : y + h, x : x + w] = c
-        img = colours[mask] + rng.integers(-20, 20, (size, size, 3))
+        img = colors[mask] + rng.integers(-20, 20, (size, size, 3))
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"im{i}.png")
         Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
     (root / "train.txt").write_text("".join(f"im{i}\n" for i in range(n)))
@@ -167,7 +170,7 @@ def test_paper_preset_uses_summed_loss_and_doubled_bias_rate(tmp_path):
     cfg = _cfg(tmp_path, preset="paper", batch_size=None, iters=1)
     cfg = cfg.resolved()
     model = fcnseg.get_model("fcn32s", num_classes=7, **TINY)
-    groups = train_mod.param_groups(model, cfg)
+    groups = run_mod.param_groups(model, cfg)
     assert groups[0]["lr"] == 1e-10 and groups[1]["lr"] == 2e-10
     assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
     assert all(p.dim() == 1 for p in groups[1]["params"])
@@ -189,24 +192,24 @@ def test_paper_preset_uses_summed_loss_and_doubled_bias_rate(tmp_path):
     params = [p for p in model.parameters() if p.requires_grad]
     biases = [(p, grad) for p, grad in zip(params, grads, strict=True) if p.dim() == 1]
     assert biases and not any(p.any() for p, _ in biases)
-    optimizer = train_mod.build_optimizer(model, cfg)
-    _, scaler = train_mod.amp_context(cfg, torch.device("cpu"))
+    optimizer = run_mod.build_optimizer(model, cfg)
+    _, scaler = run_mod.amp_context(cfg, torch.device("cpu"))
     loss = train_mod.train_step(model, micro, optimizer, scaler, cfg, torch.device("cpu"), contextlib.nullcontext)
     assert loss == pytest.approx(expected, rel=1e-5)
     assert valid > 1000  # so the sum is far from the mean
     for p, grad in biases:
         want = -2e-10 * grad
         torch.testing.assert_close(p.detach().double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
-    assert model.score_fr.bias.abs().max() > 1e-9  # the summed gradient is large: a mean's would be ~1e-12
+    assert model.head.score_fr.bias.abs().max() > 1e-9  # the summed gradient is large: a mean's would be ~1e-12
 
 
 def test_lr_schedule_warmup_then_poly():
     cfg = TrainConfig(iters=110, warmup_iters=10, poly_power=0.9).resolved()
-    f = [train_mod.lr_factor(cfg, i) for i in range(110)]
+    f = [run_mod.lr_factor(cfg, i) for i in range(110)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == 1.0 and f[60] == pytest.approx(0.5**0.9)
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
-    assert math.isclose(train_mod.lr_factor(TrainConfig(preset="paper").resolved(), 500), 1.0)
+    assert math.isclose(run_mod.lr_factor(TrainConfig(preset="paper").resolved(), 500), 1.0)
 
 
 def test_cli_train_contract(tmp_path, capsys):
@@ -254,9 +257,9 @@ def test_cli_train_contract(tmp_path, capsys):
 
 
 def test_rng_state_round_trip():
-    state = train_mod.rng_state()
+    state = checkpointing.rng_state()
     a = (torch.rand(3), np.random.rand(3), __import__("random").random())
-    train_mod.set_rng_state(state)
+    checkpointing.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), __import__("random").random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
@@ -265,11 +268,11 @@ def test_resume_takes_the_new_learning_rate(tmp_path):
     # After a divergence the message says "lower --lr": the resumed run must use it, not the saved one.
     train(_cfg(tmp_path, iters=2, val_every=2, lr=0.01, warmup_iters=0, poly_power=0.0))
     cfg = _cfg(tmp_path, iters=3, val_every=3, lr=0.001, warmup_iters=0, poly_power=0.0, resume=True).resolved()
-    model = train_mod.build_model(cfg, train_mod.build_data(cfg)[0])
-    optimizer = train_mod.build_optimizer(model, cfg)
+    model = build_model(cfg, run_mod.build_data(cfg)[0])
+    optimizer = run_mod.build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    _, scaler = train_mod.amp_context(cfg, torch.device("cpu"))
-    state = train_mod.restore_run(tmp_path / "run", model, optimizer, scheduler, scaler, cfg)
+    _, scaler = run_mod.amp_context(cfg, torch.device("cpu"))
+    state = checkpointing.restore_run(tmp_path / "run", model, optimizer, scheduler, scaler, cfg)
     assert state.iteration == 2
     assert [g["lr"] for g in optimizer.param_groups] == [0.001, 0.001]
     assert scheduler.base_lrs == [0.001, 0.001]
@@ -298,13 +301,13 @@ def test_init_from_weights_with_another_input_keeps_it_through_resume(tmp_path, 
     src = fcnseg.get_model("fcn32s", num_classes=7, **TINY)
     fcnseg.save_checkpoint(src, tmp_path / "caffe_input.pt", preprocessing=CAFFE)
     seen = []
-    real_attach = train_mod.attach_transforms
+    real_attach = run_mod.attach_transforms
 
     def spy(cfg, model, train_ds, val_ds):
         real_attach(cfg, model, train_ds, val_ds)
         seen.append(train_ds.transforms.transforms[-1].preprocessing)
 
-    monkeypatch.setattr(train_mod, "attach_transforms", spy)
+    monkeypatch.setattr(run_mod, "attach_transforms", spy)
     train(_cfg(tmp_path, iters=2, val_every=2, init_from=str(tmp_path / "caffe_input.pt")))
     assert read_checkpoint(tmp_path / "run" / "last.pt")["preprocessing"] == CAFFE.to_dict()
     train(_cfg(tmp_path, iters=3, val_every=2, resume=True))
@@ -396,7 +399,7 @@ def test_train_step_loss_and_gradient_equal_a_hand_computation_with_void_pixels(
     assert len(optimizer.grads) == len(grads)
     for got, want in zip(optimizer.grads, grads, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-12)
-    score_grad = grads[[id(p) for p in params].index(id(model.score_fr.weight))]
+    score_grad = grads[[id(p) for p in params].index(id(model.head.score_fr.weight))]
     assert score_grad.abs().max() > 1e-3 * (1 if cfg.loss == "mean" else sum(valid))  # not a vacuous check
     # lr 1, no momentum, no decay: the step moved every weight by exactly minus its gradient.
     for p, b, g in zip(params, before, optimizer.grads, strict=True):

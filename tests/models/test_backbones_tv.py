@@ -127,25 +127,25 @@ def test_fcn_alexnet_final_crop_is_18_from_the_geometry():
     # The release's FCN-AlexNet: conv1 padded by 100, ceil pooling, fc6 a 6 x 6 convolution, 63/32 upsampling and
     # a final crop of 18 (Caffe's crop layer derives it; so does the FCN, from the coordinate maps).
     model = _meta("fcn32s_alexnet", alignment="caffe")
-    assert model.crop_offsets == {"out": 18}
-    assert model.upsample_kernels == {"out": 63} and model.upsample_out.stride == (32, 32)
+    assert model.head.crop_offsets == {"out": 18}
+    assert model.head.upsample_kernels == {"out": 63} and model.head.upsample_out.stride == (32, 32)
     backbone = model.backbone
     assert backbone.features[0].padding == (100, 100) and backbone.features[2].ceil_mode
     fc7 = compose([*backbone.features, backbone.fc6, backbone.fc7])
     assert fc7 == CoordMap(Fraction(32), Fraction(13)) == backbone.coord_maps()["fc7"]
-    assert crop_offset(fc7.then(layer_map(model.upsample_out)), CoordMap()) == 18
+    assert crop_offset(fc7.then(layer_map(model.head.upsample_out)), CoordMap()) == 18
     # Aligned mode: no crop, same 63/32 kernel.
     aligned = _meta("fcn32s_alexnet", alignment="aligned")
-    assert aligned.crop_offsets == {"out": 0} and aligned.upsample_kernels == {"out": 63}
+    assert aligned.head.crop_offsets == {"out": 0} and aligned.head.upsample_kernels == {"out": 63}
 
 
 def test_upsampling_kernels_follow_the_geometry():
     # VGG16's cells sit at block centres: even kernels as released. Where cells sit on whole pixels, odd ones.
-    assert _meta("fcn8s", alignment="caffe").upsample_kernels == {"pool4": 4, "pool3": 4, "out": 16}
-    assert _meta("fcn32s", alignment="aligned").upsample_kernels == {"out": 64}
-    assert _meta("fcn8s_resnet50").upsample_kernels == {"layer3": 3, "layer2": 3, "out": 15}
+    assert _meta("fcn8s", alignment="caffe").head.upsample_kernels == {"pool4": 4, "pool3": 4, "out": 16}
+    assert _meta("fcn32s", alignment="aligned").head.upsample_kernels == {"out": 64}
+    assert _meta("fcn8s_resnet50").head.upsample_kernels == {"layer3": 3, "layer2": 3, "out": 15}
     # GoogLeNet's unpadded poolings put stride-32 cells at 32y + 22, stride-16 ones at 16y + 14: a mix.
-    assert _meta("fcn8s_googlenet").upsample_kernels == {"inception4e": 4, "inception3b": 3, "out": 15}
+    assert _meta("fcn8s_googlenet").head.upsample_kernels == {"inception4e": 4, "inception3b": 3, "out": 15}
     from fcnseg.models import FCN
 
     with torch.device("meta"):
@@ -156,8 +156,8 @@ def test_upsampling_kernels_follow_the_geometry():
             FCN(backbone, 21, upsample_kernels={"pool4": 4})
         # AlexNet has stride-8/16 taps too: an FCN-8s on it builds, its kernels and crops derived.
         fcn8s_alexnet = FCN(AlexNetBackbone(alignment="caffe"), 21, skips=("pool2", "pool1"))
-    assert fcn8s_alexnet.upsample_kernels == {"pool2": 3, "pool1": 3, "out": 15}
-    assert all(v >= 0 for v in fcn8s_alexnet.crop_offsets.values())
+    assert fcn8s_alexnet.head.upsample_kernels == {"pool2": 3, "pool1": 3, "out": 15}
+    assert all(v >= 0 for v in fcn8s_alexnet.head.crop_offsets.values())
 
 
 # ------------------------------------------------------------------------------------------ AlexNet fc -> conv
@@ -324,7 +324,7 @@ def test_torchvision_weights_from_a_state_dict_file(name, tmp_path):
     getattr(classifier, top).register_forward_hook(lambda m, i, o: feats.setdefault("top", o))
     with torch.no_grad():
         classifier(IMAGENET(pixels))  # torchvision's input: ImageNet mean/std
-        got = model.backbone(model.preprocessing(pixels))[model.top]
+        got = model.backbone(model.preprocessing(pixels))[model.head.top]
     assert got.shape == feats["top"].shape
     assert (got - feats["top"]).abs().max().item() <= 1e-4 * feats["top"].abs().max().item()
 
@@ -381,7 +381,7 @@ def test_checkpoint_round_trip(name, tmp_path):
     torch.manual_seed(0)
     model = _randomise_batch_norm(get_model(name, num_classes=3, alignment="caffe", **tiny_options(name))).eval()
     with torch.no_grad():
-        for score in [model.score_fr, *model.score_skip.values()]:
+        for score in [model.head.score_fr, *model.head.score_skip.values()]:
             score.weight.normal_(0, 0.1)
     loaded = load(fcnseg.save_checkpoint(model, tmp_path / "m.pt"))
     x = torch.randn(1, 3, 45, 38)
@@ -389,4 +389,4 @@ def test_checkpoint_round_trip(name, tmp_path):
         expected = model(x)
         assert expected.abs().max() > 0
         assert torch.equal(loaded(x), expected)
-    assert loaded.crop_offsets == model.crop_offsets and loaded.preprocessing == model.preprocessing
+    assert loaded.head.crop_offsets == model.head.crop_offsets and loaded.preprocessing == model.preprocessing

@@ -308,19 +308,19 @@ def siftflow_layers(sem_classes, geo_classes):
     return sem, geo, trunk + _suffixed(sem_head, "_sem") + _suffixed(geo_head, "_geo")
 
 
-def colour_hha_layers(classes):
+def color_hha_layers(classes):
     """nyud-fcn32s-color-hha's layout: (colour net, HHA net, the late-fusion file's layers)."""
-    colour, hha = fcn_layers("fcn32s", classes=classes, seed=21), fcn_layers("fcn32s", classes=classes, seed=22)
-    upscore = next(x for x in colour if x.name == "upscore")
+    color, hha = fcn_layers("fcn32s", classes=classes, seed=21), fcn_layers("fcn32s", classes=classes, seed=22)
+    upscore = next(x for x in color if x.name == "upscore")
     streams = [
         x
-        for x in _suffixed(colour, "color") + _suffixed(hha, "hha")
+        for x in _suffixed(color, "color") + _suffixed(hha, "hha")
         if not x.name.startswith(("upscore", "score", "loss"))
     ]
-    streams += [x for x in _suffixed(colour, "color") + _suffixed(hha, "hha") if x.name.startswith("score_fr")]
+    streams += [x for x in _suffixed(color, "color") + _suffixed(hha, "hha") if x.name.startswith("score_fr")]
     fused = CaffeLayer("score_fused", "Eltwise", bottoms=["score_frcolor", "score_frhha"], tops=["score_fused"],
                        coeff=[0.5, 0.5])  # fmt: skip
-    return colour, hha, [CaffeLayer("data", "Input"), *streams, fused, upscore, CaffeLayer("score", "Crop")]
+    return color, hha, [CaffeLayer("data", "Input"), *streams, fused, upscore, CaffeLayer("score", "Crop")]
 
 
 def test_siftflow_two_headed_file_converts_to_both_heads(tmp_path):
@@ -344,11 +344,11 @@ def test_siftflow_two_headed_file_converts_to_both_heads(tmp_path):
         assert_span_close(out[:, 5:], reference_forward(trunk + geo_head, "fcn16s", x))
 
 
-def test_colour_hha_file_converts_with_the_averaged_scores_folded_in(tmp_path):
+def test_color_hha_file_converts_with_the_averaged_scores_folded_in(tmp_path):
     # nyud-fcn32s-color-hha's layout (its net.py): every layer of a stream suffixed "color" / "hha", the two
     # score_fr maps summed by an Eltwise with coeff 0.5, 0.5, one upscore and one crop for the sum.
-    colour, hha, layers = colour_hha_layers(5)
-    upscore = next(x for x in colour if x.name == "upscore")
+    color, hha, layers = color_hha_layers(5)
+    upscore = next(x for x in color if x.name == "upscore")
     write_caffemodel(tmp_path / "color-hha.caffemodel", layers)
     _, read = read_caffemodel(tmp_path / "color-hha.caffemodel")
     assert next(x for x in read if x.name == "score_fused").coeff == [0.5, 0.5]
@@ -358,7 +358,7 @@ def test_colour_hha_file_converts_with_the_averaged_scores_folded_in(tmp_path):
     x = torch.randn(1, 6, 41, 30)
     shared = [x if x.name != "upscore" else upscore for x in hha]  # one upsampling for the sum, the colour one's
     with torch.no_grad():
-        expected = 0.5 * (reference_forward(colour, "fcn32s", x[:, :3]) + reference_forward(shared, "fcn32s", x[:, 3:]))
+        expected = 0.5 * (reference_forward(color, "fcn32s", x[:, :3]) + reference_forward(shared, "fcn32s", x[:, 3:]))
         assert_span_close(model(x), expected)
     # A weighted sum of anything but score layers is refused, naming the layer.
     odd = [*layers[:-3], CaffeLayer("score_fused", "Eltwise", bottoms=["fc7color", "fc7hha"], coeff=[2.0, 1.0]),
@@ -393,7 +393,7 @@ def test_convert_records_the_input_of_the_release_the_layers_identify(net, class
     entry = FCNWeights[weights].value
     layers = {
         "siftflow": lambda: siftflow_layers(classes, 3)[2],
-        "colour-hha": lambda: colour_hha_layers(classes)[2],
+        "colour-hha": lambda: color_hha_layers(classes)[2],
     }.get(net, lambda: fcn_layers(net, classes=classes))()
     ckpt, err = _convert_cli(layers, tmp_path, capsys)
     assert ckpt["model"] == entry.model and err == ""  # identified: nothing assumed, nothing to say
@@ -424,6 +424,6 @@ def test_convert_says_which_input_it_assumed_when_the_layers_do_not_tell(tmp_pat
     assert ckpt["preprocessing"] == CAFFE.to_dict() and ckpt["classes"] == []
     assert err.startswith(f"fcnseg: note: {src}: fcn8s with 5 classes is no published net: assumed the PASCAL VOC")
     # A fusion net of another class count still records six channels: colour as assumed, HHA like grey.
-    ckpt, err = _convert_cli(colour_hha_layers(5)[2], tmp_path, capsys)
+    ckpt, err = _convert_cli(color_hha_layers(5)[2], tmp_path, capsys)
     assert ckpt["preprocessing"] == CAFFE.for_channels(6).to_dict() and len(ckpt["preprocessing"]["mean"]) == 6
     assert "assumed the PASCAL VOC input" in err

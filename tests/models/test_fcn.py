@@ -108,17 +108,17 @@ def _impulse_model(name: str, mode: str) -> FCN:
             conv.bias.zero_()
             kh, kw = conv.kernel_size
             conv.weight[0, 0, kh // 2, kw // 2] = 1.0
-        for score in [model.score_fr, *model.score_skip.values()]:
+        for score in [model.head.score_fr, *model.head.score_skip.values()]:
             score.weight.zero_()
-            score.weight[1, 0] = 1.0 / (model.skip_scales.get(_tap_of(model, score), 1.0))
+            score.weight[1, 0] = 1.0 / (model.head.skip_scales.get(_tap_of(model, score), 1.0))
     return model
 
 
 def _tap_of(model: FCN, score: torch.nn.Module) -> str:
-    for name, s in model.score_skip.items():
+    for name, s in model.head.score_skip.items():
         if s is score:
             return name
-    return model.top
+    return model.head.top
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -129,7 +129,7 @@ def test_impulse_lands_where_it_was(name, mode):
     # conv1_1's output grid, whose pixel j is centred on input pixel j - 99 with the release's pad 100 (3x3
     # kernel) and on j itself in aligned mode. A crop off by even one pixel moves the peak off the centre.
     model = _impulse_model(name, mode)
-    s = 8 if "pool3" in model.skips else 16 if "pool4" in model.skips else 32
+    s = 8 if "pool3" in model.head.skips else 16 if "pool4" in model.head.skips else 32
     origin = -99 if mode == "caffe" else 0
     h, w = 97, 131
     for r, c in [(0, 0), (50, 70), (96, 130), (33, 5), (64, 100), (7, 120)]:
@@ -151,7 +151,7 @@ def test_impulse_lands_where_it_was(name, mode):
 def test_batch_norm_variant_keeps_the_geometry(mode):
     plain = get_model("fcn8s", alignment=mode, **TINY)
     bn = get_model("fcn8s", alignment=mode, batch_norm=True, **TINY)
-    assert bn.crop_offsets == plain.crop_offsets
+    assert bn.head.crop_offsets == plain.head.crop_offsets
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules()) == 13
     with torch.no_grad():
         assert bn.eval()(torch.randn(1, 3, 19, 23)).shape == (1, 21, 19, 23)
@@ -159,13 +159,13 @@ def test_batch_norm_variant_keeps_the_geometry(mode):
 
 def test_atonce_scales_the_skips():
     model = get_model("fcn8s_atonce", **TINY)
-    assert model.skip_scales == {"pool4": 0.01, "pool3": 1e-4}
-    assert get_model("fcn8s", **TINY).skip_scales == {"pool4": 1.0, "pool3": 1.0}
+    assert model.head.skip_scales == {"pool4": 0.01, "pool3": 1e-4}
+    assert get_model("fcn8s", **TINY).head.skip_scales == {"pool4": 1.0, "pool3": 1.0}
 
 
 def test_score_layers_start_at_zero():
     model = get_model("fcn8s", num_classes=7, **TINY)
-    for conv in [model.score_fr, *model.score_skip.values()]:
+    for conv in [model.head.score_fr, *model.head.score_skip.values()]:
         assert conv.weight.abs().sum() == 0 and conv.bias.abs().sum() == 0
     with torch.no_grad():
         assert model(torch.randn(1, 3, 20, 20)).abs().max() == 0

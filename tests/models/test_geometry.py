@@ -40,9 +40,9 @@ def test_crop_offset_refuses_fractional_and_negative_offsets():
 )
 def test_caffe_mode_derives_the_released_crops(name, expected):
     # The release's 5 / 9 and 19 / 27 / 31 follow from pad 100, the pools and the 7x7 fc6; nothing is typed in.
-    assert get_model(name, alignment="caffe", **tiny_options(name)).crop_offsets == expected
+    assert get_model(name, alignment="caffe", **tiny_options(name)).head.crop_offsets == expected
     # Aligned mode pads the transposed convolutions instead, so no crop is left to do.
-    assert set(get_model(name, alignment="aligned", **tiny_options(name)).crop_offsets.values()) == {0}
+    assert set(get_model(name, alignment="aligned", **tiny_options(name)).head.crop_offsets.values()) == {0}
 
 
 def test_backbone_maps_in_both_modes():

@@ -19,12 +19,13 @@ from fcnseg.data.nyud import NYUD_MEAN_HHA, NYUD_MEAN_LOG_DEPTH
 from fcnseg.data.siftflow import SIFTFLOW_CLASSES, SIFTFLOW_FOLDER
 from fcnseg.data.transforms import pad_collate
 from fcnseg.engine.config import TrainConfig
-from fcnseg.engine.train import build_model, staged_init, summed_loss, train
+from fcnseg.engine.fitting import build_model, staged_init
+from fcnseg.engine.train import summed_loss, train
 from fcnseg.errors import FcnsegError
 from fcnseg.metrics import ConfusionMatrix
 from fcnseg.models import LateFusionFCN, TwoHeadFCN, get_model, split_heads
 from fcnseg.models.backbones import first_conv, widen_input_weight
-from fcnseg.models.fcn import with_input_channels
+from fcnseg.models.builders import with_input_channels
 from tests.data.test_nyud import TEST as NYUD_TEST
 from tests.data.test_nyud import make_nyud
 from tests.helpers import TINY, randomise
@@ -32,7 +33,7 @@ from tests.helpers import TINY, randomise
 # ---------------------------------------------------------------------------------------------- early fusion
 
 
-def test_widened_weight_keeps_colour_and_averages_it_for_the_extra_channels():
+def test_widened_weight_keeps_color_and_averages_it_for_the_extra_channels():
     w = torch.randn(8, 3, 3, 3)
     before = w.clone()
     out = widen_input_weight(w, 5)
@@ -45,7 +46,7 @@ def test_widened_weight_keeps_colour_and_averages_it_for_the_extra_channels():
 
 
 @pytest.mark.parametrize("name", ["fcn32s", "fcn32s_alexnet"])
-def test_early_fusion_computes_the_colour_net_plus_depth_spread_over_colour(name):
+def test_early_fusion_computes_the_color_net_plus_depth_spread_over_color(name):
     # The extra channel's filters are the mean of the colour ones, and the first layer is linear: a depth map d
     # adds what d / 3 added to each colour channel would. So the widened net on (rgb, d) equals the colour net on
     # rgb + d / 3, exactly up to float rounding, and on (rgb, 0) it equals the colour net on rgb.
@@ -76,7 +77,7 @@ def test_in_channels_extends_the_input_normalisation():
     assert with_input_channels(model, 4) is model  # already 4: unchanged
 
 
-def test_staged_init_widens_a_colour_checkpoint(tmp_path):
+def test_staged_init_widens_a_color_checkpoint(tmp_path):
     # The paper trains its RGBD net from the RGB FCN-32s: the colour checkpoint's first layer is widened on load.
     rgb = randomise(get_model("fcn32s", num_classes=40, **TINY), seed=0).eval()
     ckpt = fcnseg.save_checkpoint(rgb, tmp_path / "rgb.pt")
@@ -85,7 +86,7 @@ def test_staged_init_widens_a_colour_checkpoint(tmp_path):
     assert left == []  # every layer came from the colour net
     w_rgb, w = first_conv(rgb).weight, first_conv(rgbd).weight
     assert torch.equal(w[:, :3], w_rgb) and torch.allclose(w[:, 3], w_rgb.mean(1))
-    assert rgbd.preprocessing.channels == 4 and rgbd.preprocessing.colour() == rgb.preprocessing
+    assert rgbd.preprocessing.channels == 4 and rgbd.preprocessing.color() == rgb.preprocessing
 
 
 # ----------------------------------------------------------------------------------------------- late fusion
@@ -133,10 +134,10 @@ def test_a_wrong_channel_count_is_named_at_the_models_door(name, delta):
     assert model(torch.zeros(1, model.in_channels, 50, 60)).shape[-2:] == (50, 60)
 
 
-def test_a_fusion_net_whose_recorded_input_is_colour_only_is_refused_in_one_line(tmp_path, capsys):
+def test_a_fusion_net_whose_recorded_input_is_color_only_is_refused_in_one_line(tmp_path, capsys):
     # What `fcnseg convert` used to write for the colour-HHA caffemodel: a 6-channel net, a 3-channel input.
     model = get_model("fcn32s_rgb_hha", **TINY)
-    model.preprocessing = model.preprocessing.colour()
+    model.preprocessing = model.preprocessing.color()
     fcnseg.save_checkpoint(model, tmp_path / "old.pt")
     Image.fromarray(np.zeros((50, 60, 3), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(
@@ -219,7 +220,7 @@ def test_nyud_fusion_trains_and_evaluates(tmp_path, modality, model_name):
 
 
 @pytest.mark.parametrize("modality", ["rgbd", "hha"])
-def test_colour_jitter_is_refused_for_depth_and_hha(tmp_path, modality):
+def test_color_jitter_is_refused_for_depth_and_hha(tmp_path, modality):
     root = make_nyud(tmp_path / "nyud")
     options = {"modality": modality}
     run = str(tmp_path / "run")
@@ -240,7 +241,7 @@ def test_late_fusion_starts_from_one_stream_or_a_coarser_fusion_net(tmp_path):
     fused = get_model("fcn32s_rgb_hha", **TINY)
     assert staged_init(fused, fcnseg.save_checkpoint(single, tmp_path / "s.pt")) == []
     for stream in fused.streams.values():
-        assert torch.equal(stream.score_fr.weight, single.score_fr.weight)
+        assert torch.equal(stream.head.score_fr.weight, single.head.score_fr.weight)
 
 
 def test_nyud_modality_and_model_must_match(tmp_path, capsys):
@@ -267,7 +268,7 @@ def test_two_headed_fcn_shares_one_trunk():
     with torch.no_grad():
         out = model(x)
         heads = split_heads(model, out)
-        feats = model.backbone(model._pad(x))
+        feats = model.backbone(model.pad(x))
         geo = model.score_heads["geometric"].decode(feats, 40, 52)
     assert out.shape == (1, 36, 40, 52) and {k: v.shape[1] for k, v in heads.items()} == model.heads
     torch.testing.assert_close(heads["geometric"], geo, atol=0, rtol=0)
@@ -509,7 +510,7 @@ def test_two_headed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("modality", "model_name", "extra"), [("rgbd", "fcn32s", ["depth"]), ("rgb-hha", "fcn32s_rgb_hha", ["hha"])]
 )
-def test_predict_cli_takes_depth_or_hha_beside_the_colour_images(tmp_path, capsys, modality, model_name, extra):
+def test_predict_cli_takes_depth_or_hha_beside_the_color_images(tmp_path, capsys, modality, model_name, extra):
     # fcnseg predict IMAGES --extra DIR: each colour image's depth (16-bit millimetres) or HHA image, found by its
     # file name, joins it as the dataset would join them; the masks equal model.predict on the dataset's arrays.
     root = make_nyud(tmp_path / "nyud")

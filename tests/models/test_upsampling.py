@@ -7,7 +7,7 @@ from tests.helpers import TINY
 
 
 def _closed_form(k: int) -> torch.Tensor:
-    # The facts file's definition written out element by element.
+    # upsample_filt of the Caffe release's surgery.py, written out element by element.
     f = (k + 1) // 2
     c = f - 1 if k % 2 else f - 0.5
     return torch.tensor(
@@ -62,9 +62,9 @@ def test_upsampling_stays_fixed_unless_learnable(learnable):
     torch.manual_seed(0)
     model = get_model("fcn16s", num_classes=3, learnable_upsampling=learnable, **TINY)
     with torch.no_grad():  # non-zero score layers so that the upsamplers receive a gradient
-        for conv in [model.score_fr, *model.score_skip.values()]:
+        for conv in [model.head.score_fr, *model.head.score_skip.values()]:
             conv.weight.normal_()
-    ups = [model.upsample_out, *model.upsample_skip.values()]
+    ups = [model.head.upsample_out, *model.head.upsample_skip.values()]
     before = [u.weight.detach().clone() for u in ups]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     loss = model(torch.randn(1, 3, 40, 36)).square().mean()

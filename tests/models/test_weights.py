@@ -304,8 +304,8 @@ def test_the_listing_names_each_nets_input(capsys):
     rows = {line.split()[0]: line.split()[3] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
     assert rows["nyud-fcn32s-hha-heavy"] == "HHA" and rows["nyud-fcn32s-color-hha-heavy"] == "BGR+HHA"
     for w in FCNWeights:
-        colour = w.value.preprocessing.channel_order
-        expected = {3: colour, 6: f"{colour}+HHA"}[w.value.preprocessing.channels]
+        color = w.value.preprocessing.channel_order
+        expected = {3: color, 6: f"{color}+HHA"}[w.value.preprocessing.channels]
         assert rows[w.id] == ("HHA" if w.id == "nyud-fcn32s-hha-heavy" else expected), w.id
 
 
@@ -324,7 +324,7 @@ def test_a_stand_in_for_a_hashed_file_is_refused(tmp_path, hub, capsys):
 
 
 def test_training_from_published_weights_takes_their_input(stand_in, tmp_path):
-    from fcnseg.engine.train import staged_init
+    from fcnseg.engine.fitting import staged_init
 
     model = fcnseg.get_model("fcn8s", alignment="caffe", width=0.25, fc_dim=32, num_classes=21)
     assert model.preprocessing != CAFFE
@@ -375,7 +375,7 @@ def test_nyud_hha_entry_takes_the_hha_image_as_stored():
     assert entry.preprocessing(hha).flatten().tolist() == pytest.approx([10 - 132.431, 20 - 94.076, 30 - 118.477])
 
 
-def test_siftflow_and_colour_hha_entries_load_from_the_cache(hub, tmp_path):
+def test_siftflow_and_color_hha_entries_load_from_the_cache(hub, tmp_path):
     # Stand-ins in the release's layouts (written as test_caffe_import.py writes them), placed where the download
     # would put them: loaded by name, with both heads' names and the six-channel input.
     from fcnseg.models.weights import NYUD_CAFFE_RGB_HHA, SIFTFLOW_CAFFE
@@ -390,14 +390,14 @@ def test_siftflow_and_colour_hha_entries_load_from_the_cache(hub, tmp_path):
     assert model.head_classes["geometric"] == ["sky", "horizontal", "vertical"] and model.classes[8] == "cow"
     masks = model.predict(np.zeros((20, 24, 3), np.uint8))
     assert masks["semantic"].shape == masks["geometric"].shape == (20, 24)
-    colour, hha = fcn_layers("fcn32s", classes=40, seed=3), fcn_layers("fcn32s", classes=40, seed=4)
+    color, hha = fcn_layers("fcn32s", classes=40, seed=3), fcn_layers("fcn32s", classes=40, seed=4)
     layers = [
         x
-        for x in _suffixed(colour, "color") + _suffixed(hha, "hha")
+        for x in _suffixed(color, "color") + _suffixed(hha, "hha")
         if not x.name.startswith(("upscore", "loss", "score"))
     ]
-    layers += [x for x in _suffixed(colour, "color") + _suffixed(hha, "hha") if x.name.startswith("score_fr")]
-    layers += [x for x in colour if x.name == "upscore"]
+    layers += [x for x in _suffixed(color, "color") + _suffixed(hha, "hha") if x.name.startswith("score_fr")]
+    layers += [x for x in color if x.name == "upscore"]
     write_caffemodel(hub / "nyud-fcn32s-color-hha-heavy.caffemodel", layers)
     model = fcnseg.load("nyud-fcn32s-color-hha-heavy")
     assert model.in_channels == 6 and model.preprocessing == NYUD_CAFFE_RGB_HHA

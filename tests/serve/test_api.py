@@ -103,7 +103,8 @@ def test_docs_openapi_page_and_static_files(ckpt):
     assert {"/health", "/model", "/predict", "/predict/batch"} <= set(spec["paths"])
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["file"] and set(body["properties"]) == {"file", "extra"}
-    assert {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]} == {"format", "head", "alpha"}
+    parameters = {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]}
+    assert parameters == {"format", "head", "alpha", "confidence"}
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert page.status_code == 200 and '<canvas id="canvas"' in page.text and 'id="opacity"' in page.text
     assert assets["app.js"].headers["content-type"].startswith(("application/javascript", "text/javascript"))
@@ -123,20 +124,27 @@ def test_docs_openapi_page_and_static_files(ckpt):
         (("--runtime", "bf16"), "photo.png", encoded(noise(33, 47, seed=3))),
         ((), "sideways.jpg", rotated_jpeg(noise(30, 50, seed=4))),
         ((), "grey.png", encoded(noise(30, 40, seed=5)[:, :, 0])),
+        (("--tile", "64", "--overlap", "32", "--flip", "--scales", "0.75", "1"), "tta.png", encoded(noise(70, 150, 6))),
     ],
-    ids=["eager", "tiled", "bf16", "exif-rotated-jpeg", "grey"],
+    ids=["eager", "tiled", "bf16", "exif-rotated-jpeg", "grey", "tiled+flip+scales"],
 )
 @pytest.mark.filterwarnings("ignore:this CPU")
 def test_served_masks_are_byte_identical_to_fcnseg_predict(ckpt, tmp_path, flags, name, image):
-    out = _predicted(tmp_path, ckpt, image, name, "--overlay", *flags)
+    out = _predicted(tmp_path, ckpt, image, name, "--overlay", "--confidence", *flags)
     stem = Path(name).stem
     with client_for(ckpt, *flags) as client:
         png = client.post("/predict", files={"file": (name, image, "image/png")})
         overlay = client.post("/predict?format=overlay", files={"file": (name, image, "image/jpeg")})
+        confidence = client.post("/predict?format=confidence", files={"file": (name, image, "image/png")})
+        answer = client.post("/predict?format=json&confidence=true", files={"file": (name, image)}).json()
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.content == (out / f"{stem}.png").read_bytes()
     assert overlay.headers["content-type"] == "image/jpeg"
     assert overlay.content == (out / f"{stem}_overlay.jpg").read_bytes()
+    # The confidence map, as predict --confidence writes it, in both answers.
+    assert confidence.headers["content-disposition"] == f'inline; filename="{stem}_confidence.png"'
+    assert confidence.content == (out / f"{stem}_confidence.png").read_bytes()
+    assert base64.b64decode(answer["heads"][0]["confidence_png"]) == confidence.content
     mask = _indices(png.content)
     assert png.headers["x-image-size"] == f"{mask.shape[1]}x{mask.shape[0]}"
     assert len(np.unique(mask)) >= 2  # a real mask, not one class everywhere
@@ -187,13 +195,13 @@ def test_fusion_net_takes_its_extra_channels_and_refuses_without_them(tmp_path):
     out = _predicted(tmp_path, ckpt, image, "room.png", "--extra", str(tmp_path / "depth"))
     with client_for(ckpt) as client:
         both = client.post("/predict", files=[("file", ("room.png", image)), ("extra", ("d.png", depth_png))])
-        colour_only = client.post("/predict", files={"file": ("room.png", image, "image/png")})
+        color_only = client.post("/predict", files={"file": ("room.png", image, "image/png")})
         wrong_size = client.post("/predict", files=[("file", ("room.png", image)),
                                                     ("extra", ("d.png", encoded(depth[:20])))])  # fmt: skip
     assert both.status_code == 200 and both.content == (out / "room.png").read_bytes()
-    assert colour_only.status_code == 422
-    assert colour_only.json()["error"].startswith("this model takes 4 input channels (colour, then depth or HHA)")
-    assert "'extra'" in colour_only.json()["error"]
+    assert color_only.status_code == 422
+    assert color_only.json()["error"].startswith("this model takes 4 input channels (colour, then depth or HHA)")
+    assert "'extra'" in color_only.json()["error"]
     assert wrong_size.status_code == 422
     assert wrong_size.json()["error"] == "d.png: is 50x20 but room.png is 50x40; expected the same size"
 
@@ -260,8 +268,8 @@ def test_bad_requests_that_are_not_uploads(ckpt):
     assert not_multipart.status_code == 415
     assert not_multipart.json()["error"] == ("expected a multipart/form-data upload with the image in the field 'file' "
                                              "(curl -F file=@photo.jpg), got content type 'image/png'")  # fmt: skip
-    assert (bad_format.status_code, bad_format.json()) == (422, {"error": "format: Input should be 'png', 'overlay' "
-                                                                          "or 'json'"})  # fmt: skip
+    assert (bad_format.status_code, bad_format.json()) == (422, {"error": "format: Input should be 'png', 'overlay', "
+                                                                          "'confidence' or 'json'"})  # fmt: skip
     assert (bad_alpha.status_code, bad_alpha.json()) == (422, {"error": "alpha: Input should be less than or equal "
                                                                         "to 1"})  # fmt: skip
 

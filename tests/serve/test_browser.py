@@ -72,8 +72,8 @@ for (let i = 0; i < d.length; i += 4) { if (d[i] === r && d[i + 1] === g && d[i 
 blend();"""
 
 
-def _canvas(driver, recolour_background_black: bool = False) -> np.ndarray:
-    if recolour_background_black:
+def _canvas(driver, recolor_background_black: bool = False) -> np.ndarray:
+    if recolor_background_black:
         driver.execute_script(RECOLOUR, RED_PALETTE[0])
     w, h, data = driver.execute_script(CANVAS_PIXELS)
     return np.frombuffer(base64.b64decode(data), np.uint8).reshape(h, w, 4)
@@ -124,7 +124,7 @@ def test_the_page_segments_a_photo_in_chromium(tmp_path):
     photo_path = tmp_path / "photo.png"
     Image.fromarray(photo).save(photo_path)
     mask = fcnseg.load(ckpt).predict(photo)
-    colours = colorize(mask, np.array(RED_PALETTE, np.uint8))
+    colors = colorize(mask, np.array(RED_PALETTE, np.uint8))
     shares = np.bincount(mask.ravel(), minlength=2) / mask.size
     bad = tmp_path / "notes.png"
     bad.write_text("this is not a picture\n")
@@ -147,7 +147,7 @@ def test_the_page_segments_a_photo_in_chromium(tmp_path):
         driver.save_screenshot(str(tmp_path / "page.png"))
         # A class drawn black (background, as palette_for draws it) is left untinted at any opacity: the mask's
         # background pixels recoloured black in the page's own state, then blended again.
-        untinted = _canvas(driver, recolour_background_black=True)
+        untinted = _canvas(driver, recolor_background_black=True)
 
         driver.find_element(By.ID, "file").send_keys(str(bad))
         error = _wait(driver, lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(
@@ -159,15 +159,15 @@ def test_the_page_segments_a_photo_in_chromium(tmp_path):
     # At 100% opacity the canvas is the mask's colours, pixel for pixel: red (250, 200, 0) on the left, background
     # (20, 120, 220) on the right, the boundary where the model puts it.
     assert solid.shape == (96, 128, 4) and (solid[..., 3] == 255).all()
-    np.testing.assert_array_equal(solid[..., :3], colours)
+    np.testing.assert_array_equal(solid[..., :3], colors)
     assert solid[40, 10, :3].tolist() == RED_PALETTE[1] and solid[40, 120, :3].tolist() == RED_PALETTE[0]
     # At the default 50% the photo shows through: the blend of photo and mask colours.
-    expected = 0.5 * photo.astype(np.float64) + 0.5 * colours
+    expected = 0.5 * photo.astype(np.float64) + 0.5 * colors
     assert np.abs(blended[..., :3] - expected).max() <= 0.5 + 1e-9
     background = mask == 0
     assert background.any() and (~background).any()
     np.testing.assert_array_equal(untinted[background][:, :3], photo[background])
-    np.testing.assert_array_equal(untinted[~background][:, :3], colours[~background])  # 100%: the mask's colour
+    np.testing.assert_array_equal(untinted[~background][:, :3], colors[~background])  # 100%: the mask's colour
     # The legend lists the classes present, largest first, with their shares.
     order = np.argsort(-shares)
     assert legend == [[RED_CLASSES[k], f"{100 * shares[k]:.1f}%"] for k in order]

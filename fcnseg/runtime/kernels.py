@@ -20,15 +20,15 @@ import copy
 import json
 import math
 import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cpu import cpu_key
+from .timing import median_ms
 
 KERNELS: tuple[str, ...] = ("onednn", "nnpack", "gemm")
 TOLERANCE = 1e-4  # of the output's range: a kernel further from oneDNN's output than this is not used
@@ -48,42 +48,15 @@ def cache_path() -> Path:
     return cache_root() / "conv-kernels.json"
 
 
-def cpu_model_name() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (platform's processor name elsewhere)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _isa() -> str:
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-    return f"{torch.backends.cpu.get_cpu_capability()}{'/' + isa if isa else ''}"
-
-
-def isa_key() -> str:
-    """The CPU and the instruction sets torch and oneDNN may use on it (``ATEN_CPU_CAPABILITY``,
-    ``ONEDNN_MAX_CPU_ISA``), with torch's version: what compiled or measured code is only valid for."""
-    return f"{cpu_model_name()} | {_isa()} | torch {torch.__version__}"
-
-
-def cpu_key() -> str:
-    """What a measured choice depends on besides the layer: :func:`isa_key` and the thread count."""
-    return f"{cpu_model_name()} | {_isa()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
-
-
 class KernelChoices:
-    """The measured choices, ``{layer key: kernel}``, of this CPU (:func:`cpu_key`), read from and saved to the
-    cache file. A cache that cannot be read or written only costs measurements. ``force``: use this kernel
-    wherever it applies, measuring nothing (to compare kernels, and in tests)."""
+    """The measured choices, ``{layer key: kernel}``, of this CPU (:func:`~fcnseg.runtime.cpu.cpu_key`), read from
+    and saved to the cache file ``path`` (default: :func:`cache_path`). A cache that cannot be read or written only
+    costs measurements."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, force: str | None = None) -> None:
-        if force is not None and force not in KERNELS:
-            raise ValueError(f"force={force!r}: expected one of {', '.join(KERNELS)}")
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path else cache_path()
-        self.cpu, self.force = cpu_key(), force
-        self.choices: dict[str, str] = {} if force else self._read().get(self.cpu, {})
+        self.cpu = cpu_key()
+        self.choices: dict[str, str] = self._read().get(self.cpu, {})
 
     def _read(self) -> dict[str, dict[str, str]]:
         try:
@@ -98,7 +71,7 @@ class KernelChoices:
 
     def set(self, key: str, kernel: str) -> None:
         """Remember ``kernel`` for ``key`` and save it, merged with what other processes saved meanwhile."""
-        from .io import atomic_write
+        from ..io import atomic_write
 
         self.choices[key] = kernel
         doc = self._read()
@@ -156,8 +129,7 @@ class MeasuredConv2d(nn.Conv2d):
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return self.run("onednn", x)
         key = self.key(x)
-        forced = self.choices.force
-        kernel = (forced if forced in self.candidates else "onednn") if forced else self.choices.get(key)
+        kernel = self.choices.get(key)
         if kernel not in self.candidates:
             kernel = self.measure(x, key)
         self.last = kernel
@@ -176,19 +148,11 @@ class MeasuredConv2d(nn.Conv2d):
             for kernel in self.candidates:
                 if kernel != "onednn" and float((self.run(kernel, x) - reference).abs().max()) > TOLERANCE * scale:
                     continue
-                times[kernel] = _median_ms(lambda k=kernel: self.run(k, x))
+                # No warm-up: each candidate but oneDNN has just run (the check above), oneDNN for the reference.
+                times[kernel] = median_ms(lambda k=kernel: self.run(k, x), runs=_TIMED_RUNS)
         best = min(times, key=times.__getitem__)
         self.choices.set(key, best)
         return best
-
-
-def _median_ms(fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(_TIMED_RUNS):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def _onednn(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -278,8 +242,3 @@ def with_measured_kernels(model: nn.Module, choices: KernelChoices | None = None
     """A copy of ``model`` in NCHW layout on measured kernels (:func:`use_measured_kernels`); ``model`` itself is
     left untouched."""
     return use_measured_kernels(copy.deepcopy(model).to(memory_format=torch.contiguous_format), choices)
-
-
-def chosen_kernels(model: nn.Module) -> dict[str, str]:
-    """``{layer name: kernel}`` of each MeasuredConv2d of ``model`` at its latest call."""
-    return {name: m.last for name, m in model.named_modules() if isinstance(m, MeasuredConv2d) and m.last}

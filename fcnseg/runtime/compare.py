@@ -1,0 +1,26 @@
+"""What a runner is, and the low-level comparison of two runners: the share of pixels whose argmax agrees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def agreement(run: Runner, reference: Runner, inputs: Iterable[torch.Tensor], model: nn.Module | None = None) -> float:
+    """Fraction of pixels, over ``inputs``, where ``run``'s argmax equals ``reference``'s. With ``model``, a
+    two-headed model's heads are compared one by one (their scores are concatenated in one output) and the
+    pixels of every head counted."""
+    sizes = list(model.heads.values()) if model is not None else None
+    same = total = 0
+    for x in inputs:
+        outs, refs = run(x), reference(x)
+        heads = outs.split(sizes or [outs.shape[1]], 1)
+        for out, ref in zip(heads, refs.split(sizes or [refs.shape[1]], 1), strict=True):
+            a, b = out.argmax(1), ref.argmax(1)
+            same += int((a == b).sum())
+            total += a.numel()
+    return same / max(total, 1)

@@ -1,0 +1,244 @@
+"""The ONNX Runtime paths: sessions over exported models, static int8 quantisation calibrated on the user's images,
+and int8's check against fp32."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import FcnsegError
+from ..io import staged_path
+from .compare import Runner, agreement
+from .cpu import VNNI, cpu_features
+
+INT8_WARN_BELOW = 0.99  # int8 agreement with fp32 on the calibration images that draws a warning
+
+
+def ort_session(path: str | os.PathLike) -> Runner:
+    """A runner over the ONNX model at ``path``: ONNX Runtime on the CPU, with PyTorch's thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as PyTorch
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {name: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out)
+
+    return run
+
+
+class _Calibration:
+    """ONNX Runtime's calibration reader protocol over normalised 1 x C x H x W inputs."""
+
+    def __init__(self, name: str, inputs: Sequence[torch.Tensor]) -> None:
+        self._items = iter([{name: x.float().cpu().numpy()} for x in inputs])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._items, None)
+
+
+def float_layers(model: nn.Module) -> list[str]:
+    """Parameter prefixes int8 quantisation leaves in float: the model's own list
+    (:meth:`~fcnseg.models.base.SegmentationModel.float_layers`: the first block and the class-score layers and
+    upsamplers, where the argmax is decided)."""
+    return model.float_layers()
+
+
+def quantize_onnx(
+    fp32: str | os.PathLike,
+    out: str | os.PathLike,
+    calibration: Sequence[torch.Tensor],
+    keep_float: Sequence[str] = (),
+    *,
+    reduce_range: bool = False,
+) -> Path:
+    """Static int8 quantisation (QDQ, per-channel int8 weights, uint8 activations, min-max ranges) calibrated on
+    ``calibration`` (normalised 1 x C x H x W inputs, a few images of the user's own data). Nodes whose weight
+    name starts with one of ``keep_float`` stay in float. ``reduce_range``: 7-bit weights (-64..64), for CPUs
+    without VNNI, whose u8 x s8 pair sums (vpmaddubsw) saturate 16 bits with full-range weights."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise FcnsegError("onnx-int8 needs calibration images (--calibration DIR or the images being predicted)")
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared)).graph
+        exclude = [n.name for n in graph.node if len(n.input) > 1 and n.input[1].startswith(tuple(keep_float))]
+        quantize_static(
+            str(prepared),
+            str(out),
+            _Calibration("image", calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=exclude,
+            reduce_range=reduce_range,
+        )
+    return Path(out)
+
+
+def int8_reduce_range() -> bool:
+    """Whether int8 takes 7-bit weights here: on a CPU without VNNI (see :func:`quantize_onnx`)."""
+    return not cpu_features() & VNNI
+
+
+ONNX_OPSET = 18
+"""The ONNX opset fcnseg exports (torch.onnx's dynamo exporter, ONNX Runtime >= 1.14 runs it)."""
+CHECK_SIZES: tuple[tuple[int, int], ...] = ((97, 131), (160, 224))
+TRACE_SIZE = (64, 96)
+TOLERANCE = 1e-4
+"""Largest accepted |exported - eager| as a fraction of the eager logits' range."""
+
+
+def inputs_of_sizes(sizes: Sequence[tuple[int, int]], channels: int = 3) -> list[torch.Tensor]:
+    """Seeded random 1 x ``channels`` x H x W inputs, one per size: what exported graphs are checked on."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, channels, h, w, generator=g) for h, w in sizes]
+
+
+def span_diffs(name: str, run, reference: Runner, inputs: Sequence[torch.Tensor], tolerance: float) -> dict[str, float]:
+    """``{'HxW': max |run - reference| / reference's logit range}`` over ``inputs``; an FcnsegError naming ``name``
+    when a shape differs or a difference is over ``tolerance`` (the file is then not kept)."""
+    diffs = {}
+    for x in inputs:
+        expected = reference(x).float()
+        got = torch.as_tensor(np.asarray(run(x)), dtype=torch.float32)
+        size = f"{x.shape[2]}x{x.shape[3]}"
+        if got.shape != expected.shape:
+            raise FcnsegError(f"{name}: output {tuple(got.shape)} at {size}, eager gives {tuple(expected.shape)}")
+        span = max((expected.max() - expected.min()).item(), 1e-6)
+        diffs[size] = (got - expected).abs().max().item() / span
+        if not diffs[size] <= tolerance:
+            raise FcnsegError(
+                f"{name}: exported model differs from eager at {size} by {diffs[size]:.2e} of the logit range "
+                f"(tolerance {tolerance:.0e}); the file was not kept"
+            )
+    return diffs
+
+
+def write_onnx(model: nn.Module, path: str | os.PathLike, opset: int = ONNX_OPSET) -> None:
+    """``model`` (in eval mode, on the CPU) as an ONNX graph at ``path``: dynamic batch, height and width, and the
+    model's description (:func:`~fcnseg.checkpoint.describe`) as the metadata entry ``fcnseg``."""
+    import onnx
+
+    from ..checkpoint import describe
+
+    _torch_export(model, opset).save(str(path))
+    proto = onnx.load(str(path))
+    meta = proto.metadata_props.add()
+    meta.key, meta.value = "fcnseg", json.dumps(describe(model))
+    onnx.save(proto, str(path))
+
+
+def _torch_export(model: nn.Module, opset: int):
+    # Traced with a batch of 2: torch.export specialises sizes of 0 and 1 to constants.
+    x = inputs_of_sizes([TRACE_SIZE], model.in_channels)[0].expand(2, -1, -1, -1).contiguous()
+    dims = {
+        0: torch.export.Dim("batch", min=1, max=4096),
+        2: torch.export.Dim("height", min=1, max=16384),
+        3: torch.export.Dim("width", min=1, max=16384),
+    }
+    # The exporter reports its progress through print and logging; fcnseg reports the result itself.
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                model,
+                (x,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes={"x": dims},
+            )
+    except FcnsegError:
+        raise
+    except Exception as e:
+        raise FcnsegError(f"ONNX export failed: {str(e).splitlines()[0][:300]}") from None
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
+
+
+def exported_fp32(model: nn.Module, folder: Path) -> Path:
+    """``folder/model.onnx``, exported and checked against the model's forward unless it is there already."""
+    fp32 = folder / "model.onnx"
+    if fp32.is_file():
+        return fp32
+    # ONNX Runtime runs on the CPU in fp32: export a CPU fp32 copy when the model lives elsewhere.
+    p = next(model.parameters())
+    cpu = model if p.device.type == "cpu" and p.dtype == torch.float32 else copy.deepcopy(model).float().cpu()
+    was_training = cpu.training
+    cpu.eval()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with staged_path(fp32) as tmp:
+            write_onnx(cpu, tmp)
+
+            def eager(x: torch.Tensor) -> torch.Tensor:
+                with torch.inference_mode():
+                    return cpu(x)
+
+            inputs = inputs_of_sizes(CHECK_SIZES, cpu.in_channels)
+            span_diffs(str(fp32), ort_session(tmp), eager, inputs, TOLERANCE)
+    finally:
+        cpu.train(was_training)
+    return fp32
+
+
+def onnx_runner(
+    model: nn.Module,
+    path: str,
+    calibration: Sequence[torch.Tensor] | None,
+    workdir: str | os.PathLike | None,
+) -> Runner:
+    """The ``onnx`` or ``onnx-int8`` runner of ``model``, exported into ``workdir`` (a temporary folder by default);
+    int8 calibrated on ``calibration`` and checked against fp32 on it (:func:`check_int8`)."""
+    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fcnseg-onnx-"))
+    fp32 = exported_fp32(model, folder)
+    if path == "onnx":
+        return ort_session(fp32)
+    calibration = list(calibration or [])
+    int8 = folder / "model.int8.onnx"
+    quantize_onnx(fp32, int8, calibration, keep_float=float_layers(model), reduce_range=int8_reduce_range())
+    run = ort_session(int8)
+    check_int8(run, ort_session(fp32), calibration, model)
+    return run
+
+
+def check_int8(run: Runner, fp32: Runner, calibration: Sequence[torch.Tensor], model: nn.Module | None) -> float:
+    """int8's agreement with fp32 on the calibration images; a warning when it is below :data:`INT8_WARN_BELOW`,
+    where int8 visibly changes the masks."""
+    share = agreement(run, fp32, calibration, model)
+    if share < INT8_WARN_BELOW:
+        warnings.warn(
+            f"onnx-int8 agrees with fp32 on only {100 * share:.2f}% of the calibration images' pixels (below "
+            f"{100 * INT8_WARN_BELOW:.0f}%): its masks will differ visibly; use an fp32 path (winograd, onnx) or "
+            "calibrate on more images like yours",
+            stacklevel=3,
+        )
+    return share
