@@ -292,6 +292,17 @@ def test_image_over_max_pixels_is_segmented_with_tile(ckpt, tmp_path):
                                                                   "tiled or not); send a smaller image"})  # fmt: skip
 
 
+def test_the_padded_area_is_that_of_the_largest_test_time_scale(ckpt):
+    """40 x 60 pads to 64 x 64 = 4,096 pixels; at scale 2 the model computes on 80 x 120, padded to 96 x 128."""
+    image = encoded(noise(40, 60, seed=8))
+    with client_for(ckpt, "--max-pixels", "10000") as client:
+        plain = client.post("/predict", files={"file": ("a.png", image)})
+    with client_for(ckpt, "--max-pixels", "10000", "--scales", "1", "2") as client:
+        scaled = client.post("/predict", files={"file": ("a.png", image)})
+    assert plain.status_code == 200
+    assert scaled.status_code == 413 and "computes on as 128x96 = 12,288 pixels" in scaled.json()["error"]
+
+
 def _send_until_answered(sock: socket.socket, chunks) -> None:
     """Send ``chunks`` until the server answers or closes the connection."""
     for chunk in chunks:
