@@ -25,6 +25,7 @@ from torch import nn
 from .checkpoint import describe
 from .errors import FcnsegError
 from .io import staged_path
+from .runtime.compare import eval_mode
 from .runtime.onnx import CHECK_SIZES, ONNX_OPSET, TOLERANCE, TRACE_SIZE, inputs_of_sizes, span_diffs, write_onnx
 
 _inputs = inputs_of_sizes
@@ -37,16 +38,6 @@ class ExportReport:
     opset: int | None
     max_rel_diff: dict[str, float] = field(default_factory=dict)
     """'HxW' -> max |exported - eager| / (logit range) at that size."""
-
-
-@contextlib.contextmanager
-def _eval_cpu(model: nn.Module) -> Iterator[nn.Module]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _compare(name: str, run, model: nn.Module, sizes: Sequence[tuple[int, int]], tolerance: float) -> dict[str, float]:
@@ -89,7 +80,7 @@ def export_onnx(
     except ImportError:
         raise FcnsegError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'fcnseg[onnx]'") from None
     path = Path(path)
-    with _eval_cpu(model), _staging(path) as tmp:
+    with eval_mode(model), _staging(path) as tmp:
         write_onnx(model, tmp, opset)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
@@ -109,7 +100,7 @@ def export_torchscript(
     The description JSON is stored as the extra file ``fcnseg.json`` (``torch.jit.load(p, _extra_files=...)``).
     """
     path = Path(path)
-    with _eval_cpu(model), _staging(path) as tmp:
+    with eval_mode(model), _staging(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit's deprecation notices
             traced = torch.jit.trace(model, _inputs([TRACE_SIZE], model.in_channels)[0], check_trace=False)

@@ -12,7 +12,6 @@ testing); :meth:`Predictor.batch_logits` then gives their logarithm, whose softm
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from torch import nn
 
 from .errors import FcnsegError
 from .imageio import as_rgb_array
+from .runtime.compare import eval_mode
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 Scores = dict[str, torch.Tensor]
@@ -63,17 +63,6 @@ def model_input(model: nn.Module, image: Any) -> torch.Tensor:
 def normalised(model: nn.Module, images: Iterable[Any]) -> list[torch.Tensor]:
     """Images (paths, PIL images or arrays) as the model's normalised 1 x C x H x W inputs."""
     return [model_input(model, image).unsqueeze(0) for image in images]
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off for inference; the caller's mode is theirs, restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def own_forward(model: nn.Module) -> Runner:

@@ -158,7 +158,7 @@ def add_augmentation(p: argparse.ArgumentParser) -> None:
 
 def predictor_from_flags(args: argparse.Namespace, model, files: Sequence[Path] = ()):
     """The :class:`~fcnseg.inference.Predictor` the flags ask for: ``--runtime`` (``auto`` resolved and said by
-    :func:`resolve_runtime`), ``--tile`` / ``--overlap``, ``--flip`` / ``--scales`` where the command has them;
+    :func:`resolve_runtime`), ``--tile`` / ``--overlap``, ``--flip`` / ``--scales``;
     onnx-int8 calibrates on the ``--calibration`` images, else on the first of ``files``."""
     from ..imageio import load_image
     from ..inference import Predictor
@@ -175,7 +175,5 @@ def predictor_from_flags(args: argparse.Namespace, model, files: Sequence[Path] 
                 calibration.append(load_image(f))
         if not calibration:
             raise FcnsegError("onnx-int8 needs calibration images (--calibration DIR or the images being predicted)")
-    options = {"tile": args.tile, "overlap": args.overlap}
-    if hasattr(args, "flip"):  # commands without test-time augmentation (serve's old flags) leave it out
-        options.update(flip=args.flip, scales=args.scales)
+    options = {"tile": args.tile, "overlap": args.overlap, "flip": args.flip, "scales": args.scales}
     return Predictor(model, runtime=args.runtime, calibration=calibration, **options)

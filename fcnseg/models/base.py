@@ -158,9 +158,4 @@ class SegmentationModel(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def is_model(obj: object) -> bool:
-    """Whether ``obj`` keeps the model contract."""
-    return isinstance(obj, SegmentationModel)
-
-
-__all__ = ["SegmentationModel", "is_model"]
+__all__ = ["SegmentationModel"]

@@ -15,7 +15,7 @@ Runtime sessions, int8 quantisation and its check), :mod:`.kernels` (the measure
 
 from __future__ import annotations
 
-from .compare import Runner, agreement
+from .compare import Runner, agreement, eval_mode
 from .cpu import NATIVE_BF16, VNNI, bf16_is_native, cpu_features, cpu_key, cpu_model_name, isa_key
 from .onnx import INT8_WARN_BELOW, check_int8, exported_fp32, float_layers, ort_session, quantize_onnx
 from .paths import (
@@ -45,6 +45,7 @@ __all__ = [
     "cpu_features",
     "cpu_key",
     "cpu_model_name",
+    "eval_mode",
     "exported_fp32",
     "float_layers",
     "isa_key",

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import FcnsegError
 from ..io import staged_path
-from .compare import Runner, agreement
+from .compare import Runner, agreement, eval_mode
 from .cpu import VNNI, cpu_features
 
 INT8_WARN_BELOW = 0.99  # int8 agreement with fp32 on the calibration images that draws a warning
@@ -192,21 +192,15 @@ def exported_fp32(model: nn.Module, folder: Path) -> Path:
     # ONNX Runtime runs on the CPU in fp32: export a CPU fp32 copy when the model lives elsewhere.
     p = next(model.parameters())
     cpu = model if p.device.type == "cpu" and p.dtype == torch.float32 else copy.deepcopy(model).float().cpu()
-    was_training = cpu.training
-    cpu.eval()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with staged_path(fp32) as tmp:
-            write_onnx(cpu, tmp)
+    folder.mkdir(parents=True, exist_ok=True)
+    with eval_mode(cpu), staged_path(fp32) as tmp:
+        write_onnx(cpu, tmp)
 
-            def eager(x: torch.Tensor) -> torch.Tensor:
-                with torch.inference_mode():
-                    return cpu(x)
+        def eager(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return cpu(x)
 
-            inputs = inputs_of_sizes(CHECK_SIZES, cpu.in_channels)
-            span_diffs(str(fp32), ort_session(tmp), eager, inputs, TOLERANCE)
-    finally:
-        cpu.train(was_training)
+        span_diffs(str(fp32), ort_session(tmp), eager, inputs_of_sizes(CHECK_SIZES, cpu.in_channels), TOLERANCE)
     return fp32
 
 
