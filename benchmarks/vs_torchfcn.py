@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.torchfcn_loader import load_torchfcn_models  # noqa: E402
 from fcnseg.bench import gemm_gflops  # noqa: E402
 from fcnseg.hub import load, model_from_checkpoint  # noqa: E402
+from fcnseg.inference import Predictor  # noqa: E402
 from fcnseg.models.complexity import count_gflop  # noqa: E402
 from fcnseg.models.convert import torchfcn_to_fcnseg  # noqa: E402
 from fcnseg.runtime import agreement, cpu_features, make_runner  # noqa: E402
 from fcnseg.runtime.kernels import with_measured_kernels  # noqa: E402
+from fcnseg.runtime.openvino import OPENVINO_PATHS, openvino_available  # noqa: E402
 
 
 def randomised_torchfcn(seed: int = 0) -> torch.nn.Module:
@@ -79,18 +82,53 @@ def predict_agreement(model: torch.nn.Module, reference, rgbs: list[np.ndarray])
 FP32_ALIGNED = "fcnseg aligned fp32"
 
 
-def fcnseg_paths(caffe: torch.nn.Module, aligned: torch.nn.Module, calibration: list[torch.Tensor]) -> dict:
+def fcnseg_paths(
+    caffe: torch.nn.Module, aligned: torch.nn.Module, calibration: list[torch.Tensor], workdir: Path
+) -> dict:
     """fcnseg's contenders: every path of the aligned model, and the fp32-class paths of the caffe-mode one."""
-    return {
+    paths = {
         "fcnseg caffe mode fp32": make_runner(caffe, "eager"),
         "fcnseg caffe mode winograd": make_runner(caffe, "winograd"),
-        "fcnseg caffe mode ONNX fp32": make_runner(caffe, "onnx"),
+        "fcnseg caffe mode ONNX fp32": make_runner(caffe, "onnx", workdir=workdir / "caffe"),
         FP32_ALIGNED: make_runner(aligned, "eager"),
         "fcnseg aligned winograd": make_runner(aligned, "winograd"),
         "fcnseg aligned bf16": make_runner(aligned, "bf16"),
-        "fcnseg aligned ONNX fp32": make_runner(aligned, "onnx"),
-        "fcnseg aligned ONNX int8": make_runner(aligned, "onnx-int8", calibration=calibration),
+        "fcnseg aligned ONNX fp32": make_runner(aligned, "onnx", workdir=workdir / "aligned"),
+        "fcnseg aligned ONNX int8": make_runner(
+            aligned, "onnx-int8", calibration=calibration, workdir=workdir / "aligned"
+        ),  # fmt: skip
     }
+    if openvino_available():
+        for path in OPENVINO_PATHS:
+            paths[f"fcnseg aligned {path}"] = make_runner(aligned, path, calibration=calibration,
+                                                          workdir=workdir / "aligned")  # fmt: skip
+    return paths
+
+
+def peer_engines(workdir: Path) -> dict:
+    """The peer engines as a user would run them on the same exported files, outside fcnseg: ONNX Runtime fp32,
+    OpenVINO with its CPU plugin's latency settings (f32 forced, and its own default precision, which is bf16 on
+    a CPU with AVX512_BF16 or AMX), and OpenVINO on the int8 QDQ file."""
+    import onnxruntime as ort
+
+    fp32, int8 = workdir / "aligned" / "model.onnx", workdir / "aligned" / "model.int8.onnx"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(fp32), options, providers=["CPUExecutionProvider"])
+    peers = {"peer ONNX Runtime fp32": lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])}
+    if not openvino_available():
+        return peers
+    import openvino as ov
+
+    core = ov.Core()
+    base = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    for name, file, extra in (("f32", fp32, {"INFERENCE_PRECISION_HINT": "f32"}), ("default precision", fp32, {}),
+                              ("int8 QDQ", int8, {})):  # fmt: skip
+        compiled = core.compile_model(str(file), "CPU", {**base, **extra})
+        label = f"peer OpenVINO {name} ({compiled.get_property('INFERENCE_PRECISION_HINT')})"
+        request = compiled.create_infer_request()
+        peers[label] = lambda x, r=request: torch.from_numpy(r.infer({0: x.numpy()})[0].copy())
+    return peers
 
 
 def build_contenders(size: tuple[int, int], calibration_images: int) -> tuple[dict, dict, dict]:
@@ -106,27 +144,32 @@ def build_contenders(size: tuple[int, int], calibration_images: int) -> tuple[di
             return ref(x)
 
     t0 = time.perf_counter()
-    contenders = {"torchfcn FCN8s (fp32)": torchfcn_run, **fcnseg_paths(caffe, aligned, images[:calibration_images])}
+    workdir = Path(tempfile.mkdtemp(prefix="vs-torchfcn-"))
+    ours = fcnseg_paths(caffe, aligned, images[:calibration_images], workdir)
+    contenders = {"torchfcn FCN8s (fp32)": torchfcn_run, **ours, **peer_engines(workdir)}
     checks = images[calibration_images:]
     for run in contenders.values():  # the first call of a new size measures the winograd path's kernels
         run(checks[0])
     print(f"built every path in {time.perf_counter() - t0:.0f} s (ONNX export, int8 calibration, kernel choice)",
           file=sys.stderr)  # fmt: skip
-    # model.predict, the Python default (runtime auto, built once and kept with the model), timed on an image.
+    # model.predict, the Python default (runtime auto, measured once and kept with the model), timed on an image;
+    # and auto-reduced, judged on the calibration images.
     rgbs = sample_rgb(size, calibration_images + 2)[calibration_images:]
+    reduced = Predictor(aligned, runtime="auto-reduced", calibration=images[:calibration_images], verbose=True)
     contenders["fcnseg caffe mode model.predict"] = lambda x, rgb=rgbs[0]: caffe.predict(rgb)
     contenders["fcnseg aligned model.predict"] = lambda x, rgb=rgbs[0]: aligned.predict(rgb)
-    caffe.predict(rgbs[0]), aligned.predict(rgbs[0])  # built and measured before the clock starts
+    contenders["fcnseg aligned auto-reduced"] = reduced.runner(checks[0])  # measured before the clock starts
+    caffe.predict(rgbs[0], verbose=True), aligned.predict(rgbs[0], verbose=True)
     predicted = {k: v for k, v in contenders.items() if k.endswith("model.predict")}
     agree = {k: agreement(run, torchfcn_run, checks) for k, run in contenders.items() if "caffe mode" in k
              and k not in predicted}  # fmt: skip
     agree["fcnseg caffe mode model.predict"] = predict_agreement(caffe, torchfcn_run, rgbs)
     agree["fcnseg aligned model.predict"] = predict_agreement(aligned, contenders[FP32_ALIGNED], rgbs)
     for name, run in contenders.items():
-        if name.startswith("fcnseg aligned") and name != FP32_ALIGNED and name not in predicted:
+        if name.startswith(("fcnseg aligned", "peer")) and name != FP32_ALIGNED and name not in predicted:
             agree[name] = agreement(run, contenders[FP32_ALIGNED], checks)
     x = checks[0]
-    gflop = {name: count_gflop(aligned if "aligned" in name else caffe, x) for name in contenders}
+    gflop = {name: count_gflop(caffe if "caffe" in name else aligned, x) for name in contenders}
     gflop["torchfcn FCN8s (fp32)"] = gflop["fcnseg caffe mode fp32"]
     return contenders, agree, gflop
 
@@ -139,8 +182,13 @@ def demo_agreement(checkpoint: str, size: tuple[int, int], calibration_images: i
     checks = sample_images(model, size, 8)
     fp32 = make_runner(model, "eager")
     out = {}
-    for path in ("winograd", "bf16", "onnx", "onnx-int8"):
-        out[path] = agreement(make_runner(model, path, calibration=calibration), fp32, checks)
+    paths = ["winograd", "bf16", "onnx", "onnx-int8"] + (list(OPENVINO_PATHS) if openvino_available() else [])
+    folder = Path(tempfile.mkdtemp(prefix="vs-torchfcn-demo-"))
+    for path in paths:
+        out[path] = agreement(make_runner(model, path, calibration=calibration, workdir=folder), fp32, checks)
+    reduced = Predictor(model, runtime="auto-reduced", calibration=calibration, verbose=True)
+    run = reduced.runner(checks[0])
+    out[f"auto-reduced ({reduced.path})"] = agreement(run, fp32, checks)
     return out
 
 
@@ -191,7 +239,7 @@ def training_step_ms(runs: int) -> dict[str, float]:
 
 def print_table(times: dict, agree: dict, gflop: dict, gemm: float) -> list[dict]:
     base = statistics.median(times["torchfcn FCN8s (fp32)"])
-    print(f"{'path':<28} {'median ms':>10} {'min':>8} {'max':>8} {'speed-up':>9} {'GFLOP/s':>8} {'of GEMM':>8} "
+    print(f"{'path':<44} {'median ms':>10} {'min':>8} {'max':>8} {'speed-up':>9} {'GFLOP/s':>8} {'of GEMM':>8} "
           f"{'agreement':>10}")  # fmt: skip
     rows = []
     for name, t in times.items():
@@ -200,7 +248,7 @@ def print_table(times: dict, agree: dict, gflop: dict, gemm: float) -> list[dict
         rows.append({"path": name, "median_ms": med, "min_ms": min(t), "max_ms": max(t), "speedup": base / med,
                      "gflop": gflop[name], "gflop_per_s": rate, "of_gemm": rate / gemm, "agreement": a})  # fmt: skip
         shown = "-" if a is None else f"{100 * a:.2f}%"
-        print(f"{name:<28} {med:>10.1f} {min(t):>8.1f} {max(t):>8.1f} {base / med:>8.2f}x {rate:>8.0f} "
+        print(f"{name:<44} {med:>10.1f} {min(t):>8.1f} {max(t):>8.1f} {base / med:>8.2f}x {rate:>8.0f} "
               f"{100 * rate / gemm:>7.0f}% {shown:>10}")  # fmt: skip
     return rows
 

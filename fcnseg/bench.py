@@ -43,13 +43,18 @@ ONE_CLASS = "reference argmax is one class everywhere"
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
-    """``paths`` checked, with ``all`` standing for every path of :data:`~fcnseg.runtime.PATHS` (eager first, the
-    reference of the speed-ups); a path named twice is timed once."""
+    """``paths`` checked, with ``all`` standing for every path of :data:`~fcnseg.runtime.PATHS` whose engine is
+    installed (eager first, the reference of the speed-ups); a path named twice is timed once."""
+    from .runtime.openvino import OPENVINO_PATHS, openvino_available
+
+    installed = [p for p in PATHS if openvino_available() or p not in OPENVINO_PATHS]
     out: list[str] = []
     for p in paths:
         if p != "all" and p not in PATHS:
             raise FcnsegError(f"--paths {p!r}: expected one of {', '.join(PATHS)}, or all")
-        for name in PATHS if p == "all" else [p]:
+        if p not in installed and p != "all":
+            raise FcnsegError(f'--paths {p}: OpenVINO is not installed (pip install "fcnseg[openvino]")')
+        for name in installed if p == "all" else [p]:
             if name not in out:
                 out.append(name)
     return out
@@ -282,7 +287,10 @@ def bench_model(
     results = [_bench_path(model, p, x, calibration, check, **timing, source=source) for p in paths]
     doc = _document(model, results, source, size=list(size), batch=batch, runs=runs, warmup=warmup)
     if sensitivity:
+        from .runtime.choice import save_sensitivity
+
         doc["int8_sensitivity"] = int8_sensitivity(model, check)
+        save_sensitivity(model, doc["int8_sensitivity"])  # auto-reduced keeps the costliest in float where needed
     return doc
 
 

@@ -132,13 +132,20 @@ class Predictor:
             check_tiling(tile, overlap, model.stride)
         self.calibration = list(calibration)
         self._run: Runner | None = None
+        self.verbose = verbose
         if runtime is None or callable(runtime):
             self.path, self.reason, self._run = "runner" if runtime else "eager", None, runtime
         else:
-            from .runtime import resolve_path
+            from .runtime import AUTO, resolve_path
 
-            self.path, self.reason = resolve_path(runtime, model)
-        if verbose and self.reason:
+            if runtime in AUTO and next(model.parameters()).device.type == "cpu":
+                self.path, self.reason = runtime, None  # measured on the first input (fcnseg.runtime.choice)
+            else:
+                self.path, self.reason = resolve_path(runtime, model)
+        self._say()
+
+    def _say(self) -> None:
+        if self.verbose and self.reason:
             print(self.reason, file=sys.stderr)
 
     @property
@@ -151,7 +158,8 @@ class Predictor:
 
     # -- the execution path ----------------------------------------------------------------------------------
     def runner(self, first: torch.Tensor | None = None) -> Runner:
-        """The execution path, built on first use (int8 calibrated on ``calibration``, else on ``first``)."""
+        """The execution path, built on first use (int8 calibrated on ``calibration``, else on ``first``; ``auto``
+        measured on ``first``, a tile of it with tiling)."""
         if self._run is None:
             self._run = self._build(first)
         return self._run
@@ -160,23 +168,40 @@ class Predictor:
         model, path = self.model, self.path
         if path == "eager":
             return own_forward(model)
-        cached = path != "onnx-int8"
+        cached = path not in ("onnx-int8", "openvino-int8")  # int8 depends on this predictor's calibration
         key = weights_key(model)
         if cached and path in model._runners and model._runners[path][0] == key:
-            return model._runners[path][1]
-        from .runtime import make_runner
-
+            _, run, self.path, self.reason = model._runners[path]
+            return run
         calibration = [self._as_batch(c) for c in self.calibration] or ([first[:1]] if first is not None else [])
         with eval_mode(model):
-            built = make_runner(model, path, channels_last=True, calibration=calibration)
+            built = self._built(path, first, calibration)
 
         def run(x: torch.Tensor) -> torch.Tensor:
             with eval_mode(model):
                 return built(x)
 
         if cached:
-            model._runners[path] = (key, run)
+            model._runners[path] = (key, run, self.path, self.reason)
         return run
+
+    def _built(self, path: str, first: torch.Tensor | None, calibration: list[torch.Tensor]) -> Runner:
+        """``path`` built; ``auto`` measured on ``first`` (:func:`fcnseg.runtime.choice.choose`), or without an
+        input chosen from the CPU's features, and the choice said when ``verbose``."""
+        from .runtime import AUTO, make_runner, resolve_path
+
+        if path in AUTO and first is not None:
+            from .runtime.choice import choose
+
+            example = first[..., : self.tile, : self.tile] if self.tile else first
+            choice, built = choose(self.model, path, example, calibration)
+            self.path, self.reason = choice.path, choice.line()
+            self._say()
+            return built
+        if path in AUTO:
+            self.path, self.reason = resolve_path(path, self.model)
+            self._say()
+        return make_runner(self.model, self.path, channels_last=True, calibration=calibration)
 
     def _as_batch(self, item: Any) -> torch.Tensor:
         if isinstance(item, torch.Tensor):

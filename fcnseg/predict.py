@@ -2,27 +2,33 @@
 
 ``predict_mask``, ``predict_proba`` and ``predict_logits`` are the functional forms of ``model.predict``,
 ``model.predict_proba`` and the Predictor's logits, with the same options and the same results; ``save_prediction``
-writes what ``fcnseg predict`` writes.
+writes what ``fcnseg predict`` writes (``write_prediction``, from predictions already made). ``batch_groups`` puts
+images of one size together, bounded in count and in the pixels one forward pass computes on (``forward_size``), as
+``fcnseg predict --batch`` and ``fcnseg serve --batch`` run them.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .imageio import add_legend, overlay, save_mask_png, save_rgb
-from .inference import Predictor, model_input
+from .inference import Outputs, Predictor, model_input
 from .io import atomic_write
 from .models.base import SegmentationModel
 
 __all__ = [
+    "BATCH_PIXELS",
+    "batch_groups",
     "confidence_png",
+    "forward_size",
     "mask_colors",
     "model_input",
     "output_names",
@@ -31,7 +37,14 @@ __all__ = [
     "predict_mask",
     "predict_proba",
     "save_prediction",
+    "write_prediction",
 ]
+
+T = TypeVar("T")
+
+# The padded pixels one forward pass of `fcnseg predict --batch` may compute on, all its images together: 8 MP, the
+# server's default --max-pixels for one image (about 3 GB of activations in VGG16's fp32 forward pass).
+BATCH_PIXELS = 8_388_608
 
 
 def _predictor(model: SegmentationModel, runner: Callable | None, options: dict[str, Any]) -> Predictor:
@@ -151,20 +164,92 @@ def save_prediction(
     image (the colour part of ``image``). Every further head writes the same files under ``STEM_<head>``
     (``STEM_geometric.png``, ...), in its classes' colours; the names are :func:`output_names`'.
     """
-    model, out = predictor.model, Path(out)
+    result = predictor.outputs([image], proba=probs, confidence=confidence)[0]
+    options = {"colors": colors, "overlay_on": overlay_on, "overlay_format": overlay_format}
+    write_prediction(predictor.model, result, out, stem, **options)
+
+
+def write_prediction(
+    model: SegmentationModel,
+    result: Outputs,
+    out: str | Path,
+    stem: str,
+    *,
+    colors: np.ndarray | None = None,
+    overlay_on: np.ndarray | None = None,
+    overlay_format: str = "jpg",
+) -> None:
+    """Write the files :func:`save_prediction` writes from ``model``'s predictions ``result`` of one image (its
+    probabilities and confidence maps where ``result`` holds them)."""
+    out = Path(out)
     palettes, names = model.class_colors(), model.class_names()
     if colors is not None:
         palettes[next(iter(palettes))] = colors
-    result = predictor.outputs([image], proba=probs, confidence=confidence)[0]
     for i, (head, mask) in enumerate(result.masks.items()):
         name = _head_stem(stem, i, head)
         save_mask_png(out / f"{name}.png", mask, palettes[head])
         if overlay_on is not None:
             blended = add_legend(overlay(overlay_on, mask, palettes[head]), mask, palettes[head], names[head])
             save_rgb(out / f"{name}_overlay.{overlay_format}", blended)
-        if probs:
+        if head in result.proba:
             with atomic_write(out / f"{name}.npy") as f:
                 np.save(f, result.proba[head])
-        if confidence:
+        if head in result.confidence:
             with atomic_write(out / f"{name}_confidence.png") as f:
                 f.write(confidence_png(result.confidence[head]))
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def forward_size(predictor: Predictor, height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) of the largest array, in input pixels, that ``predictor`` computes on at once for an image
+    of ``height`` x ``width``: the model's padded size (its padding step and first layer's) of the image at the
+    largest test-time scale; with tiling, the image's own size (each window's is bounded by the tile)."""
+    if predictor.tile:
+        return height, width
+    scale = max(predictor.scales)  # the largest copy test-time augmentation runs
+    return predictor.model.padded_size(math.ceil(height * scale), math.ceil(width * scale))
+
+
+def batch_groups(
+    items: Iterable[T],
+    key: Callable[[T], Hashable],
+    cost: Callable[[T], int],
+    *,
+    batch: int,
+    max_pixels: int,
+    window: int | None = None,
+) -> Iterator[list[T]]:
+    """``items`` in groups of one ``key`` (an image size), each of at most ``batch`` items whose ``cost`` (pixels
+    computed on) sums to at most ``max_pixels``; an item costing more on its own is a group alone. Each group keeps
+    the input order; every item is in exactly one group.
+
+    Items of one key need not be consecutive: each waits in its key's bucket, given out when full (``batch`` items,
+    or the next item would pass ``max_pixels``), when ``window`` items wait in all (the oldest bucket first: a
+    bounded look-ahead), or at the end (oldest first)."""
+    buckets: dict[Hashable, list[T]] = {}  # insertion order: the oldest waiting item's bucket first
+    spent: dict[Hashable, int] = {}
+    waiting = 0
+    for item in items:
+        k, c = key(item), cost(item)
+        if k in buckets and spent[k] + c > max_pixels:
+            waiting -= len(buckets[k])
+            yield _given_out(buckets, spent, k)
+        buckets.setdefault(k, []).append(item)
+        spent[k] = spent.get(k, 0) + c
+        waiting += 1
+        if len(buckets[k]) >= batch:
+            waiting -= len(buckets[k])
+            yield _given_out(buckets, spent, k)
+        elif window is not None and waiting >= window:
+            oldest = next(iter(buckets))
+            waiting -= len(buckets[oldest])
+            yield _given_out(buckets, spent, oldest)
+    while buckets:
+        yield _given_out(buckets, spent, next(iter(buckets)))
+
+
+def _given_out(buckets: dict[Hashable, list[T]], spent: dict[Hashable, int], key: Hashable) -> list[T]:
+    del spent[key]
+    return buckets.pop(key)

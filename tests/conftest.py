@@ -13,11 +13,15 @@ THREADS = min(2, os.cpu_count() or 1)
 torch.set_num_threads(THREADS)
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
-# `--runtime auto` (the CLI's default) picks its path from the CPU's features. The suite pins the probe to a CPU
-# without AVX2, where auto is eager, so that outputs compared across processes (predict against serve, a run against
-# its resume) are computed alike on any machine; tests/test_auto_runtime.py covers each feature combination, and
-# tests/test_kernels.py the Winograd path itself. Measured kernel choices go to a folder of this run's own.
+# `--runtime auto` (the CLI's default) picks its path by measurement, or from the CPU's features where it has no
+# input to measure on. The suite pins the probe to a CPU without AVX2, where the feature-based choice is eager, so
+# that outputs compared across processes (predict against serve, a run against its resume) are computed alike on
+# any machine; tests/test_auto_runtime.py covers each feature combination, and tests/test_kernels.py the Winograd
+# path itself. Measured kernel choices go to a folder of this run's own.
 os.environ["FCNSEG_CPU_FEATURES"] = "sse4_2"
+# auto measures its candidates on the first input (fcnseg.runtime.choice): the suite narrows them to eager, so that
+# a test's first prediction does not build every engine; tests/test_choice.py measures for real.
+os.environ["FCNSEG_AUTO_PATHS"] = "eager"
 os.environ.setdefault("FCNSEG_CACHE_DIR", tempfile.mkdtemp(prefix="fcnseg-test-cache-"))
 
 

@@ -1,6 +1,7 @@
 """`--runtime auto` picks its path from the CPU's features (the probe mocked through FCNSEG_CPU_FEATURES), says
 which and why in one line; int8 uses 7-bit weights without VNNI and warns when it disagrees with fp32."""
 
+import re
 import warnings
 
 import numpy as np
@@ -69,23 +70,34 @@ def tiny_checkpoint(tmp_path):
 
 
 @pytest.mark.skipif(not nnpack_ready(), reason="this torch build has no NNPACK")
-def test_predict_defaults_to_auto_and_says_its_choice(tiny_checkpoint, monkeypatch, capsys):
+def test_predict_defaults_to_auto_and_says_its_measured_choice(tiny_checkpoint, monkeypatch, capsys):
     model, ckpt, tmp = tiny_checkpoint
     monkeypatch.setenv("FCNSEG_CPU_FEATURES", " ".join(AVX2))
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd")
     assert main(["predict", str(ckpt), str(tmp / "a.png"), "--out", str(tmp / "auto")]) == 0
     err = capsys.readouterr().err
-    assert "runtime auto: winograd (AVX2 and FMA: NNPACK Winograd and GEMM kernels" in err
+    chosen = "winograd" if "runtime auto: winograd (" in err else "eager"
+    other = "eager" if chosen == "winograd" else "winograd"
+    assert re.fullmatch(rf"runtime auto: {chosen} \([0-9]+ ms; measured on 1x100x125: {other} [0-9]+ ms\)\n", err), err
     assert "runtime agrees" not in err  # an fp32-class path is not checked image by image
+    assert main(["predict", str(ckpt), str(tmp / "a.png"), "--out", str(tmp / "again")]) == 0
+    assert (
+        f"runtime auto: {chosen} (" in (err := capsys.readouterr().err)
+        and "measured on 1x100x125 earlier, cached" in err
+    )
     assert main(["predict", str(ckpt), str(tmp / "a.png"), "--out", str(tmp / "eager"), "--runtime", "eager"]) == 0
     assert "runtime" not in capsys.readouterr().err
     auto, eager = read_mask_png(tmp / "auto" / "a.png"), read_mask_png(tmp / "eager" / "a.png")
     assert np.array_equal(eager, model.predict(np.asarray(Image.open(tmp / "a.png"))))
     assert (auto == eager).mean() >= 0.999
-    monkeypatch.setenv("FCNSEG_CPU_FEATURES", "sse4_2")
     assert main(["predict", str(ckpt), str(tmp / "a.png"), "--out", str(tmp / "old"), "--quiet"]) == 0
     assert capsys.readouterr().err == ""  # --quiet: no line
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager")
     assert main(["predict", str(ckpt), str(tmp / "a.png"), "--out", str(tmp / "old")]) == 0
-    assert "runtime auto: eager (no AVX2 and FMA for NNPACK's kernels" in capsys.readouterr().err
+    assert (
+        capsys.readouterr().err
+        == "runtime auto: eager (the only candidate FCNSEG_AUTO_PATHS=eager leaves; nothing measured)\n"
+    )
 
 
 def _int8_weights(path):

@@ -324,7 +324,8 @@ ARGUMENT_CASES = [
     (
         "bench-unknown-path",
         ["bench", "--paths", "eager", "onnxx"],
-        "--paths 'onnxx': expected one of eager, winograd, bf16, onnx, onnx-int8, compile, or all",
+        "--paths 'onnxx': expected one of eager, winograd, bf16, onnx, onnx-int8, openvino, "
+        "openvino-bf16, openvino-int8, compile, or all",
     ),
     ("unknown-weights", ["predict", "--weights", "fcn99s", "{tmp}/x.png", "--out", "{tmp}/o"], "unknown weights"),
     ("unknown-model", ["train", "--model", "fcn4s", "--out", "{tmp}/r", "--iters", "1"], "unknown model 'fcn4s'"),

@@ -1,6 +1,8 @@
 """``fcnseg predict``: palette masks of images, folders and globs, with a checkpoint or published weights.
 
-Each image that cannot be segmented is reported on stderr and the others are still written (exit status 2).
+Each image that cannot be segmented is reported on stderr and the others are still written (exit status 2). With
+``--batch N``, images of one size (not necessarily consecutive: headers are read ahead) run as one forward pass of up
+to N images and :data:`~fcnseg.predict.BATCH_PIXELS` padded pixels; the files written are those of ``--batch 1``.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FcnsegError
 from ._common import (
     add_augmentation,
+    add_batch,
     add_calibration,
     add_device,
     add_out,
@@ -25,9 +29,12 @@ from ._common import (
     add_tiling,
     add_weights,
     add_weights_file,
+    check_batch,
     error,
     predictor_from_flags,
 )
+
+LOOKAHEAD = 256  # --batch: files whose headers are read ahead to find images of one size (no pixel decoded)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,6 +65,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_calibration(p, "the inputs")
     add_tiling(p)
     add_augmentation(p)
+    add_batch(
+        p, "images of one size run as one forward pass, up to N images and 8,388,608 padded pixels in all (one "
+        "larger image runs alone); the files written are the same as with 1 (default: 1)",
+    )  # fmt: skip
     add_quiet(p, "no progress bar or summary")
     p.add_argument(
         "--extra", action="append", default=[], metavar="DIR",
@@ -154,39 +165,122 @@ def _report_agreement(predictor, first: Path | None, quiet: bool) -> None:
         return
     from ..imageio import load_image
     from ..inference import Predictor, agreement
+    from ..runtime import FP32_CLASS
 
     reference = Predictor(predictor.model, runtime="eager")
     with contextlib.suppress(FcnsegError):
         x = predictor.inputs([load_image(first)])[0][None]  # the model's normalised 1 x C x H x W input
+        predictor.runner(x)  # built, and auto measured, on the first image
+        if predictor.path in FP32_CLASS:
+            return
         share = agreement(predictor, reference, [x])
         print(f"runtime agrees with eager fp32 on {100 * share:.2f}% of the pixels of {first.name}", file=sys.stderr)
 
 
-def _predict_one(predictor, path: Path, stem: str, args: argparse.Namespace, colors) -> None:
-    """Read ``path`` (and its --extra images) and write its mask(s) under ``stem``."""
+@dataclass
+class _Job:
+    """One input: its place in the input order, its file, its output stem and its header's (height, width)."""
+
+    index: int
+    path: Path
+    stem: str
+    size: tuple[int, int] | None = None
+
+
+def _probed(jobs: Iterable[_Job], batch: int) -> Iterator[_Job]:
+    """``jobs`` with their header sizes (no pixel decoded); with ``--batch 1``, none is read: each image is its own
+    batch. A file whose header cannot be read keeps no size: reading it says why, as it would unbatched."""
+    from ..imageio import probe_image
+
+    for job in jobs:
+        if batch > 1:
+            with contextlib.suppress(FcnsegError):
+                header = probe_image(job.path)
+                job.size = (header.height, header.width)
+        yield job
+
+
+def _read_one(predictor, path: Path, args: argparse.Namespace):
+    """The model's input for ``path`` (with its --extra images) and its colour image."""
     from ..imageio import load_image
-    from ..predict import save_prediction
 
     rgb = load_image(path)
-    x = rgb
-    if args.extra:  # fusion nets only
-        from ..imageio import stack_extra_channels
+    if not args.extra:
+        return rgb, rgb
+    from ..imageio import stack_extra_channels  # fusion nets only
 
-        x = stack_extra_channels(rgb, path, args.extra, predictor.model.in_channels)
-    overlay = {"overlay_on": rgb, "overlay_format": args.overlay} if args.overlay else {}
-    save_prediction(predictor, x, Path(args.out), stem, colors=colors, probs=args.probs,
-                    confidence=args.confidence, **overlay)  # fmt: skip
+    return stack_extra_channels(rgb, path, args.extra, predictor.model.in_channels), rgb
+
+
+def _outputs(predictor, read: list, args: argparse.Namespace, problems: dict[int, str]) -> list:
+    """``(job, rgb, outputs)`` of each of ``read`` (``(job, input, rgb)``), in one pass where they share a size."""
+    try:
+        results = predictor.outputs([x for _, x, _ in read], proba=args.probs, confidence=args.confidence)
+    except FcnsegError as e:
+        if len(read) == 1:
+            problems[read[0][0].index] = str(e)
+            return []
+        # One image the model refuses would fail its whole batch: one by one, each says its own problem.
+        return [done for one in read for done in _outputs(predictor, [one], args, problems)]
+    return [(job, rgb, result) for (job, _, rgb), result in zip(read, results, strict=True)]
+
+
+def _predict_group(predictor, group: list[_Job], args: argparse.Namespace, colors, problems: dict[int, str]) -> int:
+    """Read the images of ``group``, segment them together and write their files; returns how many were written.
+    A problem is kept in ``problems`` under its input's index."""
+    from ..predict import write_prediction
+
+    read = []
+    for job in group:
+        try:
+            read.append((job, *_read_one(predictor, job.path, args)))
+        except FcnsegError as e:
+            problems[job.index] = str(e)
+    written = 0
+    for job, rgb, result in _outputs(predictor, read, args, problems) if read else []:
+        overlay = {"overlay_on": rgb, "overlay_format": args.overlay} if args.overlay else {}
+        try:
+            write_prediction(predictor.model, result, Path(args.out), job.stem, colors=colors, **overlay)
+            written += 1
+        except FcnsegError as e:
+            problems[job.index] = str(e)
+    return written
+
+
+def _predict_all(predictor, files: list[Path], stems: list[str], args: argparse.Namespace) -> tuple[int, list[str]]:
+    """Segment ``files`` in groups of one size (up to ``--batch`` and :data:`~fcnseg.predict.BATCH_PIXELS`) and
+    write each one's files under its stem: (how many were written, the problems in input order)."""
+    from tqdm import tqdm
+
+    from ..predict import BATCH_PIXELS, batch_groups, forward_size, mask_colors
+
+    colors = mask_colors(predictor.model)
+    jobs = _probed((_Job(i, f, stem) for i, (f, stem) in enumerate(zip(files, stems, strict=True))), args.batch)
+
+    def cost(job: _Job) -> int:  # an unreadable header costs nothing: its file fails before the model runs
+        if job.size is None:
+            return 0
+        rows, cols = forward_size(predictor, *job.size)
+        return rows * cols
+
+    groups = batch_groups(jobs, key=lambda job: job.size, cost=cost, batch=args.batch, max_pixels=BATCH_PIXELS,
+                          window=max(LOOKAHEAD, args.batch))  # fmt: skip
+    problems: dict[int, str] = {}
+    written = 0
+    with tqdm(total=len(files), unit="img", disable=len(files) <= 1 or args.quiet, file=sys.stderr) as bar:
+        for group in groups:
+            written += _predict_group(predictor, group, args, colors, problems)
+            bar.update(len(group))
+    return written, [problems[i] for i in sorted(problems)]
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..device import pick_device
     from ..hub import load
-    from ..predict import mask_colors, output_names, output_stems
-    from ..runtime import FP32_CLASS
+    from ..predict import output_names, output_stems
     from ._inputs import collect_inputs
 
+    args.batch = check_batch(args.batch)
     checkpoint, inputs = _checkpoint_and_inputs(args)
     files, problems = collect_inputs(inputs)
     model = load(checkpoint, map_location=pick_device(args.device), file=args.weights_file, sha256=args.sha256)
@@ -203,17 +297,9 @@ def run(args: argparse.Namespace) -> int:
     check_no_input_overwritten(out, plan, _read_files(args, files, checkpoint))
     _check_writable(out)
     predictor = predictor_from_flags(args, model, files)
-    if args.runtime not in FP32_CLASS:
-        _report_agreement(predictor, files[0] if files else None, args.quiet)
-    colors = mask_colors(model)
-    written = 0
-    bar = tqdm(files, unit="img", disable=len(files) <= 1 or args.quiet, file=sys.stderr)
-    for path, stem in zip(bar, stems, strict=True):
-        try:
-            _predict_one(predictor, path, stem, args, colors)
-            written += 1
-        except FcnsegError as e:
-            problems.append(str(e))
+    _report_agreement(predictor, files[0] if files else None, args.quiet)
+    written, failed = _predict_all(predictor, files, stems, args)
+    problems.extend(failed)
     if not args.quiet:
         print(f"wrote {written} mask(s) to {out}")
     for p in problems:

@@ -4,9 +4,10 @@ The model is loaded once; requests run on a bounded pool of worker threads and g
 write (the same reading, runtime, tiling and PNG bytes). One log line per request; Ctrl-C lets the requests in
 flight finish, then stops. What a client may cost is bounded: connections (``--max-connections``, and the time
 to send headers and body: ``--idle-timeout``, ``--upload-timeout``), the upload (``--max-upload-mb``), the image
-(``--max-pixels``, counted as the padded area the model computes on) and the time a request holds its place
-(``--timeout``). Who may call it: the Host names it answers to (``--allowed-hosts``), the web pages of other
-sites (``--cors-origin``) and an optional API key (``--api-key`` or ``FCNSEG_API_KEY``).
+(``--max-pixels``, counted as the padded area the model computes on, also for a batch's images run together:
+``--batch``) and the time a request holds its place (``--timeout``). Who may call it: the Host names it answers
+to (``--allowed-hosts``), the web pages of other sites (``--cors-origin``) and an optional API key (``--api-key``
+or ``FCNSEG_API_KEY``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from ..errors import FcnsegError
 from ._common import (
     RUNTIME_HELP,
     add_augmentation,
+    add_batch,
     add_calibration,
     add_device,
     add_runtime,
     add_sha256,
     add_tiling,
     add_weights_file,
+    check_batch,
     predictor_from_flags,
 )
 
@@ -46,6 +49,10 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         "image's own area (default: 8388608, 8 MP: 4096 x 2048 in aligned mode)",
     )  # fmt: skip
     p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="N", help="refuse larger uploads (default: 20)")
+    add_batch(
+        p, "/predict/batch runs a request's images of one size as one forward pass of up to N images, whose padded "
+        "areas together stay within --max-pixels (default: 8)", default=8,
+    )  # fmt: skip
     p.add_argument(
         "--workers-threads", type=int, default=1, metavar="N",
         help="inference worker threads; torch's threads are shared out among them (default: 1)",
@@ -109,8 +116,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )  # fmt: skip
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free port)")
     add_device(p, "cpu", "torch device (default: cpu)")
-    add_runtime(p, RUNTIME_HELP + "; onnx-int8 needs --calibration")
-    add_calibration(p, "none: required for onnx-int8")
+    add_runtime(p, RUNTIME_HELP + "; the int8 paths and auto-reduced need --calibration")
+    add_calibration(p, "none: required for onnx-int8, openvino-int8 and auto-reduced")
     add_tiling(p)
     add_augmentation(p)
     _add_limits(p)
@@ -124,6 +131,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise FcnsegError(f"--port {args.port}: expected 0 to 65535")
     if args.max_pixels is not None and args.max_pixels < 1:
         raise FcnsegError(f"--max-pixels {args.max_pixels}: expected a positive number of pixels")
+    check_batch(args.batch)
     if not 0 < args.max_upload_mb < math.inf:
         raise FcnsegError(f"--max-upload-mb {args.max_upload_mb:g}: expected a positive size")
     if args.workers_threads < 1:
@@ -158,8 +166,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         args.api_key = os.environ.get(KEY_VARIABLE) or None
     _check_numbers(args)
     _check_access(args)
-    if args.runtime == "onnx-int8" and not args.calibration:
-        raise FcnsegError("--runtime onnx-int8 calibrates on your images: give --calibration DIR")
+    if args.runtime in ("onnx-int8", "openvino-int8", "auto-reduced") and not args.calibration:
+        raise FcnsegError(f"--runtime {args.runtime} calibrates and checks int8 on your images: give --calibration DIR")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -216,16 +224,26 @@ def build_service(args: argparse.Namespace):
     pool = InferencePool(args.workers_threads, args.queue)
     threads = share_threads(args.workers_threads)  # before the runner: ONNX Runtime takes the count when built
     predictor = predictor_from_flags(args, model)
-    predictor.runner()  # built now, once: not by the first requests, side by side
-    segmenter = Segmenter(predictor, max_pixels=max_pixels)
+    predictor.runner(_first_input(predictor))  # built (and auto measured) now, once: not by the first requests
+    segmenter = Segmenter(predictor, max_pixels=max_pixels, batch=args.batch)
     name = Path(args.model).name if Path(args.model).is_file() else args.model  # no server paths in answers
     hosts = allowed_hosts(args)
     return Service(
-        segmenter, pool, name=name, runtime=args.runtime, metrics=recorded_metrics(args.model),
+        segmenter, pool, name=name, runtime=predictor.path, metrics=recorded_metrics(args.model),
         max_upload_mb=args.max_upload_mb, threads=threads, timeout=args.timeout, upload_timeout=args.upload_timeout,
         idle_timeout=args.idle_timeout, allowed_hosts=None if "*" in hosts else hosts, api_key=args.api_key,
         cors_origins=tuple(args.cors_origin or ()), docs=args.docs,
     )  # fmt: skip
+
+
+def _first_input(predictor):
+    """What the path is built and ``auto`` measured on: the first calibration image, else a seeded 375 x 500
+    noise image (the size of a PASCAL VOC photo)."""
+    import torch
+
+    if predictor.calibration:
+        return predictor.inputs(predictor.calibration[:1])[0][None]
+    return torch.randn(1, predictor.model.in_channels, 375, 500, generator=torch.Generator().manual_seed(0))
 
 
 def _log_config() -> dict:

@@ -27,8 +27,11 @@ _HELP = {
     "fc_dim": "fc6/fc7 channels, VGG16 and AlexNet only (default: the builder's, 4096)",
     "batch_norm": "batch norm after every convolution, VGG16 only (default: off)",
     "dropout": "dropout after fc6 and fc7, VGG16 and AlexNet only (default: the builder's, 0.5)",
-    "conv_kernels": "CPU convolutions: auto (measured NNPACK / GEMM / oneDNN kernels where the CPU has AVX2 and FMA), "
-    "measured or onednn",
+    "amp": "mixed precision. GPU: bf16 autocast (fp16 with loss scaling where the GPU lacks bf16). CPU: bf16 autocast "
+    "where the CPU computes bf16 natively (AVX-512 BF16 or AMX), else fp32 (emulated bf16 is slower); the weights "
+    "stay fp32 and the run says which precision it trains in",
+    "conv_kernels": "CPU convolutions: auto (measured NNPACK / GEMM / oneDNN kernels where the CPU has AVX2 and FMA "
+    "and the run trains in fp32), measured (fp32, so --amp stays fp32) or onednn",
     "num_workers": "data loading processes (default: up to 2, as the CPU allows)",
     "check_data": "before the run: every image has its mask, every file decodes, sizes match",
     "backbone_weights": "torchvision IMAGENET1K_V1 / IMAGENET1K_FEATURES / DEFAULT, CAFFE, or a VGG16 state-dict file",

@@ -49,6 +49,9 @@ class TrainState:
     samples_seen: int = 0  # per process, across epochs: fixes the position in the data order
     best_miou: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # What the forward pass computes in (fp32, bf16, fp16; fcnseg.engine.run.Precision): saved with each checkpoint,
+    # so that a resume in another one is noticed. Empty for checkpoints written before it was recorded.
+    precision: str = ""
 
 
 class Saved(Protocol):
@@ -99,13 +102,15 @@ def save_run(run: Saved, best: bool) -> None:
     """
     cfg, state, folder = run.cfg, run.state, run.folder
     if best:
-        extra = {"config": cfg.to_dict(), "iteration": state.iteration, "mean_iu": state.best_miou}
+        extra = {"config": cfg.to_dict(), "iteration": state.iteration, "mean_iu": state.best_miou,
+                 "precision": state.precision}  # fmt: skip
         save_checkpoint(run.net, folder / "best.pt", classes=run.classes, extra=extra)
     extra = {
         "train_state": {
             "iteration": state.iteration,
             "samples_seen": state.samples_seen,
             "best_miou": state.best_miou,
+            "precision": state.precision,
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(),
@@ -190,7 +195,7 @@ def restore_run(
     if ts["scaler"]:  # empty when the interrupted run had no fp16 loss scaling
         scaler.load_state_dict(ts["scaler"])
     set_rng_state(ts["rng"])
-    state = TrainState(ts["iteration"], ts["samples_seen"], ts["best_miou"])
+    state = TrainState(ts["iteration"], ts["samples_seen"], ts["best_miou"], precision=ts.get("precision", ""))
     _apply_rates(cfg, optimizer, scheduler, state.iteration)
     if path.name != "last.pt" and (run / "last.pt").exists():
         # Set the damaged file aside, so that the next save does not rotate it over the good fallback.

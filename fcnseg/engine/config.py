@@ -159,9 +159,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: str | Path) -> None:
-        """Write the configuration with the fcnseg version and git commit that ran it."""
-        doc = {"fcnseg_version": __version__, "git_commit": _git_hash(), **self.to_dict()}
+    def save(self, path: str | Path, **notes: Any) -> None:
+        """Write the configuration with the fcnseg version and git commit that ran it, and ``notes`` on how it ran
+        (a training run's precision): read back for the record, never as options."""
+        doc = {"fcnseg_version": __version__, "git_commit": _git_hash(), **notes, **self.to_dict()}
         with atomic_write(path, "w") as f:
             yaml.dump(doc, f, Dumper=_PlainDumper, sort_keys=False)
 
@@ -256,7 +257,8 @@ def _paper(cfg: TrainConfig) -> dict[str, Any]:
 
 def _modern(cfg: TrainConfig) -> dict[str, Any]:
     # Loss averaged over valid pixels, so the learning rate does not depend on image size; poly decay after a
-    # linear warm-up, batches of random crops, mixed precision on GPUs.
+    # linear warm-up, batches of random crops, mixed precision: bf16 autocast on GPUs and on CPUs that compute bf16
+    # natively, whose loss curves stay within the seed-to-seed spread of fp32's (benchmarks/train_precision.py).
     adamw = cfg.optimizer == "adamw"
     return {
         "optimizer": "sgd",

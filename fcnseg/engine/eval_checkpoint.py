@@ -25,7 +25,7 @@ from ..hub import load
 from ..inference import Predictor
 from ..metrics import ConfusionMatrix
 from ..models.base import SegmentationModel
-from ..runtime import resolve_path
+from ..runtime import AUTO, resolve_path
 from .distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
 from .evaluate import ImageCallback, evaluate_heads
 from .examples import Examples, ImageScores, find_examples
@@ -47,8 +47,9 @@ class HeadReport(NamedTuple):
 def dataset_predictor(model: SegmentationModel, runtime: str, ds: SegmentationDataset, **options: Any) -> Predictor:
     """The :class:`~fcnseg.inference.Predictor` of ``model`` on ``runtime`` (``auto`` resolved), int8 calibrated on
     the set's first 8 images; ``options``: tiling and test-time augmentation."""
-    runtime, _ = resolve_path(runtime, model)
-    first = range(min(8, len(ds))) if runtime == "onnx-int8" else range(0)
+    if runtime not in AUTO or next(model.parameters()).device.type != "cpu":
+        runtime, _ = resolve_path(runtime, model)  # auto on the CPU is measured on the first image instead
+    first = range(min(8, len(ds))) if runtime in ("onnx-int8", "openvino-int8", "auto-reduced") else range(0)
     calibration = [ds[i][0].as_subclass(torch.Tensor).unsqueeze(0) for i in first]
     return Predictor(model, runtime=runtime, calibration=calibration, **options)
 

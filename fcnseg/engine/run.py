@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..data.check import quick_problems
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import FcnsegError
 from ..io import remove_stale_temporaries
-from ..runtime import cpu_features
+from ..runtime import NATIVE_BF16, bf16_is_native, cpu_features
 from ..runtime.kernels import nnpack_ready, use_measured_kernels
 from .checkpointing import RunLog, TrainState, restore_run
 from .config import TrainConfig
@@ -31,6 +32,7 @@ from .fitting import build_model, fit_input, has_non_color, staged_init
 
 __all__ = [
     "RUN_FILES",
+    "Precision",
     "Run",
     "amp_context",
     "attach_transforms",
@@ -41,8 +43,31 @@ __all__ = [
     "param_groups",
     "seed_everything",
     "start_run",
+    "training_precision",
     "unwrap",
 ]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The arithmetic a run's forward pass trains in (``dtype`` on ``device_type``), and why. The weights, the
+    optimiser state and the loss stay fp32 whatever it is."""
+
+    dtype: torch.dtype
+    device_type: str
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
+    def describe(self) -> str:
+        return f"{self.name}{' autocast' if self.dtype != torch.float32 else ''} ({self.reason})"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
 
 @dataclass
@@ -60,6 +85,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     autocast: Callable[[], contextlib.AbstractContextManager]
+    precision: Precision
     state: TrainState = field(default_factory=TrainState)
     log: RunLog | None = None  # once the folder is ready
     bar: Any = None  # tqdm progress bar, once the folder is ready
@@ -96,10 +122,14 @@ def start_run(cfg: TrainConfig, device: torch.device, info: DistInfo) -> Run:
     if cfg.resume:  # checked before the folder is touched: a refused --resume changes nothing
         run.state = restore_run(run.folder, run.net, run.optimizer, run.scheduler, run.scaler, cfg)
         attach_transforms(cfg, run.net, run.train_ds, run.val_ds)  # with the restored preprocessing
+        _note_precision_change(run)
+    run.state.precision = run.precision.name  # saved with every checkpoint
     if info.is_main:
         run.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run.folder, RUN_FILES)  # left by writes a kill interrupted (each up to a checkpoint)
-        cfg.save(run.folder / "config.yaml")
+        cfg.save(run.folder / "config.yaml", precision=run.precision.name, precision_reason=run.precision.reason)
+        if cfg.progress:  # with the progress bar: --no-progress runs stay quiet
+            print(f"fcnseg: training in {run.precision.describe()}", file=sys.stderr)
     run.log = RunLog(run.folder, info.is_main, run.state.iteration, list(unwrap(run.net).heads)[1:])
     show = info.is_main and cfg.progress
     run.bar = tqdm(total=cfg.iters, initial=run.state.iteration, disable=not show, unit="it")
@@ -116,6 +146,12 @@ def _build_run(cfg: TrainConfig, device: torch.device, info: DistInfo) -> Run:
         fit_input(model, train_ds)
     attach_transforms(cfg, model, train_ds, val_ds)
     model.to(device)
+    precision = training_precision(cfg, device)
+    if precision.device_type == "cpu" and precision.dtype == torch.bfloat16:
+        # oneDNN's bf16 convolutions (AMX) and their backward run fastest on NHWC weights: a step 1.1-1.2x faster
+        # than on NCHW ones (benchmarks/train_precision.py --bf16-nchw); fp32's is slower in NHWC and stays NCHW.
+        # The activations follow the weights' layout; no value changes.
+        model.to(memory_format=torch.channels_last)
     if measured_kernels_wanted(cfg, device):
         use_measured_kernels(model)  # the forward on each layer's fastest kernel: a CPU step 1.2-1.3x faster
     if info.enabled:
@@ -126,18 +162,30 @@ def _build_run(cfg: TrainConfig, device: torch.device, info: DistInfo) -> Run:
     autocast, scaler = amp_context(cfg, device)
     return Run(
         cfg=cfg, folder=Path(cfg.out), device=device, info=info, train_ds=train_ds, val_ds=val_ds, model=model,
-        optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast,
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast=autocast, precision=precision,
     )  # fmt: skip
+
+
+def _note_precision_change(run: Run) -> None:
+    """One warning line when a resumed run continues in another precision than it was trained in (another machine,
+    --no-amp): it goes on, but no longer exactly as the uninterrupted run would have."""
+    saved = run.state.precision
+    if saved and saved != run.precision.name and run.info.is_main:
+        print(f"fcnseg: warning: {run.folder} was trained in {saved} up to iteration {run.state.iteration}; it "
+              f"continues in {run.precision.describe()}", file=sys.stderr)  # fmt: skip
 
 
 def measured_kernels_wanted(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether training runs on :mod:`fcnseg.runtime.kernels`' measured kernels: on the CPU, not in deterministic mode
     (the choice depends on timing), with ``--conv-kernels measured``, or ``auto`` where ``--runtime auto`` takes
-    winograd (benchmarks/vs_torchfcn.py measures the gain)."""
+    winograd (benchmarks/vs_torchfcn.py measures the gain) and the run trains in fp32 (the measured kernels are fp32
+    ones; bf16 runs on oneDNN's)."""
     if device.type != "cpu" or cfg.deterministic or cfg.conv_kernels == "onednn":
         return False
     if cfg.conv_kernels == "measured":
         return True
+    if training_precision(cfg, device).dtype != torch.float32:
+        return False
     # --runtime auto's fp32 rule: NNPACK's Winograd and GEMM kernels need AVX2 and FMA, and a torch built with it.
     return {"avx2", "fma"} <= cpu_features() and nnpack_ready()
 
@@ -212,10 +260,34 @@ def attach_transforms(
     val_ds.transforms = eval_transforms(model.preprocessing)
 
 
+def training_precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    """What ``amp`` gives on ``device``. On a GPU: bf16 autocast where supported, else fp16 with loss scaling. On a
+    CPU: bf16 autocast where the CPU computes bf16 natively (AVX-512 BF16 or AMX; ``FCNSEG_CPU_FEATURES`` overrides
+    the probe) and torch's oneDNN uses it, else fp32 -- emulated bf16 is slower than fp32. Without ``amp``, fp32."""
+    if not cfg.amp:
+        return Precision(torch.float32, device.type, "amp off")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, "cuda", "amp on; the GPU computes bf16")
+        return Precision(torch.float16, "cuda", "amp on; the GPU has no bf16: fp16 with loss scaling")
+    if device.type != "cpu":
+        return Precision(torch.float32, device.type, "amp on, but mixed precision is for CUDA and bf16-native CPUs")
+    native = sorted(cpu_features() & NATIVE_BF16)
+    if not native:
+        why = "this CPU has no native bf16 (AVX-512 BF16 or AMX), and emulated bf16 is slower than fp32"
+    elif not bf16_is_native():
+        why = f"the CPU lists {', '.join(native)}, but torch's oneDNN does not compute bf16 natively on it"
+    elif cfg.conv_kernels == "measured":
+        why = "--conv-kernels measured runs fp32 kernels"
+    else:
+        return Precision(torch.bfloat16, "cpu", f"amp on; the CPU computes bf16 natively: {', '.join(native)}")
+    return Precision(torch.float32, "cpu", f"amp on, but {why}")
+
+
 def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
-    """Mixed precision on GPUs only (bf16 where supported, else fp16 with loss scaling); CPU runs stay fp32 so
-    that they are exactly reproducible."""
-    use = bool(cfg.amp) and device.type == "cuda"
-    dtype = torch.bfloat16 if use and torch.cuda.is_bf16_supported() else torch.float16
-    ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if use else contextlib.nullcontext
-    return ctx, torch.amp.GradScaler(device.type, enabled=use and dtype == torch.float16)
+    """The run's autocast context (a callable giving a fresh one per forward pass; :func:`training_precision`) and
+    its gradient scaler, enabled for fp16 only: bf16 has fp32's exponent range, so its gradients need no scaling
+    (the torch.amp docs: mixed precision training "on CPU with datatype of torch.bfloat16 only uses
+    torch.autocast")."""
+    precision = training_precision(cfg, device)
+    return precision.autocast, torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)

@@ -1,5 +1,6 @@
 """Execution paths for inference: eager fp32 (channels_last), Winograd fp32 (per-layer kernels), bf16, ONNX
-Runtime fp32 / int8, torch.compile, and ``auto``, which picks one from the CPU's features.
+Runtime fp32 / int8, OpenVINO fp32 / bf16 / int8, torch.compile, and ``auto`` / ``auto-reduced``, which measure the
+installed ones and take the fastest.
 
 A *runner* maps a normalised N x 3 x H x W float tensor to N x C x H x W float32 logits, whatever runs inside.
 ``make_runner(model, "onnx-int8", calibration=[...])`` builds one; ``predict``, ``eval``, ``serve``, ``bench`` and the
@@ -7,10 +8,11 @@ Python API take the path by name. Reduced-precision paths are judged by :func:`a
 whose argmax equals fp32's.
 
 The modules: :mod:`.cpu` (the CPU probe: instruction-set flags, model name, the keys compiled and measured code
-is valid for), :mod:`.paths` (the paths by name, ``auto``'s choice, :func:`make_runner`), :mod:`.onnx` (ONNX
-Runtime sessions, int8 quantisation and its check), :mod:`.kernels` (the measured per-layer convolution kernels of
-``winograd`` and of training on the CPU), :mod:`.compare` (runners compared pixel by pixel) and :mod:`.timing`
-(the timing loop).
+is valid for), :mod:`.paths` (the paths by name, the feature rule :func:`choose_path`, :func:`make_runner`),
+:mod:`.choice` (``auto`` by measurement, and its cache), :mod:`.onnx` (ONNX Runtime sessions, int8 quantisation and
+its check), :mod:`.openvino` (OpenVINO's CPU plugin, NNCF's int8), :mod:`.kernels` (the measured per-layer
+convolution kernels of ``winograd`` and of training on the CPU), :mod:`.compare` (runners compared pixel by pixel)
+and :mod:`.timing` (the timing loop).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -204,11 +205,31 @@ def exported_fp32(model: nn.Module, folder: Path) -> Path:
     return fp32
 
 
+def int8_file(
+    model: nn.Module, folder: Path, calibration: Sequence[torch.Tensor], keep_float: Sequence[str] = ()
+) -> Path:
+    """``folder/model.int8.onnx``: the model's fp32 export statically quantised on ``calibration``, the model's
+    :func:`float_layers` and ``keep_float`` left in float; made unless it is there already (the int8 paths of
+    ONNX Runtime and OpenVINO measured side by side share it)."""
+    prefixes = [p if p.endswith(".") else p + "." for p in keep_float]  # "features.1" is not "features.12"
+    extra = sorted(set(prefixes) - set(float_layers(model)))
+    tag = hashlib.sha256(",".join(extra).encode()).hexdigest()[:10]
+    name = "model.int8.onnx" if not extra else f"model.int8.float-{tag}.onnx"  # one file per set kept in float
+    int8 = folder / name
+    if not int8.is_file():
+        fp32 = exported_fp32(model, folder)
+        with staged_path(int8) as tmp:
+            quantize_onnx(fp32, tmp, calibration, keep_float=[*float_layers(model), *extra],
+                          reduce_range=int8_reduce_range())  # fmt: skip
+    return int8
+
+
 def onnx_runner(
     model: nn.Module,
     path: str,
     calibration: Sequence[torch.Tensor] | None,
     workdir: str | os.PathLike | None,
+    keep_float: Sequence[str] = (),
 ) -> Runner:
     """The ``onnx`` or ``onnx-int8`` runner of ``model``, exported into ``workdir`` (a temporary folder by default);
     int8 calibrated on ``calibration`` and checked against fp32 on it (:func:`check_int8`)."""
@@ -217,20 +238,20 @@ def onnx_runner(
     if path == "onnx":
         return ort_session(fp32)
     calibration = list(calibration or [])
-    int8 = folder / "model.int8.onnx"
-    quantize_onnx(fp32, int8, calibration, keep_float=float_layers(model), reduce_range=int8_reduce_range())
-    run = ort_session(int8)
+    run = ort_session(int8_file(model, folder, calibration, keep_float))
     check_int8(run, ort_session(fp32), calibration, model)
     return run
 
 
-def check_int8(run: Runner, fp32: Runner, calibration: Sequence[torch.Tensor], model: nn.Module | None) -> float:
-    """int8's agreement with fp32 on the calibration images; a warning when it is below :data:`INT8_WARN_BELOW`,
-    where int8 visibly changes the masks."""
+def check_int8(
+    run: Runner, fp32: Runner, calibration: Sequence[torch.Tensor], model: nn.Module | None, name: str = "onnx-int8"
+) -> float:
+    """int8's agreement with fp32 on the calibration images; a warning naming the path ``name`` when it is below
+    :data:`INT8_WARN_BELOW`, where int8 visibly changes the masks."""
     share = agreement(run, fp32, calibration, model)
     if share < INT8_WARN_BELOW:
         warnings.warn(
-            f"onnx-int8 agrees with fp32 on only {100 * share:.2f}% of the calibration images' pixels (below "
+            f"{name} agrees with fp32 on only {100 * share:.2f}% of the calibration images' pixels (below "
             f"{100 * INT8_WARN_BELOW:.0f}%): its masks will differ visibly; use an fp32 path (winograd, onnx) or "
             "calibrate on more images like yours",
             stacklevel=3,

@@ -18,10 +18,11 @@ from .compare import Runner
 from .cpu import NATIVE_BF16, VNNI, bf16_is_native, cpu_features, isa_key
 from .kernels import cache_root, nnpack_ready, with_measured_kernels
 from .onnx import onnx_runner
+from .openvino import OPENVINO_PATHS, openvino_runner
 
-PATHS: tuple[str, ...] = ("eager", "winograd", "bf16", "onnx", "onnx-int8", "compile")
-AUTO: tuple[str, ...] = ("auto", "auto-reduced")  # chosen from the CPU's features (:func:`choose_path`)
-FP32_CLASS: tuple[str, ...] = ("eager", "winograd", "onnx", "compile")  # agree with eager fp32 on >= 99.99%
+PATHS: tuple[str, ...] = ("eager", "winograd", "bf16", "onnx", "onnx-int8", *OPENVINO_PATHS, "compile")
+AUTO: tuple[str, ...] = ("auto", "auto-reduced")  # measured (:mod:`.choice`); without an input, :func:`choose_path`
+FP32_CLASS: tuple[str, ...] = ("eager", "winograd", "onnx", "openvino", "compile")  # >= 99.99% of eager's labels
 
 
 def check_path(path: str, flag: str = "--runtime", *, auto: bool = True) -> str:
@@ -95,6 +96,7 @@ def make_runner(
     channels_last: bool = True,
     calibration: Sequence[torch.Tensor] | None = None,
     workdir: str | os.PathLike | None = None,
+    keep_float: Sequence[str] = (),
 ) -> Runner:
     """A runner for ``model`` on execution path ``path`` (see :data:`PATHS`, :data:`AUTO`).
 
@@ -104,8 +106,12 @@ def make_runner(
     fp32). ``onnx`` / ``onnx-int8``: exported (and checked) into ``workdir`` (a temporary folder by default), int8
     statically quantised on ``calibration`` inputs (7-bit weights on a CPU without VNNI) and checked against fp32
     on them (a warning below :data:`~fcnseg.runtime.onnx.INT8_WARN_BELOW`). ``compile``: torch.compile with dynamic
-    shapes (the first call of each new size compiles). ``auto`` / ``auto-reduced``: the path :func:`resolve_path`
-    picks. The eager paths put ``model`` in eval mode (and channels_last) for good; the others leave it as it is.
+    shapes (the first call of each new size compiles). ``openvino`` / ``openvino-bf16`` / ``openvino-int8``:
+    OpenVINO's CPU plugin on the same ONNX files, precision forced (:mod:`fcnseg.runtime.openvino`). int8 keeps
+    :func:`~fcnseg.runtime.onnx.float_layers` and ``keep_float`` in float. ``auto`` / ``auto-reduced``: the path
+    :func:`resolve_path` picks from the CPU's features (with an input to measure on,
+    :func:`fcnseg.runtime.choice.choose` measures instead). The eager paths put ``model`` in eval mode (and
+    channels_last) for good; the others leave it as it is.
     """
     path, _ = resolve_path(path, model)
     if path == "eager":
@@ -124,7 +130,9 @@ def make_runner(
         use_inductor_cache_of_this_isa()
         compiled = torch.compile(model.eval(), dynamic=True)
         return _eager(compiled, torch.float32, channels_last=False)
-    return onnx_runner(model, path, calibration, workdir)
+    if path in OPENVINO_PATHS:
+        return openvino_runner(model, path, calibration, workdir, keep_float)
+    return onnx_runner(model, path, calibration, workdir, keep_float)
 
 
 def use_inductor_cache_of_this_isa() -> Path | None:

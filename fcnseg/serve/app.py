@@ -65,6 +65,7 @@ class Service:
         serving = {
             "runtime": self.runtime, "tile": p.tile, "overlap": p.overlap, "flip": p.flip, "scales": list(p.scales),
             "max_pixels": seg.max_pixels, "max_upload_mb": self.max_upload_mb, "max_batch": MAX_BATCH,
+            "batch": seg.batch,
             "timeout_s": self.timeout, "workers": self.pool.workers, "queue": self.pool.queue,
             "threads_per_worker": self.threads, "fcnseg_version": __version__,
         }  # fmt: skip
@@ -156,13 +157,27 @@ def _predict_job(
     return result, result.heads[head].png
 
 
-def _describe_job(service: Service, upload: Upload, place: Place) -> dict[str, Any]:
-    """One image of a batch: its JSON answer, or its error and status."""
-    try:
-        result = service.segmenter.segment(upload, check=place.check)
-    except ServeError as e:
-        return {"file": upload.name, "status": e.status, "error": str(e)}
-    return {"status": 200, **service.segmenter.describe(result)}
+def _batch_job(service: Service, uploads: list[Upload], place: Place) -> list[dict[str, Any]]:
+    """One group of a batch's images (:meth:`Segmenter.batch_groups`) on a worker thread: each one's JSON answer,
+    or its error and status."""
+    results = service.segmenter.segment_batch(uploads, check=place.check)
+    place.check()  # given up during the inference: no answer to encode
+    return [
+        {"file": upload.name, "status": r.status, "error": str(r)} if isinstance(r, ServeError)
+        else {"status": 200, **service.segmenter.describe(r)}
+        for upload, r in zip(uploads, results, strict=True)
+    ]  # fmt: skip
+
+
+async def _batch_answers(service: Service, uploads: list[Upload], place: Place) -> list[dict[str, Any]]:
+    """Every image's answer, in order: its headers read first (one job), then each group of one size (one job and
+    one forward pass each, within --batch images and --max-pixels padded pixels)."""
+    groups = await service.pool.run(place, service.segmenter.batch_groups, uploads, place.check)
+    answers: dict[int, dict[str, Any]] = {}
+    for group in groups:
+        group_answers = await service.pool.run(place, _batch_job, service, [uploads[i] for i in group], place)
+        answers.update(zip(group, group_answers, strict=True))
+    return [answers[i] for i in range(len(uploads))]
 
 
 def _image_response(result: Segmentation, body: bytes, answer: str, head: str) -> Response:
@@ -252,7 +267,7 @@ def _add_predict(app: FastAPI, service: Service) -> None:
         with _admit(service, request) as place:
             async with _batch_form(request) as form:
                 uploads = _uploads(form, "files", required=True)
-                results = [await service.pool.run(place, _describe_job, service, upload, place) for upload in uploads]
+                results = await _batch_answers(service, uploads, place)
         request.state.image_size = ",".join(f"{r['width']}x{r['height']}" if "width" in r else "-" for r in results)
         return {"results": results}
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import math
 import re
 import shutil
 import tempfile
@@ -41,8 +40,7 @@ from ..imageio import (
     stack_extra_channels,
 )
 from ..inference import Predictor
-from ..predict import confidence_png
-from .limits import padded_size
+from ..predict import batch_groups, confidence_png, forward_size
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Segmentation", "Segmenter", "ServeError", "Upload", "recorded_metrics"]
 
@@ -153,20 +151,36 @@ def _checked(run: Callable[[torch.Tensor], torch.Tensor], check: Callable[[], No
     return checked
 
 
+@dataclass(frozen=True)
+class _Read:
+    """One image read and checked: the client's name for it, its colour image, the model's input, and when its
+    reading began and ended (``time.perf_counter``)."""
+
+    name: str
+    rgb: np.ndarray
+    x: np.ndarray
+    start: float
+    end: float
+
+
 class Segmenter:
     """A model's :class:`~fcnseg.inference.Predictor`, as ``predict`` would run it; :meth:`segment` is one
-    request's work.
+    request's work, :meth:`batch_groups` and :meth:`segment_batch` a batch's.
 
-    ``max_pixels``: the largest padded area (:func:`.limits.padded_size`, at the largest test-time scale) an image
+    ``max_pixels``: the largest padded area (:func:`~fcnseg.predict.forward_size`: the model's own
+    :func:`.limits.padded_size` at the largest test-time scale) an image
     may make the model compute on, or with tiling the largest image area (each tile's padded area is bounded by the
     tile size); larger is refused with 413, from the header. PIL's decompression-bomb limit holds in every case.
-    Thread-safe: requests share the model, read only.
+    ``batch``: a batch's images of one size run as one forward pass of up to this many, whose areas together stay
+    within ``max_pixels`` too, so that no pass costs more than one image may. Thread-safe: requests share the model,
+    read only.
     """
 
-    def __init__(self, predictor: Predictor, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, predictor: Predictor, *, max_pixels: int = DEFAULT_MAX_PIXELS, batch: int = 1) -> None:
         self.predictor = predictor
         self.model = predictor.model
         self.max_pixels = max_pixels
+        self.batch = batch
         self.colors = self.model.class_colors()
         self.names = self.model.class_names()
         self.in_channels = self.model.in_channels
@@ -188,34 +202,103 @@ class Segmenter:
         Every header is checked before any pixel is decoded. ``check`` raises once the request has been given up
         (:meth:`.pool.Place.check`); it is called between the stages and tiles. ``confidence``: also each head's
         confidence map. Raises :class:`ServeError` with the status to answer for anything the client can fix."""
+        with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
+            read = self._read(image, extras, Path(tmp), check)
+        with _as_client_names({}):
+            return self._segmented([read], check, confidence)[0]
+
+    def batch_groups(self, images: Sequence[Upload], check: Callable[[], None] = _never_cancelled) -> list[list[int]]:
+        """The indices of ``images`` in the groups :meth:`segment_batch` runs together: of one size, by their
+        headers (no pixel decoded), each of at most :attr:`batch` images whose padded areas sum to at most
+        :attr:`max_pixels` (an image it refuses costs nothing: it fails before the model runs)."""
+        if self.batch == 1:
+            return [[i] for i in range(len(images))]
+        sizes: dict[int, tuple[int, int] | None] = {}
+        with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
+            for i, image in enumerate(images):
+                check()
+                with contextlib.suppress(ServeError):  # segment_batch refuses it again, with its status
+                    self._check_extras(())
+                    path = _spool(image, Path(tmp) / str(i), f"fcnseg-upload{_suffix(image.name)}")
+                    with _as_client_names({str(path): image.name, path.name: image.name}):
+                        w, h = self._check_header(path, image.name)
+                    sizes[i] = (h, w)
+                sizes.setdefault(i, None)
+
+        def cost(i: int) -> int:
+            if sizes[i] is None:
+                return 0
+            rows, cols = forward_size(self.predictor, *sizes[i])
+            return rows * cols
+
+        return list(batch_groups(sizes, key=sizes.get, cost=cost, batch=self.batch, max_pixels=self.max_pixels))
+
+    def segment_batch(
+        self, images: Sequence[Upload], check: Callable[[], None] = _never_cancelled
+    ) -> list[Segmentation | ServeError]:
+        """Read and check each of ``images``, then segment those read together (one forward pass for those of one
+        size): per image, its :class:`Segmentation` or the :class:`ServeError` that :meth:`segment` would raise."""
+        reads: list[_Read | ServeError] = []
+        with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
+            for i, image in enumerate(images):
+                try:
+                    reads.append(self._read(image, (), Path(tmp) / str(i), check))
+                except ServeError as e:
+                    reads.append(e)
+        done = iter(self._segmented_each([r for r in reads if isinstance(r, _Read)], check))
+        return [r if isinstance(r, ServeError) else next(done) for r in reads]
+
+    def _segmented_each(self, reads: list[_Read], check: Callable[[], None]) -> list[Segmentation | ServeError]:
+        try:
+            with _as_client_names({}):
+                return list(self._segmented(reads, check, confidence=False))
+        except ServeError as e:
+            if len(reads) == 1:
+                return [e]
+        # One image the model refuses would fail its whole group: one by one, each gets its own answer.
+        return [answer for read in reads for answer in self._segmented_each([read], check)]
+
+    def _read(self, image: Upload, extras: Sequence[Upload], folder: Path, check: Callable[[], None]) -> _Read:
+        """Spool ``image`` (and ``extras``) into ``folder``, check every header, then decode and stack them."""
         self._check_extras(extras)
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
-            path = _spool(image, Path(tmp) / "in", f"fcnseg-upload{_suffix(image.name)}")
-            names = {str(path): image.name, path.name: image.name}  # messages may name the file alone
-            with _as_client_names(names):
-                size = self._check_header(path, image.name)
-                folders = [self._spool_extra(extra, i, path, names, size) for i, extra in enumerate(extras)]
-                check()
-                rgb = load_image(path)
-                x = self._stacked(rgb, path, folders)
-                read = time.perf_counter()
-                check()
-                result = self._request_predictor(check).outputs([x], confidence=confidence)[0]
-        heads = [
-            HeadMask(head, encode_mask_png(mask, self.colors[head]), mask, self.colors[head],
-                     result.confidence.get(head))
-            for head, mask in result.masks.items()
-        ]  # fmt: skip
-        end = time.perf_counter()
-        timing = {"read": _ms(start, read), "inference": _ms(read, end), "total": _ms(start, end)}
-        return Segmentation(image.name, rgb, heads, timing)
+        path = _spool(image, folder / "in", f"fcnseg-upload{_suffix(image.name)}")
+        names = {str(path): image.name, path.name: image.name}  # messages may name the file alone
+        with _as_client_names(names):
+            size = self._check_header(path, image.name)
+            folders = [self._spool_extra(extra, i, path, names, size) for i, extra in enumerate(extras)]
+            check()
+            rgb = load_image(path)
+            x = self._stacked(rgb, path, folders)
+        return _Read(image.name, rgb, x, start, time.perf_counter())
 
-    def _request_predictor(self, check: Callable[[], None]) -> Predictor:
-        # The server's execution path (built once) behind a check between tiles; every other option the same.
+    def _segmented(self, reads: Sequence[_Read], check: Callable[[], None], confidence: bool) -> list[Segmentation]:
+        """``reads`` segmented in one pass (for those of one size), each one's masks encoded. Its inference time is
+        its pass's (the time it waited for its masks) and its own encoding's."""
+        check()
+        start = time.perf_counter()
+        results = self._request_predictor(check, len(reads)).outputs([r.x for r in reads], confidence=confidence)
+        forward = time.perf_counter() - start
+        out = []
+        for read, result in zip(reads, results, strict=True):
+            begin = time.perf_counter()
+            heads = [
+                HeadMask(head, encode_mask_png(mask, self.colors[head]), mask, self.colors[head],
+                         result.confidence.get(head))
+                for head, mask in result.masks.items()
+            ]  # fmt: skip
+            inference = forward + time.perf_counter() - begin
+            timing = {"read": _ms(read.start, read.end), "inference": round(inference * 1000, 2),
+                      "total": _ms(read.start, read.end + inference)}  # fmt: skip
+            out.append(Segmentation(read.name, read.rgb, heads, timing))
+        return out
+
+    def _request_predictor(self, check: Callable[[], None], batch: int = 1) -> Predictor:
+        # The server's execution path (built once) behind a check between tiles and passes; every other option the
+        # same, and `batch` images of one size in one pass.
         p = self.predictor
         return Predictor(p.model, runtime=_checked(p.runner(), check), tile=p.tile, overlap=p.overlap, flip=p.flip,
-                         scales=p.scales)  # fmt: skip
+                         scales=p.scales, batch_size=batch)  # fmt: skip
 
     def _check_extras(self, extras: Sequence[Upload]) -> None:
         if self.in_channels > 3 and not extras:
@@ -241,8 +324,7 @@ class Segmenter:
                     f"{self.max_pixels:,} (--max-pixels, tiled or not); send a smaller image"
                 )  # fmt: skip
             return w, h
-        scale = max(self.predictor.scales)  # the largest copy test-time augmentation runs
-        rows, cols = padded_size(self.model, math.ceil(h * scale), math.ceil(w * scale))
+        rows, cols = forward_size(self.predictor, h, w)  # at the largest scale test-time augmentation runs
         if rows * cols > self.max_pixels:
             raise ServeError(
                 413, f"{name}: image is {w}x{h}, which the model computes on as {cols}x{rows} = {rows * cols:,} "

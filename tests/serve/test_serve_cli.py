@@ -29,10 +29,18 @@ pytest.importorskip("multipart")
         (["--queue", "-1"], "--queue -1: expected 0 or more"),
         (["--max-upload-mb", "0"], "--max-upload-mb 0: expected a positive size"),
         (["--max-pixels", "0"], "--max-pixels 0: expected a positive number of pixels"),
-        (["--runtime", "onnx-int8"], "--runtime onnx-int8 calibrates on your images: give --calibration DIR"),
+        (
+            ["--runtime", "onnx-int8"],
+            "--runtime onnx-int8 calibrates and checks int8 on your images: give --calibration DIR",
+        ),
+        (
+            ["--runtime", "auto-reduced"],
+            "--runtime auto-reduced calibrates and checks int8 on your images: give --calibration DIR",
+        ),
         (
             ["--runtime", "gpu"],
-            "--runtime 'gpu': expected one of eager, winograd, bf16, onnx, onnx-int8, compile, auto, auto-reduced",
+            "--runtime 'gpu': expected one of eager, winograd, bf16, onnx, onnx-int8, "
+            "openvino, openvino-bf16, openvino-int8, compile, auto, auto-reduced",
         ),
         (["--timeout", "0"], "--timeout 0: expected a positive number of seconds"),
         (["--timeout", "inf"], "--timeout inf: expected a positive number of seconds"),

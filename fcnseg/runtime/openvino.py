@@ -1,0 +1,188 @@
+"""OpenVINO's CPU plugin as execution paths: ``openvino`` (fp32), ``openvino-bf16`` and ``openvino-int8``.
+
+Each reads the ONNX file the ``onnx`` path exports and checks (:func:`~fcnseg.runtime.onnx.exported_fp32`), so the
+graph OpenVINO compiles is one already compared with the model's forward. The precision is always set explicitly
+(``INFERENCE_PRECISION_HINT``): with only ``PERFORMANCE_HINT: LATENCY``, the plugin runs bf16 on any CPU with
+AVX512_BF16 or AMX, so a path called fp32 would silently not be. ``openvino-int8`` is quantised by NNCF, OpenVINO's
+own post-training quantiser, on the same calibration images and with the same layers kept in float as ``onnx-int8``,
+and checked against fp32 as it is; its float parts run in bf16 where the CPU computes bf16 natively, else in f32. On
+the trained demo model NNCF's file kept more of fp32's labels than ONNX Runtime's QDQ file run by OpenVINO, at the
+same speed.
+
+Compiled models are kept in OpenVINO's own on-disk cache (``CACHE_DIR``, under fcnseg's cache folder), so a second
+process with the same file and settings loads the compiled blob instead of compiling again. OpenVINO is an optional
+extra: ``pip install "fcnseg[openvino]"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import FcnsegError
+from .compare import Runner
+from .cpu import NATIVE_BF16, bf16_is_native, cpu_features
+from .kernels import cache_root
+
+OPENVINO_PATHS: tuple[str, ...] = ("openvino", "openvino-bf16", "openvino-int8")
+PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
+"""``INFERENCE_PRECISION_HINT`` of the float paths."""
+
+
+def int8_float_precision() -> str:
+    """The precision of ``openvino-int8``'s layers left in float: bf16 on a CPU that computes it natively (on the
+    trained demo model it cost 0.03% of fp32's labels and made the whole path about 1.6x faster on a Sapphire
+    Rapids CPU), else f32."""
+    return "bf16" if cpu_features() & NATIVE_BF16 and bf16_is_native() else "f32"
+
+
+def openvino_available() -> bool:
+    """Whether the ``openvino`` package is installed (without importing it: the import takes a second)."""
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def openvino_version() -> str | None:
+    """OpenVINO's version, None where it is not installed."""
+    if not openvino_available():
+        return None
+    import openvino
+
+    return openvino.get_version()
+
+
+def openvino_cache_dir() -> Path:
+    """Where compiled models are kept: ``openvino`` in fcnseg's cache folder. OpenVINO names each blob by a hash of
+    the model, the device and the compile settings, so one folder serves every model and precision."""
+    return cache_root() / "openvino"
+
+
+def compile_config(precision: str) -> dict[str, object]:
+    """The CPU plugin's settings for one path: latency-first (one stream: one image at a time), PyTorch's thread
+    budget, the precision forced, and the on-disk cache of compiled models."""
+    return {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "INFERENCE_PRECISION_HINT": precision,
+        "CACHE_DIR": str(openvino_cache_dir()),
+    }
+
+
+def openvino_session(source: str | os.PathLike, precision: str = "f32") -> Runner:
+    """A runner over the ONNX (or OpenVINO IR) file ``source``, compiled for the CPU at ``precision``."""
+    if not openvino_available():
+        raise FcnsegError('the openvino paths need OpenVINO: pip install "fcnseg[openvino]"')
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(source), "CPU", compile_config(precision))
+    local = threading.local()  # an infer request runs one inference at a time: one per calling thread
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        request = getattr(local, "request", None)
+        if request is None:
+            request = local.request = compiled.create_infer_request()
+        result = request.infer({0: np.ascontiguousarray(x.detach().float().cpu().numpy())})
+        return torch.from_numpy(np.array(result[0], dtype=np.float32))  # a copy: the request reuses its buffers
+
+    return run
+
+
+def openvino_runner(
+    model: nn.Module,
+    path: str,
+    calibration: Sequence[torch.Tensor] | None,
+    workdir: str | os.PathLike | None,
+    keep_float: Sequence[str] = (),
+) -> Runner:
+    """The ``openvino``, ``openvino-bf16`` or ``openvino-int8`` runner of ``model``; its ONNX files are written
+    into ``workdir`` (a temporary folder by default), int8 calibrated on ``calibration`` and checked against
+    fp32 as ``onnx-int8`` is (:func:`nncf_int8`)."""
+    from .onnx import check_int8, exported_fp32
+
+    if not openvino_available():
+        raise FcnsegError(f'runtime {path} needs OpenVINO: pip install "fcnseg[openvino]"')
+    if path == "openvino-bf16" and not (cpu_features() & NATIVE_BF16 and bf16_is_native()):
+        warnings.warn(
+            "this CPU has no bf16 instructions: OpenVINO emulates bf16 and is slower than fp32; use openvino",
+            stacklevel=3,
+        )
+    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fcnseg-onnx-"))
+    fp32 = exported_fp32(model, folder)
+    if path != "openvino-int8":
+        return openvino_session(fp32, PRECISION[path])
+    calibration = list(calibration or [])
+    if not calibration:
+        raise FcnsegError(f"{path} needs calibration images (--calibration DIR or the images being predicted)")
+    run = openvino_session(nncf_int8(model, folder, calibration, keep_float), int8_float_precision())
+    check_int8(run, openvino_session(fp32, "f32"), calibration, model, name=path)
+    return run
+
+
+def _kept_nodes(model: nn.Module, fp32: Path, ov_model, keep_float: Sequence[str]) -> list[str]:
+    """OpenVINO's names of the operations whose weights start with the model's float layers or ``keep_float``:
+    OpenVINO names each after the ONNX node (a convolution's bias addition split off as ``NAME/WithoutBiases``)."""
+    import onnx
+
+    from .onnx import float_layers
+
+    prefixes = tuple(float_layers(model)) + tuple(p if p.endswith(".") else p + "." for p in keep_float)
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    nodes = {n.name for n in graph.node if len(n.input) > 1 and n.input[1].startswith(prefixes)}
+    return [op.get_friendly_name() for op in ov_model.get_ops() if op.get_friendly_name().split("/")[0] in nodes]
+
+
+def nncf_int8(
+    model: nn.Module, folder: Path, calibration: Sequence[torch.Tensor], keep_float: Sequence[str] = ()
+) -> Path:
+    """``folder/model.int8[...].xml``: the fp32 export quantised by NNCF, OpenVINO's own post-training
+    quantisation (per-channel int8 weights, activation ranges from ``calibration``, bias correction), the model's
+    :func:`~fcnseg.runtime.onnx.float_layers` and ``keep_float`` left in float; made unless it is there."""
+    import hashlib
+
+    import nncf
+    import openvino as ov
+
+    from .onnx import exported_fp32
+
+    fp32 = exported_fp32(model, folder)
+    tag = hashlib.sha256(",".join(sorted(keep_float)).encode()).hexdigest()[:10]
+    xml = folder / ("model.int8.xml" if not keep_float else f"model.int8.float-{tag}.xml")
+    if xml.is_file():
+        return xml
+    ov_model = ov.Core().read_model(str(fp32))
+    ignored = nncf.IgnoredScope(names=_kept_nodes(model, fp32, ov_model, keep_float), validate=False)
+    data = nncf.Dataset([x.detach().float().cpu().numpy() for x in calibration])
+    with _quiet_nncf():
+        quantised = nncf.quantize(ov_model, data, subset_size=len(calibration), ignored_scope=ignored)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the .bin first: a complete .xml means a complete pair
+        ov.save_model(quantised, str(Path(tmp) / xml.name))
+        os.replace(Path(tmp) / xml.with_suffix(".bin").name, xml.with_suffix(".bin"))
+        os.replace(Path(tmp) / xml.name, xml)
+    return xml
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF reports its progress through logging and progress bars; fcnseg reports the result itself."""
+    import logging
+
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            yield
+    finally:
+        logger.setLevel(level)

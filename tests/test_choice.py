@@ -1,0 +1,220 @@
+"""``auto`` and ``auto-reduced`` by measurement: the fastest candidate is taken (the clock is the test's, the paths
+are real), reduced paths must keep 99.5% of fp32's labels, the choice is cached under the documented key, a
+saved int8 sensitivity ranking keeps the costliest layers in float, and all of it works without OpenVINO."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fcnseg
+from fcnseg.cli import main
+from fcnseg.errors import FcnsegError
+from fcnseg.runtime import choice, make_runner
+from fcnseg.runtime.choice import candidates, choice_key, choose, save_sensitivity, saved_sensitivity
+from fcnseg.runtime.openvino import openvino_available
+from tests.helpers import TINY, randomise
+
+AVX2 = "sse4_2 avx avx2 fma"
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """auto free to measure every candidate (the suite narrows it to eager), with a cache of the test's own."""
+    monkeypatch.delenv("FCNSEG_AUTO_PATHS")
+    monkeypatch.setenv("FCNSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FCNSEG_CPU_FEATURES", AVX2)
+
+
+def _model(seed: int = 0, **options):
+    return randomise(fcnseg.get_model("fcn8s", num_classes=4, dropout=0.0, **TINY, **options), seed=seed).eval()
+
+
+def _x(h: int = 61, w: int = 83, seed: int = 1) -> torch.Tensor:
+    return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+class Clock:
+    """Stands in for the measurement's clock: runs the real path on the input (its output is checked), then
+    reports the milliseconds the test set for that path."""
+
+    def __init__(self, ms: dict[str, float]) -> None:
+        self.ms, self.calls, self.shapes = ms, [], {}
+
+    def __call__(self, path: str, run, x: torch.Tensor) -> float:
+        self.calls.append(path)
+        self.shapes[path] = tuple(run(x).shape)
+        return self.ms[path]
+
+
+def test_auto_takes_the_fastest_measured_path_and_says_the_others(measured, monkeypatch, tmp_path):
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd,onnx")
+    model, x = _model(), _x()
+    for fastest in ("onnx", "winograd", "eager"):
+        ms = {"eager": 30.0, "winograd": 20.0, "onnx": 10.0} | {fastest: 5.0}
+        clock = Clock(ms)
+        picked, run = choice.measure(model, "auto", x, timer=clock, workdir=tmp_path)  # one ONNX export
+        assert picked.path == fastest and picked.ms == ms
+        assert set(clock.calls) == {"eager", "winograd", "onnx"}  # every candidate built and run for real
+        assert set(clock.shapes.values()) == {(1, 4, 61, 83)}
+        with torch.no_grad():
+            assert torch.allclose(run(x), model(x), atol=1e-4 * float(model(x).std()) * 10)
+        others = ", ".join(f"{p} {v:.0f}" for p, v in sorted(ms.items(), key=lambda kv: kv[1]) if p != fastest)
+        assert picked.line() == f"runtime auto: {fastest} (5 ms; measured on 1x61x83: {others} ms)"
+
+
+def test_a_candidate_far_slower_after_the_first_round_is_not_timed_again(measured, monkeypatch):
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd")
+    clock = Clock({"eager": 100.0, "winograd": 10.0})
+    choice.measure(_model(), "auto", _x(), timer=clock)
+    assert clock.calls.count("winograd") == choice.ROUNDS and clock.calls.count("eager") == 1
+
+
+def test_auto_reduced_refuses_a_faster_path_that_changes_too_many_labels(measured, monkeypatch):
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx,onnx-int8")
+    model, x = _model(), _x()  # random weights: int8 moves a few percent of a tiny random net's labels
+    clock = Clock({"eager": 30.0, "onnx": 20.0, "onnx-int8": 1.0})
+    picked, _ = choice.measure(model, "auto-reduced", x, timer=clock)
+    assert picked.agreement["onnx-int8"] < choice.REDUCED_MIN_AGREEMENT
+    assert picked.path == "onnx" and "onnx-int8" not in clock.calls
+    assert f"onnx-int8 ({100 * picked.agreement['onnx-int8']:.2f}% < 99.5% of fp32's labels)" in picked.line()
+    monkeypatch.setattr(choice, "REDUCED_MIN_AGREEMENT", picked.agreement["onnx-int8"] - 1e-9)  # the bar met
+    picked, run = choice.measure(model, "auto-reduced", x, timer=Clock(clock.ms))
+    assert (
+        picked.path == "onnx-int8" and f"{100 * picked.agreement['onnx-int8']:.2f}% of fp32's labels" in picked.line()
+    )
+
+
+def test_the_choice_is_cached_per_cpu_threads_engines_model_and_size_class(measured, monkeypatch):
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd")
+    model, x = _model(), _x()
+    clock = Clock({"eager": 2.0, "winograd": 1.0})
+    first, _ = choose(model, "auto", x, timer=clock)
+    assert not first.cached and len(clock.calls) == 2 * choice.ROUNDS
+    again, run = choose(model, "auto", _x(seed=2), timer=clock)  # same size: the saved choice, not measured
+    assert again.cached and again.path == "winograd" and len(clock.calls) == 2 * choice.ROUNDS
+    assert "measured on 1x61x83 earlier, cached" in again.line() and run(x).shape == (1, 4, 61, 83)
+    key = choice_key(model, "auto", x)
+    parts = key.split(" | ")
+    assert parts[0] == fcnseg.runtime.cpu_model_name() and f"{torch.get_num_threads()} threads" in parts
+    assert f"torch {torch.__version__}" in parts and parts[-2].startswith("fcn8s ") and parts[-1] == "1x~5793px"
+    assert "auto" in parts and ("onnxruntime " in key) == choice.onnx_available()
+    assert choice_key(model, "auto", _x(60, 84)) == key  # a nearby size: the same class
+    other = {
+        "a larger size": choice_key(model, "auto", _x(122, 166)),
+        "a batch": choice_key(model, "auto", _x().expand(2, -1, -1, -1)),
+        "other weights, auto": choice_key(_model(seed=5), "auto", x),
+        "auto-reduced": choice_key(model, "auto-reduced", x),
+        "another architecture": choice_key(_model(alignment="caffe"), "auto", x),
+    }
+    assert other.pop("other weights, auto") == key  # fp32 speed does not depend on the weights' values
+    assert choice_key(_model(seed=5), "auto-reduced", x) != other["auto-reduced"]  # agreement does
+    assert len(set(other.values()) | {key}) == len(other) + 1, other
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert choice_key(model, "auto", x) != key
+        choose(model, "auto", x, timer=clock)
+        assert len(clock.calls) == 4 * choice.ROUNDS  # one thread: measured again
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(choice, "engine_versions", lambda: "onnxruntime 0.0")
+    choose(model, "auto", x, timer=clock)
+    assert len(clock.calls) == 6 * choice.ROUNDS  # another engine version: measured again
+
+
+@pytest.fixture(scope="module")
+def hostile_demo(quick_demo):
+    """The trained demo FCN-8s with one layer int8 cannot take: conv3_1's first channel is made dead (zero weights,
+    negative bias: always 0 after the ReLU), and conv3_2 given a weight of 300 on that channel. fp32 computes the
+    same (the weight meets only zeros), but per-channel int8 scales conv3_2's weights by it, and the rest round to
+    zero. The demo images: calibration from the training split, the input to measure on from the validation one."""
+    from fcnseg.data import get_dataset
+
+    out, _ = quick_demo
+    model = fcnseg.load(out / "fcn8s" / "best.pt").eval()
+    with torch.no_grad():
+        model.get_submodule("backbone.features.10").weight[0] = 0.0
+        model.get_submodule("backbone.features.10").bias[0] = -1.0
+        model.get_submodule(HOSTILE).weight[:, 0, 1, 1] = 300.0
+    images = [get_dataset("synthetic", split=split)[0][0].as_subclass(torch.Tensor) for split in ("train", "val")]
+    calibration, x = (model.preprocessing(image)[None] for image in images)
+    return model, [calibration], x
+
+
+HOSTILE = "backbone.features.12"
+
+
+def test_a_saved_sensitivity_ranking_keeps_the_costliest_layer_in_float(hostile_demo, measured, monkeypatch, tmp_path):
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx-int8")
+    model, calibration, x = hostile_demo
+    folder = tmp_path / "w"
+    ms = {"eager": 9.0, "onnx-int8": 1.0}
+    plain, _ = choice.measure(model, "auto-reduced", x, calibration, timer=Clock(ms), workdir=folder)
+    fp32 = make_runner(model, "eager")
+    spared = make_runner(model, "onnx-int8", calibration=calibration, workdir=folder, keep_float=[HOSTILE])
+    with_float = fcnseg.runtime.agreement(spared, fp32, calibration, model)
+    assert with_float > plain.agreement["onnx-int8"] + 0.02  # the construction works: this layer is the cost
+    # The bar between the two: int8 as it is misses it, int8 with conv3_2 in float meets it.
+    monkeypatch.setattr(choice, "REDUCED_MIN_AGREEMENT", (with_float + plain.agreement["onnx-int8"]) / 2)
+    missed, _ = choice.measure(model, "auto-reduced", x, calibration, timer=Clock(ms), workdir=folder)
+    assert missed.path == "eager" and "onnx-int8" in missed.rejected and missed.keep_float == []
+    save_sensitivity(model, {HOSTILE: 0.4, "backbone.fc6": 0.98, "backbone.features.2": 0.99})
+    assert saved_sensitivity(model) == [HOSTILE, "backbone.fc6", "backbone.features.2"]
+    picked, run = choice.measure(model, "auto-reduced", x, calibration, timer=Clock(ms), workdir=folder)
+    assert picked.path == "onnx-int8" and picked.keep_float == [HOSTILE], picked.line()
+    assert picked.agreement["onnx-int8"] == pytest.approx(with_float)
+    assert "1 more layer(s) in float" in picked.line()
+    kept = list(folder.glob("model.int8.float-*.onnx"))
+    assert len(kept) == 1 and HOSTILE + ".weight" not in _int8_weight_names(kept[0])
+    assert HOSTILE + ".weight" in _int8_weight_names(folder / "model.int8.onnx")
+
+
+def _int8_weight_names(path) -> set[str]:
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return {t.name.removesuffix("_quantized") for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+
+
+def test_bench_int8_sensitivity_saves_the_ranking_auto_reduced_reads(measured, tmp_path, capsys):
+    model = _model(seed=3)
+    ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = ["bench", "--checkpoint", str(ckpt), "--size", "48x64", "--runs", "1", "--warmup", "0"]
+        assert main([*args, "--int8-sensitivity", "--quiet", "--json", str(tmp_path / "b.json")]) == 0
+    import json
+
+    ranking = json.loads((tmp_path / "b.json").read_text())["int8_sensitivity"]
+    assert saved_sensitivity(fcnseg.load(ckpt)) == list(ranking) and len(ranking) > 3
+
+
+def test_without_openvino_auto_measures_the_others_and_the_paths_say_how_to_install(measured, monkeypatch, tmp_path,
+                                                                                    capsys):  # fmt: skip
+    from fcnseg.bench import expand_paths
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` fails, as where the extra is missing
+    assert not openvino_available()
+    assert not any(p.startswith("openvino") for p in candidates(True, frozenset({"avx2", "fma", "avx512_bf16"})))
+    assert "openvino" not in expand_paths(["all"])
+    with pytest.raises(FcnsegError, match=r"--paths openvino: OpenVINO is not installed"):
+        expand_paths(["openvino"])
+    model = _model()
+    with pytest.raises(FcnsegError, match=r'runtime openvino needs OpenVINO: pip install "fcnseg\[openvino\]"'):
+        make_runner(model, "openvino")
+    ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    assert main(["predict", str(ckpt), str(image), "--out", str(tmp_path / "o"), "--runtime", "openvino"]) == 2
+    assert 'runtime openvino needs OpenVINO: pip install "fcnseg[openvino]"' in capsys.readouterr().err
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd,openvino")
+    assert main(["predict", str(ckpt), str(image), "--out", str(tmp_path / "auto")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("runtime auto: ") and "openvino" not in err and "measured on 1x40x50" in err, err
+    assert (tmp_path / "auto" / "a.png").is_file()

@@ -1,0 +1,116 @@
+"""The OpenVINO paths against eager fp32 and an independent int8 evaluator, and the on-disk cache of compiled
+models. fcnseg without OpenVINO: tests/test_choice.py."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fcnseg
+from fcnseg.runtime import bf16_is_native, make_runner
+from fcnseg.runtime.openvino import openvino_available, openvino_cache_dir, openvino_session
+from tests.helpers import TINY, randomise
+
+pytestmark = pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO (pip install "fcnseg[openvino]")')
+
+HEADS = {"one": ("fcn8s", {"num_classes": 4}), "two": ("fcn16s_twohead", {"num_classes": 4, "second_classes": 3})}
+SIZE = (57, 75)  # odd, and not a multiple of the stride: the crops and the padding are exercised
+FP32_TOLERANCE = 1e-4  # of eager's logit span: the bound the ONNX export itself is held to
+BF16_TOLERANCE = 5e-2  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few percent of the span at the end
+BF16_AT_LEAST = 1e-4  # ... and a path that claims bf16 must differ from fp32 by more than fp32 rounding does
+INT8_TOLERANCE = 0.5  # of the span: the near-ties of a random tiny net move a lot under int8
+
+_BUILT: dict = {}
+
+
+def _model(heads: str, alignment: str):
+    name, options = HEADS[heads]
+    model = fcnseg.get_model(name, alignment=alignment, dropout=0.0, **TINY, **options)
+    return randomise(model, seed=0, trainable_only=True).eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(1, 3, 64, 96, generator=g) for _ in range(2)]
+    return calibration, torch.randn(1, 3, *SIZE, generator=g)
+
+
+@pytest.mark.parametrize("alignment", ["aligned", "caffe"])
+@pytest.mark.parametrize("heads", ["one", "two"])
+@pytest.mark.parametrize("path", ["openvino", "openvino-bf16", "openvino-int8"])
+def test_each_openvino_path_equals_eager_within_its_class(path, heads, alignment, tmp_path):
+    if path == "openvino-bf16" and not bf16_is_native():
+        pytest.skip("this CPU has no bf16 instructions: OpenVINO would emulate bf16")
+    model = _model(heads, alignment)
+    calibration, x = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # int8 on random weights warns of its agreement, as it should
+        run = make_runner(model, path, calibration=calibration, workdir=tmp_path)
+    with torch.no_grad():
+        expected = model(x)
+    got = run(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape == (1, sum(model.heads.values()), *SIZE)
+    span = float(expected.max() - expected.min())
+    error = float((got - expected).abs().max()) / span
+    if path == "openvino":  # f32 forced: on a bf16 CPU, OpenVINO's latency default alone would run bf16
+        assert error <= FP32_TOLERANCE
+    elif path == "openvino-bf16":
+        assert BF16_AT_LEAST < error <= BF16_TOLERANCE
+    else:  # a random tiny net's int8 error is large (its agreement on a trained model: tests/test_runtime.py)
+        assert FP32_TOLERANCE < error <= INT8_TOLERANCE
+        _assert_int8_except_the_float_layers(model, tmp_path)
+
+
+def _assert_int8_except_the_float_layers(model, folder) -> None:
+    """In the quantised OpenVINO model, a convolution's weights come straight from a float constant exactly where
+    the layer is one of the model's float layers, and through int8 dequantisation (a Multiply) everywhere else.
+    Each OpenVINO convolution is traced back to the ONNX node it was named after, and that node to its weight."""
+    import onnx
+    import openvino as ov
+
+    weight_of = {n.name: n.input[1] for n in onnx.load(str(folder / "model.onnx")).graph.node if len(n.input) > 1}
+    floats = tuple(model.float_layers())
+    seen = {True: 0, False: 0}
+    for op in ov.Core().read_model(str(folder / "model.int8.xml")).get_ops():
+        if op.get_type_name() not in ("Convolution", "ConvolutionBackpropData"):
+            continue
+        weight = weight_of[op.get_friendly_name().split("/")[0]]
+        source = op.input(1).get_source_output().get_node().get_type_name()
+        kept = weight.startswith(floats)
+        assert (source == "Constant") == kept, (weight, source)
+        seen[kept] += 1
+    assert seen[True] >= 2 and seen[False] >= 5, seen
+
+
+def test_a_second_process_loads_the_compiled_model_from_the_cache(tmp_path, monkeypatch):
+    """OpenVINO's CACHE_DIR under fcnseg's cache: the first compile writes a blob; compiling the same file again
+    (in a new process, here a new Core) adds none and gives the same output."""
+    import subprocess
+
+    monkeypatch.setenv("FCNSEG_CACHE_DIR", str(tmp_path / "cache"))
+    model = _model("one", "aligned")
+    _, x = _inputs()
+    first = make_runner(model, "openvino", workdir=tmp_path / "w")(x)
+    blobs = sorted(openvino_cache_dir().glob("*.blob"))
+    assert len(blobs) == 1 and openvino_cache_dir() == tmp_path / "cache" / "openvino"
+    code = (
+        "import sys, torch; from fcnseg.runtime.openvino import openvino_session; "
+        f"x = torch.randn(1, 3, {SIZE[0]}, {SIZE[1]}, generator=torch.Generator().manual_seed(0)); "
+        f"torch.save(openvino_session(sys.argv[1])(x), sys.argv[2])"
+    )
+    env = {**__import__("os").environ, "FCNSEG_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "w" / "model.onnx"), str(tmp_path / "o.pt")],
+                   check=True, env=env, timeout=300)  # fmt: skip
+    assert sorted(openvino_cache_dir().glob("*.blob")) == blobs  # loaded, not compiled and written again
+    x0 = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.load(tmp_path / "o.pt"), openvino_session(tmp_path / "w" / "model.onnx")(x0))
+    assert first.shape == (1, 4, *SIZE)
+
+
+def test_a_bf16_request_on_a_cpu_without_bf16_warns(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCNSEG_CPU_FEATURES", "avx2 fma")
+    with pytest.warns(UserWarning, match="this CPU has no bf16 instructions: OpenVINO emulates bf16"):
+        make_runner(_model("one", "aligned"), "openvino-bf16", workdir=tmp_path)
