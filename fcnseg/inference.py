@@ -172,6 +172,7 @@ class Predictor:
         key = weights_key(model)
         if cached and path in model._runners and model._runners[path][0] == key:
             _, run, self.path, self.reason = model._runners[path]
+            self._say()
             return run
         calibration = [self._as_batch(c) for c in self.calibration] or ([first[:1]] if first is not None else [])
         with eval_mode(model):
@@ -197,7 +198,7 @@ class Predictor:
             choice, built = choose(self.model, path, example, calibration)
             self.path, self.reason = choice.path, choice.line()
             self._say()
-            return built
+            return own_forward(self.model) if choice.path == "eager" else built  # eager: the model's own forward
         if path in AUTO:
             self.path, self.reason = resolve_path(path, self.model)
             self._say()

@@ -225,7 +225,9 @@ def time_once(path: str, run: Runner, x: torch.Tensor) -> float:
 def _build(model, path, x, calibration, folder, keep_float=()) -> Runner:
     from .paths import make_runner
 
-    run = make_runner(model, path, calibration=calibration, workdir=folder, keep_float=keep_float)
+    # eager as the model runs it, in its own memory layout: measuring must not convert the caller's model.
+    run = make_runner(model, path, calibration=calibration, workdir=folder, keep_float=keep_float,
+                      channels_last=path != "eager")  # fmt: skip
     run(x)  # the first call: winograd measures its kernels, the engines allocate
     return run
 
