@@ -11,8 +11,11 @@ paths, fcnseg's own eager fp32 aligned output, on synthetic-shape images at the 
 the same paths are also built from the trained demo model (``fcnseg demo``'s FCN-8s) and judged against its eager
 fp32 output: random weights give near-tied logits, which flatter no reduced-precision path.
 
-Targets (issue 16, a 2-core AVX2 machine): the best fp32-class path (>= 99.99% agreement) >= 4x torchfcn; caffe
-mode >= 2.5x; int8 >= 6x at >= 99.5% agreement on the trained demo model; a training step >= 3x.
+The *peer* rows run the other engines on fcnseg's exported files as a user would, outside fcnseg: ONNX Runtime fp32,
+OpenVINO with f32 forced, OpenVINO at its own default precision (bf16 on CPUs with AVX512_BF16 or AMX) and OpenVINO
+on the int8 QDQ file. Targets on a 2-core CPU: fcnseg's best fp32-class path (>= 99.99% agreement) >= 3x torchfcn
+and >= every peer's fp32; with native bf16, its best bf16 >= OpenVINO's bf16 and >= 5x; with VNNI, its best int8
+>= 8x at >= 99.5% agreement on the trained demo model; a training step >= 3x.
 """
 
 from __future__ import annotations

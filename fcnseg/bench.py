@@ -220,13 +220,15 @@ def _bench_path(
     progress: bool,
     gflop: float,
     source: AgreementSource,
+    workdir: Path,
 ) -> PathResult:
     """One execution path: built (its time and memory counted), timed on ``x``, compared with eager fp32 on
-    ``check`` (unless ``source`` says why not)."""
+    ``check`` (unless ``source`` says why not). The ONNX and OpenVINO paths share ``workdir``: the model is exported
+    once, by the first of them (whose build time includes it)."""
     gc.collect()  # the previous path's garbage goes now, not while this one's memory is measured
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        run = make_runner(model, path, calibration=calibration)
+        run = make_runner(model, path, calibration=calibration, workdir=workdir)
         build = time.perf_counter() - t0
         times = time_ms(lambda: run(x), runs, warmup, progress=path if progress else None)
     median = statistics.median(times)
@@ -284,7 +286,9 @@ def bench_model(
     model, source = agreement_subject(model, check, given, jitter=jitter)
     calibration = list(calibration) if calibration else check
     timing = {"runs": runs, "warmup": warmup, "progress": progress, "gflop": count_gflop(model, x[:1])}
-    results = [_bench_path(model, p, x, calibration, check, **timing, source=source) for p in paths]
+    with tempfile.TemporaryDirectory(prefix="fcnseg-bench-") as workdir:
+        results = [_bench_path(model, p, x, calibration, check, **timing, source=source, workdir=Path(workdir))
+                   for p in paths]  # fmt: skip
     doc = _document(model, results, source, size=list(size), batch=batch, runs=runs, warmup=warmup)
     if sensitivity:
         from .runtime.choice import save_sensitivity

@@ -41,11 +41,13 @@ def _inputs():
 @pytest.mark.parametrize("alignment", ["aligned", "caffe"])
 @pytest.mark.parametrize("heads", ["one", "two"])
 @pytest.mark.parametrize("path", ["openvino", "openvino-bf16", "openvino-int8"])
-def test_each_openvino_path_equals_eager_within_its_class(path, heads, alignment, tmp_path):
+def test_each_openvino_path_equals_eager_within_its_class(path, heads, alignment, tmp_path_factory):
     if path == "openvino-bf16" and not bf16_is_native():
         pytest.skip("this CPU has no bf16 instructions: OpenVINO would emulate bf16")
     model = _model(heads, alignment)
     calibration, x = _inputs()
+    tmp_path = tmp_path_factory.getbasetemp() / f"openvino-{heads}-{alignment}"  # one export per model
+    tmp_path.mkdir(exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # int8 on random weights warns of its agreement, as it should
         run = make_runner(model, path, calibration=calibration, workdir=tmp_path)

@@ -222,13 +222,15 @@ def time_once(path: str, run: Runner, x: torch.Tensor) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _build(model, path, x, calibration, folder, keep_float=()) -> Runner:
+def _build(model, path, x, calibration, folder, keep_float=(), *, warm: bool = True) -> Runner:
+    """``path`` built and, with ``warm``, run once on ``x`` (the untimed first call of a measurement)."""
     from .paths import make_runner
 
     # eager as the model runs it, in its own memory layout: measuring must not convert the caller's model.
     run = make_runner(model, path, calibration=calibration, workdir=folder, keep_float=keep_float,
                       channels_last=path != "eager")  # fmt: skip
-    run(x)  # the first call: winograd measures its kernels, the engines allocate
+    if warm:
+        run(x)  # the first call: winograd measures its kernels, the engines allocate
     return run
 
 
@@ -343,12 +345,13 @@ def choose(
     size = _shape(x)
     if len(paths) == 1:
         note = _only_one(auto)
-        return Choice(auto, paths[0], {}, size=size, note=note), _build(model, paths[0], x, [x[:1]], None)
+        return Choice(auto, paths[0], {}, size=size, note=note), _build(model, paths[0], x, [x[:1]], None, warm=False)
     key = choice_key(model, auto, x)
     saved = cached_choice(key, auto, paths)
     if saved is not None:
         try:
-            return saved, _build(model, saved.path, x, list(calibration) or [x[:1]], workdir, saved.keep_float)
+            built = _build(model, saved.path, x, list(calibration) or [x[:1]], workdir, saved.keep_float, warm=False)
+            return saved, built
         except BUILD_ERRORS as e:
             print(
                 f"runtime {auto}: the cached {saved.path} failed ({_first_line(e)}); measuring again", file=sys.stderr
