@@ -205,17 +205,22 @@ def exported_fp32(model: nn.Module, folder: Path) -> Path:
     return fp32
 
 
+def extra_float_layers(model: nn.Module, keep_float: Sequence[str]) -> tuple[list[str], str]:
+    """The parameter prefixes of ``keep_float`` beyond the model's :func:`float_layers`, each ending in a dot
+    ("features.1" is not "features.12"), and the stem of the int8 file they make: one file per set kept in float."""
+    extra = sorted({p if p.endswith(".") else p + "." for p in keep_float} - set(float_layers(model)))
+    tag = hashlib.sha256(",".join(extra).encode()).hexdigest()[:10]
+    return extra, "model.int8" if not extra else f"model.int8.float-{tag}"
+
+
 def int8_file(
     model: nn.Module, folder: Path, calibration: Sequence[torch.Tensor], keep_float: Sequence[str] = ()
 ) -> Path:
     """``folder/model.int8.onnx``: the model's fp32 export statically quantised on ``calibration``, the model's
     :func:`float_layers` and ``keep_float`` left in float; made unless it is there already (the int8 paths of
     ONNX Runtime and OpenVINO measured side by side share it)."""
-    prefixes = [p if p.endswith(".") else p + "." for p in keep_float]  # "features.1" is not "features.12"
-    extra = sorted(set(prefixes) - set(float_layers(model)))
-    tag = hashlib.sha256(",".join(extra).encode()).hexdigest()[:10]
-    name = "model.int8.onnx" if not extra else f"model.int8.float-{tag}.onnx"  # one file per set kept in float
-    int8 = folder / name
+    extra, stem = extra_float_layers(model, keep_float)
+    int8 = folder / f"{stem}.onnx"
     if not int8.is_file():
         fp32 = exported_fp32(model, folder)
         with staged_path(int8) as tmp:

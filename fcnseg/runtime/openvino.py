@@ -135,9 +135,9 @@ def _kept_nodes(model: nn.Module, fp32: Path, ov_model, keep_float: Sequence[str
     OpenVINO names each after the ONNX node (a convolution's bias addition split off as ``NAME/WithoutBiases``)."""
     import onnx
 
-    from .onnx import float_layers
+    from .onnx import extra_float_layers, float_layers
 
-    prefixes = tuple(float_layers(model)) + tuple(p if p.endswith(".") else p + "." for p in keep_float)
+    prefixes = (*float_layers(model), *extra_float_layers(model, keep_float)[0])
     graph = onnx.load(str(fp32), load_external_data=False).graph
     nodes = {n.name for n in graph.node if len(n.input) > 1 and n.input[1].startswith(prefixes)}
     return [op.get_friendly_name() for op in ov_model.get_ops() if op.get_friendly_name().split("/")[0] in nodes]
@@ -149,16 +149,14 @@ def nncf_int8(
     """``folder/model.int8[...].xml``: the fp32 export quantised by NNCF, OpenVINO's own post-training
     quantisation (per-channel int8 weights, activation ranges from ``calibration``, bias correction), the model's
     :func:`~fcnseg.runtime.onnx.float_layers` and ``keep_float`` left in float; made unless it is there."""
-    import hashlib
 
     import nncf
     import openvino as ov
 
-    from .onnx import exported_fp32
+    from .onnx import exported_fp32, extra_float_layers
 
     fp32 = exported_fp32(model, folder)
-    tag = hashlib.sha256(",".join(sorted(keep_float)).encode()).hexdigest()[:10]
-    xml = folder / ("model.int8.xml" if not keep_float else f"model.int8.float-{tag}.xml")
+    xml = folder / f"{extra_float_layers(model, keep_float)[1]}.xml"
     if xml.is_file():
         return xml
     ov_model = ov.Core().read_model(str(fp32))
