@@ -140,3 +140,11 @@ def load_yaml(text: str) -> Any:
     except (ValueError, OverflowError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise yaml.YAMLError(f"a value that cannot be read ({clipped(reason)})") from None
+
+
+def cache_root() -> Path:
+    """fcnseg's cache folder: ``$FCNSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/fcnseg``, else ``~/.cache/fcnseg``."""
+    root = os.environ.get("FCNSEG_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fcnseg"
+    return Path(root).expanduser()

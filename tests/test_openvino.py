@@ -64,6 +64,7 @@ def test_each_openvino_path_equals_eager_within_its_class(path, heads, alignment
     else:  # a random tiny net's int8 error is large (its agreement on a trained model: tests/test_runtime.py)
         assert FP32_TOLERANCE < error <= INT8_TOLERANCE
         _assert_int8_except_the_float_layers(model, tmp_path)
+        _assert_activations_rounded_only_for_int8_convolutions(model, tmp_path)
 
 
 def _assert_int8_except_the_float_layers(model, folder) -> None:
@@ -85,6 +86,37 @@ def _assert_int8_except_the_float_layers(model, folder) -> None:
         assert (source == "Constant") == kept, (weight, source)
         seen[kept] += 1
     assert seen[True] >= 2 and seen[False] >= 5, seen
+
+
+def _assert_activations_rounded_only_for_int8_convolutions(model, folder) -> None:
+    """Every FakeQuantize on a computed tensor (not on weights) feeds int8 convolutions only, directly or through a
+    max-pooling (which commutes with the rounding): the class scores of the float layers and their skip sums (FCN's
+    Add) or the heads' concatenation are never rounded to 256 levels, where the argmax is decided."""
+    import onnx
+    import openvino as ov
+
+    weight_of = {n.name: n.input[1] for n in onnx.load(str(folder / "model.onnx")).graph.node if len(n.input) > 1}
+    floats = tuple(model.float_layers())
+
+    def readers(op) -> list:
+        return [i.get_node() for i in op.output(0).get_target_inputs()]
+
+    def int8_convolution(op) -> bool:
+        if op.get_type_name() == "MaxPool":
+            return all(int8_convolution(r) for r in readers(op))
+        weight = weight_of.get(op.get_friendly_name().split("/")[0], "")
+        return op.get_type_name() == "Convolution" and not weight.startswith(floats)
+
+    ops = ov.Core().read_model(str(folder / "model.int8.xml")).get_ops()  # held: a node knows its readers weakly
+    computed = [o for o in ops if o.get_type_name() == "FakeQuantize" and not _is_constant(o.input_value(0))]
+    assert len(computed) >= 3
+    for op in computed:
+        names = [r.get_friendly_name() for r in readers(op)]
+        assert names and all(int8_convolution(r) for r in readers(op)), (op.get_friendly_name(), names)
+
+
+def _is_constant(value) -> bool:
+    return value.get_node().get_type_name() == "Constant"
 
 
 def test_a_second_process_loads_the_compiled_model_from_the_cache(tmp_path, monkeypatch):

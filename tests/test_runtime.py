@@ -48,6 +48,53 @@ def test_reduced_precision_agrees_with_fp32_on_the_demo(demo, path, bar):
     assert run(images[0]).dtype == torch.float32 and run(images[0]).shape == fp32(images[0]).shape
 
 
+def test_int8_sums_the_float_class_scores_in_float(tmp_path):
+    # FCN-8s adds its upsampled class scores to the skip layers' scores twice, right where the argmax is decided:
+    # int8 must read both sums' inputs as computed, not through an 8-bit QuantizeLinear / DequantizeLinear pair,
+    # while the backbone (VGG16's 11 convolutions past the first block, fc6, fc7) stays int8.
+    import onnx
+
+    from fcnseg.runtime.onnx import int8_file
+
+    model = randomise(fcnseg.get_model("fcn8s", num_classes=3, **TINY), seed=0).eval()
+    calibration = [torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(int8_file(model, tmp_path, calibration)))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    readers = {i: [m.op_type for m in graph.node if i in m.input] for n in graph.node for i in n.output}
+    sums = [n for n in graph.node if n.op_type == "Add" and types.get(n.output[0]) == onnx.TensorProto.FLOAT]
+    assert len(sums) == 2  # not the shape arithmetic's integer sums
+    for n in sums:
+        assert "DequantizeLinear" not in [producer[i] for i in n.input], n.name
+        assert "QuantizeLinear" not in readers[n.output[0]], n.name
+    int8_convs = [n for n in graph.node if n.op_type == "Conv" and producer.get(n.input[1]) == "DequantizeLinear"]
+    assert len(int8_convs) == 11 + 2, [n.input[1] for n in int8_convs]
+
+
+def test_int8_keeps_a_residual_sum_of_int8_layers_int8():
+    # A hand-built graph: a float first layer, two int8 layers summed residually, and two float score layers whose
+    # sum (one cropped first) is a skip sum. Only the skip sum joins the float layers; the residual one traces back
+    # to the float first layer only through int8 layers, and the shape arithmetic's sum is left alone.
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fcnseg.runtime.onnx import _float_nodes
+
+    def conv(name, x, w):
+        return helper.make_node("Conv", [x, w], [name], name=name)
+
+    weights = [numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), f"{c}.w") for c in "abcst"]
+    nodes = [conv("a", "x", "a.w"), conv("b", "a", "b.w"), helper.make_node("Relu", ["b"], ["r"], name="relu"),
+             conv("c", "r", "c.w"), helper.make_node("Add", ["r", "c"], ["res"], name="residual"),
+             conv("s", "res", "s.w"), conv("t", "r", "t.w"),
+             helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Add", ["shape", "shape"], ["ends"], name="shape_sum"),
+             helper.make_node("Slice", ["s", "ends", "ends"], ["crop"], name="crop"),
+             helper.make_node("Add", ["crop", "t"], ["y"], name="skip")]  # fmt: skip
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "y"))
+    graph = helper.make_graph(nodes, "g", [x], [y], weights)
+    assert _float_nodes(graph, ["a.", "s.", "t."]) == ["a", "s", "t", "skip"]
+
+
 def test_channels_last_eager_equals_the_plain_forward(demo):
     model, _, images = demo
     with torch.no_grad():

@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from ..engine.config import TrainConfig, _paper, layered_config
+from ..engine.config import RUN_WRITTEN, TrainConfig, _paper, layered_config
 from ._common import add_data_option, dataset_names_help, parse_key_value
 
 _HELP = {
@@ -35,6 +35,13 @@ _HELP = {
     "num_workers": "data loading processes (default: up to 2, as the CPU allows)",
     "check_data": "before the run: every image has its mask, every file decodes, sizes match",
     "backbone_weights": "torchvision IMAGENET1K_V1 / IMAGENET1K_FEATURES / DEFAULT, CAFFE, or a VGG16 state-dict file",
+    "loss": "ce (cross-entropy), focal (Lin et al. 2017), dice (soft Dice over the batch, Milletari et al. 2016) or "
+    "lovasz (Lovasz-Softmax per image, Berman et al. 2018); sum or mean, the former spelling, set --loss-reduction "
+    "with ce",
+    "loss_reduction": "sum (the paper's unnormalised loss) or mean (over the step's valid pixels)",
+    "focal_gamma": "focal loss exponent: -(1-p)^gamma log p",
+    "class_weights": "none, median-freq (Eigen & Fergus 2015, computed once from the training masks) or a file: a "
+    "JSON list or one number per line, one per class; saved as RUN/class_weights.json",
 }
 _DATA_OPTION_EXAMPLES = "size=96 for synthetic, year=2011 for voc"
 
@@ -45,10 +52,15 @@ def _field_types(annotation: Any) -> list[Any]:
     return [t for t in (typing.get_args(annotation) if union else (annotation,)) if t is not type(None)]
 
 
+def _option_fields() -> list[dataclasses.Field]:
+    """The fields a flag sets: all but those the run fills in for the record (the class weights' values)."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.name not in RUN_WRITTEN]
+
+
 def _mapping_fields() -> list[str]:
     """The fields that hold a mapping (``data_options``): a repeatable ``KEY=VALUE`` flag each."""
     hints = typing.get_type_hints(TrainConfig)
-    return [f.name for f in dataclasses.fields(TrainConfig) if _field_types(hints[f.name]) == [dict]]
+    return [f.name for f in _option_fields() if _field_types(hints[f.name]) == [dict]]
 
 
 def _help(f: dataclasses.Field, preset_field: bool) -> str:
@@ -76,7 +88,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of options (flags override it)")
     hints = typing.get_type_hints(TrainConfig)
     preset_fields = _paper(TrainConfig())
-    for f in dataclasses.fields(TrainConfig):
+    for f in _option_fields():
         _add_field(p, f, _field_types(hints[f.name]), _help(f, f.name in preset_fields))
 
 
@@ -89,9 +101,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < saved run config (with --resume) < YAML file < flags typed on the command line."""
-    given = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None
-    }
+    given = {f.name: getattr(args, f.name) for f in _option_fields() if getattr(args, f.name) is not None}
     for name in _mapping_fields():  # repeated KEY=VALUE pairs
         if name in given:
             given[name] = dict(given[name])

@@ -42,12 +42,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
     palette: np.ndarray  # len(classes) x 3 uint8
     ids: list[str]
     split: str
+    label_convention: ClassVar[str | None] = None
+    """One line on how the files' values become classes where that is a known trap (ADE20K's 0 = "other" made
+    void), printed by ``check-data``."""
     disjoint_splits: ClassVar[tuple[str, ...]] = ("train", "val")
     """The splits that together hold every item once (unions such as ``trainval`` left out): what ``check-data``
     reads when no ``--split`` is given."""
 
     def __init__(self, transforms: Callable[..., Any] | None = None) -> None:
         self.transforms = transforms
+
+    @classmethod
+    def splits_in(cls, root: str | Path | None) -> tuple[str, ...]:
+        """The disjoint splits of the tree at ``root``: :attr:`disjoint_splits` unless the tree itself names them
+        (a CVAT export's subsets)."""
+        return cls.disjoint_splits
 
     @property
     def num_classes(self) -> int:
@@ -66,6 +75,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def read_mask(self, path: Path) -> np.ndarray:
         """Decode one mask file to H x W uint8 class indices (255 = void)."""
         raise NotImplementedError
+
+    def label_mapping(self) -> dict[str, Any] | None:
+        """How the source's own labels became class indices (COCO category ids, Cityscapes label ids, colours),
+        recorded in the checkpoints of a model trained on this dataset; None where the files hold the indices."""
+        return None
 
     # -- shared ----------------------------------------------------------------------------------------------
     def read_image(self, path: Path) -> np.ndarray:
@@ -148,15 +162,16 @@ def register_dataset(name: str) -> Callable[[Callable[..., SegmentationDataset]]
 
 
 def list_datasets() -> list[str]:
-    """The registered dataset names, sorted: the 7 built-in ones once ``fcnseg.data`` is imported."""
+    """The registered dataset names, sorted: the 12 built-in ones once ``fcnseg.data`` is imported."""
     return sorted(_DATASETS)
 
 
-def dataset_splits(name: str) -> tuple[str, ...]:
-    """The disjoint splits of dataset ``name`` (see :attr:`SegmentationDataset.disjoint_splits`)."""
+def dataset_splits(name: str, root: str | Path | None = None) -> tuple[str, ...]:
+    """The disjoint splits of dataset ``name`` in the tree at ``root`` (see :meth:`SegmentationDataset.splits_in`)."""
     if name not in _DATASETS:
         raise FcnsegError(f"--dataset {shown(name)}: unknown dataset; expected one of {', '.join(list_datasets())}")
-    return tuple(getattr(_DATASETS[name], "disjoint_splits", ("train",)))
+    cls = _DATASETS[name]
+    return tuple(cls.splits_in(root)) if isinstance(cls, type) and issubclass(cls, SegmentationDataset) else ("train",)
 
 
 def get_dataset(
@@ -167,8 +182,9 @@ def get_dataset(
     transforms: Callable[..., Any] | None = None,
     **kwargs: Any,
 ) -> SegmentationDataset:
-    """Build dataset ``name`` for ``split``: one of :func:`list_datasets` (``folder``, ``nyud``, ``sbd``,
-    ``seg11valid``, ``siftflow``, ``synthetic``, ``voc``); ``kwargs`` are the dataset's own options.
+    """Build dataset ``name`` for ``split``: one of :func:`list_datasets` (``ade20k``, ``cityscapes``, ``coco``,
+    ``cvat``, ``folder``, ``labelme``, ``nyud``, ``sbd``, ``seg11valid``, ``siftflow``, ``synthetic``, ``voc``);
+    ``kwargs`` are the dataset's own options.
 
     The built-in datasets are registered by their package, ``fcnseg.data``, which Python imports before any of
     its modules.

@@ -46,8 +46,22 @@ PROBLEM_KINDS: dict[str, str] = {
     "unsupported-file": "a file with a suffix the dataset does not read",
     "unreadable-split-file": "a split file that cannot be read",
     "unsafe-split-id": "an id in a split file that is no bare name (a path, '..', NUL): it could name a file outside",
+    "unreadable-annotations": "an annotation file (COCO or labelme JSON, CVAT labelmap) that cannot be read",
+    "listed-image-missing": "an image an annotation file lists that is not on disk",
+    "unknown-category": "an annotation whose category or label is not in the class list",
+    "annotation-out-of-bounds": "an annotation (polygon, box, RLE) reaching outside its image",
+    "degenerate-annotation": "a polygon or shape with too few points or no area",
 }
 """Every kind of problem check-data reports, with what it means."""
+
+WARNING_KINDS: dict[str, str] = {
+    "binary-masks": "every mask holds only 0 and 1 (and void) while the class list has more than two classes",
+    "void-as-class": "most masks hold only 0 and 255: 255 is void, so whatever it marks is never learnt",
+    "colours-not-classes": "RGB masks whose colours are not the class list's colours",
+    "class-missing-in-train": "classes with pixels in val but none in train: the model cannot learn them",
+}
+"""The known label-value traps check-data warns about: the data reads, but probably not as its author meant.
+Warnings do not change the exit code."""
 
 
 class Problem(NamedTuple):
@@ -73,6 +87,13 @@ class CheckReport:
     class_pixels: list[int] = field(default_factory=list)
     void_pixels: int = 0
     problems: list[Problem] = field(default_factory=list)
+    values: dict[int, int] = field(default_factory=dict)
+    """Pixels per mask value over every mask that decoded, values outside the classes included."""
+    zero_void_masks: int = 0
+    """Masks that decoded holding only 0 and 255, 255 present."""
+    masks_read: int = 0
+    convention: str | None = None
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -95,8 +116,18 @@ class CheckReport:
             share = f"{100.0 * n / total:.2f}%" if total else "-"
             lines.append(f"{name:<{width}}  {n:>14,}  {share:>7}")
         lines.append(f"{'total':<{width}}  {total:>14,}")
+        lines.append(f"label values: {_histogram(self.values)}")
+        if self.convention:
+            lines.append(f"labels: {self.convention}")
         lines.append(f"{len(self.problems)} problem(s)" if self.problems else "no problems")
         return "\n".join(lines)
+
+
+def _histogram(values: dict[int, int]) -> str:
+    """``0: 1,234 px, 1: 56 px, 255: 7 px``: every value seen, in order (the first 40, then a count)."""
+    shown_values = [f"{v}: {n:,} px" for v, n in sorted(values.items())[:40]]
+    more = f" and {len(values) - 40} more values" if len(values) > 40 else ""
+    return ", ".join(shown_values) + more if values else "none read"
 
 
 def _overrides(ds: SegmentationDataset, method: str) -> bool:
@@ -124,10 +155,20 @@ class _Counts:
     def __init__(self, n: int) -> None:
         self.classes = [0] * n
         self.void = 0
+        self.values: dict[int, int] = {}
+        self.zero_void = 0
+        self.masks = 0
+
+    def add_values(self, values: np.ndarray, pixels: np.ndarray) -> None:
+        for v, c in zip(values.tolist(), pixels.tolist(), strict=True):
+            self.values[v] = self.values.get(v, 0) + c
+        self.masks += 1
+        self.zero_void += set(values.tolist()) == {0, IGNORE_INDEX}
 
 
 def _check_values(mask: np.ndarray, mask_file: str, n: int, counts: _Counts) -> Problem | None:
     values, pixels = np.unique(np.asarray(mask), return_counts=True)
+    counts.add_values(values, pixels)
     bad = [(int(v), int(c)) for v, c in zip(values, pixels, strict=True) if not (0 <= v < n or v == IGNORE_INDEX)]
     if bad:
         listed = ", ".join(f"{v} ({c} px)" for v, c in bad[:10])
@@ -292,7 +333,44 @@ def check_dataset(dataset: SegmentationDataset, *, title: str | None = None, pro
         report.problems.extend(found)
         report.clean += not found
     report.class_pixels, report.void_pixels = counts.classes, counts.void
+    report.values, report.zero_void_masks, report.masks_read = counts.values, counts.zero_void, counts.masks
+    report.convention = ds.label_convention
+    report.warnings = label_warnings(report, str(getattr(ds, "root", None) or report.title))
     return report
+
+
+def label_warnings(report: CheckReport, where: str) -> list[Problem]:
+    """The label-value traps one split shows (:data:`WARNING_KINDS`), one line each."""
+    found = []
+    n, seen = len(report.classes), set(report.values) - {IGNORE_INDEX}
+    if n > 2 and 1 in seen and seen <= {0, 1}:
+        found.append(Problem(where, "binary-masks", (
+            f"every mask holds only 0 and 1 but there are {n} classes ({', '.join(report.classes[:4])}"
+            f"{', ...' if n > 4 else ''}); expected values 0..{n - 1}: were the masks saved as binary?")))  # fmt: skip
+    if report.masks_read and report.zero_void_masks * 2 > report.masks_read:
+        found.append(Problem(where, "void-as-class", (
+            f"{report.zero_void_masks} of {report.masks_read} masks hold only 0 and {IGNORE_INDEX}; {IGNORE_INDEX} "
+            f"is void and never learnt: if it marks a class, save that class as its index (1..{n - 1})")))  # fmt: skip
+    colours = [p for p in report.problems if p.kind == "unknown-colour"]
+    if len(colours) > 1:  # one file is its own problem line; several point at the class list's colours
+        found.append(Problem(where, "colours-not-classes", (
+            f"{len(colours)} RGB mask(s) hold colours that are no class's colour (first: {colours[0].file}); "
+            "expected each class's colour as the class list gives it, in its order")))  # fmt: skip
+    return found
+
+
+def split_warnings(reports: dict[str, CheckReport], where: str) -> list[Problem]:
+    """Traps seen across splits: classes with val pixels but no train pixels."""
+    train, val = reports.get("train"), reports.get("val")
+    if train is None or val is None or len(train.class_pixels) != len(val.class_pixels):
+        return []
+    missing = [name for name, t, v in zip(train.classes, train.class_pixels, val.class_pixels, strict=True)
+               if v and not t]  # fmt: skip
+    if not missing:
+        return []
+    return [Problem(where, "class-missing-in-train", (
+        f"class(es) {', '.join(missing)} have pixels in val but none in train; the model cannot learn them: "
+        "expected every class in train"))]  # fmt: skip
 
 
 def print_problems(problems: Iterable[Problem], file: Any = None) -> None:
@@ -321,8 +399,9 @@ def run_check_data(
 
     options = {**(options or {}), **({"download": True} if download else {})}
     check_data_options(options)
-    splits = (split,) if split else dataset_splits(name)
+    splits = (split,) if split else dataset_splits(name, root)
     seen: set[tuple[str, str]] = set()  # (file, kind): a problem of the whole tree that every split sees, once
+    reports: dict[str, CheckReport] = {}
     for one in splits:
         try:
             ds = get_dataset(name, root=root, split=one, **options)
@@ -331,12 +410,14 @@ def run_check_data(
                 raise
             problems = [Problem(e.file, e.kind, e.detail)]
         else:
-            report = check_dataset(ds, title=f"{name} split {one!r}", progress=not quiet)
+            reports[one] = report = check_dataset(ds, title=f"{name} split {one!r}", progress=not quiet)
             report.problems = problems = [p for p in report.problems if (p.file, p.kind) not in seen]
             if not quiet:
                 print(report.summary())
         print_problems(p for p in problems if (p.file, p.kind) not in seen)
         seen.update((p.file, p.kind) for p in problems)
+        print_problems(reports[one].warnings if one in reports else ())
+    print_problems(split_warnings(reports, str(root or name)))
     if seen:
         print(f"fcnseg: error: {len(seen)} problem(s) in {name} split(s) {', '.join(splits)}", file=sys.stderr)
         return 2

@@ -70,6 +70,9 @@ class Saved(Protocol):
     @property
     def classes(self) -> list[str]: ...
 
+    @property
+    def label_mapping(self) -> dict[str, Any] | None: ...
+
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
@@ -101,9 +104,11 @@ def save_run(run: Saved, best: bool) -> None:
     and writes best.pt again.
     """
     cfg, state, folder = run.cfg, run.state, run.folder
+    # How the data's own labels (COCO category ids, Cityscapes label ids) became the model's classes.
+    mapping = {"label_mapping": run.label_mapping} if run.label_mapping else {}
     if best:
         extra = {"config": cfg.to_dict(), "iteration": state.iteration, "mean_iu": state.best_miou,
-                 "precision": state.precision}  # fmt: skip
+                 "precision": state.precision, **mapping}  # fmt: skip
         save_checkpoint(run.net, folder / "best.pt", classes=run.classes, extra=extra)
     extra = {
         "train_state": {
@@ -117,6 +122,7 @@ def save_run(run: Saved, best: bool) -> None:
             "rng": rng_state(),
         },
         "config": cfg.to_dict(),
+        **mapping,
     }
     # The previous last.pt is kept as last.prev.pt, so that --resume has a fallback if the newest is ever lost or
     # damaged (a crash between the two renames, a bad disk). A file that is not even a whole zip archive (what

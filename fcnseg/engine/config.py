@@ -7,6 +7,7 @@ Precedence, lowest first: the dataclass defaults, the preset (``paper`` or ``mod
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import types
 import typing
@@ -20,6 +21,7 @@ from .. import __version__
 from ..errors import FcnsegError, clipped, shown
 from ..io import atomic_write, load_yaml
 from ..models.registry import saved_options
+from .losses import LOSSES
 
 MAX_CONFIG_BYTES = 1 << 20
 """An options file is a few hundred bytes; anything past a mebibyte is not one."""
@@ -29,6 +31,12 @@ MAX_OPTION_CHARS = 4096
 # The release's learning rates (its solver.prototxt files) go with an unnormalised (summed) loss over ~500 x 375
 # images, batch 1; each finer stage starts from the previous one and moves much less (PAMI 2016, section 4).
 PAPER_LR = {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14, "fcn8s_atonce": 1e-10}
+
+REDUCTIONS = ("sum", "mean")
+"""How a step's pixel losses are reduced (``loss_reduction``); also the values ``loss`` held before it named the
+loss itself, read as ``loss: ce`` with that reduction (:func:`legacy_loss`)."""
+RUN_WRITTEN = ("class_weight_values",)
+"""Fields the run fills in for the record (config.yaml, checkpoints): no flag or option file sets them."""
 
 
 @dataclass
@@ -64,7 +72,15 @@ class TrainConfig:
     momentum: float | None = None
     weight_decay: float | None = None
     bias_lr_mult: float | None = None
-    loss: str | None = None
+    # What is minimised (fcnseg.engine.losses): the loss (ce, focal, dice, lovasz), how a step's pixel losses are
+    # reduced (sum: the paper's unnormalised loss; mean: over the step's valid pixels), per-class weights.
+    loss: str = "ce"
+    loss_reduction: str | None = None
+    focal_gamma: float = 2.0
+    class_weights: str = "none"  # none, median-freq (computed from the training masks) or a file of weights
+    # The weights the run trains with, {label set: [one per class]}, written by the run from class_weights: a
+    # record in config.yaml and the checkpoints, never an option.
+    class_weight_values: dict | None = None
     warmup_iters: int | None = None
     poly_power: float | None = None
     amp: bool | None = None
@@ -97,7 +113,8 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise FcnsegError(f"--preset {shown(self.preset)}: expected one of {', '.join(PRESETS)}")
         values = PRESETS[self.preset](self)
-        cfg = dataclasses.replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
+        given = dataclasses.replace(self, **legacy_loss({"loss": self.loss, "loss_reduction": self.loss_reduction}))
+        cfg = dataclasses.replace(given, **{k: v for k, v in values.items() if getattr(given, k) is None})
         cfg._validate()
         return cfg
 
@@ -111,7 +128,10 @@ class TrainConfig:
                 f"--conv-kernels {shown(self.conv_kernels)}: expected auto, measured or onednn",
             ),
             (self.optimizer in ("sgd", "adamw"), f"--optimizer {shown(self.optimizer)}: expected sgd or adamw"),
-            (self.loss in ("sum", "mean"), f"--loss {shown(self.loss)}: expected sum or mean"),
+            (self.loss in LOSSES, f"--loss {shown(self.loss)}: expected ce, focal, dice or lovasz"),
+            (self.loss_reduction in REDUCTIONS, f"--loss-reduction {shown(self.loss_reduction)}: expected sum or mean"),
+            (0 <= self.focal_gamma < math.inf, "--focal-gamma must be >= 0"),
+            (self.class_weights != "", "--class-weights: expected none, median-freq or a file of weights"),
             (self.lr is not None and self.lr > 0, "--lr must be > 0"),
             (self.val_every >= 1, "--val-every must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
@@ -153,6 +173,9 @@ class TrainConfig:
             name = key.replace("-", "_")
             if name not in known:
                 raise FcnsegError(f"--config {path}: unknown option {shown(key)}")
+            if name in RUN_WRITTEN:
+                raise FcnsegError(f"--config {path}: option {shown(key)} is written by the run; set class_weights "
+                                  "to a file of weights instead")  # fmt: skip
             out[name] = _coerce(value, hints[name], f"--config {path}: option {shown(key)}")
         return out
 
@@ -242,7 +265,7 @@ def _paper(cfg: TrainConfig) -> dict[str, Any]:
         "momentum": 0.99,
         "weight_decay": 5e-4,
         "bias_lr_mult": 2.0,
-        "loss": "sum",
+        "loss_reduction": "sum",
         "batch_size": 1,
         "warmup_iters": 0,
         "poly_power": 0.0,
@@ -266,7 +289,7 @@ def _modern(cfg: TrainConfig) -> dict[str, Any]:
         "momentum": 0.9,
         "weight_decay": 0.01 if adamw else 5e-4,
         "bias_lr_mult": 1.0,
-        "loss": "mean",
+        "loss_reduction": "mean",
         "batch_size": 8,
         "warmup_iters": min(100, cfg.iters // 10),
         "poly_power": 0.9,
@@ -282,10 +305,26 @@ def _modern(cfg: TrainConfig) -> dict[str, Any]:
 PRESETS = {"paper": _paper, "modern": _modern}
 
 
+def legacy_loss(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the former ``loss: sum`` / ``mean`` (the reduction, before ``loss`` named the loss) read as
+    ``loss: ce`` with ``loss_reduction`` that: old option files, saved runs and ``--loss sum`` keep their meaning."""
+    old = options.get("loss")
+    if not isinstance(old, str) or old not in REDUCTIONS:
+        return options
+    given = options.get("loss_reduction")
+    if given is not None and given != old:
+        raise FcnsegError(f"--loss {old} (the former spelling of --loss-reduction {old}) contradicts "
+                          f"--loss-reduction {shown(given)}")  # fmt: skip
+    return {**options, "loss": "ce", "loss_reduction": old}
+
+
 def layered_config(flags: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
     """The configuration of ``fcnseg train``: defaults < the run's saved ``config.yaml`` (when resuming) < the YAML
     ``config_file`` < ``flags``, the options typed on the command line (field name: value)."""
-    merged: dict[str, Any] = {**(TrainConfig.from_yaml(config_file) if config_file else {}), **flags}
+    # Each layer's former loss: sum / mean is read on its own, so that a later layer's loss or loss_reduction
+    # overrides it as it would the new spelling.
+    from_file = TrainConfig.from_yaml(config_file) if config_file else {}
+    merged: dict[str, Any] = {**legacy_loss(from_file), **legacy_loss(flags)}
     if merged.get("resume"):
         saved = Path(merged.get("out", TrainConfig.out)) / "config.yaml"
         if not saved.is_file():
@@ -295,5 +334,5 @@ def layered_config(flags: dict[str, Any], config_file: str | Path | None = None)
             raise FcnsegError(f"--resume: {saved} holds a {type(base).__name__}; expected a run's saved options")
         base = saved_options(base.get("model", ""), base)  # fc_dim & co. saved for a builder without them
         base = {k: v for k, v in base.items() if k in {f.name for f in fields(TrainConfig)}}
-        merged = {**base, **merged}
+        merged = {**legacy_loss(base), **merged}
     return TrainConfig(**merged)

@@ -35,11 +35,13 @@ def plot_confusion(mat: np.ndarray, class_names: Sequence[str], path: Target) ->
     n = len(class_names)
     rows = mat.sum(1, keepdims=True)
     norm = np.divide(mat, rows, out=np.zeros(mat.shape, float), where=rows > 0)
-    size = max(4.0, 0.45 * n + 2)
+    # Capped: ADE20K's 150 classes would otherwise make a 7,600-pixel square that takes half a minute to draw.
+    size = min(max(4.0, 0.45 * n + 2), 22.0)
+    font = 8 if n <= 40 else max(3.0, 8 * 40 / n)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(100 * norm, cmap="Blues", vmin=0, vmax=100)  # in % like the numbers written in, and the bar
-    ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), class_names, fontsize=8)
+    im = ax.imshow(100 * norm, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")  # in %, as the numbers
+    ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=font)
+    ax.set_yticks(range(n), class_names, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     if n <= 25:

@@ -6,9 +6,11 @@ interrupted run left it (``--resume``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +24,17 @@ from ..data.base import SegmentationDataset, check_data_options
 from ..data.check import quick_problems
 from ..data.transforms import eval_transforms, train_transforms
 from ..errors import FcnsegError
-from ..io import remove_stale_temporaries
+from ..io import atomic_write, remove_stale_temporaries
 from ..runtime import NATIVE_BF16, bf16_is_native, cpu_features
 from ..runtime.kernels import nnpack_ready, use_measured_kernels
 from .checkpointing import RunLog, TrainState, restore_run
 from .config import TrainConfig
 from .distributed import DistInfo
-from .fitting import build_model, fit_input, has_non_color, staged_init
+from .fitting import build_model, fit_input, has_non_color, head_classes, staged_init
+from .losses import class_pixel_counts, median_frequency, read_class_weights
 
 __all__ = [
+    "CLASS_WEIGHTS_FILE",
     "RUN_FILES",
     "Precision",
     "Run",
@@ -38,9 +42,11 @@ __all__ = [
     "attach_transforms",
     "build_data",
     "build_optimizer",
+    "class_weights",
     "lr_factor",
     "measured_kernels_wanted",
     "param_groups",
+    "save_class_weights",
     "seed_everything",
     "start_run",
     "training_precision",
@@ -75,7 +81,7 @@ class Run:
     """One training run's parts: what :func:`fcnseg.engine.train.train`'s loop reads, advances and saves."""
 
     cfg: TrainConfig
-    folder: Path  # RUN: config.yaml, last.pt, best.pt, log.csv, tensorboard/
+    folder: Path  # RUN: config.yaml, last.pt, best.pt, log.csv, class_weights.json, tensorboard/
     device: torch.device
     info: DistInfo
     train_ds: SegmentationDataset
@@ -98,6 +104,10 @@ class Run:
     def classes(self) -> list[str]:
         return list(self.val_ds.classes)
 
+    @property
+    def label_mapping(self) -> dict[str, Any] | None:
+        return self.train_ds.label_mapping()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -111,7 +121,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # What a run folder holds (besides tensorboard/): the names whose temporary files a new start clears.
-RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "log.csv", "config.yaml")
+CLASS_WEIGHTS_FILE = "class_weights.json"
+RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "log.csv", "config.yaml", CLASS_WEIGHTS_FILE)
 
 
 def start_run(cfg: TrainConfig, device: torch.device, info: DistInfo) -> Run:
@@ -124,9 +135,14 @@ def start_run(cfg: TrainConfig, device: torch.device, info: DistInfo) -> Run:
         attach_transforms(cfg, run.net, run.train_ds, run.val_ds)  # with the restored preprocessing
         _note_precision_change(run)
     run.state.precision = run.precision.name  # saved with every checkpoint
+    # Before the folder is touched: a bad --class-weights file changes nothing. The weights go into the config,
+    # so that config.yaml and every checkpoint record them.
+    weights = class_weights(cfg, run.train_ds, run.folder, progress=info.is_main and cfg.progress, warn=info.is_main)
+    run.cfg = cfg = dataclasses.replace(cfg, class_weight_values=weights)
     if info.is_main:
         run.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run.folder, RUN_FILES)  # left by writes a kill interrupted (each up to a checkpoint)
+        save_class_weights(run.folder / CLASS_WEIGHTS_FILE, cfg, head_classes(run.train_ds))
         cfg.save(run.folder / "config.yaml", precision=run.precision.name, precision_reason=run.precision.reason)
         if cfg.progress:  # with the progress bar: --no-progress runs stay quiet
             print(f"fcnseg: training in {run.precision.describe()}", file=sys.stderr)
@@ -173,6 +189,95 @@ def _note_precision_change(run: Run) -> None:
     if saved and saved != run.precision.name and run.info.is_main:
         print(f"fcnseg: warning: {run.folder} was trained in {saved} up to iteration {run.state.iteration}; it "
               f"continues in {run.precision.describe()}", file=sys.stderr)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- class weights
+
+
+def class_weights(
+    cfg: TrainConfig, ds: SegmentationDataset, folder: Path, *, progress: bool = False, warn: bool = False
+) -> dict[str, list[float]] | None:
+    """The class weights ``--class-weights`` asks for, {label set: one per class}: none; ``median-freq`` from the
+    training masks (every label set; ``progress``: a bar, ``warn``: a line naming classes that never occur); a
+    file's (the first label set, the dataset's ``classes``). A resumed run takes them from RUN/class_weights.json
+    while it names the same source, so they are computed once per run."""
+    if cfg.class_weights == "none":
+        return None
+    sets = head_classes(ds)
+    if cfg.resume:
+        kept = _saved_class_weights(folder / CLASS_WEIGHTS_FILE, cfg.class_weights, sets)
+        if kept is not None:
+            return kept
+    if cfg.class_weights != "median-freq":
+        name, classes = next(iter(sets.items()))
+        return {name: read_class_weights(cfg.class_weights, classes)}
+    weights = _median_frequency_weights(ds, sets, progress)
+    absent = [c for name, w in weights.items() for c, v in zip(sets[name], w, strict=True) if v == 0]
+    if absent and warn:
+        more = " ..." if len(absent) > 5 else ""
+        print(f"fcnseg: warning: --class-weights median-freq: {len(absent)} class(es) never occur in the training "
+              f"masks and get weight 0: {', '.join(absent[:5])}{more}", file=sys.stderr)  # fmt: skip
+    return weights
+
+
+def _median_frequency_weights(
+    ds: SegmentationDataset, sets: dict[str, tuple[str, ...]], progress: bool
+) -> dict[str, list[float]]:
+    """Median frequency weights of every label set, from one pass over the training masks."""
+    counts: dict[str, list[np.ndarray]] = {name: [] for name in sets}
+    for mask in _raw_masks(ds, progress):
+        planes = mask[None] if mask.ndim == 2 else mask  # K x H x W: one plane per label set
+        for (name, classes), plane in zip(sets.items(), planes, strict=True):
+            counts[name].append(class_pixel_counts(plane, len(classes)))
+    return {name: median_frequency(c) or [0.0] * len(sets[name]) for name, c in counts.items()}
+
+
+def _raw_masks(ds: SegmentationDataset, progress: bool) -> Iterator[np.ndarray]:
+    """Every item's mask as the files give it, before augmentation: only the mask file is read where the dataset
+    reads its items the base class's way, the whole item (with its transforms off) elsewhere."""
+    from tqdm import tqdm
+
+    base = SegmentationDataset
+    masks_only = type(ds).__getitem__ is base.__getitem__ and type(ds).load_pair is base.load_pair
+    kept, ds.transforms = ds.transforms, None
+    try:
+        for i in tqdm(range(len(ds)), desc="class weights", unit="mask", disable=not progress, file=sys.stderr):
+            yield ds.read_mask(ds.mask_path(i)) if masks_only else np.asarray(ds[i][1])
+    finally:
+        ds.transforms = kept
+
+
+def _saved_class_weights(path: Path, source: str, sets: dict[str, tuple[str, ...]]) -> dict[str, list[float]] | None:
+    """The weights of a run's class_weights.json when it was made from ``source`` for these label sets and
+    classes; None otherwise (then they are made again)."""
+    try:
+        doc = json.loads(path.read_text())
+        saved = doc["label_sets"]
+        if doc["source"] != source or list(saved) != list(sets):
+            return None
+        if any(saved[name]["classes"] != list(classes) for name, classes in sets.items()):
+            return None
+        return {name: [float(v) for v in s["weights"]] for name, s in saved.items() if s["weights"] is not None}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_class_weights(path: Path, cfg: TrainConfig, sets: dict[str, tuple[str, ...]]) -> None:
+    """Write RUN/class_weights.json: the source, and each label set's classes and weights (null: unweighted);
+    remove a stale one when the run trains without weights."""
+    if cfg.class_weight_values is None:
+        path.unlink(missing_ok=True)
+        return
+    doc = {
+        "source": cfg.class_weights,
+        "label_sets": {
+            name: {"classes": list(classes), "weights": cfg.class_weight_values.get(name)}
+            for name, classes in sets.items()
+        },
+    }
+    with atomic_write(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
 
 
 def measured_kernels_wanted(cfg: TrainConfig, device: torch.device) -> bool:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import read_checkpoint
@@ -43,6 +42,7 @@ from .distributed import (
 )
 from .evaluate import evaluate_heads
 from .fitting import head_classes
+from .losses import pixel_loss
 from .run import Run, start_run, unwrap
 
 __all__ = ["TrainingDivergedError", "excluded_indices", "summed_loss", "train", "train_step", "validate"]
@@ -62,7 +62,7 @@ def train(cfg: TrainConfig) -> TrainState:
     info = init_distributed(device.type)
     try:
         run = start_run(cfg, device, info)  # with --resume: the saved weights, optimiser, RNG and data position
-        state = run.state
+        cfg, state = run.cfg, run.state  # the configuration with the class weights the run trains with
         # Endless, seeded by (seed, epoch, index) alone: a resumed run sees exactly the samples and random crops the
         # interrupted one would have; under torchrun each process takes its share of every epoch.
         data = batches(run.train_ds, cfg, info, state)
@@ -109,13 +109,15 @@ def train_step(
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> float:
     """One optimiser step over ``accum_steps`` micro-batches; returns the loss summed over this step's pixels
-    (``sum``) or averaged over them (``mean``), as reported."""
+    (``loss_reduction`` ``sum``) or averaged over them (``mean``), as reported."""
     masks_all = [m for _, m in micro_batches]
     # The mean is taken over the valid pixels of the whole step on every process together, so that gradient
-    # accumulation and DDP (which averages gradients over processes) give the gradient of one big batch.
+    # accumulation and DDP (which averages gradients over processes) give the gradient of one big batch (for the
+    # per-pixel losses; Dice and Lovász are taken per micro-batch and per image: fcnseg.engine.losses).
     count = float(sum(int((m != IGNORE_INDEX).sum()) for m in masks_all))
     valid = all_reduce_sum(torch.tensor(count, device=device)).item()  # on the device: nccl reduces CUDA tensors
-    scale = world_size() * (1.0 if cfg.loss == "sum" else 1.0 / max(valid, 1.0))
+    summed = cfg.loss_reduction == "sum"
+    scale = world_size() * (1.0 if summed else 1.0 / max(valid, 1.0))
     total = torch.zeros((), device=device)
     for i, (images, masks) in enumerate(micro_batches):
         # Under DDP the gradients are summed across processes once per step, in the last micro-batch's backward;
@@ -123,10 +125,10 @@ def train_step(
         with gradient_sync(model, i == len(micro_batches) - 1):
             with autocast():
                 logits = model(images.to(device, non_blocking=True))
-            loss = summed_loss(unwrap(model), logits, masks.to(device))
+            loss = summed_loss(unwrap(model), logits, masks.to(device), cfg)
             scaler.scale(loss * scale).backward()
         total += loss.detach()
-    total = all_reduce_sum(total) / (1.0 if cfg.loss == "sum" else max(valid, 1.0))
+    total = all_reduce_sum(total) / (1.0 if summed else max(valid, 1.0))
     if not torch.isfinite(total):
         optimizer.zero_grad(set_to_none=True)
         return float("nan")
@@ -136,14 +138,25 @@ def train_step(
     return total.item()
 
 
-def summed_loss(model: nn.Module, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over the valid pixels. A two-headed net (masks N x K x H x W) is trained with the sum
-    of its heads' losses, the paper's SIFT Flow recipe: both label sets shape the one trunk."""
-    if masks.dim() == 3:
-        return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
-    heads = split_heads(model, logits).values()
+def summed_loss(
+    model: nn.Module, logits: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig | None = None
+) -> torch.Tensor:
+    """``cfg``'s loss (cross-entropy without one) with its class weights, summed over the valid pixels
+    (:mod:`fcnseg.engine.losses`), in fp32 whatever the forward pass computed in. A two-headed net (masks
+    N x K x H x W) is trained with the sum of its heads' losses, the paper's SIFT Flow recipe: both label sets shape
+    the one trunk; each head takes its label set's weights."""
+    kind, gamma = (cfg.loss, cfg.focal_gamma) if cfg is not None else ("ce", 2.0)
+    weights = (cfg.class_weight_values if cfg is not None else None) or {}
+
+    def as_tensor(w: list[float] | None) -> torch.Tensor | None:
+        return None if w is None else torch.tensor(w, dtype=torch.float32, device=logits.device)
+
+    if masks.dim() == 3:  # one label set, whatever its name
+        return pixel_loss(kind, logits.float(), masks, as_tensor(next(iter(weights.values()), None)), gamma)
+    heads = split_heads(model, logits).items()
     return sum(
-        F.cross_entropy(s.float(), masks[:, k], ignore_index=IGNORE_INDEX, reduction="sum") for k, s in enumerate(heads)
+        pixel_loss(kind, s.float(), masks[:, k], as_tensor(weights.get(name)), gamma)
+        for k, (name, s) in enumerate(heads)
     )
 
 

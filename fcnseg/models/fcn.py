@@ -35,9 +35,26 @@ def check_input(x: torch.Tensor, channels: int) -> None:
         )
 
 
+class ScoreConv(nn.Conv2d):
+    """A class-score layer: a 1 x 1 convolution to the classes that trains in fp32 under CPU autocast.
+
+    oneDNN's AMX bf16 weight gradient of a 1 x 1 convolution from 4096 channels (fc7) to fewer than 16 outputs
+    corrupts the heap (PyTorch 2.14 on Sapphire Rapids: the process aborts), which every net with a few classes
+    would hit when training with ``--amp``. The score layers are a sliver of the work, and the loss reads their
+    output in fp32 anyway; inference under autocast and every other device keep the usual path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cpu_amp = x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+        if cpu_amp and self.weight.dtype == torch.float32:
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 def _score_layer(in_channels: int, num_classes: int) -> nn.Conv2d:
     # The release starts the class-score layers at zero: the net first outputs all-zero logits and learns from there.
-    conv = nn.Conv2d(in_channels, num_classes, 1)
+    conv = ScoreConv(in_channels, num_classes, 1)
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv

@@ -73,7 +73,9 @@ class BilinearUpsample(nn.ConvTranspose2d):
         """The C x 1 x k x k per-channel kernel if the weight is diagonal, else None; recomputed only after the
         weight changed (load_state_dict, .to(), in-place edits all change its version, storage or dtype)."""
         w = self.weight
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        # A weight made under inference mode (a copy of the model taken while predicting) has no version counter;
+        # it cannot be changed in place outside inference mode, so its storage identifies it.
+        key = (None if w.is_inference() else w._version, w.data_ptr(), w.dtype, w.device)
         if key != self._depthwise_key:
             # Made as an ordinary tensor even when the first call runs under inference mode (prediction): training
             # that follows saves the kernel for backward, which an inference tensor cannot be.

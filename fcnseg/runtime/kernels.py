@@ -27,20 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import cache_root
 from .cpu import cpu_key
 from .timing import median_ms
 
 KERNELS: tuple[str, ...] = ("onednn", "nnpack", "gemm")
 TOLERANCE = 1e-4  # of the output's range: a kernel further from oneDNN's output than this is not used
 _TIMED_RUNS = 3
-
-
-def cache_root() -> Path:
-    """fcnseg's cache folder: ``$FCNSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/fcnseg``, else ``~/.cache/fcnseg``."""
-    root = os.environ.get("FCNSEG_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fcnseg"
-    return Path(root)
 
 
 def cache_path() -> Path:

@@ -183,7 +183,7 @@ def test_every_problem_is_found(tmp_path, capsys):
     rows = _table(out)
     assert rows["background"] == ["8", "42.11%"] and rows["void"] == ["3", "15.79%"]
     assert "9 problem(s)" in out
-    assert sorted(out.splitlines()[8:]) == sorted(p.line() for p in report.problems)  # right after the summary
+    assert sorted(out.splitlines()[9:]) == sorted(p.line() for p in report.problems)  # right after the summary
     _only_progress(err, count=9)
     assert "Traceback" not in err
 
@@ -378,3 +378,74 @@ def test_a_split_that_cannot_be_opened_is_one_problem_and_the_others_are_read(tm
     # Asked for by name, the same split is the usual one-line error.
     assert main(["check-data", "--dataset", "nyud", "--root", str(root), "--split", "val"]) == 2
     assert capsys.readouterr().err.startswith(f"fcnseg: error: {root / 'val.txt'}: split file not found")
+
+
+# ------------------------------------------------------------------------------------------- label-value traps
+
+
+def test_the_label_value_histogram_counts_every_value_seen(tmp_path, capsys):
+    root, _ = problem_tree(tmp_path / "data")
+    report = check_dataset(FolderDataset(root, "train"))
+    # a, b, c as in clean_tree, plus seven.png's values (bg 1, 7 twice, cat 1, void 1, dog 1), which is a problem
+    # item and so not in the class table, but is in the histogram: the histogram is what the files hold.
+    assert report.values == {0: 9, 1: 5, 2: 5, 7: 2, 255: 4}
+    main(["check-data", "--dataset", "folder", "--root", str(root), "--split", "train"])
+    assert "label values: 0: 9 px, 1: 5 px, 2: 5 px, 7: 2 px, 255: 4 px" in capsys.readouterr().out.splitlines()
+
+
+def _trap_tree(root: Path, classes: str, masks: dict[str, list], splits: dict[str, str] | None = None) -> Path:
+    root.mkdir()
+    (root / "classes.txt").write_text(classes)
+    for stem, values in masks.items():
+        arr = np.asarray(values, dtype=np.uint8)
+        _image(root, f"{stem}.png", arr.shape[1], arr.shape[0])
+        _mask(root, stem, arr, "RGB" if arr.ndim == 3 else "L")
+    for split, stems in (splits or {}).items():
+        (root / f"{split}.txt").write_text("\n".join(stems.split()) + "\n")
+    return root
+
+
+def _warnings(root: Path, capsys, split: str | None = "all") -> tuple[int, list[tuple[str, str]]]:
+    code = main(
+        ["check-data", "--dataset", "folder", "--root", str(root), "--quiet", *(["--split", split] * bool(split))]
+    )
+    out = capsys.readouterr().out
+    return code, sorted((m.group("file"), m.group("kind")) for m in map(PROBLEM_LINE.match, out.splitlines()) if m)
+
+
+def test_binary_masks_for_three_classes_warn_once(tmp_path, capsys):
+    root = _trap_tree(tmp_path / "d", "background\ncat\ndog\n", {"a": [[0, 1], [1, 1]], "b": [[0, 0], [1, 255]]})
+    assert _warnings(root, capsys) == (0, [(str(root), "binary-masks")])  # a warning: the exit code stays 0
+    # The same masks with two classes are what binary masks should be: no warning.
+    root2 = _trap_tree(tmp_path / "e", "background\ncat\n", {"a": [[0, 1], [1, 1]], "b": [[0, 0], [1, 255]]})
+    assert _warnings(root2, capsys) == (0, [])
+
+
+def test_masks_that_mark_the_foreground_with_255_warn(tmp_path, capsys):
+    masks = {"a": [[0, 255], [255, 255]], "b": [[0, 0], [0, 255]], "c": [[0, 1], [1, 255]]}
+    root = _trap_tree(tmp_path / "d", "background\nroad\n", masks)
+    assert _warnings(root, capsys) == (0, [(str(root), "void-as-class")])  # 2 of 3 masks are 0/255 only
+    # VOC-like masks (classes, with 255 only on borders) do not warn.
+    masks = {"a": [[0, 255], [1, 1]], "b": [[0, 0], [0, 1]], "c": [[0, 1], [1, 255]]}
+    assert _warnings(_trap_tree(tmp_path / "e", "background\nroad\n", masks), capsys) == (0, [])
+
+
+def test_rgb_masks_in_another_palette_are_problems_and_one_warning(tmp_path, capsys):
+    red, blue = (255, 0, 0), (0, 0, 255)
+    masks = {"a": [[BG, red], [red, BG]], "b": [[BG, blue], [BG, BG]]}
+    root = _trap_tree(tmp_path / "d", "background\t0,0,0\ncat\t250,0,0\ndog\t0,250,0\n", masks)
+    code, lines = _warnings(root, capsys)
+    masks_dir = root / "masks"
+    assert code == 2 and lines == sorted([
+        (str(masks_dir / "a.png"), "unknown-colour"),
+        (str(masks_dir / "b.png"), "unknown-colour"),
+        (str(root), "colours-not-classes"),
+    ])  # fmt: skip
+
+
+def test_a_class_only_in_val_warns(tmp_path, capsys):
+    masks = {"a": [[0, 2]], "b": [[0, 2]], "c": [[0, 1, 2]]}
+    root = _trap_tree(tmp_path / "d", "background\ncat\ndog\n", masks, {"train": "a b", "val": "c"})
+    assert _warnings(root, capsys, split=None) == (0, [(str(root), "class-missing-in-train")])
+    main(["check-data", "--dataset", "folder", "--root", str(root), "--quiet"])
+    assert "class(es) cat have pixels in val but none in train" in capsys.readouterr().out

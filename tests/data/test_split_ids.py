@@ -14,7 +14,9 @@ from fcnseg.data import list_datasets
 from fcnseg.data.base import SplitError, get_dataset, read_split_file
 from fcnseg.data.voc import VOCSegmentation
 from tests.data.fakes_voc import fake_image, make_sbd, make_voc, voc_mask, write_jpeg, write_voc_png
+from tests.data.test_cvat import make_cvat_tree
 from tests.data.test_folder import simple_tree
+from tests.data.test_labelme import make_labelme_tree
 from tests.data.test_nyud import make_nyud
 from tests.data.test_siftflow import make_siftflow
 
@@ -52,12 +54,15 @@ TREES: dict[str, Callable[[Path], Path]] = {
     "nyud": lambda root: make_nyud(root) / "train.txt",
     "siftflow": lambda root: make_siftflow(root) / "train.txt",
     "folder": _folder,
+    "cvat": lambda root: make_cvat_tree(root) / "ImageSets/Segmentation/train.txt",
+    "labelme": lambda root: make_labelme_tree(root) / "train.txt",
 }
 
 
 def test_every_registered_dataset_is_covered():
-    # synthetic draws its images from a seed and reads no list; every other dataset must be in TREES.
-    assert set(list_datasets()) == set(TREES) | {"synthetic"}
+    # synthetic draws its images from a seed; COCO's items are its JSON's images, Cityscapes' and ADE20K's the files
+    # in their folders: they read no list. Every other dataset must be in TREES.
+    assert set(list_datasets()) == set(TREES) | {"synthetic", "coco", "cityscapes", "ade20k"}
 
 
 def _corrupt(name: str, tmp_path: Path, bad: str = ESCAPE) -> tuple[Path, Path]:

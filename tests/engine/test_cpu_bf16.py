@@ -21,6 +21,7 @@ from fcnseg.engine import run as run_mod
 from fcnseg.engine import train as train_mod
 from fcnseg.engine.config import TrainConfig
 from fcnseg.engine.train import train
+from fcnseg.models.fcn import ScoreConv
 from fcnseg.runtime import bf16_is_native
 from fcnseg.runtime.kernels import nnpack_ready
 from tests.engine.conftest import TINY_TRAIN
@@ -121,10 +122,12 @@ def _model_and_batch():
 
 
 def _step(model, micro, cfg, autocast):
-    """train_step's loss, the gradients it stepped with, and the dtypes of every convolution's output."""
+    """train_step's loss, the gradients it stepped with, and the dtypes of every convolution's output (the
+    class-score layers', which train in fp32 under CPU autocast, under the key "score")."""
     dtypes = set()
-    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype)) for m in model.modules()
-             if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.add(("score", o.dtype) if isinstance(m, ScoreConv)
+                                                                else o.dtype))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _RecordingSGD(params, lr=0.1, momentum=0.9)
     _, scaler = run_mod.amp_context(cfg, CPU)
@@ -146,7 +149,8 @@ def test_a_bf16_step_is_the_hand_autocast_step_with_fp32_weights(monkeypatch):
     autocast, _ = run_mod.amp_context(cfg, CPU)
 
     loss, grads, dtypes, optimizer = _step(model, micro, cfg, autocast)
-    assert dtypes == {torch.bfloat16}  # every convolution of the forward ran in bf16
+    # Every convolution of the forward ran in bf16 but the class-score layers (fp32: see ScoreConv).
+    assert dtypes == {torch.bfloat16, ("score", torch.float32)}
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(s["momentum_buffer"].dtype == torch.float32 for s in optimizer.state.values())
 
@@ -166,7 +170,7 @@ def test_a_bf16_step_is_the_hand_autocast_step_with_fp32_weights(monkeypatch):
     # ReLU and max-pooling decisions that bf16 rounding flips on near-ties (about 25% in norm on this random tiny
     # net, all of it in the hand autocast step too), so they are held to pointing the way fp32's do.
     loss32, grads32, dtypes32, _ = _step(fp32_model, micro, cfg, contextlib.nullcontext)
-    assert dtypes32 == {torch.float32}
+    assert dtypes32 == {torch.float32, ("score", torch.float32)}
     assert loss != loss32 and abs(loss - loss32) < 1e-2 * loss32
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, got, ref in zip(names, grads, grads32, strict=True):

@@ -180,7 +180,7 @@ def test_paper_preset_uses_summed_loss_and_doubled_bias_rate(tmp_path):
     # One step of the preset on one whole image with void pixels: the loss it reports is the per-pixel
     # cross-entropy summed over the valid pixels (not their mean), and the biases (all zero before the step)
     # moved by 2 x lr times the gradient of that sum (momentum starts from the first gradient).
-    assert cfg.loss == "sum" and cfg.batch_size == 1 and cfg.amp is False
+    assert cfg.loss_reduction == "sum" and cfg.loss == "ce" and cfg.batch_size == 1 and cfg.amp is False
     model = _scored_model(num_classes=7)
     g = torch.Generator().manual_seed(2)
     masks = torch.randint(0, 7, (1, 48, 64), generator=g)
@@ -374,16 +374,16 @@ def test_train_step_loss_and_gradient_equal_a_hand_computation_with_void_pixels(
     # The modern preset averages over the valid pixels of the whole step (all micro-batches together), never over
     # void ones and never per micro-batch; the paper preset sums. Both the reported loss and the gradient.
     cfg = TrainConfig(preset=preset, batch_size=2, accum_steps=2, amp=False).resolved()
-    assert cfg.loss == {"modern": "mean", "paper": "sum"}[preset]
+    assert cfg.loss_reduction == {"modern": "mean", "paper": "sum"}[preset]
     model, micro = _scored_model(), _void_micro_batches()
     valid = [int((m != 255).sum()) for _, m in micro]
     assert valid[0] != valid[1] and sum(valid) < sum(m.numel() for _, m in micro)
-    expected, grads = _hand_loss(model, micro, cfg.loss)
+    expected, grads = _hand_loss(model, micro, cfg.loss_reduction)
 
     # The hand value is not what the wrong reductions would give: the data tells them apart.
     summed, _ = _hand_loss(model, micro, "sum")
     per_micro = [_hand_loss(model, [mb], "sum")[0] / v for mb, v in zip(micro, valid, strict=True)]
-    if cfg.loss == "mean":
+    if cfg.loss_reduction == "mean":
         assert expected == pytest.approx(summed / sum(valid))
         assert summed / sum(m.numel() for _, m in micro) < 0.8 * expected  # void pixels counted in the mean
         for wrong in (sum(per_micro) / 2, sum(per_micro)):  # mean per micro-batch, then averaged or summed
@@ -400,7 +400,7 @@ def test_train_step_loss_and_gradient_equal_a_hand_computation_with_void_pixels(
     for got, want in zip(optimizer.grads, grads, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-12)
     score_grad = grads[[id(p) for p in params].index(id(model.head.score_fr.weight))]
-    assert score_grad.abs().max() > 1e-3 * (1 if cfg.loss == "mean" else sum(valid))  # not a vacuous check
+    assert score_grad.abs().max() > 1e-3 * (1 if cfg.loss_reduction == "mean" else sum(valid))  # not a vacuous check
     # lr 1, no momentum, no decay: the step moved every weight by exactly minus its gradient.
     for p, b, g in zip(params, before, optimizer.grads, strict=True):
         torch.testing.assert_close(p.detach(), b - g)
