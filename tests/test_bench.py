@@ -22,7 +22,9 @@ NOISE = "the bench input (N(0, 1) noise, seed 0)"
 
 
 def _untrained() -> fcnseg.FCN:
-    """A freshly built tiny FCN-8s: its class-score layers start at zero, as the release's do."""
+    """A freshly built tiny FCN-8s: its class-score layers start at zero, as the release's do. Its other layers'
+    initialisation is seeded: on some draws of a tiny net, no jitter seed makes the argmax vary."""
+    torch.manual_seed(0)
     return fcnseg.get_model("fcn8s", num_classes=5, width=1 / 16, fc_dim=64)
 
 
@@ -43,9 +45,12 @@ def _rows(doc) -> dict:
 
 def test_an_untrained_model_gets_a_dash_and_the_reason_not_100_percent():
     model = _untrained()
-    # What the agreement used to be: constant logits, so any path agrees everywhere, whatever it computes.
+    # What the agreement used to be: constant logits, so any path agrees everywhere, whatever it computes (bf16
+    # here: another precision, built without a second export of the model).
     assert one_class_heads(model, [_bench_input()]) == ["out"]
-    assert path_agreement(model, make_runner(model, "onnx"), [_bench_input()]) == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # bf16 emulated on a CPU without bf16 instructions
+        assert path_agreement(model, make_runner(model, "bf16"), [_bench_input()]) == 1.0
     doc = _bench(model, ["eager", "onnx"], jitter=False)
     assert doc["agreement_source"] == {
         "kind": "model",

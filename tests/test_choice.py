@@ -75,16 +75,17 @@ def test_a_candidate_far_slower_after_the_first_round_is_not_timed_again(measure
     assert clock.calls.count("winograd") == choice.ROUNDS and clock.calls.count("eager") == 1
 
 
-def test_auto_reduced_refuses_a_faster_path_that_changes_too_many_labels(measured, monkeypatch):
+def test_auto_reduced_refuses_a_faster_path_that_changes_too_many_labels(measured, monkeypatch, tmp_path):
     monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx,onnx-int8")
     model, x = _model(), _x()  # random weights: int8 moves a few percent of a tiny random net's labels
     clock = Clock({"eager": 30.0, "onnx": 20.0, "onnx-int8": 1.0})
-    picked, _ = choice.measure(model, "auto-reduced", x, timer=clock)
+    picked, _ = choice.measure(model, "auto-reduced", x, timer=clock, workdir=tmp_path)
     assert picked.agreement["onnx-int8"] < choice.REDUCED_MIN_AGREEMENT
     assert picked.path == "onnx" and "onnx-int8" not in clock.calls
     assert f"onnx-int8 ({100 * picked.agreement['onnx-int8']:.2f}% < 99.5% of fp32's labels)" in picked.line()
     monkeypatch.setattr(choice, "REDUCED_MIN_AGREEMENT", picked.agreement["onnx-int8"] - 1e-9)  # the bar met
-    picked, run = choice.measure(model, "auto-reduced", x, timer=Clock(clock.ms))
+    # The same files again (one export, one int8 file): the same agreement, now enough.
+    picked, run = choice.measure(model, "auto-reduced", x, timer=Clock(clock.ms), workdir=tmp_path)
     assert (
         picked.path == "onnx-int8" and f"{100 * picked.agreement['onnx-int8']:.2f}% of fp32's labels" in picked.line()
     )

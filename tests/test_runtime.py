@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -33,16 +34,23 @@ def demo(quick_demo):
     return model, _demo_inputs(model, "train", 8), _demo_inputs(model, "val", 24)
 
 
+@pytest.fixture(scope="module")
+def demo_onnx(tmp_path_factory):
+    """One folder for the demo model's ONNX files: the ONNX Runtime and OpenVINO paths build on one checked export,
+    as bench's do (the export itself: tests/test_export.py)."""
+    return tmp_path_factory.mktemp("demo-onnx")
+
+
 # NNCF's int8 kept 98.9% of the quick demo model's labels on a Sapphire Rapids CPU; on the full demo model, trained
 # longer, it keeps more than ONNX Runtime's int8 file does (README, Measured).
 OPENVINO = [("openvino", 0.9999), ("openvino-bf16", 0.99), ("openvino-int8", 0.985)] if openvino_available() else []
 
 
 @pytest.mark.parametrize("path, bar", [("bf16", 0.99), ("onnx-int8", 0.99), ("onnx", 0.9999), *OPENVINO])
-def test_reduced_precision_agrees_with_fp32_on_the_demo(demo, path, bar):
+def test_reduced_precision_agrees_with_fp32_on_the_demo(demo, demo_onnx, path, bar):
     model, calibration, images = demo
     fp32 = make_runner(model, "eager")
-    run = make_runner(model, path, calibration=calibration)  # int8: calibrated on training images
+    run = make_runner(model, path, calibration=calibration, workdir=demo_onnx)  # int8: calibrated on training images
     share = agreement(run, fp32, images)  # judged on held-out validation images
     assert share >= bar, (path, share)
     assert run(images[0]).dtype == torch.float32 and run(images[0]).shape == fp32(images[0]).shape
@@ -102,7 +110,7 @@ def test_channels_last_eager_equals_the_plain_forward(demo):
     assert torch.allclose(make_runner(model, "eager")(images[0]), expected, atol=1e-4)
 
 
-def test_runtime_errors_are_one_line(demo):
+def test_runtime_errors_are_one_line(demo, demo_onnx, tmp_path):
     model, _, _ = demo
     with pytest.raises(
         FcnsegError,
@@ -110,8 +118,10 @@ def test_runtime_errors_are_one_line(demo):
         "openvino, openvino-bf16, openvino-int8, compile, auto, auto-reduced",
     ):
         make_runner(model, "fp8")
+    if (demo_onnx / "model.onnx").is_file():  # the fp32 export without the int8 file, which is what is refused
+        shutil.copy(demo_onnx / "model.onnx", tmp_path)
     with pytest.raises(FcnsegError, match="onnx-int8 needs calibration images"):
-        make_runner(model, "onnx-int8", calibration=[])
+        make_runner(model, "onnx-int8", calibration=[], workdir=tmp_path)
     assert PATHS == ("eager", "winograd", "bf16", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8",
                      "compile")  # fmt: skip
 
@@ -141,7 +151,9 @@ def test_predict_cli_runtime_and_tiling_on_a_4000_x_3000_image(tmp_path, capsys)
 def test_eval_cli_with_onnx_gives_the_eager_figures(quick_demo, tmp_path):
     out, _ = quick_demo
     ckpt = out / "fcn8s" / "best.pt"
-    common = ["eval", str(ckpt), "--dataset", "synthetic", "--split", "val", "--num-workers", "0", "--device", "cpu"]
+    # 24 validation images, as many as the demo scores its models on.
+    common = ["eval", str(ckpt), "--dataset", "synthetic", "--split", "val", "--data-option", "num_images=24",
+              "--num-workers", "0", "--device", "cpu"]  # fmt: skip
     assert main([*common, "--out", str(tmp_path / "e")]) == 0
     assert main([*common, "--runtime", "onnx", "--out", str(tmp_path / "o")]) == 0
     eager = json.loads((tmp_path / "e" / "metrics.json").read_text())

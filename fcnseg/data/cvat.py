@@ -40,7 +40,7 @@ from ..imageio import IMAGE_EXTENSIONS, _read, image_to_array
 from ..palette import voc_palette
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, read_split_file, register_dataset
 from .check import Problem
-from .folder import MaskColorError
+from .folder import MaskColorError, parse_color
 
 __all__ = ["LABELMAP_FORMAT", "CvatDataset", "read_labelmap"]
 
@@ -58,17 +58,7 @@ def _fmt(rgb: Color | np.ndarray) -> str:
 
 
 def _parse_color(text: str, where: str, name: str) -> Color | None:
-    if not text.strip():
-        return None
-    try:
-        values = tuple(int(p) for p in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
-        raise FcnsegError(
-            f"{where}: colour {shown(text)} of label {shown(name)}; expected R,G,B with three integers 0..255"
-        )
-    return values  # type: ignore[return-value]
+    return parse_color(text, where, name, "label") if text.strip() else None
 
 
 def _labelmap_lines(text: str, path: Path) -> list[tuple[str, Color | None, str]]:

@@ -49,7 +49,8 @@ def _fmt_color(rgb: tuple[int, int, int] | np.ndarray) -> str:
     return ",".join(str(int(v)) for v in rgb)
 
 
-def _parse_color(text: str, where: str, name: str) -> tuple[int, int, int]:
+def parse_color(text: str, where: str, name: str, what: str = "class") -> tuple[int, int, int]:
+    """``R,G,B`` as three integers 0..255; else one line naming ``where`` (file:line) and the ``what`` ``name``."""
     parts = [p.strip() for p in text.split(",")]
     try:
         values = tuple(int(p) for p in parts)
@@ -57,9 +58,25 @@ def _parse_color(text: str, where: str, name: str) -> tuple[int, int, int]:
         values = ()
     if len(values) != 3 or not all(0 <= v <= 255 for v in values):
         raise FcnsegError(
-            f"{where}: colour {shown(text.strip())} of class {shown(name)}; expected R,G,B with three integers 0..255"
+            f"{where}: colour {shown(text.strip())} of {what} {shown(name)}; expected R,G,B with three integers 0..255"
         )
     return values  # type: ignore[return-value]
+
+
+def open_root(root: str | Path | None, dataset: str, layout: str) -> Path:
+    """``root`` as an existing folder, else one line saying what the ``dataset`` expects there."""
+    if root is None:
+        raise FcnsegError(f"--root: the {dataset} dataset needs --root DIR holding {layout}")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FcnsegError(f"--root {path}: no such folder; expected {layout}")
+    return path
+
+
+def check_fraction(val_fraction: object) -> None:
+    """``val_fraction`` must be a number strictly between 0 and 1."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
+        raise FcnsegError(f"val_fraction {shown(val_fraction)}: expected a fraction between 0 and 1 (exclusive)")
 
 
 def _class_lines(text: str, path: Path) -> tuple[list[str], list[tuple[int, int, int] | None]]:
@@ -78,7 +95,7 @@ def _class_lines(text: str, path: Path) -> tuple[list[str], list[tuple[int, int,
         if name in names:
             raise FcnsegError(f"{where}: class {shown(name)} is listed twice; expected each class once")
         names.append(name)
-        given.append(_parse_color(color, where, name) if sep and color.strip() else None)
+        given.append(parse_color(color, where, name) if sep and color.strip() else None)
     return names, given
 
 
@@ -188,13 +205,8 @@ class FolderDataset(SegmentationDataset):
     ) -> None:
         super().__init__(transforms)
         check_split(split, SPLITS, "the folder dataset")
-        if root is None:
-            raise FcnsegError(f"--root: the folder dataset needs --root DIR holding {_LAYOUT}")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
-            raise FcnsegError(f"val_fraction {shown(val_fraction)}: expected a fraction between 0 and 1 (exclusive)")
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise FcnsegError(f"--root {self.root}: no such folder; expected {_LAYOUT}")
+        self.root = open_root(root, "folder", _LAYOUT)
+        check_fraction(val_fraction)
         self.split = split
         self.val_fraction = val_fraction
         self.seed = seed

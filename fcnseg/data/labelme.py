@@ -54,7 +54,7 @@ from ..imageio import IMAGE_FORMATS, image_to_array, load_image
 from ..palette import palette_for
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
-from .folder import seeded_split
+from .folder import check_fraction, open_root, seeded_split
 
 __all__ = [
     "BACKGROUND",
@@ -329,13 +329,8 @@ class LabelmeDataset(SegmentationDataset):
     ) -> None:
         super().__init__(transforms)
         check_split(split, SPLITS, "the labelme dataset")
-        if root is None:
-            raise FcnsegError(f"--root: the labelme dataset needs --root DIR holding {_LAYOUT}")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
-            raise FcnsegError(f"val_fraction {shown(val_fraction)}: expected a fraction between 0 and 1 (exclusive)")
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise FcnsegError(f"--root {self.root}: no such folder; expected {_LAYOUT}")
+        self.root = open_root(root, "labelme", _LAYOUT)
+        check_fraction(val_fraction)
         self.split, self.val_fraction, self.seed = split, val_fraction, seed
         self.files = {p.stem: p for p in sorted(self.root.glob("*.json")) if p.is_file() and not p.name.startswith(".")}
         self.labels_file = self.root / "labels.txt"

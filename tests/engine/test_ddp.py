@@ -27,13 +27,24 @@ def test_two_processes_match_one_with_the_doubled_batch(tmp_path):
     _blocks_tree(tmp_path / "data", n=8)
     root = ["--root", str(tmp_path / "data")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    _run([sys.executable, "-m", "fcnseg", "train", *COMMON, *root, "--batch-size", "4", "--out", str(tmp_path / "one")],
-         env)  # fmt: skip
-    _run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fcnseg",
-         "train", *COMMON, *root, "--batch-size", "2", "--out", str(tmp_path / "two")],
-        env,
-    )  # fmt: skip
+    # The one-process run trains beside the two-process one: three one-thread processes, independent of each other.
+    with open(tmp_path / "one.stderr", "w") as err:  # a file, not a pipe: nothing waits on a full pipe
+        one_process = subprocess.Popen(
+            [sys.executable, "-m", "fcnseg", "train", *COMMON, *root, "--batch-size", "4", "--out",
+             str(tmp_path / "one")],
+            env=env, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    try:
+        _run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fcnseg",
+             "train", *COMMON, *root, "--batch-size", "2", "--out", str(tmp_path / "two")],
+            env,
+        )  # fmt: skip
+        assert one_process.wait(timeout=HANG_TIMEOUT) == 0, (tmp_path / "one.stderr").read_text()[-3000:]
+    finally:
+        if one_process.poll() is None:
+            one_process.kill()
+            one_process.wait()
     one = read_checkpoint(tmp_path / "one" / "last.pt")
     two = read_checkpoint(tmp_path / "two" / "last.pt")
     # Same samples, same transforms, gradients averaged over the two halves of the batch: equal up to the order of

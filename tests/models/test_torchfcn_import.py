@@ -14,7 +14,7 @@ import torch
 from fcnseg.checkpoint import read_checkpoint
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
-from fcnseg.hub import load
+from fcnseg.hub import load, model_from_checkpoint
 from fcnseg.models.convert import caffe_layer_names, torchfcn_to_fcnseg
 from fcnseg.models.registry import get_model
 from fcnseg.palette import VOC_CLASSES
@@ -47,22 +47,45 @@ def _randomised(cls, seed: int) -> torch.nn.Module:
     return randomise(cls(n_class=21).eval())
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_converted_torchfcn_gives_torchfcn_logits(torchfcn, arch, tmp_path):
-    ref = _randomised(getattr(torchfcn, arch), seed=len(arch))
-    src, dst = tmp_path / f"{arch}.pth", tmp_path / f"{arch}.pt"
-    torch.save(ref.state_dict(), src)
+# One architecture goes through `fcnseg convert` and the file it writes (--classes too); the others through the
+# function the command calls on the state dict it reads (import_file's torch.load, then torchfcn_to_fcnseg), and the
+# rebuild `load` does after reading the file: writing, fsyncing and reading two 540 MB files per architecture cost
+# 10 s each and test nothing that depends on the architecture. FCN8s's file is also the bare FCN-8s state dict that
+# the refusals test converts without --model.
+THROUGH_THE_CLI = "FCN8s"
+
+
+@pytest.fixture(scope="module")
+def fcn8s_file(torchfcn, tmp_path_factory):
+    """torchfcn's FCN8s with random weights, and its state dict on disk (540 MB, written once)."""
+    ref = _randomised(torchfcn.FCN8s, seed=len("FCN8s"))
+    path = tmp_path_factory.mktemp("torchfcn") / "FCN8s.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def _converted(torchfcn, arch: str, request, tmp_path) -> tuple:
+    """torchfcn's ``arch`` with random weights and its conversion to fcnseg: (the torchfcn model, the fcnseg
+    model, the classes it should name, the source it should record, the checkpoint dict)."""
+    if arch != THROUGH_THE_CLI:
+        ref, src = _randomised(getattr(torchfcn, arch), seed=len(arch)), str(tmp_path / f"{arch}.pth")
+        ckpt = torchfcn_to_fcnseg(ref.state_dict(), model=ARCHS[arch], source=src)
+        return ref, model_from_checkpoint(ckpt, source=src), list(VOC_CLASSES), src, ckpt
+    ref, src = request.getfixturevalue("fcn8s_file")
+    dst = tmp_path / f"{arch}.pt"
+    classes = [f"thing {i}" for i in range(21)]  # --classes: a text file of names, one a line
+    (tmp_path / "names.txt").write_text("\n".join(classes) + "\n\n")
     args = ["convert", str(src), "--format", "torchfcn", "--model", ARCHS[arch], "--out", str(dst)]
-    classes = list(VOC_CLASSES)
-    if arch == "FCN16s":  # --classes: a text file of names, one a line
-        classes = [f"thing {i}" for i in range(21)]
-        (tmp_path / "names.txt").write_text("\n".join(classes) + "\n\n")
-        args += ["--classes", str(tmp_path / "names.txt")]
-    assert main(args) == 0
-    model = load(dst)
+    assert main([*args, "--classes", str(tmp_path / "names.txt")]) == 0
+    return ref, load(dst), classes, str(src), read_checkpoint(dst)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_converted_torchfcn_gives_torchfcn_logits(torchfcn, arch, request, tmp_path):
+    ref, model, classes, source, ckpt = _converted(torchfcn, arch, request, tmp_path)
     assert model.build_config["name"] == ARCHS[arch] and model.alignment == "caffe"
     assert model.preprocessing == CAFFE and model.classes == classes
-    assert read_checkpoint(dst)["extra"]["converted_from"] == str(src)
+    assert ckpt["extra"]["converted_from"] == source
     torch.manual_seed(1)
     for h, w in SIZES:
         x = torch.randn(1, 3, h, w)
@@ -91,10 +114,9 @@ def test_every_torchfcn_tensor_lands_on_the_derived_name(torchfcn):
     assert len(ckpt["state_dict"]) == len(sd)
 
 
-def test_torchfcn_refusals(torchfcn, tmp_path, capsys):
-    sd = torchfcn.FCN8s(n_class=21).state_dict()
-    src = tmp_path / "fcn8s.pth"
-    torch.save(sd, src)
+def test_torchfcn_refusals(fcn8s_file, tmp_path, capsys):
+    ref, src = fcn8s_file
+    sd = ref.state_dict()
     # A bare FCN-8s state dict cannot say whether it is the staged or the at-once network.
     assert main(["convert", str(src), "--out", str(tmp_path / "x.pt")]) == 2
     assert "say which with --model fcn8s or --model fcn8s_atonce" in capsys.readouterr().err

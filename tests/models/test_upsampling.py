@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fcnseg.models import get_model
 from fcnseg.models.upsampling import BilinearUpsample, bilinear_kernel
@@ -85,3 +86,16 @@ def test_frozen_diagonal_upsampler_runs_per_channel_with_the_same_numbers():
     up.load_state_dict({"weight": learned})
     assert up._diagonal_kernel() is None
     torch.testing.assert_close(up(x), torch.nn.functional.conv_transpose2d(x, learned, None, 8, 4))
+
+
+def test_a_copy_made_under_inference_mode_upsamples_per_channel():
+    # A model copied while predicting (the winograd path builds its copy on the first input) holds inference tensors,
+    # which have no version counter: the per-channel kernel's cache key must not ask for it.
+    up = BilinearUpsample(3, 4, 2)
+    x = torch.randn(1, 3, 5, 6)
+    expected = F.conv_transpose2d(x, up.weight.detach(), None, 2)
+    with torch.inference_mode():
+        copy = BilinearUpsample(3, 4, 2)
+        assert copy.weight.is_inference()
+        got = copy(x)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
