@@ -59,10 +59,14 @@ def test_the_probe_reads_the_cpu_and_the_override(monkeypatch):
     assert resolve_path("onnx") == ("onnx", None)
 
 
+def _tiny_model():
+    torch.manual_seed(0)
+    return randomise(fcnseg.get_model("fcn8s", num_classes=4, **TINY), seed=3)
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = randomise(fcnseg.get_model("fcn8s", num_classes=4, **TINY), seed=3)
+    model = _tiny_model()
     ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt")
     rng = np.random.default_rng(0)
     image = np.repeat(np.repeat(rng.integers(0, 256, (20, 25, 3), dtype=np.uint8), 5, 0), 5, 1)  # 100 x 125
@@ -115,9 +119,7 @@ def tiny_export(tmp_path_factory):
     int8 files below differ by the CPU's features, the file they are quantised from does not."""
     from fcnseg.runtime.onnx import exported_fp32
 
-    torch.manual_seed(0)
-    model = randomise(fcnseg.get_model("fcn8s", num_classes=4, **TINY), seed=3)
-    return exported_fp32(model, tmp_path_factory.mktemp("tiny-onnx"))
+    return exported_fp32(_tiny_model(), tmp_path_factory.mktemp("tiny-onnx"))
 
 
 @pytest.mark.parametrize("features, low, high", [("avx2 fma", -64, 64), ("avx2 fma avx512_vnni", -127, 127)])

@@ -25,7 +25,7 @@ from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 from fcnseg.imageio import read_mask_png
 from tests.engine.test_train import _blocks_tree
-from tests.helpers import HANG_TIMEOUT
+from tests.helpers import HANG_TIMEOUT, pillow_reads_its_ycbcr_tiff
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,8 @@ PREDICT_CASES = [
     ("mode-I", _image_file("I"), "ok:17x23"),
     ("mode-F", _image_file("F"), "ok:17x23"),
     ("mode-CMYK", _image_file("CMYK"), "ok:17x23"),
-    ("mode-YCbCr", _image_file("YCbCr"), "ok:17x23"),
+    # Pillow 12 writes uncompressed YCbCr TIFFs that it cannot read back: then the file is one bad input among many.
+    ("mode-YCbCr", _image_file("YCbCr"), "ok:17x23" if pillow_reads_its_ycbcr_tiff() else "cannot read image"),
     ("mode-PA", _image_file("PA"), "ok:17x23"),
     ("mode-LAB", _image_file("LAB"), "ok:17x23"),
     ("mode-I;16B", _image_file("I;16B"), "ok:17x23"),
@@ -360,7 +361,7 @@ def test_the_corpus_has_at_least_30_cases():
     assert n >= 30, n
 
 
-MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK", "YCbCr"]
+MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"] + ["YCbCr"] * pillow_reads_its_ycbcr_tiff()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

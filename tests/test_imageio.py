@@ -32,6 +32,7 @@ from fcnseg.imageio import (
     save_rgb,
 )
 from fcnseg.palette import voc_palette
+from tests.helpers import pillow_reads_its_ycbcr_tiff
 
 VOID = (224, 224, 192)
 
@@ -134,8 +135,11 @@ def test_mode_CMYK_jpeg(tmp_path):
 def test_mode_YCbCr_tiff(tmp_path):
     ycc = np.array([[[255, 128, 128], [0, 128, 128], [128, 128, 128], [76, 85, 255]]], np.uint8)
     img = Image.frombytes("YCbCr", (4, 1), ycc.tobytes())
-    arr = load_image(_saved(img, tmp_path / "ycc.tif")).astype(int)
     expected = np.array([[255, 255, 255], [0, 0, 0], [128, 128, 128], [254, 0, 0]])
+    assert np.abs(image_to_array(img).astype(int)[0] - expected).max() <= 1  # the conversion, in memory
+    if not pillow_reads_its_ycbcr_tiff():
+        pytest.skip("this Pillow cannot read back the YCbCr TIFF it writes")
+    arr = load_image(_saved(img, tmp_path / "ycc.tif")).astype(int)
     assert np.abs(arr[0] - expected).max() <= 1
 
 

@@ -449,3 +449,19 @@ def test_a_class_only_in_val_warns(tmp_path, capsys):
     assert _warnings(root, capsys, split=None) == (0, [(str(root), "class-missing-in-train")])
     main(["check-data", "--dataset", "folder", "--root", str(root), "--quiet"])
     assert "class(es) cat have pixels in val but none in train" in capsys.readouterr().out
+
+
+def test_check_data_states_ade20ks_label_convention(tmp_path, capsys):
+    from tests.data.test_ade20k import make_ade20k_tree
+
+    root = make_ade20k_tree(tmp_path / "ade")
+    assert main(["check-data", "--dataset", "ade20k", "--root", str(root), "--split", "val"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "labels: ade20k: annotation 0 ('other objects') is void; 1..150 are classes 0..149" in "\n".join(lines)
+    assert not any(line.startswith("labels:") for line in _folder_summary(tmp_path, capsys))
+
+
+def _folder_summary(tmp_path: Path, capsys) -> list[str]:
+    """A folder tree's summary: it has no convention to state."""
+    main(["check-data", "--dataset", "folder", "--root", str(clean_tree(tmp_path / "f")), "--split", "all"])
+    return capsys.readouterr().out.splitlines()
