@@ -142,13 +142,12 @@ def _cli(args, tmp_path) -> dict:
 def test_the_cli_names_a_trained_checkpoint_and_the_images(tmp_path, images, capsys):
     model = randomise(_untrained(), seed=3)
     ckpt = fcnseg.save_checkpoint(model, tmp_path / "m.pt")
-    # winograd: an fp32 path built without an export (ONNX Runtime's agreement: tests/test_runtime.py).
-    doc = _cli(["--checkpoint", str(ckpt), "--paths", "eager", "winograd", "--images", str(images)], tmp_path)
+    doc = _cli(["--checkpoint", str(ckpt), "--paths", "eager", "onnx", "--images", str(images)], tmp_path)
     source = doc["agreement_source"]
     assert source["kind"] == "checkpoint" and source["reason"] is None
     assert source["text"] == f"checkpoint {ckpt}; --images {images} (2 images)"
     assert f"agreement measured on: checkpoint {ckpt}; --images {images} (2 images)" in capsys.readouterr().out
-    assert _rows(doc)["winograd"]["agreement_with_fp32"] >= 0.999
+    assert _rows(doc)["onnx"]["agreement_with_fp32"] >= 0.999
     # The same model without its file's name: measured on the images.
     check = normalised(model, sorted(images.iterdir()))
     assert _bench(model, ["eager"], check=check, images=str(images))["agreement_source"]["kind"] == "images"

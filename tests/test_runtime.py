@@ -118,7 +118,7 @@ def test_runtime_errors_are_one_line(demo, demo_onnx, tmp_path):
         "openvino, openvino-bf16, openvino-int8, compile, auto, auto-reduced",
     ):
         make_runner(model, "fp8")
-    if (demo_onnx / "model.onnx").is_file():  # the fp32 export without the int8 file, which is what is refused
+    if (demo_onnx / "model.onnx").is_file():  # the fp32 export alone: int8 is made here, and refused uncalibrated
         shutil.copy(demo_onnx / "model.onnx", tmp_path)
     with pytest.raises(FcnsegError, match="onnx-int8 needs calibration images"):
         make_runner(model, "onnx-int8", calibration=[], workdir=tmp_path)
