@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError
+from ..io import cache_root
 from .compare import Runner, agreement
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features, cpu_key
-from .kernels import cache_root, nnpack_ready
+from .kernels import nnpack_ready
 from .openvino import openvino_available, openvino_version
 
 REDUCED_MIN_AGREEMENT = 0.995  # auto-reduced: the share of eager fp32's labels a path must keep

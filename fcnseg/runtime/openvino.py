@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError
+from ..io import cache_root
 from .compare import Runner
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features
-from .kernels import cache_root
 
 OPENVINO_PATHS: tuple[str, ...] = ("openvino", "openvino-bf16", "openvino-int8")
 PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}

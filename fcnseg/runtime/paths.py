@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError
+from ..io import cache_root
 from .compare import Runner
 from .cpu import NATIVE_BF16, VNNI, bf16_is_native, cpu_features, isa_key
-from .kernels import cache_root, nnpack_ready, with_measured_kernels
+from .kernels import nnpack_ready, with_measured_kernels
 from .onnx import onnx_runner
 from .openvino import OPENVINO_PATHS, openvino_runner
 
