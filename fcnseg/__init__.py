@@ -8,14 +8,16 @@ The public API::
     fcnseg.save_checkpoint(model, "fcn8s.pt", classes=[...])
     model = fcnseg.load("fcn8s.pt")             # ready for model.predict(image)
     model = fcnseg.load("fcn8s-heavy-pascal")   # published weights by name (``fcnseg weights`` lists them)
+    model = fcnseg.from_pretrained("user/name") # a Hugging Face Hub model (fcnseg push, model.push_to_hub)
     fcnseg.Predictor(model, runtime="auto", tile=512, flip=True).outputs(["a.jpg"], confidence=True)
 
 The modules form layers, each importing only from those below it (``tests/test_imports.py`` checks that no import
 cycle exists): leaves such as ``_meta`` (the datasets' class names and means), ``errors``, ``io``, ``palette`` and
-``preprocessing``; ``checkpoint`` (the file format); ``runtime`` (the execution paths, which know models only by
-their contract); ``inference`` (the one inference object, over ``runtime``); ``data`` and ``models`` (whose
-``predict`` reaches ``inference``); ``hub`` (``load``: checkpoint files and published weights to models);
-``engine`` and ``export``; ``cli`` on top.
+``preprocessing``; ``checkpoint`` (the file format) and ``pretrained`` (a Hugging Face Hub folder: safetensors,
+config.json, model card; and the upload); ``runtime`` (the execution paths, which know models only by their
+contract); ``inference`` (the one inference object, over ``runtime``); ``data`` and ``models`` (whose ``predict``
+reaches ``inference``); ``hub`` (``load``, ``from_pretrained``: checkpoint files, published weights and Hub
+repositories to models); ``engine``, ``export`` and ``ray_batch`` (prediction on a Ray cluster); ``cli`` on top.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ _LAZY = {
     "Predictor": "fcnseg.inference",
     "save_checkpoint": "fcnseg.checkpoint",
     "load": "fcnseg.hub",
+    "from_pretrained": "fcnseg.hub",
     "Preprocessing": "fcnseg.preprocessing",
     "ConfusionMatrix": "fcnseg.metrics",
     "FcnsegError": "fcnseg.errors",

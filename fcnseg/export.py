@@ -1,11 +1,12 @@
-"""Export to ONNX and TorchScript, checked against eager PyTorch before the file is kept.
+"""Export to ONNX, TorchScript and a Triton model repository, checked against eager PyTorch before the file is kept.
 
 Both formats take any input height and width: the ONNX graph has dynamic ``height`` / ``width`` axes (torch.export
 traces the padding to a multiple of 32, the crops and the upsampling symbolically) and the TorchScript trace
 records the size arithmetic. Each exported file is run at two input sizes that differ from each other and from
 the sizes used to trace; only if it matches eager PyTorch there is it renamed into place. The file carries the
 checkpoint's description (model, classes, palette, preprocessing, alignment) as JSON metadata, so a deployment
-knows how to normalise its input without fcnseg.
+knows how to normalise its input without fcnseg. A Triton model repository (:mod:`fcnseg.triton`) holds the same
+ONNX graph, or its int8 quantisation, with the configuration Triton's ONNX Runtime backend reads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,10 @@ class ExportReport:
     opset: int | None
     max_rel_diff: dict[str, float] = field(default_factory=dict)
     """'HxW' -> max |exported - eager| / (logit range) at that size."""
+    version: int | None = None
+    """Triton: the version folder written (1 for a new model folder)."""
+    int8_agreement: float | None = None
+    """Triton with int8: the share of the calibration images' pixels whose label equals eager fp32's."""
 
 
 def _compare(name: str, run, model: nn.Module, sizes: Sequence[tuple[int, int]], tolerance: float) -> dict[str, float]:
@@ -110,10 +116,78 @@ def export_torchscript(
     return ExportReport(path, "torchscript", None, diffs)
 
 
+def export_triton(
+    model: nn.Module,
+    repo: str | os.PathLike,
+    *,
+    name: str | None = None,
+    int8: bool = False,
+    calibration: Sequence[Any] = (),
+    max_batch_size: int = 8,
+    opset: int = ONNX_OPSET,
+) -> ExportReport:
+    """``repo/<name>/``: a Triton Inference Server model folder (:mod:`fcnseg.triton`) around the ONNX graph of
+    :func:`export_onnx` (checked against eager), or with ``int8`` its static int8 quantisation as the ``onnx-int8``
+    path makes it (:func:`fcnseg.runtime.onnx.quantize_onnx`), calibrated on ``calibration`` (images, or normalised
+    1 x C x H x W tensors) and its agreement with eager on them measured. ``name`` defaults to the architecture's.
+    The report's path is the model folder."""
+    from .triton import default_name, write_repository
+
+    name = name or default_name(None, model)
+    inputs = _calibration_inputs(model, calibration) if int8 else []
+    if int8 and not inputs:
+        raise FcnsegError("--int8 needs calibration images: --calibration DIR, a few images like those served")
+    report = ExportReport(Path(repo) / name, "triton", opset)
+
+    def write_graph(path: Path) -> dict[str, str]:
+        if not int8:
+            report.max_rel_diff = export_onnx(model, path, opset=opset).max_rel_diff
+            return {"precision": "fp32"}
+        report.max_rel_diff, report.int8_agreement, bits = _int8_graph(model, path, inputs, opset)
+        return {"precision": "int8", "int8_weights": bits,
+                "int8_agreement": f"{report.int8_agreement:.4f} of eager fp32's labels on {len(inputs)} "
+                                  "calibration images"}  # fmt: skip
+
+    folder, report.version = write_repository(model, repo, name, write_graph, max_batch_size=max_batch_size,
+                                              cpu_only=int8)  # fmt: skip
+    report.path = folder
+    return report
+
+
+def _calibration_inputs(model: nn.Module, images: Sequence[Any]) -> list[torch.Tensor]:
+    """Normalised 1 x C x H x W inputs: tensors as given, images through the model's preprocessing."""
+    from .inference import model_input
+
+    return [x if x.dim() == 4 else x.unsqueeze(0) for x in
+            (i if isinstance(i, torch.Tensor) else model_input(model, i) for i in images)]  # fmt: skip
+
+
+def _int8_graph(
+    model: nn.Module, path: Path, calibration: Sequence[torch.Tensor], opset: int
+) -> tuple[dict[str, float], float, str]:
+    """``path``: the fp32 export (checked against eager) quantised as the ``onnx-int8`` path quantises it (the
+    model's float layers kept in float, 7-bit weights on a CPU without VNNI); its agreement with eager on the
+    calibration inputs (:func:`~fcnseg.runtime.onnx.check_int8`, a warning below 99%) and the weights' width."""
+    from .inference import Predictor
+    from .runtime.onnx import check_int8, float_layers, int8_reduce_range, ort_session, quantize_onnx
+
+    reduce = int8_reduce_range()
+    with tempfile.TemporaryDirectory(prefix=".fp32.", dir=path.parent) as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "model.onnx", opset=opset)
+        quantize_onnx(fp32.path, path, calibration, keep_float=float_layers(model), reduce_range=reduce)
+    eager = Predictor(model, runtime="eager").runner()
+    share = check_int8(ort_session(path), eager, calibration, model, name="--int8")
+    bits = "7-bit (made on a CPU without VNNI)" if reduce else "8-bit (made on a CPU with VNNI)"
+    return fp32.max_rel_diff, share, bits
+
+
 def export(model: nn.Module, path: str | os.PathLike, format: str, **kwargs: Any) -> ExportReport:
+    """``model`` exported as ``format`` (onnx, torchscript or triton) at ``path`` (triton: the repository folder)."""
+    if format == "triton":
+        return export_triton(model, path, **kwargs)
     if format == "onnx":
         return export_onnx(model, path, **kwargs)
     if format == "torchscript":
         kwargs.pop("opset", None)
         return export_torchscript(model, path, **kwargs)
-    raise FcnsegError(f"--format {format!r}: expected onnx or torchscript")
+    raise FcnsegError(f"--format {format!r}: expected onnx or torchscript (a file) or triton (a model repository)")

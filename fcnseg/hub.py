@@ -1,9 +1,11 @@
-"""Models from anywhere: an fcnseg checkpoint file, published weights by name, or another implementation's file.
+"""Models from anywhere: an fcnseg checkpoint file, published weights by name, a Hugging Face Hub repository, or
+another implementation's file.
 
 :func:`load` is what ``fcnseg.load`` is: it reads a checkpoint (the file format is :mod:`fcnseg.checkpoint`'s),
-or fetches published weights (the catalogue and the downloads are :mod:`fcnseg.models.weights`'s) and converts
-them (:mod:`fcnseg.models.convert`), then rebuilds the model through the registry. This module sits above both
-``checkpoint`` and ``models``; neither imports it.
+fetches published weights (the catalogue and the downloads are :mod:`fcnseg.models.weights`'s) and converts them
+(:mod:`fcnseg.models.convert`), or reads a Hub repository ``hf:USER/NAME[@REVISION]`` or a folder saved by
+``save_pretrained`` (the format is :mod:`fcnseg.pretrained`'s), then rebuilds the model through the registry. This
+module sits above ``checkpoint``, ``pretrained`` and ``models``; none of them imports it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import __version__
 from .checkpoint import check_fit, read_checkpoint
 from .errors import CheckpointError, FcnsegError, shown
 from .io import atomic_write
@@ -36,8 +39,14 @@ from .models.weights import (
     verify_hash,
 )
 from .preprocessing import Preprocessing
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, hub_error, optional, pretrained_checkpoint, read_config, read_weights
 
-__all__ = ["import_file", "load", "model_from_checkpoint", "weights_checkpoint"]
+__all__ = [
+    "HF_PREFIX", "checkpoint_of", "from_pretrained", "hub_checkpoint", "import_file", "is_hf_source", "load",
+    "model_from_checkpoint", "weights_checkpoint",
+]  # fmt: skip
+
+HF_PREFIX = "hf:"
 
 
 def load(
@@ -48,31 +57,52 @@ def load(
     file: str | os.PathLike | None = None,
     sha256: str | None = None,
 ) -> nn.Module:
-    """Load a checkpoint, or published weights by name, into a ready-to-use model in eval mode.
+    """Load a checkpoint, published weights by name, or a Hugging Face Hub model into a ready-to-use model in eval
+    mode.
 
     ``path``: an fcnseg checkpoint file, or a name from ``fcnseg weights`` (``"fcn8s-heavy-pascal"``), which is
-    downloaded on first use into torch.hub's cache, hash-checked and converted; ``file`` gives a local copy of
-    that published file instead. ``model``: the architecture the caller expects; another one is refused.
-    ``sha256``: the SHA-256 the file read (the checkpoint, the published file or ``file``) must have.
+    downloaded on first use into torch.hub's cache, hash-checked and converted (``file`` gives a local copy of
+    that published file instead), or ``hf:USER/NAME[@REVISION]`` (:func:`from_pretrained`), or a folder written
+    by ``save_pretrained``. ``model``: the architecture the caller expects; another one is refused.
+    ``sha256``: the SHA-256 the file read (the checkpoint, the published file or ``file``, a Hub model's
+    ``model.safetensors``) must have.
     """
     if isinstance(path, FCNWeights):
         path = path.id
-    if not Path(path).exists() and is_weights_name(str(path)):
-        ckpt = weights_checkpoint(str(path), file=file, sha256=sha256)
-    elif file is not None:
-        raise FcnsegError(
-            f"file={shown(str(file))} goes with published weights names only, not with {shown(str(path))}"
-        )
-    elif not Path(path).exists() and not Path(path).suffix:
-        raise CheckpointError(f"{path}: no such checkpoint file, nor published weights of that name (fcnseg weights)")
-    else:
-        if sha256 is not None and Path(path).is_file():
-            verify_hash(path, sha256=sha256_pin(sha256))
-        ckpt = read_checkpoint(path, map_location=map_location)
+    ckpt = checkpoint_of(path, map_location=map_location, file=file, sha256=sha256)
     if model is not None and ckpt["model"] != model:
         raise CheckpointError(f"{path}: checkpoint holds model {shown(ckpt['model'])}, expected {shown(model)}")
-    model = model_from_checkpoint(ckpt, source=str(path))
+    built = model_from_checkpoint(ckpt, source=str(path))
+    return _placed(built, map_location)
+
+
+def _placed(model: nn.Module, map_location: Any) -> nn.Module:
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+
+def checkpoint_of(
+    source: str | os.PathLike,
+    *,
+    map_location: Any = "cpu",
+    file: str | os.PathLike | None = None,
+    sha256: str | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict of any model source :func:`load` takes: ``hf:USER/NAME[@REVISION]``, a folder saved by
+    ``save_pretrained``, a published weights name or a checkpoint file (options as :func:`load`'s)."""
+    text = str(source)
+    if is_hf_source(text) or _is_pretrained_folder(text):
+        if file is not None:
+            raise FcnsegError(f"file={shown(str(file))} goes with published weights names only, not with {shown(text)}")
+        return hub_checkpoint(text, sha256=sha256)
+    if not Path(source).exists() and is_weights_name(text):
+        return weights_checkpoint(text, file=file, sha256=sha256)
+    if file is not None:
+        raise FcnsegError(f"file={shown(str(file))} goes with published weights names only, not with {shown(text)}")
+    if not Path(source).exists() and not Path(source).suffix:
+        raise CheckpointError(f"{source}: no such checkpoint file, nor published weights of that name (fcnseg weights)")
+    if sha256 is not None and Path(source).is_file():
+        verify_hash(source, sha256=sha256_pin(sha256))
+    return read_checkpoint(source, map_location=map_location)
 
 
 def model_from_checkpoint(ckpt: Mapping[str, Any], *, source: str = "checkpoint") -> nn.Module:
@@ -93,6 +123,80 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], *, source: str = "checkpoint"
         model.head_classes = {k: list(v) or None for k, v in ckpt["head_classes"].items()}
     model.eval()
     return model
+
+
+# ----------------------------------------------------------------------------------- the Hugging Face Hub
+
+
+def is_hf_source(source: Any) -> bool:
+    """Whether ``source`` names a Hub repository: ``hf:USER/NAME`` or ``hf:USER/NAME@REVISION``."""
+    return isinstance(source, (str, os.PathLike)) and str(source).startswith(HF_PREFIX)
+
+
+def _is_pretrained_folder(source: str) -> bool:
+    return Path(source).is_dir() and (Path(source) / CONFIG_NAME).is_file()
+
+
+def _repo_and_revision(source: str, revision: str | None) -> tuple[str, str | None]:
+    """``USER/NAME`` and its revision from ``[hf:]USER/NAME[@REVISION]`` (a repository id has no ``@``)."""
+    repo, sep, pinned = source.removeprefix(HF_PREFIX).partition("@")
+    if sep and not pinned:
+        raise FcnsegError(f"{shown(source)}: expected a revision after '@' (a branch, tag or commit)")
+    if pinned and revision is not None and pinned != revision:
+        raise FcnsegError(f"{shown(source)}: names revision {shown(pinned)}, and revision={shown(revision)} another")
+    return repo, pinned or revision
+
+
+def _hub_file(repo: str, filename: str, revision: str | None, label: str) -> Path:
+    """``filename`` of Hub repository ``repo``: from huggingface_hub's cache, downloaded there if need be. With
+    ``HF_HUB_OFFLINE=1`` huggingface_hub answers from its cache alone (Hub Python Library docs, "Understand
+    caching" and "Environment variables")."""
+    hf = optional("huggingface_hub", f"{label}")
+    try:
+        return Path(hf.hf_hub_download(repo, filename, revision=revision, library_name="fcnseg",
+                                       library_version=__version__))  # fmt: skip
+    except Exception as e:
+        mapped = hub_error(e, label, filename)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def hub_checkpoint(
+    source: str | os.PathLike, revision: str | None = None, *, sha256: str | None = None
+) -> dict[str, Any]:
+    """The checkpoint dict of a Hub repository (``[hf:]USER/NAME[@REVISION]``) or of a folder saved by
+    ``save_pretrained``: its ``config.json`` read and checked first (nothing more is downloaded for a config this
+    fcnseg cannot read), then its ``model.safetensors`` (checked against ``sha256`` when given)."""
+    text = str(source)
+    if not is_hf_source(text) and Path(text).is_dir():
+        label, folder = text, Path(text)
+        if revision is not None:
+            raise FcnsegError(f"{label}: a folder has no revisions; revision= goes with Hub repositories")
+        if not (folder / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{label}: no {CONFIG_NAME} (expected a folder written by save_pretrained)")
+        config, weights_path = read_config(folder / CONFIG_NAME, label), folder / WEIGHTS_NAME
+    else:
+        if not is_hf_source(text) and Path(text).exists():
+            raise FcnsegError(f"{text}: expected a folder written by save_pretrained, or a Hub repository USER/NAME")
+        repo, revision = _repo_and_revision(text, revision)
+        label = f"{HF_PREFIX}{repo}" + (f"@{revision}" if revision else "")
+        config = read_config(_hub_file(repo, CONFIG_NAME, revision, label), label)
+        weights_path = _hub_file(repo, WEIGHTS_NAME, revision, label)
+    if sha256 is not None:
+        verify_hash(weights_path, sha256=sha256_pin(sha256))
+    ckpt = pretrained_checkpoint(config, read_weights(weights_path, label))
+    ckpt["extra"]["source"] = label
+    return ckpt
+
+
+def from_pretrained(repo_id: str | os.PathLike, revision: str | None = None, *, map_location: Any = "cpu") -> nn.Module:
+    """A model from the Hugging Face Hub (``"USER/NAME"``, ``"hf:USER/NAME@REVISION"``) or from a folder written
+    by ``save_pretrained``, in eval mode. Only JSON and safetensors are read: nothing is unpickled. A repository
+    is fetched into huggingface_hub's cache (``HF_HUB_CACHE``) on first use; with ``HF_HUB_OFFLINE=1`` it is read
+    from there alone. ``revision``: a branch, tag or commit (default: main)."""
+    ckpt = hub_checkpoint(repo_id, revision)
+    return _placed(model_from_checkpoint(ckpt, source=ckpt["extra"]["source"]), map_location)
 
 
 # ----------------------------------------------------------------------------------- published and foreign files

@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..errors import FcnsegError, user_message
-from . import bench, check_data, convert, demo, export, models, predict, serve, train, weights
+from . import bench, check_data, convert, demo, export, models, predict, push, serve, train, weights
 from . import eval as eval_
 from ._common import error
 
 __all__ = ["build_parser", "main"]
 
 # In the order of `fcnseg --help`.
-COMMANDS = (models, predict, serve, export, bench, weights, convert, demo, train, eval_, check_data)
+COMMANDS = (models, predict, serve, export, bench, weights, convert, push, demo, train, eval_, check_data)
 
 
 def build_parser() -> argparse.ArgumentParser:

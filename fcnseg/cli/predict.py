@@ -3,6 +3,8 @@
 Each image that cannot be segmented is reported on stderr and the others are still written (exit status 2). With
 ``--batch N``, images of one size (not necessarily consecutive: headers are read ahead) run as one forward pass of up
 to N images and :data:`~fcnseg.predict.BATCH_PIXELS` padded pixels; the files written are those of ``--batch 1``.
+With ``--engine ray``, the same files are written by a pool of Ray workers (:mod:`fcnseg.ray_batch`), the inputs may
+be fsspec URLs, and a second run of the same command skips the inputs whose files are complete.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 
 from ..errors import FcnsegError
 from ._common import (
@@ -41,10 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "predict",
         help="segment images with a checkpoint or published weights",
-        usage="fcnseg predict (CHECKPOINT | --weights NAME) INPUT [INPUT ...] --out DIR [options]",
+        usage="fcnseg predict (CHECKPOINT | --weights NAME|hf:USER/NAME) INPUT [INPUT ...] --out DIR [options]",
     )
     p.add_argument("items", nargs="+", metavar="INPUT", help="[CHECKPOINT] then image files, folders or globs")
-    add_weights(p, "published weights instead of a checkpoint (fcnseg weights)")
+    add_weights(p, "published weights (fcnseg weights) or a Hub model hf:USER/NAME[@REVISION], instead of a checkpoint")
     add_weights_file(p, "a local copy of the --weights file (no download)")
     add_sha256(p, "refuse the checkpoint or weights file unless its SHA-256 is HEX")
     add_out(p, "output folder: <stem>.png palette masks")
@@ -70,6 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "larger image runs alone); the files written are the same as with 1 (default: 1)",
     )  # fmt: skip
     add_quiet(p, "no progress bar or summary")
+    add_engine(p)
     p.add_argument(
         "--extra", action="append", default=[], metavar="DIR",
         help="fusion nets: a folder of each image's depth (16-bit mm PNG) or HHA image, under the colour image's "
@@ -79,12 +82,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def add_engine(p: argparse.ArgumentParser) -> None:
+    """``--engine local|ray``, and ``--address ADDR``, ``--workers N`` and ``--worker-cpus N`` for ray."""
+    p.add_argument(
+        "--engine", choices=["local", "ray"], default="local",
+        help="local: this process (default); ray: a pool of Ray workers, each loading the model once "
+        "(fcnseg[ray]); inputs may then be fsspec URLs (s3://...), --out must be a folder every node writes to, "
+        "and a rerun skips the inputs whose files are complete",
+    )  # fmt: skip
+    p.add_argument(
+        "--address", metavar="ADDR",
+        help="--engine ray: the cluster, auto (the one `ray start` runs on this machine) or ray://HOST:PORT "
+        "(default: RAY_ADDRESS, else a cluster started on this machine, else a new local one for this run)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, metavar="N",
+        help="--engine ray: N workers, each holding one copy of the model (default: from 1 up to what the cluster "
+        "holds)",
+    )  # fmt: skip
+    p.add_argument(
+        "--worker-cpus", type=int, default=1, metavar="N",
+        help="--engine ray: the CPUs each worker reserves and computes on, as torch threads (default: 1); with "
+        "--device cuda each worker also reserves one GPU",
+    )  # fmt: skip
+
+
 def _checkpoint_and_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     # `predict CKPT IMAGES...` or `predict --weights NAME IMAGES...`: with --weights every positional is an input.
     if args.weights:
-        from ..models.weights import get_weights
+        from ..hub import is_hf_source
 
-        get_weights(args.weights)  # an unknown name fails here, listing the known ones
+        if not is_hf_source(args.weights):  # hf:USER/NAME is checked when it is read
+            from ..models.weights import get_weights
+
+            get_weights(args.weights)  # an unknown name fails here, listing the known ones
         return args.weights, list(args.items)
     if args.weights_file:
         raise FcnsegError("--weights-file goes with --weights NAME (the published weights it is a copy of)")
@@ -275,6 +306,16 @@ def _predict_all(predictor, files: list[Path], stems: list[str], args: argparse.
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", "local") == "ray":
+        return run_ray(args)
+    for flag, default in (("address", None), ("workers", None), ("worker_cpus", 1)):
+        if getattr(args, flag, default) != default:
+            raise FcnsegError(f"--{flag.replace('_', '-')} goes with --engine ray")
+    return run_local(args)
+
+
+def run_local(args: argparse.Namespace) -> int:
+    """``fcnseg predict`` in this process."""
     from ..device import pick_device
     from ..hub import load
     from ..predict import output_names, output_stems
@@ -305,3 +346,166 @@ def run(args: argparse.Namespace) -> int:
     for p in problems:
         error(p)
     return 2 if problems else 0
+
+
+# ---------------------------------------------------------------------------------------------- --engine ray
+
+# The flags predictor_from_flags reads: each Ray worker builds its Predictor from them, as this process would.
+PREDICTOR_FLAGS = ("runtime", "calibration", "calibration_images", "tile", "overlap", "flip", "scales", "batch",
+                   "quiet")  # fmt: skip
+
+
+def flag_predictor(flags: dict, calibration: list[str], model):
+    """The Predictor ``predictor_from_flags`` builds from ``flags`` (:data:`PREDICTOR_FLAGS`), int8 calibrating
+    on ``calibration`` where no --calibration folder is given: what each Ray worker runs."""
+    return predictor_from_flags(argparse.Namespace(**flags), model, [Path(f) for f in calibration])
+
+
+def _check_ray_flags(args: argparse.Namespace) -> None:
+    from ..ray_batch import require_ray
+
+    require_ray()
+    if args.extra:
+        raise FcnsegError("--extra: fusion nets run with --engine local; expected no --extra with --engine ray")
+    if args.device not in ("cpu", "cuda", "auto"):
+        raise FcnsegError(
+            f"--device {args.device}: with --engine ray each worker gets its GPU from Ray; expected cpu, cuda or auto"
+        )
+    for flag, value in (("--workers", args.workers), ("--worker-cpus", args.worker_cpus)):
+        if value is not None and value < 1:
+            raise FcnsegError(f"{flag} {value}: expected at least 1")
+
+
+def _gather(items: Sequence[str]) -> tuple[list, list[str]]:
+    """The inputs that ``items`` name (local files, folders and globs; fsspec URLs of files, folders and globs),
+    each once, and the problems with them, in the order given."""
+    from ..ray_batch import expand_url, is_url, local_input
+    from ._inputs import collect_inputs
+
+    inputs, problems, seen = [], [], set()
+    for item in items:
+        if is_url(item):
+            found, problem = expand_url(item)
+        else:
+            files, missing = collect_inputs([item])
+            found, problem = [local_input(f) for f in files], (missing[0] if missing else None)
+        for one in found:
+            key = one.source if is_url(one.source) else Path(one.source).resolve()
+            if key not in seen:
+                seen.add(key)
+                inputs.append(one)
+        if problem:
+            problems.append(problem)
+    return inputs, problems
+
+
+def _named(one) -> PurePath:
+    """An input as a path whose name gives its output stem: a local file's, a URL's path part."""
+    from ..ray_batch import is_url
+
+    return PurePosixPath(one.source.split("://", 1)[1]) if is_url(one.source) else Path(one.name)
+
+
+def _local_file(one) -> Path | None:
+    """The local file an input reads (a path, or a file:// URL), for the check that no output overwrites it."""
+    from ..ray_batch import is_url
+
+    if not is_url(one.source):
+        return Path(one.source)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(one.source)
+    return Path(path) if "file" in fs.protocol else None
+
+
+def _ray_settings(args: argparse.Namespace, source) -> dict:
+    """What decides the files' contents, for the record: a later run with other settings writes them again."""
+    from .. import __version__
+
+    keys = ("runtime", "tile", "overlap", "flip", "scales", "overlay", "probs", "confidence", "device")
+    return {"fcnseg": __version__, "model": source.identity(), **{k: getattr(args, k) for k in keys}}
+
+
+def _ray_jobs(args: argparse.Namespace, model, inputs: list, checkpoint: str | None) -> list:
+    """Each input's job (its stem, the names of its files and their identities now), once the run is known not
+    to overwrite an input."""
+    from ..predict import output_names, output_stems
+    from ..ray_batch import Job, identities
+
+    out = Path(args.out)
+    names = functools.partial(
+        output_names, model, overlay_format=args.overlay, probs=args.probs, confidence=args.confidence
+    )
+    paths = [_named(one) for one in inputs]
+    stems = output_stems(paths, names)
+    plan = [(path, names(stem)) for path, stem in zip(paths, stems, strict=True)]
+    local = [f for f in map(_local_file, inputs) if f is not None]
+    check_no_input_overwritten(out, plan, _read_files(args, local, checkpoint))
+    return [
+        Job(i, one, stem, tuple(names(stem)), identities(out, names(stem)))
+        for i, (one, stem) in enumerate(zip(inputs, stems, strict=True))
+    ]
+
+
+def _ray_model_and_inputs(args: argparse.Namespace) -> tuple:
+    """The model (on this process's CPU: the workers load their own), its checkpoint, the inputs and the problems
+    with them; every refusal made before the output folder is touched."""
+    from ..hub import load
+    from ..ray_batch import is_url
+
+    _check_ray_flags(args)
+    args.batch = check_batch(args.batch)
+    checkpoint, items = _checkpoint_and_inputs(args)
+    inputs, problems = _gather(items)
+    model = load(checkpoint, map_location="cpu", file=args.weights_file, sha256=args.sha256)
+    _check_predictable(model, args, checkpoint)
+    if not inputs:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise FcnsegError(f"{problems[0]}{more}" if problems else "predict: no input images")
+    local = [one for one in inputs if not is_url(one.source)]
+    if args.runtime in ("onnx-int8", "openvino-int8") and not (local or args.calibration):
+        raise FcnsegError(f"{args.runtime} with URL inputs needs calibration images on every node (--calibration DIR)")
+    return model, checkpoint, inputs, problems
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    """``fcnseg predict --engine ray``: the inputs' files written by a pool of Ray workers; those whose files a
+    run of the same settings wrote, and which are still there, are skipped."""
+    from ..ray_batch import ModelSource, is_recorded, is_url, read_record, run_key
+
+    model, checkpoint, inputs, problems = _ray_model_and_inputs(args)
+    # Files by absolute path: a worker's working folder is its own.
+    ckpt, file = (str(Path(f).absolute()) if f and Path(f).is_file() else f for f in (checkpoint, args.weights_file))
+    source = ModelSource(source=ckpt, file=file, sha256=args.sha256, device=args.device)
+    jobs = _ray_jobs(args, model, inputs, checkpoint)
+    out, key = Path(args.out), run_key(_ray_settings(args, source))
+    entries = read_record(out, key)
+    todo = [job for job in jobs if not is_recorded(out, job, entries)]
+    if len(todo) < len(jobs) and not args.quiet:
+        print(f"skipped {len(jobs) - len(todo)} input(s) whose files in {out} are complete")
+    calibration = [one.source for one in inputs if not is_url(one.source)][: args.calibration_images]
+    failed = _write_on_ray(args, source, todo, key, calibration) if todo else {}
+    problems.extend(failed[i] for i in sorted(failed))
+    if not args.quiet:
+        print(f"wrote {len(todo) - len(failed)} mask(s) to {out}")
+    for p in problems:
+        error(p)
+    return 2 if problems else 0
+
+
+def _write_on_ray(args: argparse.Namespace, source, todo: list, key: str, calibration: list[str]) -> dict[int, str]:
+    from tqdm import tqdm
+
+    from ..ray_batch import WriteOptions, connect, write_predictions
+
+    flags = {k: getattr(args, k) for k in PREDICTOR_FLAGS}
+    if args.calibration:  # each worker reads it from its own working folder
+        flags["calibration"] = str(Path(args.calibration).absolute())
+    make = functools.partial(flag_predictor, flags, calibration)
+    options = WriteOptions(str(Path(args.out).absolute()), args.overlay, args.probs, args.confidence)
+    with connect(args.address, quiet=args.quiet):  # a cluster that cannot be reached leaves --out untouched
+        _check_writable(Path(args.out))
+        with tqdm(total=len(todo), unit="img", disable=len(todo) <= 1 or args.quiet, file=sys.stderr) as bar:
+            return write_predictions(todo, model=source, make_predictor=make, options=options, key=key,
+                                     workers=args.workers, cpus=args.worker_cpus, batch_size=args.batch,
+                                     progress=bar.update)  # fmt: skip

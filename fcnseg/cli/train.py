@@ -19,7 +19,7 @@ _HELP = {
     "iters": "optimiser steps",
     "out": "run folder: config.yaml, last.pt, best.pt, log.csv, tensorboard/",
     "resume": "continue the run in --out from its last.pt",
-    "init_from": "checkpoint of a coarser net to start from (32s -> 16s -> 8s), or published weights by name",
+    "init_from": "checkpoint of a coarser net to start from (32s -> 16s -> 8s), published weights, or hf:USER/NAME",
     "accum_steps": "micro-batches per optimiser step (gradient accumulation)",
     "val_every": "validate and checkpoint every N iterations",
     "val_images": "validate on the first N images only",

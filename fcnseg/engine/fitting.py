@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import read_checkpoint
 from ..data.base import SegmentationDataset
 from ..errors import FcnsegError
 from ..models import get_model
@@ -113,16 +112,12 @@ def staged_init(model: nn.Module, path: str | Path) -> list[str]:
     every layer both nets have, with the same shape; the new score layers (and score layers for another number of
     classes) keep their zero initialisation. A colour net's first layer is widened for an early-fusion net (the
     paper's RGBD from its RGB FCN-32s), and a one-stream net starts every stream of a late-fusion one. The model
-    takes over the source's preprocessing, which its weights were trained with. Returns the names left as they
-    were."""
-    from ..hub import weights_checkpoint
-    from ..models.weights import is_weights_name
+    takes over the source's preprocessing, which its weights were trained with. ``path``: a checkpoint file, a
+    published weights name, a Hugging Face Hub model ``hf:USER/NAME[@REVISION]`` or a folder written by
+    ``save_pretrained``. Returns the names left as they were."""
+    from ..hub import checkpoint_of
 
-    ckpt = (
-        weights_checkpoint(str(path))
-        if not Path(path).exists() and is_weights_name(str(path))
-        else read_checkpoint(path)
-    )
+    ckpt = checkpoint_of(path)
     own = model.state_dict()
     src = fit_state_dict(ckpt["state_dict"], own)
     model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"]).for_channels(model.preprocessing.channels)

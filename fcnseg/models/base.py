@@ -10,7 +10,10 @@ evaluation, the report, the server, export and bench read these; inference itsel
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -140,6 +143,35 @@ class SegmentationModel(nn.Module):
         if head is None and len(per_head) > 1:
             return per_head
         return per_head[self.check_head(head)]
+
+    # -- the Hugging Face Hub ---------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        metrics: str | os.PathLike | Mapping[str, Any] | None = None,
+        license: str | None = None,
+        datasets: str | Sequence[str] | None = None,
+        tags: Sequence[str] = (),
+        **card: Any,
+    ) -> Path:
+        """Write this model into ``save_directory`` as a Hub repository: ``model.safetensors``, ``config.json``
+        and a ``README.md`` model card (``metrics``: an evaluation, ``fcnseg eval --out``'s folder, measured on the
+        first of ``datasets``). ``fcnseg.from_pretrained(save_directory)`` reads it back. Options as
+        :func:`fcnseg.pretrained.save_pretrained`; needs ``pip install 'fcnseg[hub]'``."""
+        from ..pretrained import save_pretrained
+
+        return save_pretrained(
+            self, save_directory, metrics=metrics, license=license, datasets=datasets, tags=tags, **card
+        )
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, **options: Any) -> str:
+        """Upload this model to the Hub repository ``repo_id`` (created if need be, ``private`` then), as
+        :meth:`save_pretrained` writes it; returns the repository's URL. The token is huggingface_hub's own
+        (``HF_TOKEN`` or ``hf auth login``). Options as :func:`fcnseg.pretrained.push_to_hub`."""
+        from ..pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, **options)
 
     # -- the cache of execution paths is the model's own business -------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
