@@ -175,19 +175,34 @@ def hub_checkpoint(
             raise FcnsegError(f"{label}: a folder has no revisions; revision= goes with Hub repositories")
         if not (folder / CONFIG_NAME).is_file():
             raise CheckpointError(f"{label}: no {CONFIG_NAME} (expected a folder written by save_pretrained)")
-        config, weights_path = read_config(folder / CONFIG_NAME, label), folder / WEIGHTS_NAME
+        config, weights_path, commit = read_config(folder / CONFIG_NAME, label), folder / WEIGHTS_NAME, None
     else:
         if not is_hf_source(text) and Path(text).exists():
             raise FcnsegError(f"{text}: expected a folder written by save_pretrained, or a Hub repository USER/NAME")
         repo, revision = _repo_and_revision(text, revision)
         label = f"{HF_PREFIX}{repo}" + (f"@{revision}" if revision else "")
-        config = read_config(_hub_file(repo, CONFIG_NAME, revision, label), label)
-        weights_path = _hub_file(repo, WEIGHTS_NAME, revision, label)
+        config_path = _hub_file(repo, CONFIG_NAME, revision, label)
+        config = read_config(config_path, label)
+        # huggingface_hub keeps each file under snapshots/<commit>/: the weights are fetched at the commit the
+        # config came from, so that a push between the two downloads cannot pair one commit's config with
+        # another's weights.
+        commit = config_path.parent.name
+        weights_path = _hub_file(repo, WEIGHTS_NAME, commit, label)
     if sha256 is not None:
         verify_hash(weights_path, sha256=sha256_pin(sha256))
     ckpt = pretrained_checkpoint(config, read_weights(weights_path, label))
     ckpt["extra"]["source"] = label
+    if commit:
+        ckpt["extra"]["commit"] = commit
     return ckpt
+
+
+def pinned_hub_source(source: str, *, sha256: str | None = None) -> str:
+    """``hf:USER/NAME@COMMIT``: the Hub source ``source`` with its branch or tag resolved to the commit it names
+    now (read from huggingface_hub's cache, fetched there if need be), so that every later read gets the same
+    files."""
+    ckpt = hub_checkpoint(source, sha256=sha256)
+    return f"{ckpt['extra']['source'].partition('@')[0]}@{ckpt['extra']['commit']}"
 
 
 def from_pretrained(repo_id: str | os.PathLike, revision: str | None = None, *, map_location: Any = "cpu") -> nn.Module:

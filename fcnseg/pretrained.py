@@ -88,6 +88,10 @@ def save_pretrained(
     config = pretrained_config(ckpt, in_channels=in_channels)
     datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
     per_head = read_metrics(metrics) if metrics is not None else {}
+    if per_head:  # fcnseg eval records the dataset and split it measured on
+        first = next(iter(per_head.values()))
+        datasets = datasets or ([first["dataset"]] if isinstance(first.get("dataset"), str) else [])
+        eval_split = eval_split or (first["split"] if isinstance(first.get("split"), str) else None)
     if per_head and not datasets:
         raise FcnsegError("metrics: name the dataset they were measured on (datasets=..., --dataset NAME)")
     card = model_card(config, per_head, license=license, datasets=datasets, tags=tags, repo_id=repo_id,

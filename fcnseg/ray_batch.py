@@ -249,10 +249,15 @@ class ModelSource:
         return load(self.source, map_location=device, file=self.file, sha256=self.sha256)
 
     def identity(self) -> list:
-        """What the record keeps of a model loaded by name: the checkpoint file's (or the local weights file's)
-        path, size and modification time, or the published weights' name and pin."""
-        files = [f for f in (self.source, self.file) if f and Path(f).is_file()]
-        stats = [[str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files]
+        """What the record keeps of a model loaded by name: the checkpoint file's (or the local weights file's, or
+        a saved folder's two files') path, size and modification time, or the name (a Hub source pinned to its
+        commit) and the pin."""
+        from .pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+        files = []
+        for f in (Path(f) for f in (self.source, self.file) if f):
+            files += [f] if f.is_file() else [f / CONFIG_NAME, f / WEIGHTS_NAME] if f.is_dir() else []
+        stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
         return [self.source, self.sha256, stats]
 
 
@@ -386,7 +391,7 @@ def predict_dataset(
     require_ray()
     if isinstance(model, (str, os.PathLike)):  # a file by its absolute path: a worker's working folder is its own
         path = Path(model)
-        source = ModelSource(source=str(path.absolute()) if path.is_file() else os.fspath(model), device=device)
+        source = ModelSource(source=str(path.absolute()) if path.exists() else os.fspath(model), device=device)
     else:
         from .checkpoint import checkpoint_dict
 

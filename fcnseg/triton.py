@@ -72,10 +72,12 @@ def labels(model: nn.Module) -> list[str]:
     return [" ".join(str(n).splitlines()) or f"class {i}" for i, n in enumerate(names)]
 
 
-def interface(model: nn.Module) -> dict[str, Any]:
-    """What a client depends on: input channels, heads, labels and preprocessing (JSON-ready). Versions of one
-    model folder must share it (one ``config.pbtxt`` describes them all)."""
+def interface(model: nn.Module, cpu_only: bool = False) -> dict[str, Any]:
+    """What a client and the server depend on: input channels, heads, labels, preprocessing and whether the graph
+    is for the CPU only (int8) (JSON-ready). Versions of one model folder must share it: one ``config.pbtxt``,
+    with its one instance group, describes them all."""
     value = {
+        "cpu_only": cpu_only,
         "input_channels": model.in_channels,
         "heads": dict(model.heads),
         "labels": labels(model),
@@ -217,9 +219,16 @@ def check_destination(repo: str | os.PathLike, name: str) -> int:
     return max(_versions(folder), default=0) + 1
 
 
-def _check_same_interface(folder: Path, model: nn.Module) -> None:
-    old = (_marker(folder) or {}).get("interface")
-    if old != interface(model):
+def _check_same_interface(folder: Path, model: nn.Module, cpu_only: bool) -> None:
+    old = (_marker(folder) or {}).get("interface") or {}
+    new = interface(model, cpu_only)
+    if old.get("cpu_only") != new["cpu_only"]:
+        held = "int8 (CPU only)" if old.get("cpu_only") else "fp32"
+        raise FcnsegError(
+            f"--out {folder.parent}: {folder} holds {held} versions, and Triton serves every version with one "
+            "config.pbtxt and one instance group; export the other precision under another --name"
+        )
+    if old != new:
         raise FcnsegError(
             f"--out {folder.parent}: {folder} holds a model of another input, classes or preprocessing, and Triton "
             "serves every version with one config.pbtxt; choose another --name"
@@ -238,10 +247,10 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _describe_folder(folder: Path, model: nn.Module, config: str) -> None:
+def _describe_folder(folder: Path, model: nn.Module, config: str, cpu_only: bool) -> None:
     """``config.pbtxt``, ``labels.txt`` and the marker, each written atomically."""
     _write_text(folder / "labels.txt", "".join(f"{n}\n" for n in labels(model)))
-    marker = {"format": MARKER_FORMAT, "interface": interface(model), "model": describe(model)}
+    marker = {"format": MARKER_FORMAT, "interface": interface(model, cpu_only), "model": describe(model)}
     _write_text(folder / MARKER, json.dumps(marker, indent=1) + "\n")
     _write_text(folder / "config.pbtxt", config)
 
@@ -268,7 +277,7 @@ def write_repository(
     version = check_destination(repo, name)
     repo, folder = Path(repo), Path(repo) / name
     if version > 1:
-        _check_same_interface(folder, model)
+        _check_same_interface(folder, model, cpu_only)
     try:
         repo.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{name if version == 1 else version}.", suffix=".tmp",
@@ -284,13 +293,13 @@ def write_repository(
         config = config_text(name, io, max_batch_size, params, cpu_only=cpu_only)
         _open_folder(stage)
         if version == 1:
-            _describe_folder(stage, model, config)
+            _describe_folder(stage, model, config, cpu_only)
         _rename(stage, folder if version == 1 else folder / str(version))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     if version > 1:
-        _describe_folder(folder, model, config)
+        _describe_folder(folder, model, config, cpu_only)
     return folder, version
 
 

@@ -289,6 +289,9 @@ def test_a_hub_repository_is_cached_by_huggingface_hub_and_read_offline(tmp_path
     assert torch.equal(logits(fcnseg.from_pretrained("user/tiny")), logits(model))
     assert torch.equal(logits(fcnseg.load("hf:user/tiny")), logits(model))
     assert torch.equal(logits(fcnseg.load(f"hf:user/tiny@{revision.commit_hash}")), logits(model))
+    assert torch.equal(logits(fcnseg.from_pretrained("user/tiny", revision=revision.commit_hash)), logits(model))
+    with pytest.raises(FcnsegError, match="not in the local cache|offline"):  # a revision never fetched
+        fcnseg.from_pretrained("user/tiny", revision="v9")
 
     image = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(image)

@@ -155,3 +155,22 @@ def test_the_hubs_refusal_is_one_line(monkeypatch, checkpoint, capsys):
     assert _one_line_error(["push", str(ckpt), "--repo", "me/x"], capsys) == (
         "me/x: the Hub cannot be reached (ConnectionError: [Errno 111] Connection refused)"
     )
+
+
+def test_an_evaluation_names_its_dataset_and_split_on_the_card(tmp_path, uploads):
+    # fcnseg eval records what it measured on in metrics.json, so --eval-dir alone is enough for the card.
+    model = randomise(fcnseg.get_model("fcn8s", num_classes=7, **TINY), seed=1).eval()
+    ckpt = fcnseg.save_checkpoint(model, tmp_path / "seven.pt")
+    evaluation = tmp_path / "eval"
+    assert main(["eval", str(ckpt), "--dataset", "synthetic", "--data-option", "size=32",
+                 "--data-option", "num_images=2", "--split", "val", "--out", str(evaluation), "--num-workers", "0",
+                 "--runtime", "eager", "--quiet", "--report-images", "0"]) == 0  # fmt: skip
+    doc = json.loads((evaluation / "metrics.json").read_text())
+    assert (doc["dataset"], doc["split"]) == ("synthetic", "val")
+    assert main(["push", str(ckpt), "--out", str(tmp_path / "folder"), "--eval-dir", str(evaluation)]) == 0
+    card = hf.ModelCard.load(tmp_path / "folder" / "README.md")
+    assert card.data.datasets == ["synthetic"]
+    (result,) = [r for r in card.data.eval_results if r.metric_type == "mean_iou"]
+    assert (result.dataset_type, result.dataset_split) == ("synthetic", "val")
+    assert result.metric_value == pytest.approx(100 * doc["mean_iu"], abs=0.01)
+    assert "split val" in card.text and not uploads

@@ -153,7 +153,7 @@ def test_two_heads_one_output_all_labels_in_order(two_heads):
 INT8_AGREEMENT = 0.93
 
 
-def test_int8_is_a_new_version_with_quantised_graph_agreeing_with_eager(one_head, tmp_path, capsys):
+def test_int8_graph_is_quantised_and_agrees_with_eager(one_head, tmp_path, capsys):
     model, folder, ckpt = one_head
     repo = tmp_path / "repo"
     shutil.copytree(folder.parent, repo)
@@ -162,23 +162,37 @@ def test_int8_is_a_new_version_with_quantised_graph_agreeing_with_eager(one_head
     for seed in range(4):
         Image.fromarray(_image(seed)).save(calibration / f"{seed}.png")
     args = ["export", str(ckpt), "--format", "triton", "--out", str(repo), "--int8", "--calibration", str(calibration)]
+    # One config.pbtxt and one instance group serve every version: int8 (CPU only) is not added to fp32's folder.
+    _refused(args, capsys, "holds fp32 versions", "--name")
+    assert sorted(p.name for p in (repo / folder.name).iterdir()) == ["1", "config.pbtxt", "fcnseg.json", "labels.txt"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # int8's warning below 99% agreement on the calibration images, for the user
-        assert main(args) == 0
-    assert "version 2" in capsys.readouterr().out
-    new = repo / folder.name
-    assert (new / "1" / "model.onnx").read_bytes() == (folder / "1" / "model.onnx").read_bytes()  # kept
-    ops = Counter(n.op_type for n in onnx.load(str(new / "2" / "model.onnx")).graph.node)
+        assert main([*args, "--name", "cpu8"]) == 0
+    assert "version 1" in capsys.readouterr().out
+    new = repo / "cpu8"
+    ops = Counter(n.op_type for n in onnx.load(str(new / "1" / "model.onnx")).graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0 or ops["QLinearConv"] > 0
     config = _config(new)
     assert _params(config)["precision"] == "int8" and "int8_agreement" in _params(config)
     assert [(g.kind, g.count) for g in config.instance_group] == [(triton.ModelInstanceGroup.KIND_CPU, 1)]
     held_out = [_image(seed, 37, 53) for seed in range(10, 14)]
-    session = ort.InferenceSession(str(new / "2" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(new / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {"image": _caffe_input(held_out)})[0]
     assert got.shape == (4, 3, 37, 53)  # the batch axis stays dynamic
     expected = _eager(model, _caffe_input(held_out))
     assert (got.argmax(1) == expected.argmax(1)).mean() >= INT8_AGREEMENT
+
+
+def test_exporting_again_adds_a_version_and_keeps_the_first(one_head, tmp_path, capsys):
+    _, folder, ckpt = one_head
+    repo = tmp_path / "repo"
+    shutil.copytree(folder.parent, repo)
+    assert main(["export", str(ckpt), "--format", "triton", "--out", str(repo)]) == 0
+    assert "version 2" in capsys.readouterr().out
+    new = repo / folder.name
+    assert (new / "1" / "model.onnx").read_bytes() == (folder / "1" / "model.onnx").read_bytes()  # kept
+    assert (new / "2" / "model.onnx").is_file() and not [p for p in new.iterdir() if p.name.endswith(".tmp")]
+    assert _config(new).platform == "onnxruntime_onnx"
 
 
 def _refused(args: list[str], capsys, *words: str) -> str:

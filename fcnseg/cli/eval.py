@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     )
     pages = []
     for sub, head in reports.items():  # empty on all but the main process
-        doc = write_report(head.cm, head.classes, Path(args.out) / sub)
+        evaluated_on = {"dataset": args.dataset, "split": args.split}
+        doc = write_report(head.cm, head.classes, Path(args.out) / sub, evaluated_on=evaluated_on)
         title = f"{args.checkpoint} on {args.dataset} {args.split}" + (f": {sub}" if sub else "")
         page = write_html_report(
             Path(args.out) / sub,

@@ -367,9 +367,9 @@ def _check_ray_flags(args: argparse.Namespace) -> None:
     require_ray()
     if args.extra:
         raise FcnsegError("--extra: fusion nets run with --engine local; expected no --extra with --engine ray")
-    if args.device not in ("cpu", "cuda", "auto"):
+    if args.device not in ("cpu", "cuda"):  # auto would take a GPU that Ray has not reserved for the worker
         raise FcnsegError(
-            f"--device {args.device}: with --engine ray each worker gets its GPU from Ray; expected cpu, cuda or auto"
+            f"--device {args.device}: with --engine ray each worker gets its GPU from Ray; expected cpu or cuda"
         )
     for flag, value in (("--workers", args.workers), ("--worker-cpus", args.worker_cpus)):
         if value is not None and value < 1:
@@ -422,7 +422,8 @@ def _ray_settings(args: argparse.Namespace, source) -> dict:
     """What decides the files' contents, for the record: a later run with other settings writes them again."""
     from .. import __version__
 
-    keys = ("runtime", "tile", "overlap", "flip", "scales", "overlay", "probs", "confidence", "device")
+    keys = ("runtime", "calibration", "calibration_images", "tile", "overlap", "flip", "scales", "overlay", "probs",
+            "confidence", "device")  # fmt: skip
     return {"fcnseg": __version__, "model": source.identity(), **{k: getattr(args, k) for k in keys}}
 
 
@@ -450,13 +451,15 @@ def _ray_jobs(args: argparse.Namespace, model, inputs: list, checkpoint: str | N
 def _ray_model_and_inputs(args: argparse.Namespace) -> tuple:
     """The model (on this process's CPU: the workers load their own), its checkpoint, the inputs and the problems
     with them; every refusal made before the output folder is touched."""
-    from ..hub import load
+    from ..hub import is_hf_source, load, pinned_hub_source
     from ..ray_batch import is_url
 
     _check_ray_flags(args)
     args.batch = check_batch(args.batch)
     checkpoint, items = _checkpoint_and_inputs(args)
     inputs, problems = _gather(items)
+    if is_hf_source(checkpoint):  # every worker loads the commit read here, and the record names it
+        checkpoint = pinned_hub_source(checkpoint, sha256=args.sha256)
     model = load(checkpoint, map_location="cpu", file=args.weights_file, sha256=args.sha256)
     _check_predictable(model, args, checkpoint)
     if not inputs:
@@ -475,7 +478,7 @@ def run_ray(args: argparse.Namespace) -> int:
 
     model, checkpoint, inputs, problems = _ray_model_and_inputs(args)
     # Files by absolute path: a worker's working folder is its own.
-    ckpt, file = (str(Path(f).absolute()) if f and Path(f).is_file() else f for f in (checkpoint, args.weights_file))
+    ckpt, file = (str(Path(f).absolute()) if f and Path(f).exists() else f for f in (checkpoint, args.weights_file))
     source = ModelSource(source=ckpt, file=file, sha256=args.sha256, device=args.device)
     jobs = _ray_jobs(args, model, inputs, checkpoint)
     out, key = Path(args.out), run_key(_ray_settings(args, source))

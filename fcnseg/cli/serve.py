@@ -226,7 +226,7 @@ def build_service(args: argparse.Namespace):
     predictor = predictor_from_flags(args, model)
     predictor.runner(_first_input(predictor))  # built (and auto measured) now, once: not by the first requests
     segmenter = Segmenter(predictor, max_pixels=max_pixels, batch=args.batch)
-    name = Path(args.model).name if Path(args.model).is_file() else args.model  # no server paths in answers
+    name = Path(args.model).name if Path(args.model).exists() else args.model  # no server paths in answers
     hosts = allowed_hosts(args)
     return Service(
         segmenter, pool, name=name, runtime=predictor.path, metrics=recorded_metrics(args.model),

@@ -179,13 +179,17 @@ def metrics_dict(cm: ConfusionMatrix, class_names: Sequence[str]) -> dict[str, A
     }
 
 
-def write_report(cm: ConfusionMatrix, class_names: Sequence[str], out: str | Path) -> dict[str, Any]:
-    """Write metrics.json, confusion.csv, confusion.png and per_class.png into ``out``; returns the metrics."""
+def write_report(
+    cm: ConfusionMatrix, class_names: Sequence[str], out: str | Path, *, evaluated_on: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write metrics.json, confusion.csv, confusion.png and per_class.png into ``out``; returns the metrics.
+    ``evaluated_on`` (``{"dataset": ..., "split": ...}``) is recorded in metrics.json: a model card that shows the
+    figures names what they were measured on."""
     from .plots import plot_confusion, plot_per_class
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = metrics_dict(cm, class_names)
+    doc = {**(evaluated_on or {}), **metrics_dict(cm, class_names)}
     with atomic_write(out / "metrics.json", "w") as f:
         json.dump(doc, f, indent=2)
     with atomic_write(out / "confusion.csv", "w") as f:
