@@ -121,13 +121,29 @@ def openvino_runner(
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fcnseg-onnx-"))
     fp32 = exported_fp32(model, folder)
     if path != "openvino-int8":
-        return openvino_session(fp32, PRECISION[path])
+        return _float_session(fp32, PRECISION[path])
     calibration = list(calibration or [])
     if not calibration:
         raise FcnsegError(f"{path} needs calibration images (--calibration DIR or the images being predicted)")
     run = openvino_session(nncf_int8(model, folder, calibration, keep_float), int8_float_precision())
     check_int8(run, openvino_session(fp32, "f32"), calibration, model, name=path)
     return run
+
+
+def _float_session(fp32: Path, precision: str) -> Runner:
+    """:func:`openvino_session` at ``precision``; bf16 that OpenVINO cannot compile runs in f32, with a warning.
+    The CPU plugin chooses its bf16 kernels from the CPU's instructions, while its oneDNN obeys
+    ``ONEDNN_MAX_CPU_ISA``: held below the CPU's bf16 instruction set (``ONEDNN_MAX_CPU_ISA=AVX2`` on an AMX CPU),
+    it has no bf16 pooling and refuses the model ("Supported primitive descriptors list is empty")."""
+    try:
+        return openvino_session(fp32, precision)
+    except RuntimeError as e:
+        if precision == "f32" or bf16_is_native():
+            raise
+        first = next((line for line in str(e).splitlines() if "Supported primitive" in line), "")
+        warnings.warn(f"OpenVINO cannot compile bf16 here ({first.strip() or 'no bf16 kernels'}); openvino-bf16 "
+                      "runs in f32", stacklevel=4)  # fmt: skip
+        return openvino_session(fp32, "f32")
 
 
 def _kept_nodes(model: nn.Module, fp32: Path, ov_model, keep_float: Sequence[str]) -> list[str]:
