@@ -92,6 +92,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.fsync(f.fileno())
 
 
+@contextlib.contextmanager
+def scratch_folder(workdir: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
+    """``workdir`` when given (kept); else a new temporary folder, removed with all it holds on leaving. The
+    execution paths export hundreds of megabytes there (a full FCN's ONNX file), which their built sessions no
+    longer read once made: left behind, every prediction would leave a copy."""
+    if workdir is not None:
+        yield Path(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as folder:
+        yield Path(folder)
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
     """Delete the temporary files that writes of ``names`` in ``folder`` left when a process was killed mid-write
     (``.NAME.*.tmp``, as :func:`atomic_write` names them); returns what was removed."""

@@ -269,3 +269,23 @@ def test_compiled_graphs_are_cached_apart_per_instruction_set(tmp_path, monkeypa
     # A folder the user chose is left as it is.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert use_inductor_cache_of_this_isa() is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_paths_built_without_a_workdir_leave_no_files(tmp_path, monkeypatch):
+    # Each build exports the model (hundreds of megabytes for a full FCN); once the session is made nothing reads
+    # the export again, so a temporary folder of its own must be gone when the runner is returned.
+    import tempfile
+
+    from fcnseg.runtime.choice import measure
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = randomise(fcnseg.get_model("fcn8s", num_classes=3, **TINY), seed=1).eval()
+    x = torch.randn(1, 3, 40, 56)
+    runners = [make_runner(model, "onnx")]  # openvino's paths build through the same kind of folder
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx")
+    _, chosen = measure(model, "auto", x)
+    assert list(tmp_path.iterdir()) == []
+    with torch.no_grad():
+        expected = model(x)
+    for run in [*runners, chosen]:  # the sessions still run with their files gone
+        assert torch.allclose(run(x), expected, atol=1e-4 * float(expected.max() - expected.min()))

@@ -24,7 +24,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError
-from ..io import cache_root
+from ..io import cache_root, scratch_folder
 from .compare import Runner, agreement
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features, cpu_key
 from .kernels import nnpack_ready
@@ -311,18 +310,18 @@ def measure(
     """Build every candidate of ``auto`` on ``x``, judge the reduced ones on ``calibration`` (default: ``x``),
     time them with ``timer`` and take the fastest: the :class:`Choice` and the chosen path's runner."""
     reduced = auto == "auto-reduced"
-    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fcnseg-auto-"))
-    calibration = list(calibration) or [x[:1]]
-    paths = candidates(reduced)
-    runs, rejected = _built(model, paths, x, calibration, folder)
-    choice = Choice(auto, "eager", {}, rejected=rejected, size=_shape(x))
-    if "eager" not in runs:  # the reference itself failed: nothing to compare with
-        raise FcnsegError(f"runtime {auto}: eager fp32 failed on this input ({rejected.get('eager')})")
-    floats = _reduced_agreement(model, runs, calibration, choice, x, folder) if reduced else {}
-    choice.ms = _timed(runs, x, timer)
-    choice.path = min(choice.ms, key=choice.ms.__getitem__)
-    choice.keep_float = floats.get(choice.path, [])
-    return choice, runs[choice.path]
+    with scratch_folder(workdir, "fcnseg-auto-") as folder:  # the candidates' exports, unread once built
+        calibration = list(calibration) or [x[:1]]
+        paths = candidates(reduced)
+        runs, rejected = _built(model, paths, x, calibration, folder)
+        choice = Choice(auto, "eager", {}, rejected=rejected, size=_shape(x))
+        if "eager" not in runs:  # the reference itself failed: nothing to compare with
+            raise FcnsegError(f"runtime {auto}: eager fp32 failed on this input ({rejected.get('eager')})")
+        floats = _reduced_agreement(model, runs, calibration, choice, x, folder) if reduced else {}
+        choice.ms = _timed(runs, x, timer)
+        choice.path = min(choice.ms, key=choice.ms.__getitem__)
+        choice.keep_float = floats.get(choice.path, [])
+        return choice, runs[choice.path]
 
 
 def _only_one(auto: str) -> str:

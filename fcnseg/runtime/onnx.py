@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError
-from ..io import staged_path
+from ..io import scratch_folder, staged_path
 from .compare import Runner, agreement, eval_mode
 from .cpu import VNNI, cpu_features
 
@@ -280,14 +280,14 @@ def onnx_runner(
 ) -> Runner:
     """The ``onnx`` or ``onnx-int8`` runner of ``model``, exported into ``workdir`` (a temporary folder by default);
     int8 calibrated on ``calibration`` and checked against fp32 on it (:func:`check_int8`)."""
-    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fcnseg-onnx-"))
-    fp32 = exported_fp32(model, folder)
-    if path == "onnx":
-        return ort_session(fp32)
-    calibration = list(calibration or [])
-    run = ort_session(int8_file(model, folder, calibration, keep_float))
-    check_int8(run, ort_session(fp32), calibration, model)
-    return run
+    with scratch_folder(workdir, "fcnseg-onnx-") as folder:  # ONNX Runtime holds the graph once the session is made
+        fp32 = exported_fp32(model, folder)
+        if path == "onnx":
+            return ort_session(fp32)
+        calibration = list(calibration or [])
+        run = ort_session(int8_file(model, folder, calibration, keep_float))
+        check_int8(run, ort_session(fp32), calibration, model)
+        return run
 
 
 def check_int8(

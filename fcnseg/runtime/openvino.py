@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError
-from ..io import cache_root
+from ..io import cache_root, scratch_folder
 from .compare import Runner
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features
 
@@ -118,16 +118,16 @@ def openvino_runner(
             "this CPU has no bf16 instructions: OpenVINO emulates bf16 and is slower than fp32; use openvino",
             stacklevel=3,
         )
-    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fcnseg-onnx-"))
-    fp32 = exported_fp32(model, folder)
-    if path != "openvino-int8":
-        return _float_session(fp32, PRECISION[path])
-    calibration = list(calibration or [])
-    if not calibration:
-        raise FcnsegError(f"{path} needs calibration images (--calibration DIR or the images being predicted)")
-    run = openvino_session(nncf_int8(model, folder, calibration, keep_float), int8_float_precision())
-    check_int8(run, openvino_session(fp32, "f32"), calibration, model, name=path)
-    return run
+    with scratch_folder(workdir, "fcnseg-onnx-") as folder:  # a compiled model no longer reads its source files
+        fp32 = exported_fp32(model, folder)
+        if path != "openvino-int8":
+            return _float_session(fp32, PRECISION[path])
+        calibration = list(calibration or [])
+        if not calibration:
+            raise FcnsegError(f"{path} needs calibration images (--calibration DIR or the images being predicted)")
+        run = openvino_session(nncf_int8(model, folder, calibration, keep_float), int8_float_precision())
+        check_int8(run, openvino_session(fp32, "f32"), calibration, model, name=path)
+        return run
 
 
 def _float_session(fp32: Path, precision: str) -> Runner:
