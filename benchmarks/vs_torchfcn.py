@@ -147,9 +147,9 @@ def build_contenders(size: tuple[int, int], calibration_images: int) -> tuple[di
             return ref(x)
 
     t0 = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="vs-torchfcn-"))
-    ours = fcnseg_paths(caffe, aligned, images[:calibration_images], workdir)
-    contenders = {"torchfcn FCN8s (fp32)": torchfcn_run, **ours, **peer_engines(workdir)}
+    with tempfile.TemporaryDirectory(prefix="vs-torchfcn-") as tmp:  # the sessions no longer read their files
+        ours = fcnseg_paths(caffe, aligned, images[:calibration_images], Path(tmp))
+        contenders = {"torchfcn FCN8s (fp32)": torchfcn_run, **ours, **peer_engines(Path(tmp))}
     checks = images[calibration_images:]
     for run in contenders.values():  # the first call of a new size measures the winograd path's kernels
         run(checks[0])
@@ -186,9 +186,9 @@ def demo_agreement(checkpoint: str, size: tuple[int, int], calibration_images: i
     fp32 = make_runner(model, "eager")
     out = {}
     paths = ["winograd", "bf16", "onnx", "onnx-int8"] + (list(OPENVINO_PATHS) if openvino_available() else [])
-    folder = Path(tempfile.mkdtemp(prefix="vs-torchfcn-demo-"))
-    for path in paths:
-        out[path] = agreement(make_runner(model, path, calibration=calibration, workdir=folder), fp32, checks)
+    with tempfile.TemporaryDirectory(prefix="vs-torchfcn-demo-") as folder:
+        for path in paths:
+            out[path] = agreement(make_runner(model, path, calibration=calibration, workdir=folder), fp32, checks)
     reduced = Predictor(model, runtime="auto-reduced", calibration=calibration, verbose=True)
     run = reduced.runner(checks[0])
     out[f"auto-reduced ({reduced.path})"] = agreement(run, fp32, checks)

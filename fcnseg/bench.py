@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import FcnsegError
 from .inference import Predictor, agreement
+from .io import scratch_folder
 from .models.complexity import count_gflop
 from .runtime import PATHS, Runner, make_runner
 from .runtime.timing import median_ms, time_ms
@@ -326,19 +327,19 @@ def int8_sensitivity(
 
     from .runtime.onnx import exported_fp32, float_layers, int8_reduce_range, ort_session, quantize_onnx
 
-    folder = Path(workdir or tempfile.mkdtemp(prefix="fcnseg-sensitivity-"))
-    fp32 = exported_fp32(model, folder)
-    reference = Predictor(model, runtime=ort_session(fp32))
-    kept = tuple(float_layers(model))
-    weights = [n.input[1] for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv" and len(n.input) > 1]
-    layers = sorted({w.rsplit(".", 1)[0] + "." for w in weights if not w.startswith(kept)})
-    cost = {}
-    for layer in layers:
-        others = [name for name in layers if name != layer]
-        out = folder / "one-layer.int8.onnx"
-        quantize_onnx(fp32, out, calibration, keep_float=[*kept, *others], reduce_range=int8_reduce_range())
-        cost[layer.rstrip(".")] = agreement(Predictor(model, runtime=ort_session(out)), reference, calibration)
-    return dict(sorted(cost.items(), key=lambda kv: kv[1]))
+    with scratch_folder(workdir, "fcnseg-sensitivity-") as folder:
+        fp32 = exported_fp32(model, folder)
+        reference = Predictor(model, runtime=ort_session(fp32))
+        kept = tuple(float_layers(model))
+        weights = [n.input[1] for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv" and len(n.input) > 1]
+        layers = sorted({w.rsplit(".", 1)[0] + "." for w in weights if not w.startswith(kept)})
+        cost = {}
+        for layer in layers:
+            others = [name for name in layers if name != layer]
+            out = folder / "one-layer.int8.onnx"
+            quantize_onnx(fp32, out, calibration, keep_float=[*kept, *others], reduce_range=int8_reduce_range())
+            cost[layer.rstrip(".")] = agreement(Predictor(model, runtime=ort_session(out)), reference, calibration)
+        return dict(sorted(cost.items(), key=lambda kv: kv[1]))
 
 
 def format_results(doc: dict[str, Any]) -> str:
