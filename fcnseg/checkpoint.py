@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, FcnsegError, shown
+from .errors import CheckpointError, FcnsegError, first_line, shown
 from .io import atomic_write
 from .palette import palette_for
 from .preprocessing import Preprocessing
@@ -180,7 +180,7 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     first line, whole."""
     import zipfile
 
-    first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+    first = first_line(error)
     try:
         with open(path, "rb") as f:
             head = f.read(8)

@@ -42,6 +42,12 @@ SHOWN_CHARS = 80
 """At most this many characters of a user's value are quoted in an error message (then its length is said)."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (a library's may run to pages), else its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def clipped(text: str, limit: int = SHOWN_CHARS) -> str:
     """``text`` as it is, or its first ``limit`` characters followed by ``... (N chars)``."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"

@@ -169,12 +169,13 @@ def _int8_graph(
     model's float layers kept in float, 7-bit weights on a CPU without VNNI); its agreement with eager on the
     calibration inputs (:func:`~fcnseg.runtime.onnx.check_int8`, a warning below 99%) and the weights' width."""
     from .inference import Predictor
-    from .runtime.onnx import check_int8, float_layers, int8_reduce_range, ort_session, quantize_onnx
+    from .runtime.onnx import check_int8, int8_file, int8_reduce_range, ort_session
 
     reduce = int8_reduce_range()
     with tempfile.TemporaryDirectory(prefix=".fp32.", dir=path.parent) as tmp:
+        # The checked export as model.onnx, which int8_file quantises as the onnx-int8 path does.
         fp32 = export_onnx(model, Path(tmp) / "model.onnx", opset=opset)
-        quantize_onnx(fp32.path, path, calibration, keep_float=float_layers(model), reduce_range=reduce)
+        os.replace(int8_file(model, Path(tmp), calibration), path)
     eager = Predictor(model, runtime="eager").runner()
     share = check_int8(ort_session(path), eager, calibration, model, name="--int8")
     bits = "7-bit (made on a CPU without VNNI)" if reduce else "8-bit (made on a CPU with VNNI)"

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import FORMAT, checkpoint_dict, read_checkpoint
-from .errors import CheckpointError, FcnsegError, shown
+from .errors import CheckpointError, FcnsegError, first_line, shown
 from .io import atomic_write, staged_path
 from .preprocessing import Preprocessing
 
@@ -349,8 +349,8 @@ def read_weights(path: str | os.PathLike, source: str) -> dict[str, torch.Tensor
     except FileNotFoundError:
         raise CheckpointError(f"{source}: no {WEIGHTS_NAME}") from None
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{source}: {WEIGHTS_NAME} is not a readable safetensors file ({first})") from None
+        why = first_line(e)
+        raise CheckpointError(f"{source}: {WEIGHTS_NAME} is not a readable safetensors file ({why})") from None
 
 
 def pretrained_checkpoint(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -396,8 +396,7 @@ def hub_error(error: Exception, source: str, file: str | None = None) -> FcnsegE
     if isinstance(error, errors.HFValidationError):
         return FcnsegError(f"{source}: not a Hub repository id (expected USER/NAME)")
     if isinstance(error, errors.HfHubHTTPError):
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return FcnsegError(f"{source}: the Hub refused: {first}")
+        return FcnsegError(f"{source}: the Hub refused: {first_line(error)}")
     # A network error: the socket's are OSErrors; the HTTP client's (huggingface_hub's httpx) are RequestErrors.
     if isinstance(error, OSError) or any(c.__name__ == "RequestError" for c in type(error).__mro__):
         return FcnsegError(f"{source}: the Hub cannot be reached ({type(error).__name__}: {error})")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import FcnsegError, ImageError
+from .errors import FcnsegError, ImageError, first_line
 from .imageio import IMAGE_EXTENSIONS, load_image
 
 if TYPE_CHECKING:
@@ -110,18 +110,13 @@ def connect(address: str | None, *, quiet: bool = False) -> Iterator[Any]:
             ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"--address {address}" if address else "Ray"
-            raise FcnsegError(f"{where}: cannot connect to a Ray cluster ({_first_line(e)})") from None
+            raise FcnsegError(f"{where}: cannot connect to a Ray cluster ({first_line(e)})") from None
         try:
             yield ray
         finally:
             ray.shutdown()
     finally:
         data_log.setLevel(level)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -179,7 +174,7 @@ def expand_url(item: str) -> tuple[list[Input], str | None]:
     except FileNotFoundError:
         return [], f"{item}: no such file or folder"
     except (OSError, ValueError, ImportError) as e:  # an unknown protocol, or one whose library is missing
-        return [], f"{item}: cannot list ({_first_line(e)})"
+        return [], f"{item}: cannot list ({first_line(e)})"
     urls = [(fs.unstrip_protocol(p), info) for p, info in sorted(found.items())]
     return [Input(url, url, _url_identity(info)) for url, info in urls], problem
 
@@ -221,7 +216,7 @@ def read_image(source: str, name: str) -> np.ndarray:
     except FileNotFoundError:
         raise ImageError(f"{name}: cannot read image (file not found)") from None
     except (OSError, ValueError) as e:
-        raise ImageError(f"{name}: cannot read image ({_first_line(e)})") from None
+        raise ImageError(f"{name}: cannot read image ({first_line(e)})") from None
     return decode_image(data, name)
 
 
@@ -628,7 +623,7 @@ def user_error(error: BaseException) -> FcnsegError | None:
     seen = error
     while seen is not None:
         if isinstance(seen, FcnsegError):
-            return FcnsegError(_first_line(seen))
+            return FcnsegError(first_line(seen))
         seen = seen.__cause__
     found = re.findall(r"^fcnseg\.[\w.]*Error: (.+)$", str(error), flags=re.MULTILINE)
     return FcnsegError(found[-1]) if found else None

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..data.base import SegmentationDataset
-from ..errors import CheckpointError, FcnsegError
+from ..errors import CheckpointError, FcnsegError, first_line
 from ..io import atomic_write, crash_point
 from ..models.registry import once_ignored
 from ..preprocessing import Preprocessing
@@ -193,7 +193,7 @@ def restore_run(
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ts["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:  # options the check above does not cover (e.g. the data)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise FcnsegError(f"--resume: {path} does not fit the options given ({reason})") from None
     # The run may have started from weights with their own input (--init-from a Caffe model): keep it.
     model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
