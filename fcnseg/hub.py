@@ -43,7 +43,7 @@ from .pretrained import CONFIG_NAME, WEIGHTS_NAME, hub_error, optional, pretrain
 
 __all__ = [
     "HF_PREFIX", "checkpoint_of", "from_pretrained", "hub_checkpoint", "import_file", "is_hf_source", "load",
-    "model_from_checkpoint", "weights_checkpoint",
+    "model_from_checkpoint", "pinned_hub_source", "weights_checkpoint",
 ]  # fmt: skip
 
 HF_PREFIX = "hf:"
