@@ -6,10 +6,12 @@ import torch
 
 from tests.helpers import hub  # noqa: F401  (hub: a fixture, found here by every test)
 
-# Two cores here and in CI: keep torch from oversubscribing them when pytest runs. The processes the tests start
-# (fcnseg predict, serve, train) take the same count, so that on a machine of more cores they still choose the
-# same convolution kernels as this process does when their outputs are compared with its own.
-THREADS = min(2, os.cpu_count() or 1)
+# Two cores here and in CI: keep torch from oversubscribing them when pytest runs, with its workers (pytest-xdist's
+# -n, the default in pyproject.toml) sharing the cores between them. The processes the tests start (fcnseg predict,
+# serve, train) take the same count, so that on a machine of more cores they still choose the same convolution
+# kernels as this process does when their outputs are compared with its own.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
 torch.set_num_threads(THREADS)
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
@@ -27,15 +29,24 @@ os.environ.setdefault("FCNSEG_CACHE_DIR", tempfile.mkdtemp(prefix="fcnseg-test-c
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
-    """`fcnseg demo --quick`, run once per session: (output folder, printed text). Its trained FCN-8s and the
-    synthetic images are the demo model and demo images that the fast-inference tests check agreement on."""
+    """`fcnseg demo --quick`, run once per session, whichever pytest worker asks first (the others wait for it):
+    (output folder, printed text). Its trained FCN-8s and the synthetic images are the demo model and demo images
+    that the fast-inference tests check agreement on."""
     import contextlib
     import io
 
+    from filelock import FileLock
+
     from fcnseg.cli import main
 
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
-    return out, printed.getvalue()
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' base folders sit side by side in the session's
+    out, text = shared / "quick-demo" / "demo", shared / "quick-demo" / "printed.txt"
+    with FileLock(str(shared / "quick-demo.lock")):
+        if not text.exists():
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
+            text.write_text(printed.getvalue())
+    return out, text.read_text()

@@ -14,7 +14,6 @@ import fcnseg
 from fcnseg.cli import main
 from fcnseg.imageio import read_mask_png
 from fcnseg.runtime import check_int8, choose_path, cpu_features, make_runner, resolve_path
-from fcnseg.runtime.kernels import nnpack_ready
 from tests.helpers import TINY, randomise
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma"}
@@ -22,24 +21,23 @@ AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
 
 
 @pytest.mark.parametrize(
-    "features, reduced, nnpack, path, reason",
+    "features, reduced, path, reason",
     [
-        (set(), False, True, "eager", "no AVX2 and FMA"),
-        ({"sse4_2", "avx", "avx2"}, False, True, "eager", "no AVX2 and FMA"),  # AVX2 without FMA
-        (AVX2, False, True, "winograd", "AVX2 and FMA: NNPACK Winograd"),
-        (AVX2, False, False, "eager", "this torch build has no NNPACK"),
-        (AVX512, False, True, "winograd", "AVX2 and FMA"),
-        (AVX512 | {"avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}, False, True, "winograd", "AVX2 and FMA"),
-        (AVX2, True, True, "onnx-int8", "int8 with 7-bit weights: no VNNI"),
-        (AVX2 | {"avx_vnni"}, True, True, "onnx-int8", "VNNI's u8s8 kernels (avx_vnni)"),
-        (AVX512 | {"avx512_vnni"}, True, True, "onnx-int8", "VNNI's u8s8 kernels (avx512_vnni)"),
-        (AVX512 | {"avx512_vnni", "avx512_bf16"}, True, True, "bf16", "computes bf16 natively (avx512_bf16)"),
-        (AVX512 | {"amx_bf16", "amx_int8", "amx_tile"}, True, True, "bf16", "natively (amx_bf16)"),
-        ({"sse4_2"}, True, True, "eager", "no AVX2 and FMA"),
+        (set(), False, "eager", "no AVX2 and FMA"),
+        ({"sse4_2", "avx", "avx2"}, False, "eager", "no AVX2 and FMA"),  # AVX2 without FMA
+        (AVX2, False, "winograd", "AVX2 and FMA: Winograd and GEMM kernels"),
+        (AVX512, False, "winograd", "AVX2 and FMA"),
+        (AVX512 | {"avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}, False, "winograd", "AVX2 and FMA"),
+        (AVX2, True, "onnx-int8", "int8 with 7-bit weights: no VNNI"),
+        (AVX2 | {"avx_vnni"}, True, "onnx-int8", "VNNI's u8s8 kernels (avx_vnni)"),
+        (AVX512 | {"avx512_vnni"}, True, "onnx-int8", "VNNI's u8s8 kernels (avx512_vnni)"),
+        (AVX512 | {"avx512_vnni", "avx512_bf16"}, True, "bf16", "computes bf16 natively (avx512_bf16)"),
+        (AVX512 | {"amx_bf16", "amx_int8", "amx_tile"}, True, "bf16", "natively (amx_bf16)"),
+        ({"sse4_2"}, True, "eager", "no AVX2 and FMA"),
     ],
 )
-def test_auto_chooses_as_documented_for_each_combination_of_features(features, reduced, nnpack, path, reason):
-    chosen, why = choose_path(frozenset(features), reduced=reduced, nnpack=nnpack)
+def test_auto_chooses_as_documented_for_each_combination_of_features(features, reduced, path, reason):
+    chosen, why = choose_path(frozenset(features), reduced=reduced)
     assert chosen == path and reason in why
 
 
@@ -51,7 +49,7 @@ def test_the_probe_reads_the_cpu_and_the_override(monkeypatch):
     assert flags == frozenset(line.split(":", 1)[1].split())
     monkeypatch.setenv("FCNSEG_CPU_FEATURES", "AVX2, fma avx512_vnni")
     assert cpu_features() == {"avx2", "fma", "avx512_vnni"}
-    assert resolve_path("auto")[0] == ("winograd" if nnpack_ready() else "eager")
+    assert resolve_path("auto")[0] == "winograd"
     assert resolve_path("auto-reduced") == (
         "onnx-int8",
         "runtime auto-reduced: onnx-int8 (reduced precision asked for; int8 with VNNI's u8s8 kernels (avx512_vnni))",
@@ -74,7 +72,6 @@ def tiny_checkpoint(tmp_path):
     return model, ckpt, tmp_path
 
 
-@pytest.mark.skipif(not nnpack_ready(), reason="this torch build has no NNPACK")
 def test_predict_defaults_to_auto_and_says_its_measured_choice(tiny_checkpoint, monkeypatch, capsys):
     model, ckpt, tmp = tiny_checkpoint
     monkeypatch.setenv("FCNSEG_CPU_FEATURES", " ".join(AVX2))

@@ -18,7 +18,7 @@ from fcnseg.errors import FcnsegError
 from fcnseg.runtime import choice, make_runner
 from fcnseg.runtime.choice import candidates, choice_key, choose, save_sensitivity, saved_sensitivity
 from fcnseg.runtime.openvino import openvino_available
-from tests.helpers import TINY, randomise
+from tests.helpers import TINY, export_folder, randomise
 
 AVX2 = "sse4_2 avx avx2 fma"
 
@@ -52,9 +52,10 @@ class Clock:
         return self.ms[path]
 
 
-def test_auto_takes_the_fastest_measured_path_and_says_the_others(measured, monkeypatch, tmp_path):
+def test_auto_takes_the_fastest_measured_path_and_says_the_others(measured, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd,onnx")
     model, x = _model(), _x()
+    tmp_path = export_folder(model, tmp_path_factory.getbasetemp() / "exports")  # the next test's model, exported once
     for fastest in ("onnx", "winograd", "eager"):
         ms = {"eager": 30.0, "winograd": 20.0, "onnx": 10.0} | {fastest: 5.0}
         clock = Clock(ms)
@@ -75,9 +76,10 @@ def test_a_candidate_far_slower_after_the_first_round_is_not_timed_again(measure
     assert clock.calls.count("winograd") == choice.ROUNDS and clock.calls.count("eager") == 1
 
 
-def test_auto_reduced_refuses_a_faster_path_that_changes_too_many_labels(measured, monkeypatch, tmp_path):
+def test_auto_reduced_refuses_a_faster_path_that_changes_too_many_labels(measured, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx,onnx-int8")
     model, x = _model(), _x()  # random weights: int8 moves a few percent of a tiny random net's labels
+    tmp_path = export_folder(model, tmp_path_factory.getbasetemp() / "exports")  # the int8 file: made here only
     clock = Clock({"eager": 30.0, "onnx": 20.0, "onnx-int8": 1.0})
     picked, _ = choice.measure(model, "auto-reduced", x, timer=clock, workdir=tmp_path)
     assert picked.agreement["onnx-int8"] < choice.REDUCED_MIN_AGREEMENT

@@ -19,7 +19,7 @@ import fcnseg
 from fcnseg.errors import FcnsegError
 from fcnseg.inference import Predictor
 from fcnseg.runtime import bf16_is_native, make_runner
-from tests.helpers import TINY, randomise
+from tests.helpers import TINY, export_folder, randomise
 
 HEADS = {"one": ("fcn8s", {"num_classes": 4}), "two": ("fcn16s_twohead", {"num_classes": 4, "second_classes": 3})}
 SIZE = (100, 100)  # not a multiple of the stride: the last windows run to the edge, longer than the tile
@@ -74,8 +74,7 @@ def _runner(heads: str, alignment: str, runtime: str, tmp_path_factory):
     if key not in _RUNNERS:
         model = _model(heads, alignment)
         calibration = [model.preprocessing(_blocks(seed)[0])[None] for seed in (20, 21)]
-        folder = tmp_path_factory.getbasetemp() / f"onnx-{heads}-{alignment}"
-        folder.mkdir(exist_ok=True)
+        folder = export_folder(model, tmp_path_factory.getbasetemp() / "exports")  # tests/test_openvino.py's too
         # eager: the Predictor's own path (the model's forward); the others built here once.
         _RUNNERS[key] = (
             runtime if runtime == "eager" else make_runner(model, runtime, calibration=calibration, workdir=folder)
@@ -205,10 +204,6 @@ def _random(name: str = "fcn8s", **options):
 
 
 def test_model_predict_builds_the_auto_path_once_and_again_after_the_weights_change(monkeypatch, capsys):
-    from fcnseg.runtime.kernels import nnpack_ready
-
-    if not nnpack_ready():
-        pytest.skip("this torch build has no NNPACK: auto is eager here")
     monkeypatch.setenv("FCNSEG_CPU_FEATURES", "avx2 fma")
     monkeypatch.setenv("FCNSEG_AUTO_PATHS", "winograd")  # auto's only candidate: taken without a measurement
     model = _random(num_classes=3)

@@ -1,6 +1,7 @@
 """The Winograd path (fcnseg.runtime.kernels): each kernel's values against F.conv2d / the eager model, the measured
 choice and its cache, 2 x 2 max pooling, and agreement with eager fp32 on the trained demo model."""
 
+import functools
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import fcnseg
 import fcnseg.engine.config
-from fcnseg.runtime import agreement, kernels, make_runner
+from fcnseg.runtime import agreement, kernels, make_runner, winograd
 from fcnseg.runtime.kernels import KernelChoices, MeasuredConv2d, PairMaxPool2d, with_measured_kernels
 from tests.helpers import TINY, randomise
 
@@ -21,9 +22,9 @@ def _pin(monkeypatch, kernel: str) -> None:
     """Make the measurement find ``kernel`` the fastest, oneDNN next: each layer then runs ``kernel`` where it
     applies and oneDNN elsewhere. The timer is the one thing faked; the choice, its tolerance check and its cache
     are the real ones. (Each test needs a cache of its own, or an earlier test's choices are read back.)"""
-    speed = {kernel: 1.0, "onednn": 2.0}
+    speed = {kernel: 1000.0, "onednn": 2000.0}  # ms: far above any real first run, which measure() also reads
     # The candidate's name is in the default argument of the lambda that measure() times.
-    monkeypatch.setattr(kernels, "median_ms", lambda fn, **_: speed.get(fn.__defaults__[0], 9.0))
+    monkeypatch.setattr(kernels, "median_ms", lambda fn, **_: speed.get(fn.__defaults__[0], 9000.0))
 
 
 def _used(model: torch.nn.Module) -> dict[str, str]:
@@ -46,9 +47,11 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
         (8, 5, 1, 1, 0, 1, (7, 9)),  # fc7 and the score layers
         (3, 4, 11, 4, 5, 1, (31, 29)),  # AlexNet's conv1: no NNPACK (stride 4), GEMM over strided columns
         (4, 4, 3, 1, 2, 2, (15, 14)),  # dilated: GEMM only
+        (6, 5, 3, 1, 1, 1, (2, 3)),  # a map smaller than one Winograd tile
+        (3, 8, 3, 1, 0, 1, (10, 7)),  # no padding: the last tiles reach past the output
     ],
 )
-@pytest.mark.parametrize("kernel", ["nnpack", "gemm"])
+@pytest.mark.parametrize("kernel", ["nnpack", "winograd6", "winograd8", "gemm"])
 def test_each_kernel_gives_the_convolution_at_odd_sizes(
     kernel, cin, cout, k, stride, padding, dilation, size, tmp_path, monkeypatch
 ):
@@ -56,13 +59,18 @@ def test_each_kernel_gives_the_convolution_at_odd_sizes(
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation)
     x = torch.randn(2, cin, *size)
-    expected = F.conv2d(x, conv.weight, conv.bias, stride, padding, dilation)
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, padding, dilation)
     fast = MeasuredConv2d.adopt(conv, KernelChoices(tmp_path / "c.json"))
     applies = kernel in fast.candidates
     if kernel == "nnpack" and not kernels.nnpack_ready():
         assert not applies
         return
-    assert applies == (kernel == "gemm" or (stride, dilation) == (1, 1))
+    unit = (stride, dilation) == (1, 1)
+    # fcnseg's Winograd tiles: 6 x 6 for 3x3 (and 5x5) kernels, 8 x 8 for 3x3, 5x5 and 7x7 (fc6)
+    assert (
+        applies
+        == {"gemm": True, "nnpack": unit, "winograd6": unit and k == 3, "winograd8": unit and k in (3, 7)}[kernel]
+    )
     with torch.no_grad():
         out = fast(x)
     assert fast.last == (kernel if applies else "onednn")
@@ -70,9 +78,8 @@ def test_each_kernel_gives_the_convolution_at_odd_sizes(
     assert _relative_error(out, expected) < 1e-5
 
 
-@needs_nnpack
 @pytest.mark.parametrize("alignment", ["aligned", "caffe"])
-@pytest.mark.parametrize("kernel", ["nnpack", "gemm", None])
+@pytest.mark.parametrize("kernel", [pytest.param("nnpack", marks=needs_nnpack), "winograd6", "winograd8", "gemm", None])
 def test_fcn8s_on_every_kernel_is_within_1e4_of_the_range_at_odd_sizes(alignment, kernel, tmp_path, monkeypatch):
     if kernel:
         _pin(monkeypatch, kernel)
@@ -88,14 +95,91 @@ def test_fcn8s_on_every_kernel_is_within_1e4_of_the_range_at_odd_sizes(alignment
     used = set(_used(fast).values())
     if kernel == "nnpack":  # every 3x3 layer ran NNPACK; fc6 (7x7, pad < 7) too
         assert _used(fast)["backbone.features.2"] == "nnpack" and "nnpack" in used
+    elif kernel in ("winograd6", "winograd8"):  # every 3x3 layer, caffe mode's pad 100 included; 1x1s on oneDNN
+        square = ((3, 3),) if kernel == "winograd6" else ((3, 3), (7, 7))  # fc6 too on 8 x 8 tiles
+        ran = {name for name, m in fast.named_modules() if isinstance(m, MeasuredConv2d) and m.kernel_size in square}
+        assert {name for name, k in _used(fast).items() if k == kernel} == ran
+        assert _used(fast)["backbone.fc6"] == ("winograd8" if kernel == "winograd8" else "onednn")
     elif kernel == "gemm":
         assert used == {"gemm"}
     assert not any(isinstance(m, MeasuredConv2d) for m in model.modules()), "the model itself is left as it was"
 
 
+def test_training_after_a_first_winograd_call_under_inference_mode(tmp_path, monkeypatch):
+    """The transform matrices are made once per process; made during a prediction (inference mode) they must still
+    serve a training step's backward."""
+    _pin(monkeypatch, "winograd8")
+    monkeypatch.setattr(winograd, "toom_cook", functools.cache(winograd.toom_cook.__wrapped__))
+    monkeypatch.setattr(winograd, "_tile_transforms", functools.cache(winograd._tile_transforms.__wrapped__))
+    fast = MeasuredConv2d.adopt(nn.Conv2d(3, 4, 3, padding=1), KernelChoices(tmp_path / "c.json"))
+    x = torch.randn(1, 3, 10, 9)
+    with torch.inference_mode():
+        fast(x)
+    assert fast.last == "winograd8"
+    fast.run("winograd8", x).square().sum().backward()  # the kernel itself: training measures it out (below)
+    plain = nn.Conv2d(3, 4, 3, padding=1)
+    plain.load_state_dict(fast.state_dict())
+    plain(x).square().sum().backward()
+    assert _relative_error(fast.weight.grad, plain.weight.grad) < 1e-4
+
+
+def test_the_built_f4x3_matrices_are_lavin_and_grays():
+    """Section 4.2 of Lavin and Gray (CVPR 2016), typed in from the paper."""
+    b_t = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0]]
+    b_t += [[0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+    g = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6]]
+    g += [[1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+    a_t = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+    built = winograd.toom_cook(4, 3)
+    for ours, paper in zip(built, (a_t, g, b_t), strict=True):
+        assert torch.allclose(ours, torch.tensor(paper, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("m, r", [(2, 3), (4, 3), (6, 3), (4, 5), (2, 7), (3, 2)])
+def test_each_built_transform_computes_a_1d_correlation(m, r):
+    """A^T [(G g) * (B^T d)] is the correlation of an n-sample signal with an r-tap filter, exactly (float64)."""
+    a_t, g_t, b_t = winograd.toom_cook(m, r)
+    gen = torch.Generator().manual_seed(m * 10 + r)
+    d, g = (
+        torch.randn(m + r - 1, generator=gen, dtype=torch.float64),
+        torch.randn(r, generator=gen, dtype=torch.float64),
+    )
+    expected = torch.tensor([sum(float(d[i + k] * g[k]) for k in range(r)) for i in range(m)], dtype=torch.float64)
+    assert torch.allclose(a_t @ ((g_t @ g) * (b_t @ d)), expected, atol=1e-10)
+
+
+def test_a_tile_with_more_points_than_the_table_is_refused():
+    with pytest.raises(ValueError, match="F\\(6, 5\\)"):
+        winograd.toom_cook(6, 5)
+
+
+def test_winograd_follows_weights_changed_after_its_first_call(tmp_path, monkeypatch):
+    """The transformed filters are kept between calls; loading other weights (in place, as load_state_dict does) or
+    putting new ones in place must not leave the old ones in use."""
+    _pin(monkeypatch, "winograd6")
+    torch.manual_seed(3)
+    fast = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(tmp_path / "c.json"))
+    x = torch.randn(1, 4, 9, 10)
+    with torch.no_grad():
+        fast(x)
+        fast.load_state_dict({"weight": torch.randn(6, 4, 3, 3), "bias": torch.randn(6)})
+        out = fast(x)
+    assert fast.last == "winograd6"
+    assert _relative_error(out, F.conv2d(x, fast.weight, fast.bias, padding=1)) < 1e-5
+    with torch.inference_mode():  # a copy made while predicting: its weights have no version counter
+        copy = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), fast.choices)
+        first = copy(x)
+        copy.weight = nn.Parameter(-copy.weight)
+        flipped = copy(x)
+        expected = F.conv2d(x, copy.weight, copy.bias, padding=1)
+    assert copy.last == "winograd6"
+    assert _relative_error(flipped, expected) < 1e-5
+    assert not torch.allclose(first, flipped)
+
+
 def test_the_fastest_kernel_is_chosen_and_cached_per_cpu_and_shape(tmp_path, monkeypatch):
     cache = tmp_path / "conv-kernels.json"
-    speed = {"onednn": 5.0, "nnpack": 3.0, "gemm": 1.0}
+    speed = {"onednn": 5000.0, "nnpack": 3000.0, "winograd6": 2000.0, "winograd8": 1500.0, "gemm": 1000.0}
     timed = []
 
     def fake_median_ms(fn, **_):  # the candidate's name is in the lambda's default argument
@@ -108,10 +192,10 @@ def test_the_fastest_kernel_is_chosen_and_cached_per_cpu_and_shape(tmp_path, mon
     fast = MeasuredConv2d.adopt(conv, KernelChoices(cache))
     x = torch.randn(1, 4, 9, 10)
     fast(x)
-    assert fast.last == "gemm" and set(timed) == set(fast.candidates)
+    assert fast.last == "gemm" and set(timed) == {k for k in fast.candidates if not k.startswith("winograd")}
     doc = json.loads(cache.read_text())
-    assert list(doc) == [kernels.cpu_key()]
-    assert doc[kernels.cpu_key()] == {"4->6 k3x3 s1x1 p1x1 d1x1 in 1x~91px torch.float32+grad": "gemm"}  # 90 px
+    assert list(doc) == [kernels.kernels_key()]
+    assert doc[kernels.kernels_key()] == {"4->6 k3x3 s1x1 p1x1 d1x1 in 1x~91px torch.float32+grad": "gemm"}  # 90 px
     # A new process (new choices read from the file) measures nothing for a shape it has seen ...
     timed.clear()
     again = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(cache))
@@ -122,7 +206,7 @@ def test_the_fastest_kernel_is_chosen_and_cached_per_cpu_and_shape(tmp_path, mon
     assert timed == []
     # ... and measures a new size class, keeping both in the file.
     again(torch.randn(1, 4, 12, 12))
-    assert timed and len(json.loads(cache.read_text())[kernels.cpu_key()]) == 2
+    assert timed and len(json.loads(cache.read_text())[kernels.kernels_key()]) == 2
 
 
 def test_a_kernel_that_strays_from_onednn_is_never_chosen(tmp_path, monkeypatch):
@@ -132,6 +216,33 @@ def test_a_kernel_that_strays_from_onednn_is_never_chosen(tmp_path, monkeypatch)
     with torch.no_grad():
         fast(torch.randn(1, 4, 9, 10))
     assert fast.last != "gemm"
+
+
+def test_training_never_measures_the_winograd_kernels(tmp_path, monkeypatch):
+    _pin(monkeypatch, "winograd6")
+    fast = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(tmp_path / "c.json"))
+    x = torch.randn(1, 4, 9, 10)
+    fast(x).sum().backward()
+    assert fast.last == "onednn"
+    with torch.no_grad():
+        fast(x)
+    assert fast.last == "winograd6"
+
+
+def test_a_kernel_far_slower_on_its_first_run_is_not_timed_further(tmp_path, monkeypatch):
+    import time
+
+    def slow_gemm(conv, x):
+        time.sleep(0.2)  # 200 ms, over 3x oneDNN's (faked) 20 ms
+        return kernels._gemm(conv, x)
+
+    timed = []
+    monkeypatch.setitem(kernels._RUN, "gemm", slow_gemm)
+    monkeypatch.setattr(kernels, "median_ms", lambda fn, **_: timed.append(fn.__defaults__[0]) or 20.0)
+    fast = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(tmp_path / "c.json"))
+    with torch.no_grad():
+        fast(torch.randn(1, 4, 9, 10))
+    assert "gemm" not in timed and "onednn" in timed and fast.last != "gemm"
 
 
 def test_an_unwritable_cache_costs_only_the_measurement(tmp_path):
@@ -165,14 +276,19 @@ def test_winograd_agrees_with_eager_fp32_on_the_demo_model(quick_demo):
     assert share >= 0.9999
 
 
-@needs_nnpack
-@pytest.mark.parametrize("kernel", ["nnpack", "gemm"])
+@pytest.mark.parametrize("kernel", [pytest.param("nnpack", marks=needs_nnpack), "winograd6", "winograd8", "gemm"])
 def test_gradients_through_the_measured_kernels_equal_the_plain_models(kernel, tmp_path, monkeypatch):
     _pin(monkeypatch, kernel)
     torch.manual_seed(2)
     plain = randomise(fcnseg.get_model("fcn8s", num_classes=4, **TINY), seed=2).eval()  # eval: no dropout masks
     fast = with_measured_kernels(plain, KernelChoices(tmp_path / "c.json"))
     x, y = torch.randn(2, 3, 61, 77), torch.randint(0, 4, (2, 61, 77))
+    winograd = kernel.startswith("winograd")
+    if winograd:  # training does not measure them (their backward is slow); their gradients must still be right
+        for m in fast.modules():
+            if isinstance(m, MeasuredConv2d) and kernel in m.candidates:
+                m.forward = lambda x, m=m: m.run(kernel, x)
+                m.last = kernel
     for net in (plain, fast):
         F.cross_entropy(net(x), y).backward()
     assert set(_used(fast).values()) >= {kernel}

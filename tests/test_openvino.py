@@ -12,7 +12,7 @@ import torch
 import fcnseg
 from fcnseg.runtime import bf16_is_native, make_runner
 from fcnseg.runtime.openvino import openvino_available, openvino_cache_dir, openvino_session
-from tests.helpers import TINY, randomise
+from tests.helpers import TINY, export_folder, randomise
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO (pip install "fcnseg[openvino]")')
 
@@ -46,8 +46,8 @@ def test_each_openvino_path_equals_eager_within_its_class(path, heads, alignment
         pytest.skip("this CPU has no bf16 instructions: OpenVINO would emulate bf16")
     model = _model(heads, alignment)
     calibration, x = _inputs()
-    tmp_path = tmp_path_factory.getbasetemp() / f"openvino-{heads}-{alignment}"  # one export per model
-    tmp_path.mkdir(exist_ok=True)
+    # One export per model, shared with tests/test_inference.py, which builds the same four models.
+    tmp_path = export_folder(model, tmp_path_factory.getbasetemp() / "exports")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # int8 on random weights warns of its agreement, as it should
         run = make_runner(model, path, calibration=calibration, workdir=tmp_path)
@@ -119,7 +119,7 @@ def _is_constant(value) -> bool:
     return value.get_node().get_type_name() == "Constant"
 
 
-def test_a_second_process_loads_the_compiled_model_from_the_cache(tmp_path, monkeypatch):
+def test_a_second_process_loads_the_compiled_model_from_the_cache(tmp_path, monkeypatch, tmp_path_factory):
     """OpenVINO's CACHE_DIR under fcnseg's cache: the first compile writes a blob; compiling the same file again
     (in a new process, here a new Core) adds none and gives the same output."""
     import subprocess
@@ -127,7 +127,8 @@ def test_a_second_process_loads_the_compiled_model_from_the_cache(tmp_path, monk
     monkeypatch.setenv("FCNSEG_CACHE_DIR", str(tmp_path / "cache"))
     model = _model("one", "aligned")
     _, x = _inputs()
-    first = make_runner(model, "openvino", workdir=tmp_path / "w")(x)
+    onnx_folder = export_folder(model, tmp_path_factory.getbasetemp() / "exports")  # the export made above
+    first = make_runner(model, "openvino", workdir=onnx_folder)(x)
     blobs = sorted(openvino_cache_dir().glob("*.blob"))
     assert len(blobs) == 1 and openvino_cache_dir() == tmp_path / "cache" / "openvino"
     code = (
@@ -136,15 +137,16 @@ def test_a_second_process_loads_the_compiled_model_from_the_cache(tmp_path, monk
         f"torch.save(openvino_session(sys.argv[1])(x), sys.argv[2])"
     )
     env = {**__import__("os").environ, "FCNSEG_CACHE_DIR": str(tmp_path / "cache")}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "w" / "model.onnx"), str(tmp_path / "o.pt")],
+    subprocess.run([sys.executable, "-c", code, str(onnx_folder / "model.onnx"), str(tmp_path / "o.pt")],
                    check=True, env=env, timeout=300)  # fmt: skip
     assert sorted(openvino_cache_dir().glob("*.blob")) == blobs  # loaded, not compiled and written again
     x0 = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(torch.load(tmp_path / "o.pt"), openvino_session(tmp_path / "w" / "model.onnx")(x0))
+    assert torch.allclose(torch.load(tmp_path / "o.pt"), openvino_session(onnx_folder / "model.onnx")(x0))
     assert first.shape == (1, 4, *SIZE)
 
 
-def test_a_bf16_request_on_a_cpu_without_bf16_warns(tmp_path, monkeypatch):
+def test_a_bf16_request_on_a_cpu_without_bf16_warns(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FCNSEG_CPU_FEATURES", "avx2 fma")
+    model = _model("one", "aligned")
     with pytest.warns(UserWarning, match="this CPU has no bf16 instructions: OpenVINO emulates bf16"):
-        make_runner(_model("one", "aligned"), "openvino-bf16", workdir=tmp_path)
+        make_runner(model, "openvino-bf16", workdir=export_folder(model, tmp_path_factory.getbasetemp() / "exports"))

@@ -30,7 +30,7 @@ _HELP = {
     "amp": "mixed precision. GPU: bf16 autocast (fp16 with loss scaling where the GPU lacks bf16). CPU: bf16 autocast "
     "where the CPU computes bf16 natively (AVX-512 BF16 or AMX), else fp32 (emulated bf16 is slower); the weights "
     "stay fp32 and the run says which precision it trains in",
-    "conv_kernels": "CPU convolutions: auto (measured NNPACK / GEMM / oneDNN kernels where the CPU has AVX2 and FMA "
+    "conv_kernels": "CPU convolutions: auto (measured Winograd / GEMM / oneDNN kernels where the CPU has AVX2 and FMA "
     "and the run trains in fp32), measured (fp32, so --amp stays fp32) or onednn",
     "num_workers": "data loading processes (default: up to 2, as the CPU allows)",
     "check_data": "before the run: every image has its mask, every file decodes, sizes match",

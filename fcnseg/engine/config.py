@@ -97,9 +97,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     deterministic: bool = False
-    # Convolution kernels on the CPU: "auto" takes the measured ones (NNPACK Winograd, im2col + GEMM, oneDNN: the
-    # fastest per layer, fcnseg.runtime.kernels) where the CPU has AVX2 and FMA for NNPACK; "measured" always,
-    # "onednn" never.
+    # Convolution kernels on the CPU: "auto" takes the measured ones (Winograd, im2col + GEMM, oneDNN: the fastest
+    # per layer, fcnseg.runtime.kernels) where the CPU has AVX2 and FMA; "measured" always, "onednn" never.
     conv_kernels: str = "auto"
     num_workers: int | None = None
     device: str = "auto"

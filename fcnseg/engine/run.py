@@ -26,7 +26,7 @@ from ..data.transforms import eval_transforms, train_transforms
 from ..errors import FcnsegError
 from ..io import atomic_write, remove_stale_temporaries
 from ..runtime import NATIVE_BF16, bf16_is_native, cpu_features
-from ..runtime.kernels import nnpack_ready, use_measured_kernels
+from ..runtime.kernels import use_measured_kernels
 from .checkpointing import RunLog, TrainState, restore_run
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -291,8 +291,8 @@ def measured_kernels_wanted(cfg: TrainConfig, device: torch.device) -> bool:
         return True
     if training_precision(cfg, device).dtype != torch.float32:
         return False
-    # --runtime auto's fp32 rule: NNPACK's Winograd and GEMM kernels need AVX2 and FMA, and a torch built with it.
-    return {"avx2", "fma"} <= cpu_features() and nnpack_ready()
+    # --runtime auto's fp32 rule: the Winograd and GEMM kernels pay with AVX2 and FMA.
+    return {"avx2", "fma"} <= cpu_features()
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

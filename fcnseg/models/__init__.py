@@ -1,14 +1,8 @@
 """Models: backbones, the parametric FCN, upsampling and the registry."""
 
+from typing import Any
+
 from .backbones import VGG16Backbone, convolutionalise_vgg16
-from .backbones_tv import (
-    AlexNetBackbone,
-    GoogLeNetBackbone,
-    MobileNetV3LargeBackbone,
-    ResNetBackbone,
-    convolutionalise_alexnet,
-    load_torchvision_weights,
-)
 from .builders import (  # importing the builders registers them
     fcn8s,
     fcn8s_atonce,
@@ -28,6 +22,26 @@ from .fcn import FCN, ScoreHead
 from .multi import LateFusionFCN, TwoHeadFCN, split_heads
 from .registry import get_model, list_models, register_model
 from .upsampling import BilinearUpsample, bilinear_kernel
+
+# Resolved on first use (PEP 562): backbones_tv is built on torchvision's blocks, and importing torchvision takes over
+# a second that a command using VGG16 alone need not spend.
+_TORCHVISION_NAMES = {
+    "AlexNetBackbone",
+    "GoogLeNetBackbone",
+    "MobileNetV3LargeBackbone",
+    "ResNetBackbone",
+    "convolutionalise_alexnet",
+    "load_torchvision_weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCHVISION_NAMES:
+        from . import backbones_tv
+
+        return getattr(backbones_tv, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FCN",

@@ -7,13 +7,15 @@ where each map's pixels sit in the input (``coord_maps``), from which the FCN de
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
-from torchvision.models import WeightsEnum
-from torchvision.models import vgg as tv_vgg
+
+if TYPE_CHECKING:  # torchvision is imported where its weights are read: importing it takes over a second
+    from torchvision.models import WeightsEnum
+    from torchvision.models import vgg as tv_vgg
 
 from ..errors import FcnsegError, shown
 from ..preprocessing import CAFFE, IMAGENET, Preprocessing
@@ -55,6 +57,30 @@ def widen_first_conv(backbone: nn.Module, in_channels: int) -> None:
     conv.in_channels = in_channels
 
 
+# VGG's configuration "D" (16 layers), as torchvision's ``vgg.cfgs["D"]`` lists it: the output channels of each
+# 3 x 3 convolution, "M" for a 2 x 2 max pooling of stride 2.
+VGG16_LAYERS: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"
+)  # fmt: skip
+
+
+def vgg_features(layers: Sequence[int | str], batch_norm: bool = False) -> nn.Sequential:
+    """VGG's convolutional body in torchvision's module order (``vgg.make_layers``): each 3 x 3 convolution
+    (padding 1) followed by its batch norm where asked and a ReLU, each "M" a 2 x 2 max pooling of stride 2. The
+    same indices make torchvision's state dict keys load unchanged; the modules are created, and so initialised
+    from torch's generator, in the same order."""
+    modules: list[nn.Module] = []
+    in_channels = 3
+    for layer in layers:
+        if layer == "M":
+            modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        modules.append(nn.Conv2d(in_channels, int(layer), kernel_size=3, padding=1))
+        modules += [nn.BatchNorm2d(int(layer)), nn.ReLU(inplace=True)] if batch_norm else [nn.ReLU(inplace=True)]
+        in_channels = int(layer)
+    return nn.Sequential(*modules)
+
+
 class VGG16Backbone(Backbone):
     """VGG16 (torchvision's configuration "D") with fc6 as a 7x7 and fc7 as a 1x1 convolution.
 
@@ -80,9 +106,9 @@ class VGG16Backbone(Backbone):
         super().__init__()
         check_alignment(alignment)
         self.alignment = alignment
-        cfg = [v if v == "M" else max(1, round(int(v) * width)) for v in tv_vgg.cfgs["D"]]
+        cfg = [v if v == "M" else max(1, round(int(v) * width)) for v in VGG16_LAYERS]
         # Same module indices as torchvision's vgg16().features, so its state dict keys load unchanged.
-        self.features = tv_vgg.make_layers(cfg, batch_norm=batch_norm)
+        self.features = vgg_features(cfg, batch_norm=batch_norm)
         pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
         if alignment == "caffe":
             # Pad 100 lets the output be cropped into alignment with any input size (conv1_1 pad=100 in the Caffe
@@ -182,6 +208,8 @@ def load_vgg16_imagenet(backbone: VGG16Backbone, weights: str | os.PathLike | tv
     or a torchvision-layout VGG16 state-dict file (taken to expect ImageNet RGB mean/std). ``IMAGENET1K_FEATURES``
     has no classifier, so fc6/fc7 keep their random initialisation.
     """
+    from torchvision.models import vgg as tv_vgg
+
     label = str(weights)
     features_only = False
     if isinstance(weights, tv_vgg.VGG16_Weights) or label in tv_vgg.VGG16_Weights.__members__ or label == "DEFAULT":

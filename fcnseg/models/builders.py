@@ -11,30 +11,35 @@ one FCN per input stream (:class:`~fcnseg.models.multi.LateFusionFCN`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from typing import Any
 
 from ..errors import FcnsegError
 from .backbones import Backbone, VGG16Backbone, check_alignment, load_vgg16_imagenet, widen_first_conv
-from .backbones_tv import (
-    AlexNetBackbone,
-    GoogLeNetBackbone,
-    MobileNetV3LargeBackbone,
-    ResNetBackbone,
-    TorchvisionBackbone,
-    load_torchvision_weights,
-)
 from .fcn import FCN
 from .multi import LateFusionFCN, TwoHeadFCN
 from .registry import register_model
 
+
+def _torchvision_backbone(class_name: str, *args: Any) -> Callable[..., Backbone]:
+    """A maker of :mod:`.backbones_tv`'s ``class_name``: that module, built on torchvision's blocks, is imported at
+    the first such build, so that commands using VGG16 alone never import torchvision (over a second)."""
+
+    def make(**options: Any) -> Backbone:
+        from . import backbones_tv
+
+        return getattr(backbones_tv, class_name)(*args, **options)
+
+    return make
+
+
 # The backbones the builders name, each called with ``alignment``, ``width`` and the fc6/fc7 options it has.
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "vgg16": VGG16Backbone,
-    "alexnet": AlexNetBackbone,
-    "googlenet": GoogLeNetBackbone,
-    "resnet50": partial(ResNetBackbone, 50),
-    "resnet101": partial(ResNetBackbone, 101),
-    "mobilenet_v3_large": MobileNetV3LargeBackbone,
+    "alexnet": _torchvision_backbone("AlexNetBackbone"),
+    "googlenet": _torchvision_backbone("GoogLeNetBackbone"),
+    "resnet50": _torchvision_backbone("ResNetBackbone", 50),
+    "resnet101": _torchvision_backbone("ResNetBackbone", 101),
+    "mobilenet_v3_large": _torchvision_backbone("MobileNetV3LargeBackbone"),
 }
 
 
@@ -85,7 +90,10 @@ def _load_imagenet(backbone: Backbone, weights: str) -> None:
     """VGG16's loader knows the Caffe VGG16 too; every other backbone reads torchvision's weights."""
     if isinstance(backbone, VGG16Backbone):
         load_vgg16_imagenet(backbone, weights)
-    elif isinstance(backbone, TorchvisionBackbone):
+        return
+    from .backbones_tv import TorchvisionBackbone, load_torchvision_weights  # built on it: imported already
+
+    if isinstance(backbone, TorchvisionBackbone):
         load_torchvision_weights(backbone, weights)
     else:
         raise FcnsegError(f"no ImageNet weights for a {type(backbone).__name__}")

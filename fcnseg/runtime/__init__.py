@@ -11,7 +11,8 @@ The modules: :mod:`.cpu` (the CPU probe: instruction-set flags, model name, the 
 is valid for), :mod:`.paths` (the paths by name, the feature rule :func:`choose_path`, :func:`make_runner`),
 :mod:`.choice` (``auto`` by measurement, and its cache), :mod:`.onnx` (ONNX Runtime sessions, int8 quantisation and
 its check), :mod:`.openvino` (OpenVINO's CPU plugin, NNCF's int8), :mod:`.kernels` (the measured per-layer
-convolution kernels of ``winograd`` and of training on the CPU), :mod:`.compare` (runners compared pixel by pixel)
+convolution kernels of ``winograd`` and of training on the CPU), :mod:`.winograd` (Winograd's transforms as
+matrix products), :mod:`.compare` (runners compared pixel by pixel)
 and :mod:`.timing` (the timing loop).
 """
 

@@ -36,7 +36,7 @@ from ..errors import FcnsegError
 from ..io import cache_root, scratch_folder
 from .compare import Runner, agreement
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features, cpu_key
-from .kernels import nnpack_ready
+from .kernels import KERNELS
 from .openvino import openvino_available, openvino_version
 
 REDUCED_MIN_AGREEMENT = 0.995  # auto-reduced: the share of eager fp32's labels a path must keep
@@ -64,13 +64,13 @@ def onnx_available() -> bool:
 
 def candidates(reduced: bool, features: frozenset[str] | None = None) -> list[str]:
     """The paths ``auto`` (or, with ``reduced``, ``auto-reduced``) measures on this machine: the installed engines'
-    paths this CPU runs at speed (winograd needs AVX2 and FMA and NNPACK, bf16 native bf16, int8 AVX2).
+    paths this CPU runs at speed (winograd needs AVX2 and FMA, bf16 native bf16, int8 AVX2).
     ``FCNSEG_AUTO_PATHS`` (comma-separated) narrows them to those it names."""
     features = cpu_features() if features is None else features
     onnx, ov = onnx_available(), openvino_available()
     usable = {
         "eager": True,
-        "winograd": {"avx2", "fma"} <= features and nnpack_ready(),
+        "winograd": {"avx2", "fma"} <= features,
         "onnx": onnx,
         "openvino": ov and onnx,
         "bf16": bool(features & NATIVE_BF16) and bf16_is_native(),
@@ -87,16 +87,16 @@ def candidates(reduced: bool, features: frozenset[str] | None = None) -> list[st
 
 
 def engine_versions() -> str:
-    """The versions of the engines besides torch (whose version :func:`~fcnseg.runtime.cpu.cpu_key` holds) that a
-    measurement is valid for."""
-    versions = []
+    """fcnseg's kernel set and the versions of the engines besides torch (whose version
+    :func:`~fcnseg.runtime.cpu.cpu_key` holds) that a measurement is valid for."""
+    versions = [f"fcnseg kernels {'+'.join(KERNELS)}"]  # the winograd path's kernels
     if onnx_available():
         import onnxruntime
 
         versions.append(f"onnxruntime {onnxruntime.__version__}")
     if openvino_available():
         versions.append(f"openvino {openvino_version()}")
-    return ", ".join(versions) or "no other engine"
+    return ", ".join(versions)
 
 
 def weights_fingerprint(model: nn.Module) -> str:

@@ -1,14 +1,18 @@
-"""Per-layer convolution kernels chosen by measurement: oneDNN, NNPACK's Winograd, im2col + GEMM.
+"""Per-layer convolution kernels chosen by measurement: oneDNN, Winograd transforms (fcnseg's own and NNPACK's),
+im2col + GEMM.
 
-On a CPU with AVX2 but no AVX-512, oneDNN's direct 3x3 convolutions leave speed unused: NNPACK's Winograd
-F(6x6, 3x3) transform does about 2.25x fewer multiplications, and fc6 (a 7x7 x 512 -> 4096 convolution on a small
-map, about a quarter of FCN-8s's work) and the 1x1 layers run faster as one large matrix product (unfold, then
-GEMM) than as a convolution. Which is fastest depends on the CPU, the thread count and the layer's shape, so each
-:class:`MeasuredConv2d` times the kernels that apply to it the first time it sees an input size class and keeps
-the fastest. The choice is cached per CPU and layer shape in ``conv-kernels.json`` (:func:`cache_path`), so only a
-new CPU or a new size class pays for the measurement.
+A direct 3x3 convolution spends 9 multiply-adds per output and channel pair. Winograd's minimal filtering (Lavin and
+Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016) spends fewer: 36 per 16 outputs on 6 x 6
+tiles, 64 per 36 on 8 x 8 tiles, and for fc6's 7x7 kernel 64 per 4 instead of 196. fcnseg's own transforms
+(:mod:`.winograd`) run the channel sums as large matrix products, on the CPU's fastest GEMM; NNPACK's F(6x6, 3x3)
+has AVX2 kernels of its own. The transforms cost memory traffic, so they pay where channels are many and maps small
+(VGG's conv3 to conv5, fc6), not on conv1's wide maps. The 1x1 layers may run faster as one large matrix product
+(unfold, then GEMM) than as a convolution. Which is fastest depends on the CPU, the thread count and the
+layer's shape, so each :class:`MeasuredConv2d` times the kernels that apply to it the first time it sees an input
+size class and keeps the fastest. The choice is cached per CPU and layer shape in ``conv-kernels.json``
+(:func:`cache_path`), so only a new CPU or a new size class pays for the measurement.
 
-Winograd's transforms round differently from a direct convolution: outputs differ by about 1e-5 of their range,
+Winograd's transforms round differently from a direct convolution: outputs differ by up to about 1e-5 of their range,
 well within fp32-class accuracy. A kernel whose output strays more than :data:`TOLERANCE` of the range from
 oneDNN's when it is measured is never chosen.
 """
@@ -17,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,10 +37,20 @@ from torch import nn
 from ..io import cache_root
 from .cpu import cpu_key
 from .timing import median_ms
+from .winograd import transform_filters, winograd_conv2d
 
-KERNELS: tuple[str, ...] = ("onednn", "nnpack", "gemm")
+KERNELS: tuple[str, ...] = ("onednn", "nnpack", "winograd6", "winograd8", "gemm")
+# fcnseg's Winograd kernels by tile side: F(4x4, 3x3) on 6 x 6 tiles; F(6x6, 3x3), F(4x4, 5x5) and F(2x2, 7x7) (fc6)
+# on 8 x 8 tiles, fewer multiplications but larger transforms.
+_WINOGRAD_TILE = {"winograd6": 6, "winograd8": 8}
 TOLERANCE = 1e-4  # of the output's range: a kernel further from oneDNN's output than this is not used
 _TIMED_RUNS = 3
+
+
+def kernels_key() -> str:
+    """This CPU (:func:`~fcnseg.runtime.cpu.cpu_key`) and the kernels there are to choose from: a new kernel in a
+    later fcnseg is measured, not passed over for an older choice."""
+    return f"{cpu_key()} | kernels {'+'.join(KERNELS)}"
 
 
 def cache_path() -> Path:
@@ -42,13 +59,13 @@ def cache_path() -> Path:
 
 
 class KernelChoices:
-    """The measured choices, ``{layer key: kernel}``, of this CPU (:func:`~fcnseg.runtime.cpu.cpu_key`), read from
+    """The measured choices, ``{layer key: kernel}``, of this CPU and kernel set (:func:`kernels_key`), read from
     and saved to the cache file ``path`` (default: :func:`cache_path`). A cache that cannot be read or written only
     costs measurements."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path else cache_path()
-        self.cpu = cpu_key()
+        self.cpu = kernels_key()
         self.choices: dict[str, str] = self._read().get(self.cpu, {})
 
     def _read(self) -> dict[str, dict[str, str]]:
@@ -91,6 +108,7 @@ class MeasuredConv2d(nn.Conv2d):
     choices: KernelChoices
     candidates: list[str]
     last: str | None  # the kernel of the latest call (for reports)
+    winograd_filters: dict  # transformed filters kept per Winograd output block (see _winograd_filters)
 
     @classmethod
     def adopt(cls, conv: nn.Conv2d, choices: KernelChoices) -> MeasuredConv2d:
@@ -98,14 +116,18 @@ class MeasuredConv2d(nn.Conv2d):
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("MeasuredConv2d takes convolutions with numeric zero padding")
         conv.__class__ = cls
-        conv.choices, conv.last = choices, None
+        conv.choices, conv.last, conv.winograd_filters = choices, None, {}
         conv.candidates = [k for k in KERNELS if conv._applies(k)]
         return conv
 
     def _applies(self, kernel: str) -> bool:
         plain = self.groups == 1
+        unit = plain and self.stride == (1, 1) and self.dilation == (1, 1)
         if kernel == "nnpack":  # NNPACK: fp32, stride 1, no dilation or groups
-            return plain and self.stride == (1, 1) and self.dilation == (1, 1) and nnpack_ready()
+            return unit and nnpack_ready()
+        if kernel in _WINOGRAD_TILE:  # square, odd kernels the tile is larger than
+            r = self.kernel_size[0]
+            return unit and self.kernel_size[1] == r and r % 2 == 1 and 3 <= r < _WINOGRAD_TILE[kernel]
         return plain or kernel == "onednn"
 
     def key(self, x: torch.Tensor) -> str:
@@ -132,19 +154,34 @@ class MeasuredConv2d(nn.Conv2d):
         return _RUN[kernel](self, x.contiguous())
 
     def measure(self, x: torch.Tensor, key: str) -> str:
-        """Time every candidate on ``x`` (median of a few runs after one untimed) and remember the fastest whose
-        output is within :data:`TOLERANCE` of oneDNN's range."""
+        """Time every candidate on ``x`` (median of a few runs after one that checks it) and remember the fastest
+        whose output is within :data:`TOLERANCE` of oneDNN's range. With autograd on (training), the Winograd
+        kernels are not candidates."""
+        # Winograd's backward runs through its transforms' autograd: a training step on it took twice oneDNN's.
+        skipped = _WINOGRAD_TILE if torch.is_grad_enabled() else {}
         with torch.no_grad():
             reference = self.run("onednn", x)
             scale = float(reference.max() - reference.min()) or 1.0
             times = {}
-            for kernel in self.candidates:
-                if kernel != "onednn" and float((self.run(kernel, x) - reference).abs().max()) > TOLERANCE * scale:
-                    continue
+            for kernel in (k for k in self.candidates if k not in skipped):
+                if kernel != "onednn":
+                    if kernel in _WINOGRAD_TILE:  # transform the filters first: once per weight, not per call
+                        _winograd_filters(self, _WINOGRAD_TILE[kernel] - self.kernel_size[0] + 1)
+                    start = time.perf_counter()
+                    out = self.run(kernel, x)
+                    first = 1000 * (time.perf_counter() - start)
+                    if float((out - reference).abs().max()) > TOLERANCE * scale:
+                        continue
+                    # A first run over 3x the best median so far cannot win: it is not timed further.
+                    if times and first > 3 * min(times.values()):
+                        continue
                 # No warm-up: each candidate but oneDNN has just run (the check above), oneDNN for the reference.
                 times[kernel] = median_ms(lambda k=kernel: self.run(k, x), runs=_TIMED_RUNS)
         best = min(times, key=times.__getitem__)
         self.choices.set(key, best)
+        # Keep the chosen Winograd kernel's transformed filters only: fc6's for 8 x 8 tiles alone take 537 MB.
+        kept = _WINOGRAD_TILE.get(best, 0) - self.kernel_size[0] + 1
+        self.winograd_filters = {m: held for m, held in self.winograd_filters.items() if m == kept}
         return best
 
 
@@ -178,9 +215,32 @@ def _gemm(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(n, cout, oh, ow)
 
 
+def _winograd_filters(conv: MeasuredConv2d, m: int) -> torch.Tensor:
+    """The layer's filters transformed for F(m x m, r x r): computed with autograd when training (so the gradient
+    reaches the weight), else kept until the weight is replaced or changed in place. A weight made under inference
+    mode has no version counter; it cannot be changed in place outside inference mode, so there the tensor itself
+    identifies it."""
+    w = conv.weight
+    if torch.is_grad_enabled() and w.requires_grad:
+        return transform_filters(w, m)
+    version = None if w.is_inference() else w._version
+    held = conv.winograd_filters.get(m)  # (a weak reference to the weight, its version, the filters)
+    if held is None or held[0]() is not w or held[1] != version:
+        with torch.inference_mode(False), torch.no_grad():
+            held = conv.winograd_filters[m] = (weakref.ref(w), version, transform_filters(w.detach(), m))
+    return held[2]
+
+
+def _winograd(conv: MeasuredConv2d, x: torch.Tensor, tile: int) -> torch.Tensor:
+    m = tile - conv.kernel_size[0] + 1
+    return winograd_conv2d(x, _winograd_filters(conv, m), conv.bias, conv.padding, m)
+
+
 _RUN: dict[str, Callable[[MeasuredConv2d, torch.Tensor], torch.Tensor]] = {
     "onednn": _onednn,
     "nnpack": _nnpack,
+    "winograd6": functools.partial(_winograd, tile=6),
+    "winograd8": functools.partial(_winograd, tile=8),
     "gemm": _gemm,
 }
 

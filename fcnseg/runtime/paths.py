@@ -17,7 +17,7 @@ from ..errors import FcnsegError
 from ..io import cache_root
 from .compare import Runner
 from .cpu import NATIVE_BF16, VNNI, bf16_is_native, cpu_features, isa_key
-from .kernels import nnpack_ready, with_measured_kernels
+from .kernels import with_measured_kernels
 from .onnx import onnx_runner
 from .openvino import OPENVINO_PATHS, openvino_runner
 
@@ -35,11 +35,11 @@ def check_path(path: str, flag: str = "--runtime", *, auto: bool = True) -> str:
     return path
 
 
-def choose_path(features: frozenset[str], *, reduced: bool = False, nnpack: bool = True) -> tuple[str, str]:
+def choose_path(features: frozenset[str], *, reduced: bool = False) -> tuple[str, str]:
     """The path ``auto`` takes on a CPU with ``features``, and why, in a few words.
 
-    fp32 class (``auto``): ``winograd`` where AVX2 and FMA are there for NNPACK (it measures each layer against
-    oneDNN and keeps the faster), else ``eager``. ``auto-reduced`` may also trade a little agreement for speed:
+    fp32 class (``auto``): ``winograd`` where AVX2 and FMA are there (it measures each layer's kernels against
+    oneDNN and keeps the fastest), else ``eager``. ``auto-reduced`` may also trade a little agreement for speed:
     ``bf16`` on AMX or AVX-512 BF16, else ``onnx-int8`` (VNNI's u8s8 kernels, or 7-bit weights without VNNI,
     whose u8s8 sums would saturate), else the fp32 choice.
     """
@@ -51,11 +51,9 @@ def choose_path(features: frozenset[str], *, reduced: bool = False, nnpack: bool
     if reduced and "avx2" in features:
         how = f"VNNI's u8s8 kernels ({_named(features & VNNI)})" if features & VNNI else "7-bit weights: no VNNI"
         return "onnx-int8", f"reduced precision asked for; int8 with {how}"
-    if {"avx2", "fma"} <= features and nnpack:
-        return "winograd", "AVX2 and FMA: NNPACK Winograd and GEMM kernels, each layer measured against oneDNN"
-    if not {"avx2", "fma"} <= features:
-        return "eager", "no AVX2 and FMA for NNPACK's kernels: oneDNN's fp32 convolutions"
-    return "eager", "this torch build has no NNPACK: oneDNN's fp32 convolutions"
+    if {"avx2", "fma"} <= features:
+        return "winograd", "AVX2 and FMA: Winograd and GEMM kernels, each layer measured against oneDNN"
+    return "eager", "no AVX2 and FMA for the Winograd and GEMM kernels: oneDNN's fp32 convolutions"
 
 
 def _named(flags: Iterable[str]) -> str:
@@ -70,7 +68,7 @@ def resolve_path(path: str, model: nn.Module | None = None) -> tuple[str, str | 
         return path, None
     if model is not None and _device(model).type != "cpu":
         return "eager", f"runtime {path}: eager (the model is on {_device(model)})"
-    chosen, why = choose_path(cpu_features(), reduced=path == "auto-reduced", nnpack=nnpack_ready())
+    chosen, why = choose_path(cpu_features(), reduced=path == "auto-reduced")
     return chosen, f"runtime {path}: {chosen} ({why})"
 
 
@@ -102,17 +100,17 @@ def make_runner(
     """A runner for ``model`` on execution path ``path`` (see :data:`PATHS`, :data:`AUTO`).
 
     ``eager``: fp32 PyTorch, channels_last by default (oneDNN's fastest convolution layout on CPU). ``winograd``:
-    fp32 on a copy whose convolutions run the fastest of oneDNN, NNPACK's Winograd and im2col + GEMM, measured per
-    layer and cached (:mod:`fcnseg.runtime.kernels`). ``bf16``: a bfloat16 copy of the model (the original stays
-    fp32). ``onnx`` / ``onnx-int8``: exported (and checked) into ``workdir`` (a temporary folder by default), int8
-    statically quantised on ``calibration`` inputs (7-bit weights on a CPU without VNNI) and checked against fp32
-    on them (a warning below :data:`~fcnseg.runtime.onnx.INT8_WARN_BELOW`). ``compile``: torch.compile with dynamic
-    shapes (the first call of each new size compiles). ``openvino`` / ``openvino-bf16`` / ``openvino-int8``:
-    OpenVINO's CPU plugin on the same ONNX files, precision forced (:mod:`fcnseg.runtime.openvino`). int8 keeps
-    :func:`~fcnseg.runtime.onnx.float_layers` and ``keep_float`` in float. ``auto`` / ``auto-reduced``: the path
-    :func:`resolve_path` picks from the CPU's features (with an input to measure on,
-    :func:`fcnseg.runtime.choice.choose` measures instead). The eager paths put ``model`` in eval mode (and
-    channels_last) for good; the others leave it as it is.
+    fp32 on a copy whose convolutions run the fastest of oneDNN, fcnseg's and NNPACK's Winograd and im2col + GEMM,
+    measured per layer and cached (:mod:`fcnseg.runtime.kernels`). ``bf16``: a bfloat16 copy of the model (the
+    original stays fp32). ``onnx`` / ``onnx-int8``: exported (and checked) into ``workdir`` (a temporary folder by
+    default), int8 statically quantised on ``calibration`` inputs (7-bit weights on a CPU without VNNI) and checked
+    against fp32 on them (a warning below :data:`~fcnseg.runtime.onnx.INT8_WARN_BELOW`). ``compile``: torch.compile
+    with dynamic shapes (the first call of each new size compiles). ``openvino`` / ``openvino-bf16`` /
+    ``openvino-int8``: OpenVINO's CPU plugin on the same ONNX files, precision forced
+    (:mod:`fcnseg.runtime.openvino`). int8 keeps :func:`~fcnseg.runtime.onnx.float_layers` and ``keep_float`` in
+    float. ``auto`` / ``auto-reduced``: the path :func:`resolve_path` picks from the CPU's features (with an input
+    to measure on, :func:`fcnseg.runtime.choice.choose` measures instead). The eager paths put ``model`` in eval
+    mode (and channels_last) for good; the others leave it as it is.
     """
     path, _ = resolve_path(path, model)
     if path == "eager":

@@ -181,3 +181,24 @@ def test_enum_download_failure_is_one_line(hub, monkeypatch):
         FcnsegError, match="cannot download https://download.pytorch.org/.*vgg16.*--backbone-weights FILE"
     ):
         get_model("fcn32s", width=1 / 16, backbone_weights="IMAGENET1K_V1")
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_vgg16_body_is_torchvisions_layer_for_layer(batch_norm):
+    # fcnseg lays out VGG16's body itself (torchvision is imported where weights are read): torchvision's own
+    # make_layers is the oracle for the configuration, the module order, the shapes and the weights one seed draws.
+    from torchvision.models import vgg as tv_vgg
+
+    from fcnseg.models.backbones import VGG16_LAYERS, vgg_features
+
+    assert list(VGG16_LAYERS) == tv_vgg.cfgs["D"]
+    narrow = [v if v == "M" else v // 16 for v in tv_vgg.cfgs["D"]]
+    torch.manual_seed(0)
+    ours = vgg_features(narrow, batch_norm=batch_norm)
+    torch.manual_seed(0)
+    theirs = tv_vgg.make_layers(narrow, batch_norm=batch_norm)
+    assert repr(ours) == repr(theirs)
+    expected = theirs.state_dict()
+    assert list(ours.state_dict()) == list(expected)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, expected[key]), key
