@@ -50,27 +50,3 @@ def quick_demo(tmp_path_factory):
                 assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
             text.write_text(printed.getvalue())
     return out, text.read_text()
-
-
-# pytest-xdist hands whole files to its workers in collection order. The longest files go first, so that none of
-# them starts near the end and runs on alone while the other workers sit idle.
-_LONGEST_FIRST = (
-    "engine/test_kill_resume.py",
-    "test_runtime.py",
-    "test_kernels.py",
-    "test_export.py",
-    "test_ray_predict.py",
-    "models/test_vgg.py",
-    "test_inference.py",
-    "models/test_multi.py",
-    "test_openvino.py",
-    "test_bench.py",
-    "models/test_torchfcn_import.py",
-    "test_choice.py",
-    "serve/test_hostile.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].removeprefix("tests/"), len(rank)))
