@@ -96,17 +96,13 @@ def randomise(
 
 def export_folder(model: torch.nn.Module, root: Path) -> Path:
     """The folder under ``root`` for ``model``'s ONNX / OpenVINO files, one per distinct model: named by a hash of
-    its builder options, classes, preprocessing and every tensor of its state dict. Test files that build the same
+    its builder options, heads, preprocessing and every tensor of its state dict. Test files that build the same
     model share one checked export (``exported_fp32`` reuses the ``model.onnx`` it finds), while a model that
     differs in any weight gets a folder of its own and is exported and checked anew. The int8 files in it are
     named by the layers kept in float, not by their calibration images: tests that share a folder must not make
     the same int8 file from different images."""
     digest = hashlib.sha256()
-    about = [
-        getattr(model, "build_config", None),
-        getattr(model, "classes", None),
-        getattr(model, "preprocessing", None),
-    ]
+    about = [model.build_config, model.heads, model.preprocessing]  # the model contract; heads: classes per head
     digest.update(json.dumps(about, sort_keys=True, default=repr).encode())
     for key, value in model.state_dict().items():
         flat = value.detach().cpu().contiguous().reshape(-1)

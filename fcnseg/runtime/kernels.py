@@ -108,7 +108,7 @@ class MeasuredConv2d(nn.Conv2d):
     choices: KernelChoices
     candidates: list[str]
     last: str | None  # the kernel of the latest call (for reports)
-    winograd_filters: dict  # transformed filters kept per Winograd output block (see _winograd_filters)
+    winograd_filters: dict  # transformed filters kept per Winograd tile side (see _winograd_filters)
 
     @classmethod
     def adopt(cls, conv: nn.Conv2d, choices: KernelChoices) -> MeasuredConv2d:
@@ -166,7 +166,7 @@ class MeasuredConv2d(nn.Conv2d):
             for kernel in (k for k in self.candidates if k not in skipped):
                 if kernel != "onednn":
                     if kernel in _WINOGRAD_TILE:  # transform the filters first: once per weight, not per call
-                        _winograd_filters(self, _WINOGRAD_TILE[kernel] - self.kernel_size[0] + 1)
+                        _winograd_filters(self, _WINOGRAD_TILE[kernel])
                     start = time.perf_counter()
                     out = self.run(kernel, x)
                     first = 1000 * (time.perf_counter() - start)
@@ -180,8 +180,8 @@ class MeasuredConv2d(nn.Conv2d):
         best = min(times, key=times.__getitem__)
         self.choices.set(key, best)
         # Keep the chosen Winograd kernel's transformed filters only: fc6's for 8 x 8 tiles alone take 537 MB.
-        kept = _WINOGRAD_TILE.get(best, 0) - self.kernel_size[0] + 1
-        self.winograd_filters = {m: held for m, held in self.winograd_filters.items() if m == kept}
+        kept = _WINOGRAD_TILE.get(best)
+        self.winograd_filters = {tile: held for tile, held in self.winograd_filters.items() if tile == kept}
         return best
 
 
@@ -215,25 +215,24 @@ def _gemm(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(n, cout, oh, ow)
 
 
-def _winograd_filters(conv: MeasuredConv2d, m: int) -> torch.Tensor:
-    """The layer's filters transformed for F(m x m, r x r): computed with autograd when training (so the gradient
-    reaches the weight), else kept until the weight is replaced or changed in place. A weight made under inference
-    mode has no version counter; it cannot be changed in place outside inference mode, so there the tensor itself
-    identifies it."""
-    w = conv.weight
+def _winograd_filters(conv: MeasuredConv2d, tile: int) -> torch.Tensor:
+    """The layer's filters transformed for ``tile`` x ``tile`` tiles, F(m x m, r x r) with m = tile - r + 1:
+    computed with autograd when training (so the gradient reaches the weight), else kept until the weight is replaced
+    or changed in place. A weight made under inference mode has no version counter; it cannot be changed in place
+    outside inference mode, so there the tensor itself identifies it."""
+    w, m = conv.weight, tile - conv.kernel_size[0] + 1
     if torch.is_grad_enabled() and w.requires_grad:
         return transform_filters(w, m)
     version = None if w.is_inference() else w._version
-    held = conv.winograd_filters.get(m)  # (a weak reference to the weight, its version, the filters)
+    held = conv.winograd_filters.get(tile)  # (a weak reference to the weight, its version, the filters)
     if held is None or held[0]() is not w or held[1] != version:
         with torch.inference_mode(False), torch.no_grad():
-            held = conv.winograd_filters[m] = (weakref.ref(w), version, transform_filters(w.detach(), m))
+            held = conv.winograd_filters[tile] = (weakref.ref(w), version, transform_filters(w.detach(), m))
     return held[2]
 
 
 def _winograd(conv: MeasuredConv2d, x: torch.Tensor, tile: int) -> torch.Tensor:
-    m = tile - conv.kernel_size[0] + 1
-    return winograd_conv2d(x, _winograd_filters(conv, m), conv.bias, conv.padding, m)
+    return winograd_conv2d(x, _winograd_filters(conv, tile), conv.bias, conv.padding, tile - conv.kernel_size[0] + 1)
 
 
 _RUN: dict[str, Callable[[MeasuredConv2d, torch.Tensor], torch.Tensor]] = {
