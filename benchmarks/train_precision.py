@@ -4,11 +4,12 @@ python benchmarks/train_precision.py                          # both parts, the 
 python benchmarks/train_precision.py --part step --rounds 3   # step time only (~2 min)
 python benchmarks/train_precision.py --part curves --iters 200 --seeds 0 1 2 --control --plot docs/train-precision.png
 
-Step: forward + backward + SGD step of FCN-8s at 320 x 320, batch 1, summed cross-entropy (the release's loss), for
-torchfcn's FCN8s (He-random weights), fcnseg in fp32 (oneDNN), fcnseg in fp32 on the measured kernels
-(fcnseg.runtime.kernels) and fcnseg in bf16 autocast, the step ``fcnseg train --amp`` takes on a CPU with native bf16:
-the model in channels_last, the forward under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the loss in fp32 on the
-logits, the weights and the SGD step in fp32 (``--bf16-nchw`` also times it on the NCHW model). Each round runs every
+Step: forward + backward + optimiser step of FCN-8s at 320 x 320, batch 1, summed cross-entropy (the release's loss),
+for torchfcn's FCN8s (He-random weights) and fcnseg as ``fcnseg train`` steps it (benchmarks/vs_torchfcn.py's
+``training_steps``): fp32 on oneDNN, fp32 on the measured kernels (fcnseg.runtime.kernels), and bf16 autocast, the
+step ``fcnseg train --amp`` takes on a CPU with native bf16: NHWC activations, the forward under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` with each layer on oneDNN's bf16 convolution or an fp32 GEMM as
+measured, the loss on fp32 logits, the weights and the fused SGD step in fp32. Each round runs every
 contender once in turn, so that slow drifts of the machine hit all alike; the table shows medians and minima and the
 speed-up over torchfcn. On a machine shared with other work, ``--clock process`` times CPU time instead.
 
@@ -25,7 +26,6 @@ PNG (``--plot``); with ``--runs-dir``, a run finished by an earlier call is read
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import dataclasses
 import json
@@ -33,62 +33,24 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.vs_torchfcn import randomised_torchfcn  # noqa: E402
+from benchmarks.vs_torchfcn import training_steps  # noqa: E402
 from fcnseg.engine.config import TrainConfig  # noqa: E402
 from fcnseg.engine.demo import QUICK, stage_config  # noqa: E402
 from fcnseg.engine.run import training_precision  # noqa: E402
 from fcnseg.runtime import NATIVE_BF16, bf16_is_native, cpu_features, cpu_model_name  # noqa: E402
-from fcnseg.runtime.kernels import with_measured_kernels  # noqa: E402
 
-TORCHFCN = "torchfcn FCN8s fp32"
-BF16 = "fcnseg bf16 autocast"
+TORCHFCN = "torchfcn"
+BF16 = "fcnseg bf16 (--amp)"
 CONTROL = "fp32 other kernels"
 
 # ------------------------------------------------------------------------------------------------------ step time
-
-
-def _step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> Callable[[], None]:
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-10, momentum=0.99)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = net(x)
-        F.cross_entropy(logits.float(), y, reduction="sum").backward()  # the loss in fp32, as fcnseg's train_step
-        opt.step()
-
-    return step
-
-
-def step_contenders(size: int, bf16_nchw: bool = False) -> dict[str, Callable[[], None]]:
-    """The steps timed. bf16 runs as ``fcnseg train`` runs it, on an NHWC (channels_last) model; ``bf16_nchw``
-    also times it on the NCHW model."""
-    from fcnseg.models import get_model
-
-    torch.manual_seed(0)
-    ours = get_model("fcn8s", num_classes=21).train()  # aligned, frozen bilinear upsampling as released
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    y = torch.randint(0, 21, (1, size, size), generator=torch.Generator().manual_seed(1))
-    nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-    steps = {
-        TORCHFCN: _step(randomised_torchfcn(1).train(), x, y, bf16=False),
-        "fcnseg fp32": _step(copy.deepcopy(ours), x, y, bf16=False),
-        "fcnseg fp32 measured kernels": _step(with_measured_kernels(ours).train(), x, y, bf16=False),
-        BF16: _step(nhwc, x, y, bf16=True),
-    }
-    if bf16_nchw:
-        steps[BF16 + " (NCHW model)"] = _step(copy.deepcopy(ours), x, y, bf16=True)
-    return steps
 
 
 def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -96,7 +58,7 @@ def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
     ``--clock process``, this process's CPU time instead of the wall clock's (less swayed by other work on a shared
     machine, but spin-waiting threads count)."""
     clock = time.process_time if args.clock == "process" else time.perf_counter
-    steps = step_contenders(args.size, args.bf16_nchw)
+    steps = training_steps(args.size)
     for step in steps.values():
         for _ in range(args.warmup):
             step()  # the first step of the measured kernels also measures them
@@ -120,8 +82,10 @@ def print_steps(times: dict[str, list[float]], size: int, clock: str) -> dict[st
         med = statistics.median(t)
         rows[name] = {"median_ms": med, "min_ms": min(t), "speedup": base / med}
         print(f"{name:<34} {med:>10.0f} {min(t):>8.0f} {base / med:>11.2f}x")
-    fp32, bf16 = statistics.median(times["fcnseg fp32"]), statistics.median(times[BF16])
-    best32 = min(fp32, statistics.median(times["fcnseg fp32 measured kernels"]))
+    if BF16 not in times:
+        return rows
+    fp32, bf16 = statistics.median(times["fcnseg"]), statistics.median(times[BF16])
+    best32 = min(fp32, statistics.median(times["fcnseg measured kernels"]))
     print(f"bf16 autocast: {fp32 / bf16:.2f}x fcnseg fp32 (oneDNN), {best32 / bf16:.2f}x the faster fp32")
     return rows
 
@@ -304,7 +268,6 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=320, help="step: image side in pixels")
     ap.add_argument("--rounds", type=int, default=5, help="step: alternating timed rounds")
     ap.add_argument("--warmup", type=int, default=1, help="step: untimed steps per contender first")
-    ap.add_argument("--bf16-nchw", action="store_true", help="step: also bf16 on the NCHW model")
     ap.add_argument("--clock", choices=("wall", "process"), default="wall", help="step: wall-clock or CPU time")
     ap.add_argument("--model", default="fcn32s", help="curves: the demo stage trained (fcn32s: from scratch)")
     ap.add_argument("--iters", type=int, default=200, help="curves: iterations per run")

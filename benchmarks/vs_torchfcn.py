@@ -2,6 +2,7 @@
 
 python benchmarks/vs_torchfcn.py                      # 375 x 500, 2 threads, 5 alternating rounds
 python benchmarks/vs_torchfcn.py --runs 3 --json vs.json --demo runs/demo/fcn8s/best.pt
+python benchmarks/vs_torchfcn.py --training-only      # the training step alone (~8 minutes)
 
 Both nets get the same random weights (torchfcn's state dict through fcnseg's importer). Each round runs every
 contender once in turn, so slow drifts of the machine hit all of them alike; the table shows medians, the speed-up
@@ -15,17 +16,21 @@ The *peer* rows run the other engines on fcnseg's exported files as a user would
 OpenVINO with f32 forced, OpenVINO at its own default precision (bf16 on CPUs with AVX512_BF16 or AMX) and OpenVINO
 on the int8 QDQ file. Targets on a 2-core CPU: fcnseg's best fp32-class path (>= 99.99% agreement) >= 3x torchfcn
 and >= every peer's fp32; with native bf16, its best bf16 >= OpenVINO's bf16 and >= 5x; with VNNI, its best int8
->= 8x at >= 99.5% agreement on the trained demo model; a training step >= 3x.
+>= 8x at >= 99.5% agreement on the trained demo model; a training step >= 3x. The training steps each run in a
+process of their own (``training_step_ms``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +46,6 @@ from fcnseg.inference import Predictor  # noqa: E402
 from fcnseg.models.complexity import count_gflop  # noqa: E402
 from fcnseg.models.convert import torchfcn_to_fcnseg  # noqa: E402
 from fcnseg.runtime import agreement, cpu_features, make_runner  # noqa: E402
-from fcnseg.runtime.kernels import with_measured_kernels  # noqa: E402
 from fcnseg.runtime.openvino import OPENVINO_PATHS, openvino_available  # noqa: E402
 
 
@@ -209,35 +213,98 @@ def alternate(contenders: dict, x: torch.Tensor, runs: int, warmup: int) -> dict
     return times
 
 
-def training_step_ms(runs: int) -> dict[str, float]:
-    """Forward + backward + SGD step, 320 x 320, batch 1, summed cross-entropy (the release's loss)."""
+def torchfcn_optimizer(net: torch.nn.Module) -> torch.optim.Optimizer:
+    """torchfcn's FCN8s recipe (examples/voc/train_fcn8s.py): SGD, momentum 0.99, weight decay 5e-4 on the
+    convolution weights, biases at 2x lr without decay; its bilinear upsamplers are left out of the optimiser but
+    keep ``requires_grad``, so their gradients are still computed."""
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    groups = [
+        {"params": [m.weight for m in convs]},
+        {"params": [m.bias for m in convs], "lr": 2e-14, "weight_decay": 0},
+    ]
+    return torch.optim.SGD(groups, lr=1e-14, momentum=0.99, weight_decay=5e-4)
+
+
+TRAINING_VARIANTS = {
+    "fcnseg": {"conv_kernels": "onednn"},
+    "fcnseg measured kernels": {"conv_kernels": "measured"},
+    "fcnseg bf16 (--amp)": {"amp": True},  # on the measured kernels too, where --conv-kernels auto takes them
+}
+
+
+def training_steps(size: int = 320, only: str | None = None) -> dict[str, Callable[[], None]]:
+    """One training step each (forward + backward + optimiser step, batch 1, summed cross-entropy: the release's
+    loss) of torchfcn as its recipe trains, and of fcnseg as ``fcnseg train --preset paper`` does (``place_model``,
+    ``build_optimizer``, ``amp_context``) on oneDNN's kernels, on the measured ones, and with ``--amp`` where the
+    CPU has native bf16 (elsewhere --amp trains in fp32 and is left out); ``only`` builds that one alone. The first
+    call of the measured kernels also measures them."""
+    import copy
+
+    from fcnseg.engine.config import TrainConfig
+    from fcnseg.engine.run import amp_context, build_optimizer, place_model, training_precision
     from fcnseg.models import get_model
 
-    ref = randomised_torchfcn(1).train()
-    ours = get_model("fcn8s", num_classes=21).train()  # aligned mode, frozen bilinear upsampling as released
-    measured = with_measured_kernels(ours).train()  # forward on the measured kernels; backward is oneDNN's
-    x = torch.randn(1, 3, 320, 320)
-    y = torch.randint(0, 21, (1, 320, 320))
+    cpu = torch.device("cpu")
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 21, (1, size, size), generator=torch.Generator().manual_seed(1))
     steps = {}
-    for name, net in (("torchfcn", ref), ("fcnseg", ours), ("fcnseg measured kernels", measured)):
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=1e-10, momentum=0.99)
+    if only in (None, "torchfcn"):
+        ref = randomised_torchfcn(1).train()
+        steps["torchfcn"] = _step(ref, torchfcn_optimizer(ref), contextlib.nullcontext, x, y)
+    torch.manual_seed(0)
+    ours = get_model("fcn8s", num_classes=21).train()  # aligned mode, frozen bilinear upsampling as released
+    for name, overrides in TRAINING_VARIANTS.items():
+        cfg = TrainConfig(preset="paper", model="fcn8s", deterministic=False, **overrides).resolved()
+        if only not in (None, name) or (cfg.amp and training_precision(cfg, cpu).dtype != torch.bfloat16):
+            continue
+        net = place_model(copy.deepcopy(ours), cfg, cpu)
+        steps[name] = _step(net, build_optimizer(net, cfg), amp_context(cfg, cpu)[0], x, y)
+    return steps
 
-        def step(net=net, opt=opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y, reduction="sum").backward()
-            opt.step()
 
-        steps[name] = step
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for k in steps:
-        steps[k]()  # warm-up
-    for _ in range(runs):
-        for k, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[k].append((time.perf_counter() - t0) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
+def training_step_ms(rounds: int, threads: int) -> dict[str, float]:
+    """Milliseconds per step of each of :func:`training_steps` at 320 x 320: each contender in a process of its own
+    (each holds ~1.6 GB of weights, gradients and momentum, and in one process their memory traffic slowed one
+    another's steps by up to 2x), ``rounds`` alternating rounds of one warm-up and three timed steps; the median of
+    the rounds' medians."""
+    names = ["torchfcn", *TRAINING_VARIANTS]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            command = [sys.executable, __file__, "--one-training-step", name, "--threads", str(threads)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            median = json.loads(done.stdout.strip().splitlines()[-1])
+            if median is not None:
+                times[name].append(median)
+    return {name: statistics.median(t) for name, t in times.items() if t}
+
+
+def one_training_step(name: str) -> None:
+    """Print the median milliseconds of three steps of ``name`` after a warm-up (null where it does not apply)."""
+    step = training_steps(320, only=name).get(name)
+    if step is None:
+        print("null")
+        return
+    step()  # warm-up; the measured kernels' first step also measures them (cached for later processes)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1000)
+    print(json.dumps(statistics.median(times)))
+
+
+def _step(
+    net: torch.nn.Module, opt: torch.optim.Optimizer, autocast: Callable, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            logits = net(x)
+        F.cross_entropy(logits.float(), y, reduction="sum").backward()
+        opt.step()
+
+    return step
 
 
 def print_table(times: dict, agree: dict, gflop: dict, gemm: float) -> list[dict]:
@@ -256,6 +323,13 @@ def print_table(times: dict, agree: dict, gflop: dict, gemm: float) -> list[dict
     return rows
 
 
+def print_training(train: dict[str, float], threads: int) -> None:
+    from fcnseg.runtime import cpu_model_name
+
+    print(f"\n{cpu_model_name()}, {threads} threads; training step 320x320 batch 1: " + ", ".join(
+        f"{k} {v:.0f} ms ({train['torchfcn'] / v:.2f}x)" for k, v in train.items()))  # fmt: skip
+
+
 def main() -> None:
     from fcnseg.runtime import cpu_model_name
 
@@ -267,8 +341,16 @@ def main() -> None:
     ap.add_argument("--calibration-images", type=int, default=4)
     ap.add_argument("--demo", metavar="CKPT", help="the trained demo FCN-8s: agreement of each path on it")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--training-only", action="store_true", help="time the training step only (minutes)")
+    ap.add_argument("--one-training-step", metavar="NAME", help=argparse.SUPPRESS)  # a process of training_step_ms
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.one_training_step:
+        one_training_step(args.one_training_step)
+        return
+    if args.training_only:
+        print_training(training_step_ms(args.runs, args.threads), args.threads)
+        return
     size = tuple(args.size)
     contenders, agree, gflop = build_contenders(size, args.calibration_images)
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -283,9 +365,8 @@ def main() -> None:
     if demo:
         print("agreement with eager fp32 on the trained demo model: "
               + ", ".join(f"{k} {100 * v:.3f}%" for k, v in demo.items()))  # fmt: skip
-    train = training_step_ms(args.runs)
-    print("\ntraining step 320x320 batch 1: " + ", ".join(
-        f"{k} {v:.0f} ms ({train['torchfcn'] / v:.2f}x)" for k, v in train.items()))  # fmt: skip
+    train = training_step_ms(args.runs, args.threads)
+    print_training(train, args.threads)
     if args.json:
         doc = {"cpu": cpu_model_name(), "features": features, "size": list(size), "threads": args.threads,
                "runs": args.runs, "gemm_gflop_per_s": gemm, "inference": rows, "demo_agreement": demo,

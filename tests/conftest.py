@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -24,7 +26,11 @@ os.environ["FCNSEG_CPU_FEATURES"] = "sse4_2"
 # auto measures its candidates on the first input (fcnseg.runtime.choice): the suite narrows them to eager, so that
 # a test's first prediction does not build every engine; tests/test_choice.py measures for real.
 os.environ["FCNSEG_AUTO_PATHS"] = "eager"
-os.environ.setdefault("FCNSEG_CACHE_DIR", tempfile.mkdtemp(prefix="fcnseg-test-cache-"))
+# The pytest process that makes the folder removes it at exit; its workers and the processes the tests start inherit
+# the variable and share the folder.
+if "FCNSEG_CACHE_DIR" not in os.environ:
+    os.environ["FCNSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="fcnseg-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FCNSEG_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

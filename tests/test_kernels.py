@@ -1,6 +1,7 @@
 """The Winograd path (fcnseg.runtime.kernels): each kernel's values against F.conv2d / the eager model, the measured
 choice and its cache, 2 x 2 max pooling, and agreement with eager fp32 on the trained demo model."""
 
+import copy
 import functools
 import json
 
@@ -229,6 +230,27 @@ def test_training_never_measures_the_winograd_kernels(tmp_path, monkeypatch):
     assert fast.last == "winograd6"
 
 
+def test_training_times_forward_and_backward_without_touching_the_gradients(tmp_path, monkeypatch):
+    # Wrong code caught: training choosing by the forward alone (fc6's oneDNN backward is several times the GEMM's,
+    # its forward not), and a measurement that leaves gradients in .grad for the first optimiser step to apply.
+    calls = {"grad": 0}
+    fast = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(tmp_path / "c.json"))
+    fast.weight.register_hook(lambda g: calls.__setitem__("grad", calls["grad"] + 1))
+    monkeypatch.setattr(kernels, "median_ms", lambda fn, **_: fn() is None or 20.0)
+    x = torch.randn(1, 4, 9, 10)
+    with torch.no_grad():
+        fast(x)
+    assert calls["grad"] == 0
+    out = fast(x.requires_grad_())
+    measured = calls["grad"]
+    assert measured >= len(fast.candidates) - 2 and fast.weight.grad is None  # all but the Winograd two
+    out.sum().backward()
+    assert calls["grad"] == measured + 1  # the step's own backward, once
+    w = fast.weight.detach().requires_grad_()
+    (want,) = torch.autograd.grad(F.conv2d(x.detach(), w, fast.bias.detach(), padding=1).sum(), [w])
+    torch.testing.assert_close(fast.weight.grad, want, rtol=1e-5, atol=1e-5)  # one gradient, not one per trial
+
+
 def test_a_kernel_far_slower_on_its_first_run_is_not_timed_further(tmp_path, monkeypatch):
     import time
 
@@ -295,6 +317,51 @@ def test_gradients_through_the_measured_kernels_equal_the_plain_models(kernel, t
     for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
         if p.grad is not None:
             assert _relative_error(q.grad, p.grad) < 1e-4, name
+
+
+def _fp32_convolutions(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose Conv2d layers compute F.conv2d in fp32 even under autocast; the rest as it was."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+
+            def fp32(x, m=m):
+                with torch.autocast("cpu", enabled=False):
+                    return F.conv2d(x.float(), m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+            m.forward = fp32
+    return model
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "gemm"])
+def test_under_autocast_the_gemm_runs_in_fp32_and_onednn_in_bf16(kernel, tmp_path, monkeypatch):
+    # bf16 training (CPU autocast) measures oneDNN's bf16 convolution against the GEMM in fp32. Pinned to the GEMM,
+    # each convolution equals an fp32 F.conv2d, gradients included (the upsampling stays in autocast's bf16 in
+    # both); pinned to oneDNN, the model is the plain one under autocast. Wrong code caught: the GEMM left to
+    # autocast (bf16 products), Winograd or NNPACK measured in bf16 training, and the autocast choice read from
+    # the fp32 one's cache entry.
+    _pin(monkeypatch, kernel)
+    plain = randomise(fcnseg.get_model("fcn8s", num_classes=4, **TINY), seed=3).eval()
+    choices = KernelChoices(tmp_path / "c.json")
+    fast = with_measured_kernels(plain, choices)
+    x, y = torch.randn(1, 3, 45, 53), torch.randint(0, 4, (1, 45, 53))
+
+    def loss_and_grads(net):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return [loss.detach(), *torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad])]
+
+    got = loss_and_grads(fast)
+    assert set(_used(fast).values()) == {kernel}
+    assert choices.choices and all(key.endswith("+grad+autocast torch.bfloat16") for key in choices.choices)
+    want = loss_and_grads(plain if kernel == "onednn" else _fp32_convolutions(plain))
+    tolerance = 0 if kernel == "onednn" else 1e-4
+    assert abs(float(got[0] - want[0])) <= tolerance * float(want[0])
+    assert all(_relative_error(g, w) <= tolerance for g, w in zip(got[1:], want[1:], strict=True))
+    if kernel == "gemm":  # and the test tells the two apart: bf16 convolutions move these gradients far more
+        bf16 = loss_and_grads(plain)
+        assert max(_relative_error(g, w) for g, w in zip(bf16[1:], want[1:], strict=True)) > 1e-3
 
 
 @pytest.mark.parametrize(

@@ -138,45 +138,79 @@ class MeasuredConv2d(nn.Conv2d):
         n, _, h, w = x.shape
         area = 2 ** (round(2 * math.log2(max(h * w, 1))) / 2)
         grad = "+grad" if torch.is_grad_enabled() else ""
-        return f"{cin}->{cout} k{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} in {n}x~{area:.0f}px {x.dtype}{grad}"
+        amp = f"+autocast {torch.get_autocast_dtype('cpu')}" if torch.is_autocast_enabled("cpu") else ""
+        return f"{cin}->{cout} k{kh}x{kw} s{sh}x{sw} p{ph}x{pw} d{dh}x{dw} in {n}x~{area:.0f}px {x.dtype}{grad}{amp}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        amp = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if x.device.type != "cpu" or (x.dtype != torch.float32 and not amp):
             return self.run("onednn", x)
         key = self.key(x)
         kernel = self.choices.get(key)
-        if kernel not in self.candidates:
+        if kernel not in self._candidates(amp):
             kernel = self.measure(x, key)
         self.last = kernel
         return self.run(kernel, x)
 
+    def _candidates(self, amp: bool) -> list[str]:
+        # Under CPU autocast oneDNN runs the layer in bf16; of the others only the GEMM, in fp32, can beat it: on
+        # FCN-VGG16's fc6 (a 7x7 kernel over a 10 x 10 map) oneDNN's bf16 backward is several times the fp32 GEMM's.
+        return [k for k in self.candidates if k in ("onednn", "gemm")] if amp else self.candidates
+
     def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if kernel == "onednn":  # in the input's layout: NHWC activations are oneDNN's fastest
+            return _onednn(self, x)
+        if torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return _RUN[kernel](self, x.float().contiguous())
         return _RUN[kernel](self, x.contiguous())
 
+    def _trial(self, kernel: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """A call of ``kernel`` on ``x`` as the model makes it: with autograd on (training), forward and backward,
+        whose costs differ between kernels more than the forward's (the GEMM's backward is two matrix products,
+        oneDNN's its own kernels)."""
+        if not torch.is_grad_enabled():
+            return lambda k=kernel: self.run(k, x)
+        leaf = x.detach().requires_grad_(x.requires_grad)
+        wrt = [t for t in (leaf, self.weight, self.bias) if t is not None and t.requires_grad]
+
+        def forward_backward(k: str = kernel) -> torch.Tensor:
+            out = self.run(k, leaf)
+            if wrt:  # gradients returned, not accumulated: the parameters' .grad stay as they are
+                torch.autograd.grad(out, wrt, torch.ones_like(out))
+            return out.detach()
+
+        return forward_backward
+
     def measure(self, x: torch.Tensor, key: str) -> str:
-        """Time every candidate on ``x`` (median of a few runs after one that checks it) and remember the fastest
-        whose output is within :data:`TOLERANCE` of oneDNN's range. With autograd on (training), the Winograd
-        kernels are not candidates."""
+        """Time every candidate on ``x`` (median of a few runs after one that checks it; forward and backward when
+        training) and remember the fastest whose output is within :data:`TOLERANCE` of the range of an fp32 oneDNN
+        convolution's. With autograd on, the Winograd kernels are not candidates; under autocast, the candidates
+        are oneDNN's low-precision convolution and the fp32 GEMM."""
+        amp = torch.is_autocast_enabled("cpu")
         # Winograd's backward runs through its transforms' autograd: a training step on it took twice oneDNN's.
         skipped = _WINOGRAD_TILE if torch.is_grad_enabled() else {}
-        with torch.no_grad():
-            reference = self.run("onednn", x)
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            reference = _onednn(self, x.float())
             scale = float(reference.max() - reference.min()) or 1.0
-            times = {}
-            for kernel in (k for k in self.candidates if k not in skipped):
-                if kernel != "onednn":
-                    if kernel in _WINOGRAD_TILE:  # transform the filters first: once per weight, not per call
+        times: dict[str, float] = {}
+        for kernel in (k for k in self._candidates(amp) if k not in skipped):
+            trial = self._trial(kernel, x)
+            if kernel == "onednn":  # the reference itself, or under autocast the precision asked for
+                trial()
+            else:
+                if kernel in _WINOGRAD_TILE:  # transform the filters first: once per weight, not per call
+                    with torch.no_grad():
                         _winograd_filters(self, _WINOGRAD_TILE[kernel])
-                    start = time.perf_counter()
-                    out = self.run(kernel, x)
-                    first = 1000 * (time.perf_counter() - start)
-                    if float((out - reference).abs().max()) > TOLERANCE * scale:
-                        continue
-                    # A first run over 3x the best median so far cannot win: it is not timed further.
-                    if times and first > 3 * min(times.values()):
-                        continue
-                # No warm-up: each candidate but oneDNN has just run (the check above), oneDNN for the reference.
-                times[kernel] = median_ms(lambda k=kernel: self.run(k, x), runs=_TIMED_RUNS)
+                start = time.perf_counter()
+                out = trial()
+                first = 1000 * (time.perf_counter() - start)
+                if float((out.float() - reference).abs().max()) > TOLERANCE * scale:
+                    continue
+                # A first run over 3x the best median so far cannot win: it is not timed further.
+                if times and first > 3 * min(times.values()):
+                    continue
+            times[kernel] = median_ms(trial, runs=_TIMED_RUNS)
         best = min(times, key=times.__getitem__)
         self.choices.set(key, best)
         # Keep the chosen Winograd kernel's transformed filters only: fc6's for 8 x 8 tiles alone take 537 MB.

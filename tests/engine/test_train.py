@@ -203,6 +203,41 @@ def test_paper_preset_uses_summed_loss_and_doubled_bias_rate(tmp_path):
     assert model.head.score_fr.bias.abs().max() > 1e-9  # the summed gradient is large: a mean's would be ~1e-12
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_is_fused_and_steps_as_written_out(tmp_path, optimizer):
+    # Two steps with known gradients against the update written out in float64: Caffe's SGD (v <- momentum v +
+    # (g + decay w), w <- w - lr v, biases at 2 x lr without decay in the paper preset) and AdamW's decoupled decay
+    # (Loshchilov and Hutter). Catches a group losing its rate or decay, and a fused kernel stepping otherwise.
+    cfg = _cfg(tmp_path, preset="paper" if optimizer == "sgd" else "modern", optimizer=optimizer, lr=0.05).resolved()
+    model = fcnseg.get_model("fcn32s", num_classes=3, width=1 / 16, fc_dim=8)
+    opt = run_mod.build_optimizer(model, cfg)
+    assert all(group["fused"] for group in opt.param_groups)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    rates = {id(p): (group["lr"], group["weight_decay"]) for group in opt.param_groups for p in group["params"]}
+    g = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(2)]
+    want = [p.detach().double().clone() for p in params]
+    state = [dict(v=torch.zeros_like(w), m=torch.zeros_like(w), s=torch.zeros_like(w)) for w in want]
+    for t, step_grads in enumerate(grads, start=1):
+        for p, grad in zip(params, step_grads, strict=True):
+            p.grad = grad.clone()
+        opt.step()
+        for i, (p, grad) in enumerate(zip(params, step_grads, strict=True)):
+            lr, decay = rates[id(p)]
+            w, grad, st = want[i], grad.double(), state[i]
+            if optimizer == "sgd":
+                st["v"] = (grad + decay * w) if t == 1 else cfg.momentum * st["v"] + grad + decay * w
+                want[i] = w - lr * st["v"]
+            else:
+                b1, b2 = 0.9, 0.999
+                st["m"], st["s"] = b1 * st["m"] + (1 - b1) * grad, b2 * st["s"] + (1 - b2) * grad**2
+                update = (st["m"] / (1 - b1**t)) / ((st["s"] / (1 - b2**t)).sqrt() + 1e-8)
+                want[i] = w * (1 - lr * decay) - lr * update
+    assert {lr for lr, _ in rates.values()} == ({0.05, 0.1} if optimizer == "sgd" else {0.05})
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.detach().double(), w, rtol=1e-5, atol=1e-6)
+
+
 def test_lr_schedule_warmup_then_poly():
     cfg = TrainConfig(iters=110, warmup_iters=10, poly_power=0.9).resolved()
     f = [run_mod.lr_factor(cfg, i) for i in range(110)]
