@@ -8,6 +8,7 @@ the same classes; neither imports the other for them. This module imports nothin
 from __future__ import annotations
 
 __all__ = [
+    "IGNORE_INDEX",
     "NYUD_CLASSES",
     "NYUD_MEAN_BGR",
     "NYUD_MEAN_HHA",
@@ -76,3 +77,7 @@ SIFTFLOW_ABSENT_IN_TEST: tuple[str, ...] = ("cow", "desert", "moon")
 """Semantic classes that never occur in the test set; the paper excludes them from the test metrics."""
 # The mean of FCN's siftflow_layers.py (0-255 pixels, BGR order), for models that normalise like the release.
 SIFTFLOW_MEAN_BGR: tuple[float, float, float] = (114.578, 115.294, 108.353)
+
+
+IGNORE_INDEX = 255
+"""Label of void pixels (object borders in VOC, unlabelled pixels elsewhere): ignored by loss and metrics."""

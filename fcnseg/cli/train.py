@@ -30,8 +30,9 @@ _HELP = {
     "amp": "mixed precision. GPU: bf16 autocast (fp16 with loss scaling where the GPU lacks bf16). CPU: bf16 autocast "
     "where the CPU computes bf16 natively (AVX-512 BF16 or AMX), else fp32 (emulated bf16 is slower); the weights "
     "stay fp32 and the run says which precision it trains in",
-    "conv_kernels": "CPU convolutions: auto (measured Winograd / GEMM / oneDNN kernels where the CPU has AVX2 and FMA "
-    "and the run trains in fp32), measured (fp32, so --amp stays fp32) or onednn",
+    "conv_kernels": "CPU convolutions: auto (each layer on the oneDNN, NNPACK or GEMM kernel whose forward and "
+    "backward measure fastest, where the CPU has AVX2 and FMA; under bf16 --amp oneDNN's bf16 or the GEMM in fp32), "
+    "measured (on any CPU) or onednn",
     "num_workers": "data loading processes (default: up to 2, as the CPU allows)",
     "check_data": "before the run: every image has its mask, every file decodes, sizes match",
     "backbone_weights": "torchvision IMAGENET1K_V1 / IMAGENET1K_FEATURES / DEFAULT, CAFFE, or a VGG16 state-dict file",

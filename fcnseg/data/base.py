@@ -5,17 +5,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path, PureWindowsPath
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from torchvision import tv_tensors
 
+from .._meta import IGNORE_INDEX as IGNORE_INDEX  # the datasets' void label, read from here too
 from ..errors import FcnsegError, clipped, shown
 from ..imageio import load_image
 
-IGNORE_INDEX = 255
-"""Label of void pixels (object borders in VOC, unlabelled pixels elsewhere): ignored by loss and metrics."""
+if TYPE_CHECKING:  # torchvision is imported where an item is made: listing the datasets (the CLI) needs none of it
+    from torchvision import tv_tensors
 
 
 class SplitError(FcnsegError):
@@ -98,6 +98,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image, mask
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        from torchvision import tv_tensors
+
         image, mask = self.load_pair(index)
         img_t = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         mask_t = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)).to(torch.int64))

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 
 from .._meta import SIFTFLOW_ABSENT_IN_TEST, SIFTFLOW_CLASSES, SIFTFLOW_GEO_CLASSES, SIFTFLOW_MEAN_BGR
 from ..errors import FcnsegError, shown
@@ -30,6 +29,9 @@ from ..imageio import IMAGE_FORMATS
 from ..palette import palette_for
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
+
+if TYPE_CHECKING:
+    from torchvision import tv_tensors
 from .nyud import read_mat_labels, split_overlap_problems
 
 __all__ = [
@@ -187,6 +189,8 @@ class SIFTFlowSegmentation(SegmentationDataset):
         return read_geo_labels(path) if self._mask_kind == "geometric" else read_semantic_labels(path)
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        from torchvision import tv_tensors
+
         if self.target != "both":
             return super().__getitem__(index)
         image, semantic = self.load_pair(index)

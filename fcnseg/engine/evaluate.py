@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.base import IGNORE_INDEX
+from .._meta import IGNORE_INDEX
 from ..inference import Predictor
 from ..io import atomic_write
 from ..metrics import ConfusionMatrix

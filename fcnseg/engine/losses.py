@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.base import IGNORE_INDEX
+from .._meta import IGNORE_INDEX
 from ..errors import FcnsegError, clipped
 
 __all__ = [
