@@ -196,8 +196,9 @@ class MeasuredConv2d(nn.Conv2d):
         times: dict[str, float] = {}
         for kernel in (k for k in self._candidates(amp) if k not in skipped):
             trial = self._trial(kernel, x)
-            if kernel == "onednn":  # the reference itself, or under autocast the precision asked for
-                trial()
+            if kernel == "onednn":  # the reference's forward has just run; a backward or bf16 one has not
+                if amp or torch.is_grad_enabled():
+                    trial()
             else:
                 if kernel in _WINOGRAD_TILE:  # transform the filters first: once per weight, not per call
                     with torch.no_grad():
