@@ -29,10 +29,10 @@ from ..imageio import IMAGE_FORMATS
 from ..palette import palette_for
 from .base import IGNORE_INDEX, SegmentationDataset, SplitError, check_split, read_split_file, register_dataset
 from .check import Problem
+from .nyud import read_mat_labels, split_overlap_problems
 
 if TYPE_CHECKING:
     from torchvision import tv_tensors
-from .nyud import read_mat_labels, split_overlap_problems
 
 __all__ = [
     "SIFTFLOW_ABSENT_IN_TEST",

@@ -26,7 +26,7 @@ from ..data.transforms import eval_transforms, train_transforms
 from ..errors import FcnsegError
 from ..io import atomic_write, remove_stale_temporaries
 from ..runtime import NATIVE_BF16, bf16_is_native, cpu_features
-from ..runtime.kernels import use_measured_kernels
+from ..runtime.kernels import kernels_pay, use_measured_kernels
 from .checkpointing import RunLog, TrainState, restore_run
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -283,8 +283,7 @@ def measured_kernels_wanted(cfg: TrainConfig, device: torch.device) -> bool:
         return False
     if cfg.conv_kernels == "measured":
         return True
-    # --runtime auto's fp32 rule: the Winograd and GEMM kernels pay with AVX2 and FMA.
-    return {"avx2", "fma"} <= cpu_features()
+    return kernels_pay(cpu_features())
 
 
 def place_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:

@@ -36,7 +36,7 @@ from ..errors import FcnsegError
 from ..io import cache_root, scratch_folder
 from .compare import Runner, agreement
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features, cpu_key
-from .kernels import KERNELS
+from .kernels import KERNELS, kernels_pay
 from .openvino import openvino_available, openvino_version
 
 REDUCED_MIN_AGREEMENT = 0.995  # auto-reduced: the share of eager fp32's labels a path must keep
@@ -70,7 +70,7 @@ def candidates(reduced: bool, features: frozenset[str] | None = None) -> list[st
     onnx, ov = onnx_available(), openvino_available()
     usable = {
         "eager": True,
-        "winograd": {"avx2", "fma"} <= features,
+        "winograd": kernels_pay(features),
         "onnx": onnx,
         "openvino": ov and onnx,
         "bf16": bool(features & NATIVE_BF16) and bf16_is_native(),

@@ -47,6 +47,12 @@ TOLERANCE = 1e-4  # of the output's range: a kernel further from oneDNN's output
 _TIMED_RUNS = 3
 
 
+def kernels_pay(features: frozenset[str]) -> bool:
+    """Whether the measured kernels are worth measuring on a CPU with ``features``: the Winograd and GEMM kernels
+    pay with AVX2 and FMA (the ``winograd`` path's rule, and training's with ``--conv-kernels auto``)."""
+    return {"avx2", "fma"} <= features
+
+
 def kernels_key() -> str:
     """This CPU (:func:`~fcnseg.runtime.cpu.cpu_key`) and the kernels there are to choose from: a new kernel in a
     later fcnseg is measured, not passed over for an older choice."""

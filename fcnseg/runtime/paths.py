@@ -17,7 +17,7 @@ from ..errors import FcnsegError
 from ..io import cache_root
 from .compare import Runner
 from .cpu import NATIVE_BF16, VNNI, bf16_is_native, cpu_features, isa_key
-from .kernels import with_measured_kernels
+from .kernels import kernels_pay, with_measured_kernels
 from .onnx import onnx_runner
 from .openvino import OPENVINO_PATHS, openvino_runner
 
@@ -51,7 +51,7 @@ def choose_path(features: frozenset[str], *, reduced: bool = False) -> tuple[str
     if reduced and "avx2" in features:
         how = f"VNNI's u8s8 kernels ({_named(features & VNNI)})" if features & VNNI else "7-bit weights: no VNNI"
         return "onnx-int8", f"reduced precision asked for; int8 with {how}"
-    if {"avx2", "fma"} <= features:
+    if kernels_pay(features):
         return "winograd", "AVX2 and FMA: Winograd and GEMM kernels, each layer measured against oneDNN"
     return "eager", "no AVX2 and FMA for the Winograd and GEMM kernels: oneDNN's fp32 convolutions"
 
