@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,12 +41,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.torchfcn_loader import load_torchfcn_models  # noqa: E402
+from fcnseg._memory import HUGE_PAGES_ENV  # noqa: E402
 from fcnseg.bench import gemm_gflops  # noqa: E402
 from fcnseg.hub import load, model_from_checkpoint  # noqa: E402
 from fcnseg.inference import Predictor  # noqa: E402
 from fcnseg.models.complexity import count_gflop  # noqa: E402
 from fcnseg.models.convert import torchfcn_to_fcnseg  # noqa: E402
 from fcnseg.runtime import agreement, cpu_features, make_runner  # noqa: E402
+from fcnseg.runtime.cpu import bf16_is_native  # noqa: E402
 from fcnseg.runtime.openvino import OPENVINO_PATHS, openvino_available  # noqa: E402
 
 
@@ -89,6 +92,11 @@ def predict_agreement(model: torch.nn.Module, reference, rgbs: list[np.ndarray])
 FP32_ALIGNED = "fcnseg aligned fp32"
 
 
+def reduced_paths(paths: list[str] | tuple[str, ...]) -> list[str]:
+    """``paths`` without the bf16 ones on a CPU that only emulates bf16 (the bf16 class needs native bf16)."""
+    return [p for p in paths if bf16_is_native() or "bf16" not in p]
+
+
 def fcnseg_paths(
     caffe: torch.nn.Module, aligned: torch.nn.Module, calibration: list[torch.Tensor], workdir: Path
 ) -> dict:
@@ -99,14 +107,15 @@ def fcnseg_paths(
         "fcnseg caffe mode ONNX fp32": make_runner(caffe, "onnx", workdir=workdir / "caffe"),
         FP32_ALIGNED: make_runner(aligned, "eager"),
         "fcnseg aligned winograd": make_runner(aligned, "winograd"),
-        "fcnseg aligned bf16": make_runner(aligned, "bf16"),
         "fcnseg aligned ONNX fp32": make_runner(aligned, "onnx", workdir=workdir / "aligned"),
         "fcnseg aligned ONNX int8": make_runner(
             aligned, "onnx-int8", calibration=calibration, workdir=workdir / "aligned"
         ),  # fmt: skip
     }
+    if bf16_is_native():  # elsewhere bf16 is emulated, slower than fp32: not a contender
+        paths["fcnseg aligned bf16"] = make_runner(aligned, "bf16")
     if openvino_available():
-        for path in OPENVINO_PATHS:
+        for path in reduced_paths(OPENVINO_PATHS):
             paths[f"fcnseg aligned {path}"] = make_runner(aligned, path, calibration=calibration,
                                                           workdir=workdir / "aligned")  # fmt: skip
     return paths
@@ -189,7 +198,9 @@ def demo_agreement(checkpoint: str, size: tuple[int, int], calibration_images: i
     checks = sample_images(model, size, 8)
     fp32 = make_runner(model, "eager")
     out = {}
-    paths = ["winograd", "bf16", "onnx", "onnx-int8"] + (list(OPENVINO_PATHS) if openvino_available() else [])
+    paths = reduced_paths(
+        ["winograd", "bf16", "onnx", "onnx-int8"] + (list(OPENVINO_PATHS) if openvino_available() else [])
+    )
     with tempfile.TemporaryDirectory(prefix="vs-torchfcn-demo-") as folder:
         for path in paths:
             out[path] = agreement(make_runner(model, path, calibration=calibration, workdir=folder), fp32, checks)
@@ -272,11 +283,18 @@ def training_step_ms(rounds: int, threads: int) -> dict[str, float]:
     for _ in range(rounds):
         for name in names:
             command = [sys.executable, __file__, "--one-training-step", name, "--threads", str(threads)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = subprocess.run(command, capture_output=True, text=True, check=True, env=training_env(name))
             median = json.loads(done.stdout.strip().splitlines()[-1])
             if median is not None:
                 times[name].append(median)
     return {name: statistics.median(t) for name, t in times.items() if t}
+
+
+def training_env(name: str) -> dict[str, str]:
+    """The environment of a training contender's process: fcnseg's as ``fcnseg train`` sets it (huge pages for
+    large tensors, ``fcnseg._memory``; ``place_model`` keeps freed memory), torchfcn's as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+    return env if name == "torchfcn" else {**env, HUGE_PAGES_ENV: "1"}
 
 
 def one_training_step(name: str) -> None:

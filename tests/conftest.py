@@ -4,9 +4,16 @@ import shutil
 import tempfile
 
 import pytest
-import torch
 
-from tests.helpers import hub  # noqa: F401  (hub: a fixture, found here by every test)
+from fcnseg._memory import request_huge_pages
+
+# Large CPU tensors on huge pages in the workers too, as in the `fcnseg` processes the tests start (before torch is
+# imported: fcnseg._memory says why).
+request_huge_pages()
+
+import torch  # noqa: E402
+
+from tests.helpers import hub  # noqa: E402, F401  (hub: a fixture, found here by every test)
 
 # Two cores here and in CI: keep torch from oversubscribing them when pytest runs, with its workers (pytest-xdist's
 # -n, the default in pyproject.toml) sharing the cores between them. The processes the tests start (fcnseg predict,

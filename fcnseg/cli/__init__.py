@@ -13,10 +13,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from ..errors import FcnsegError, user_message
-from . import bench, check_data, convert, demo, export, models, predict, push, serve, train, weights
-from . import eval as eval_
-from ._common import error
+from .._memory import request_huge_pages
+
+# Before the commands import torch: large CPU tensors on huge pages (fcnseg._memory says why).
+request_huge_pages()
+
+from ..errors import FcnsegError, user_message  # noqa: E402
+from . import bench, check_data, convert, demo, export, models, predict, push, serve, train, weights  # noqa: E402
+from . import eval as eval_  # noqa: E402
+from ._common import error  # noqa: E402
 
 __all__ = ["build_parser", "main"]
 

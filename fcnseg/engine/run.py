@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._memory import keep_freed_memory
 from ..data import get_dataset
 from ..data.base import SegmentationDataset, check_data_options
 from ..data.check import quick_problems
@@ -290,6 +291,8 @@ def place_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.
     """``model`` on ``device``, laid out and on the kernels that its training precision runs fastest on: what
     ``fcnseg train`` steps (benchmarks/vs_torchfcn.py times the same)."""
     model.to(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # each step reuses the last one's buffers instead of faulting them in again
     precision = training_precision(cfg, device)
     if precision.device_type == "cpu" and precision.dtype == torch.bfloat16:
         # oneDNN's bf16 convolutions (AMX) and their backward run fastest on NHWC activations, which an NHWC input

@@ -1,0 +1,70 @@
+"""The CPU memory settings of fcnseg's processes (fcnseg._memory), each observed from outside, in a fresh
+interpreter, as the page faults that writing a large tensor costs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fcnseg._memory import HUGE_PAGES_ENV
+from tests.helpers import HANG_TIMEOUT
+
+
+def run_python(code: str, **env: str) -> str:
+    base = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_TIMEOUT,
+                          env={**base, **env}, check=True)  # fmt: skip
+    return done.stdout.strip()
+
+
+# Page faults while a 64 MB tensor (16,384 pages of 4 KB, 32 huge pages of 2 MB) is allocated and written, after
+# ``setup``; the second time, where ``twice``.
+FAULTS = """
+import resource, torch
+{setup}
+if {twice}:
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(64 << 20, dtype=torch.uint8).fill_(2)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+PAGES = 16384
+
+
+def huge_page_mode() -> str:
+    """The kernel's transparent huge page mode: always, madvise or never (the bracketed word)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+@pytest.mark.skipif(huge_page_mode() == "never", reason="this kernel gives no transparent huge pages")
+def test_the_command_line_puts_large_tensors_on_huge_pages():
+    cli = FAULTS.format(setup="", twice=False).replace("import resource", "import fcnseg.cli, resource")
+    assert int(run_python(cli)) < PAGES // 8  # a fault per 2 MB, not per 4 KB
+    if huge_page_mode() == "madvise":  # the kernel gives them only where asked: without the command line, or
+        # where the user turned them off, the same tensor faults in page by page, so the check tells the two apart
+        assert int(run_python(FAULTS.format(setup="", twice=False))) > PAGES // 2
+        assert int(run_python(cli, **{HUGE_PAGES_ENV: "0"})) > PAGES // 2
+
+
+PLACE_MODEL = """
+from fcnseg.engine.config import TrainConfig
+from fcnseg.engine.run import place_model
+place_model(torch.nn.Conv2d(3, 4, 3), TrainConfig(conv_kernels="onednn"), torch.device("cpu"))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's settings are glibc's")
+def test_training_reuses_freed_memory_without_faulting_it_in_again():
+    plain = int(run_python(FAULTS.format(setup="", twice=True), **{HUGE_PAGES_ENV: "0"}))
+    kept = int(run_python(FAULTS.format(setup=PLACE_MODEL, twice=True), **{HUGE_PAGES_ENV: "0"}))
+    assert plain > PAGES // 2  # glibc unmapped the first block and faults the second in page by page
+    assert kept < PAGES // 20  # placing a model for CPU training kept the first block for the second
