@@ -92,8 +92,9 @@ def predict_agreement(model: torch.nn.Module, reference, rgbs: list[np.ndarray])
 FP32_ALIGNED = "fcnseg aligned fp32"
 
 
-def reduced_paths(paths: list[str] | tuple[str, ...]) -> list[str]:
-    """``paths`` without the bf16 ones on a CPU that only emulates bf16 (the bf16 class needs native bf16)."""
+def worth_timing(paths: list[str]) -> list[str]:
+    """``paths`` without the bf16 ones on a CPU that only emulates bf16, slower than fp32 (the bf16 class needs
+    native bf16)."""
     return [p for p in paths if bf16_is_native() or "bf16" not in p]
 
 
@@ -112,12 +113,9 @@ def fcnseg_paths(
             aligned, "onnx-int8", calibration=calibration, workdir=workdir / "aligned"
         ),  # fmt: skip
     }
-    if bf16_is_native():  # elsewhere bf16 is emulated, slower than fp32: not a contender
-        paths["fcnseg aligned bf16"] = make_runner(aligned, "bf16")
-    if openvino_available():
-        for path in reduced_paths(OPENVINO_PATHS):
-            paths[f"fcnseg aligned {path}"] = make_runner(aligned, path, calibration=calibration,
-                                                          workdir=workdir / "aligned")  # fmt: skip
+    for path in worth_timing(["bf16", *(OPENVINO_PATHS if openvino_available() else ())]):
+        paths[f"fcnseg aligned {path}"] = make_runner(aligned, path, calibration=calibration,
+                                                      workdir=workdir / "aligned")  # fmt: skip
     return paths
 
 
@@ -198,9 +196,7 @@ def demo_agreement(checkpoint: str, size: tuple[int, int], calibration_images: i
     checks = sample_images(model, size, 8)
     fp32 = make_runner(model, "eager")
     out = {}
-    paths = reduced_paths(
-        ["winograd", "bf16", "onnx", "onnx-int8"] + (list(OPENVINO_PATHS) if openvino_available() else [])
-    )
+    paths = worth_timing(["winograd", "bf16", "onnx", "onnx-int8", *(OPENVINO_PATHS if openvino_available() else ())])
     with tempfile.TemporaryDirectory(prefix="vs-torchfcn-demo-") as folder:
         for path in paths:
             out[path] = agreement(make_runner(model, path, calibration=calibration, workdir=folder), fp32, checks)
