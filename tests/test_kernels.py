@@ -50,6 +50,7 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
         (4, 4, 3, 1, 2, 2, (15, 14)),  # dilated: GEMM only
         (6, 5, 3, 1, 1, 1, (2, 3)),  # a map smaller than one Winograd tile
         (3, 8, 3, 1, 0, 1, (10, 7)),  # no padding: the last tiles reach past the output
+        (3, 4, 3, 1, 1, 1, (47, 53)),  # over kernels.ONE_BY_ONE_AREA: the batch runs image by image
     ],
 )
 @pytest.mark.parametrize("kernel", ["nnpack", "winograd6", "winograd8", "gemm"])
@@ -147,6 +148,22 @@ def test_each_built_transform_computes_a_1d_correlation(m, r):
     )
     expected = torch.tensor([sum(float(d[i + k] * g[k]) for k in range(r)) for i in range(m)], dtype=torch.float64)
     assert torch.allclose(a_t @ ((g_t @ g) * (b_t @ d)), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("columns", [1, 25, 10**6])  # each image alone, two images a chunk, the batch at once
+@pytest.mark.parametrize("m, r, padding", [(4, 3, 1), (2, 7, 0)])  # VGG's 3x3 on 6 x 6 tiles, fc6 on 8 x 8
+def test_winograd_gives_each_image_of_a_batch_its_own_convolution(columns, m, r, padding, monkeypatch):
+    """Images share the GEMMs' columns in chunks of at most ``winograd.COLUMNS`` tiles: every chunking gives each
+    image the float64 convolution of that image alone, and the images stay in their order."""
+    monkeypatch.setattr(winograd, "COLUMNS", columns)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, 19, 23, generator=gen)  # 5 images of 5 x 6 = 30 tiles (3x3), 7 x 9 = 63 (7x7)
+    weight, bias = torch.randn(6, 4, r, r, generator=gen), torch.randn(6, generator=gen)
+    out = winograd.winograd_conv2d(x, winograd.transform_filters(weight, m), bias, (padding, padding), m)
+    for i in range(len(x)):
+        alone = F.conv2d(x[i : i + 1].double(), weight.double(), bias.double(), padding=padding)
+        assert out[i : i + 1].shape == alone.shape
+        assert _relative_error(out[i : i + 1], alone) < 1e-5, i
 
 
 def test_a_tile_with_more_points_than_the_table_is_refused():

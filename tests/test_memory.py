@@ -63,9 +63,17 @@ place_model(torch.nn.Conv2d(3, 4, 3), TrainConfig(conv_kernels="onednn"), torch.
 """
 
 
+PREDICTOR = """
+import fcnseg
+from fcnseg.inference import Predictor
+Predictor(fcnseg.get_model("fcn32s", num_classes=2, width=0.0625, fc_dim=8), runtime="eager")
+"""
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's settings are glibc's")
-def test_training_reuses_freed_memory_without_faulting_it_in_again():
+@pytest.mark.parametrize("setup", [PLACE_MODEL, PREDICTOR], ids=["training", "inference"])
+def test_cpu_training_and_inference_reuse_freed_memory_without_faulting_it_in_again(setup):
     plain = int(run_python(FAULTS.format(setup="", twice=True), **{HUGE_PAGES_ENV: "0"}))
-    kept = int(run_python(FAULTS.format(setup=PLACE_MODEL, twice=True), **{HUGE_PAGES_ENV: "0"}))
+    kept = int(run_python(FAULTS.format(setup=setup, twice=True), **{HUGE_PAGES_ENV: "0"}))
     assert plain > PAGES // 2  # glibc unmapped the first block and faults the second in page by page
-    assert kept < PAGES // 20  # placing a model for CPU training kept the first block for the second
+    assert kept < PAGES // 20  # placing a model for CPU training, or a predictor, kept the first block

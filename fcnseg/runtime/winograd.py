@@ -74,12 +74,31 @@ def transform_filters(weight: torch.Tensor, m: int) -> torch.Tensor:
     return torch.einsum("ai,kcij,bj->abkc", g, weight, g).reshape(n * n, cout, cin).contiguous()
 
 
+# Images are laid side by side in the GEMMs' columns (one C_out x C_in by C_in x (images * tiles) product per tile
+# element), up to about this many columns: small late maps (conv5, fc6: tens of tiles per image) then fill the
+# GEMM's width, while the large early maps go one image at a time, so that their transformed tiles stay in cache.
+# With the filters broadcast over the batch instead, a batch of 8 copied fc6's 537 MB of filters 8 times.
+COLUMNS = 512
+
+
 def winograd_conv2d(
     x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int], m: int
 ) -> torch.Tensor:
     """The stride-1 convolution of ``x`` (N x C_in x H x W, fp32) by the filters :func:`transform_filters` made for
     F(m x m, r x r), zero padding ``(ph, pw)``; the same result as :func:`torch.nn.functional.conv2d` up to
     rounding."""
+    n, _, h, w = x.shape
+    r = round(filters.shape[0] ** 0.5) - m + 1
+    tiles = -(-(h + 2 * padding[0] - r + 1) // m) * -(-(w + 2 * padding[1] - r + 1) // m)
+    per_chunk = max(1, COLUMNS // tiles)
+    if n <= per_chunk:
+        return _winograd_images(x, filters, bias, padding, m)
+    return torch.cat([_winograd_images(c, filters, bias, padding, m) for c in x.split(per_chunk)])
+
+
+def _winograd_images(
+    x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int], m: int
+) -> torch.Tensor:
     n, cin, h, w = x.shape
     tile_area, cout = filters.shape[:2]
     size = round(tile_area**0.5)
@@ -89,10 +108,10 @@ def winograd_conv2d(
     th, tw = -(-oh // m), -(-ow // m)  # tiles down and across; the last ones reach past the map into zeros
     x = F.pad(x, (pw, m * tw + r - 1 - w - pw, ph, m * th + r - 1 - h - ph))
     tiles = x.unfold(2, size, m).unfold(3, size, m)  # N x C x th x tw x n x n, overlapping by r - 1: a view
-    d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(tile_area, -1)  # the one gather: n*n x (N C th tw)
-    v = torch.mm(to_tiles, d).view(tile_area, n, cin, th * tw)
-    products = torch.matmul(filters[:, None], v)  # n*n x N x C_out x tiles: the channel sums as GEMMs
-    y = torch.mm(from_tiles, products.view(tile_area, -1)).view(m, m, n, cout, th, tw).permute(2, 3, 4, 0, 5, 1)
+    d = tiles.permute(4, 5, 1, 0, 2, 3).reshape(tile_area, -1)  # the one gather: n*n x (C N th tw)
+    v = torch.mm(to_tiles, d).view(tile_area, cin, n * th * tw)
+    products = torch.bmm(filters, v)  # n*n x C_out x (N tiles): the channel sums as GEMMs
+    y = torch.mm(from_tiles, products.view(tile_area, -1)).view(m, m, cout, n, th, tw).permute(3, 2, 4, 0, 5, 1)
     # Laying the m x m blocks out as the map and adding the bias is one pass.
     y = y + bias.view(1, cout, 1, 1, 1, 1) if bias is not None else y.contiguous()
     return y.reshape(n, cout, m * th, m * tw)[:, :, :oh, :ow]
