@@ -16,10 +16,13 @@ PNG) is timed ``--rounds`` times by a wrapper. Before the first timed round the 
 a first batch (ONNX export, int8 calibration, ``auto``'s choice) and runs one untimed warm-up pass; that, the model
 loading and the agreement check ``predict`` makes for reduced-precision paths are reported apart as start-up.
 torchfcn: FCN8s (caffe-mode padding, as published) with He-scaled random weights, the same images preloaded as
-normalised tensors, one forward and argmax per image: no reading, no writing, so the ratio flatters torchfcn if
-anything. torchfcn is timed ``--rounds`` times before fcnseg and ``--rounds`` times after, and both blocks' medians
-are printed, so that a drift of the machine during the run shows. Reported: median images/s and each fcnseg median
-over torchfcn's (both blocks' rounds together).
+normalised tensors, one forward and argmax per image (``max(1)[1]``, as torchfcn's trainer takes its labels): no
+reading, no writing, so the ratio flatters torchfcn if anything. torchfcn is timed ``--rounds`` times before fcnseg
+and ``--rounds`` times after, and both blocks' medians are printed, so that a drift of the machine during the run
+shows. Both blocks run with the memory setting fcnseg's predictor makes for the whole process (freed blocks kept
+for reuse, ``fcnseg._memory``), set before the first: without it torchfcn's passes fault their
+large buffers in again, 4 KB at a time. Reported: median images/s and each fcnseg median over torchfcn's (both
+blocks' rounds together).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fcnseg  # noqa: E402
 import fcnseg.cli.predict as predict_cli  # noqa: E402
 from benchmarks.vs_torchfcn import randomised_torchfcn, sample_rgb  # noqa: E402
+from fcnseg._memory import keep_freed_memory  # noqa: E402
 from fcnseg.cli import main as fcnseg_main  # noqa: E402
 from fcnseg.imageio import load_image  # noqa: E402
 from fcnseg.runtime import cpu_model_name  # noqa: E402
@@ -73,11 +77,11 @@ def torchfcn_rounds(inputs: list[torch.Tensor], rounds: int) -> list[float]:
     net = randomised_torchfcn()
     out = []
     with torch.inference_mode():
-        net(inputs[0]).argmax(1)  # warm-up
+        net(inputs[0]).max(1)[1]  # warm-up
         for _ in range(rounds):
             start = time.perf_counter()
             for x in inputs:
-                net(x).argmax(1)
+                net(x).max(1)[1]
             out.append(len(inputs) / (time.perf_counter() - start))
     return out
 
@@ -150,6 +154,7 @@ def report(args: argparse.Namespace, reference: tuple[list[float], list[float]],
 
 
 def run(args: argparse.Namespace) -> None:
+    keep_freed_memory()  # for torchfcn too, from its first block on (see the module)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="fcnseg-throughput-") as tmp:

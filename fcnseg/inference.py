@@ -25,7 +25,7 @@ from torch import nn
 from ._memory import keep_freed_memory
 from .errors import FcnsegError
 from .imageio import as_rgb_array
-from .runtime.compare import eval_mode
+from .runtime.compare import class_labels, eval_mode
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 Scores = dict[str, torch.Tensor]
@@ -89,7 +89,7 @@ class Outputs:
 
 def labels(scores: torch.Tensor) -> np.ndarray:
     """Argmax over the classes (dim -3) as a numpy array: uint8 for up to 256 classes, int64 beyond."""
-    out = scores.argmax(-3).cpu().numpy()
+    out = class_labels(scores, -3).cpu().numpy()
     return out.astype(np.uint8) if scores.shape[-3] <= 256 else out
 
 
@@ -261,7 +261,7 @@ class Predictor:
     def batch_masks(self, x: torch.Tensor) -> Scores:
         """``{head: N x H x W}`` int64 labels."""
         scores, _ = self.batch_scores(x)
-        return {h: v.argmax(-3) for h, v in self.split(scores).items()}
+        return {h: class_labels(v, -3) for h, v in self.split(scores).items()}
 
     # -- images ----------------------------------------------------------------------------------------------
     def inputs(self, images: Iterable[Any]) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import FcnsegError
+from .runtime.compare import class_labels
 
 Window = tuple[int, int, int, int]  # (y0, x0, h, w)
 
@@ -221,7 +222,7 @@ def tiled_masks(
             done = bands[i + 1][0][0] if i + 1 < len(bands) else height
             n = done - y0
             for mask, scores in zip(masks, acc[:, :n].div_(wsum[:n]).split(list(heads)), strict=True):
-                mask[y0:done] = scores.argmax(0).cpu().numpy()
+                mask[y0:done] = class_labels(scores, 0).cpu().numpy()
             _carry_over(acc, wsum, n, y0 + h - done)
     return masks
 

@@ -284,3 +284,20 @@ def test_training_goes_on_after_a_prediction():
     x = torch.randn(2, 3, 40, 50, requires_grad=True)
     model(x).square().mean().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("dim", [0, 1, -3])
+def test_class_labels_are_numpys_argmax_with_ties_and_nan(dim):
+    """Labels are taken as ``max(dim).indices`` (fast on the CPU); they must be numpy's argmax: the first of tied
+    maxima, and a NaN wins over any number."""
+    from fcnseg.runtime.compare import class_labels
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (4, 5, 6, 7), generator=gen).float()  # three values: ties everywhere
+    scores[1, 3, 2, 2] = scores[2, 0, 4, 5] = float("nan")
+    scores[0, 2, 1, 1] = 5.0  # a clear winner after which a NaN comes
+    scores[0, 3, 1, 1] = float("nan")
+    expected = np.argmax(scores.numpy(), axis=dim)
+    assert np.array_equal(class_labels(scores, dim).numpy(), expected)
+    wide = scores.contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(class_labels(wide, dim).numpy(), expected)

@@ -1,4 +1,5 @@
-"""What a runner is, and the low-level comparison of two runners: the share of pixels whose argmax agrees."""
+"""What a runner is, the argmax over classes, and the low-level comparison of two runners: the share of pixels whose
+argmax agrees."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import torch
 from torch import nn
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def class_labels(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The index of the largest score along ``dim``: ``torch.argmax``'s, the first of tied maxima and a NaN before any
+    number, taken as ``max(dim).indices``. On the CPU argmax reduces over the strided class dimension of an NCHW map
+    up to 9x slower: 36 against 4 ms for 21 x 375 x 500 scores on 2 cores, a quarter of a batched image's time."""
+    return scores.max(dim).indices
 
 
 @contextlib.contextmanager
@@ -32,7 +40,7 @@ def agreement(run: Runner, reference: Runner, inputs: Iterable[torch.Tensor], mo
         outs, refs = run(x), reference(x)
         heads = outs.split(sizes or [outs.shape[1]], 1)
         for out, ref in zip(heads, refs.split(sizes or [refs.shape[1]], 1), strict=True):
-            a, b = out.argmax(1), ref.argmax(1)
+            a, b = class_labels(out), class_labels(ref)
             same += int((a == b).sum())
             total += a.numel()
     return same / max(total, 1)
