@@ -6,11 +6,13 @@ python benchmarks/vs_torchfcn.py --training-only      # the training step alone 
 
 Both nets get the same random weights (torchfcn's state dict through fcnseg's importer). Each round runs every
 contender once in turn, so slow drifts of the machine hit all of them alike; the table shows medians, the speed-up
-over torchfcn and the achieved GFLOP/s against this machine's fp32 GEMM rate, measured in the same run. Agreement
-is the share of pixels whose argmax equals torchfcn's (the caffe-mode paths must give 100%) or, for the aligned
-paths, fcnseg's own eager fp32 aligned output, on synthetic-shape images at the benchmark size. With ``--demo``,
-the same paths are also built from the trained demo model (``fcnseg demo``'s FCN-8s) and judged against its eager
-fp32 output: random weights give near-tied logits, which flatter no reduced-precision path.
+over torchfcn as its users run it (in a process of its own with glibc's default malloc, timed before and after the
+rounds; in this process fcnseg's predictors keep freed memory, which also spares torchfcn's passes their page
+faults: its row here shows that) and the achieved GFLOP/s against this machine's fp32 GEMM rate, measured in the
+same run. Agreement is the share of pixels whose argmax equals torchfcn's (the caffe-mode paths must give 100%) or,
+for the aligned paths, fcnseg's own eager fp32 aligned output, on synthetic-shape images at the benchmark size.
+With ``--demo``, the same paths are also built from the trained demo model (``fcnseg demo``'s FCN-8s) and judged
+against its eager fp32 output: random weights give near-tied logits, which flatter no reduced-precision path.
 
 The *peer* rows run the other engines on fcnseg's exported files as a user would, outside fcnseg: ONNX Runtime fp32,
 OpenVINO with f32 forced, OpenVINO at its own default precision (bf16 on CPUs with AVX512_BF16 or AMX) and OpenVINO
@@ -50,6 +52,10 @@ from fcnseg.models.convert import torchfcn_to_fcnseg  # noqa: E402
 from fcnseg.runtime import agreement, cpu_features, make_runner  # noqa: E402
 from fcnseg.runtime.cpu import bf16_is_native  # noqa: E402
 from fcnseg.runtime.openvino import OPENVINO_PATHS, openvino_available  # noqa: E402
+
+# torchfcn as its users run it, in a process of its own (the ratios' base), and in this one: fcnseg's predictors keep
+# freed memory for the whole process (fcnseg._memory), which spares torchfcn's passes their page faults too.
+TORCHFCN, TORCHFCN_HERE = "torchfcn FCN8s (fp32), own process", "torchfcn FCN8s, fcnseg's memory setting"
 
 
 def randomised_torchfcn(seed: int = 0) -> torch.nn.Module:
@@ -160,7 +166,7 @@ def build_contenders(size: tuple[int, int], calibration_images: int) -> tuple[di
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vs-torchfcn-") as tmp:  # the sessions no longer read their files
         ours = fcnseg_paths(caffe, aligned, images[:calibration_images], Path(tmp))
-        contenders = {"torchfcn FCN8s (fp32)": torchfcn_run, **ours, **peer_engines(Path(tmp))}
+        contenders = {TORCHFCN_HERE: torchfcn_run, **ours, **peer_engines(Path(tmp))}
     checks = images[calibration_images:]
     for run in contenders.values():  # the first call of a new size measures the winograd path's kernels
         run(checks[0])
@@ -184,7 +190,7 @@ def build_contenders(size: tuple[int, int], calibration_images: int) -> tuple[di
             agree[name] = agreement(run, contenders[FP32_ALIGNED], checks)
     x = checks[0]
     gflop = {name: count_gflop(caffe if "caffe" in name else aligned, x) for name in contenders}
-    gflop["torchfcn FCN8s (fp32)"] = gflop["fcnseg caffe mode fp32"]
+    gflop[TORCHFCN_HERE] = gflop[TORCHFCN] = gflop["fcnseg caffe mode fp32"]
     return contenders, agree, gflop
 
 
@@ -204,6 +210,29 @@ def demo_agreement(checkpoint: str, size: tuple[int, int], calibration_images: i
     run = reduced.runner(checks[0])
     out[f"auto-reduced ({reduced.path})"] = agreement(run, fp32, checks)
     return out
+
+
+def torchfcn_own_process(size: tuple[int, int], runs: int, warmup: int, threads: int) -> list[float]:
+    """Milliseconds of ``runs`` torchfcn passes on the benchmark's input in a process of its own, in the environment
+    a user gives it (glibc's default malloc, no huge pages)."""
+    command = [sys.executable, __file__, "--one-torchfcn-inference", "--size", *map(str, size), "--runs", str(runs),
+               "--warmup", str(warmup), "--threads", str(threads)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=training_env("torchfcn"))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def one_torchfcn_inference(size: tuple[int, int], runs: int, warmup: int) -> None:
+    """Print the milliseconds of each of ``runs`` timed torchfcn passes (a process of torchfcn_own_process)."""
+    net = randomised_torchfcn()
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            t0 = time.perf_counter()
+            net(x)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000)
+    print(json.dumps(times))
 
 
 def alternate(contenders: dict, x: torch.Tensor, runs: int, warmup: int) -> dict[str, list[float]]:
@@ -322,7 +351,7 @@ def _step(
 
 
 def print_table(times: dict, agree: dict, gflop: dict, gemm: float) -> list[dict]:
-    base = statistics.median(times["torchfcn FCN8s (fp32)"])
+    base = statistics.median(times[TORCHFCN])
     print(f"{'path':<44} {'median ms':>10} {'min':>8} {'max':>8} {'speed-up':>9} {'GFLOP/s':>8} {'of GEMM':>8} "
           f"{'agreement':>10}")  # fmt: skip
     rows = []
@@ -357,10 +386,14 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--training-only", action="store_true", help="time the training step only (minutes)")
     ap.add_argument("--one-training-step", metavar="NAME", help=argparse.SUPPRESS)  # a process of training_step_ms
+    ap.add_argument("--one-torchfcn-inference", action="store_true", help=argparse.SUPPRESS)  # torchfcn_own_process
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.one_training_step:
         one_training_step(args.one_training_step)
+        return
+    if args.one_torchfcn_inference:
+        one_torchfcn_inference(tuple(args.size), args.runs, args.warmup)
         return
     if args.training_only:
         print_training(training_step_ms(args.runs, args.threads), args.threads)
@@ -368,7 +401,12 @@ def main() -> None:
     size = tuple(args.size)
     contenders, agree, gflop = build_contenders(size, args.calibration_images)
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    times = alternate(contenders, x, args.runs, args.warmup)
+    before = torchfcn_own_process(size, args.runs, args.warmup, args.threads)
+    times = {TORCHFCN: [], **alternate(contenders, x, args.runs, args.warmup)}
+    after = torchfcn_own_process(size, args.runs, args.warmup, args.threads)
+    times[TORCHFCN] = before + after
+    print(f"torchfcn in a process of its own: {statistics.median(before):.0f} ms before the rounds, "
+          f"{statistics.median(after):.0f} ms after")  # fmt: skip
     gemm = gemm_gflops()
     features = " ".join(sorted(cpu_features() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_bf16"}))
     print(f"\n{cpu_model_name()} ({features}; torch sees {torch.backends.cpu.get_cpu_capability()}), torch "
