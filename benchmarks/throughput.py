@@ -19,9 +19,9 @@ torchfcn: FCN8s (caffe-mode padding, as published) with He-scaled random weights
 normalised tensors, one forward and argmax per image (``max(1)[1]``, as torchfcn's trainer takes its labels): no
 reading, no writing, so the ratio flatters torchfcn if anything. torchfcn is timed ``--rounds`` times before fcnseg
 and ``--rounds`` times after, and both blocks' medians are printed, so that a drift of the machine during the run
-shows. Both blocks run with the memory setting fcnseg's predictor makes for the whole process (freed blocks kept
-for reuse, ``fcnseg._memory``), set before the first: without it torchfcn's passes fault their
-large buffers in again, 4 KB at a time. Reported: median images/s and each fcnseg median over torchfcn's (both
+shows. Each block runs in a process of its own, as torchfcn's users run it (glibc's default malloc, no huge
+pages): in this process fcnseg's predictor keeps freed memory for reuse (``fcnseg._memory``), which would spare
+torchfcn's passes their page faults too. Reported: median images/s and each fcnseg median over torchfcn's (both
 blocks' rounds together).
 """
 
@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fcnseg  # noqa: E402
 import fcnseg.cli.predict as predict_cli  # noqa: E402
 from benchmarks.vs_torchfcn import randomised_torchfcn, sample_rgb  # noqa: E402
-from fcnseg._memory import keep_freed_memory  # noqa: E402
+from fcnseg._memory import HUGE_PAGES_ENV  # noqa: E402
 from fcnseg.cli import main as fcnseg_main  # noqa: E402
 from fcnseg.imageio import load_image  # noqa: E402
 from fcnseg.runtime import cpu_model_name  # noqa: E402
@@ -84,6 +87,15 @@ def torchfcn_rounds(inputs: list[torch.Tensor], rounds: int) -> list[float]:
                 net(x).max(1)[1]
             out.append(len(inputs) / (time.perf_counter() - start))
     return out
+
+
+def torchfcn_own_process(inputs_file: Path, rounds: int) -> list[float]:
+    """:func:`torchfcn_rounds` on the inputs saved in ``inputs_file``, in a process of its own (see the module)."""
+    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+    command = [sys.executable, __file__, "--torchfcn-inputs", str(inputs_file), "--rounds", str(rounds),
+               "--threads", str(torch.get_num_threads())]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def fcnseg_rounds(checkpoint: str, folder: Path, out: Path, runtime: str, batch: int, rounds: int) -> dict:
@@ -130,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--checkpoint", help="an FCN-8s checkpoint (default: random He weights)")
     ap.add_argument("--no-torchfcn", action="store_true", help="leave torchfcn out (no reference ratio)")
+    ap.add_argument("--torchfcn-inputs", help=argparse.SUPPRESS)  # a process of torchfcn_own_process
     args = ap.parse_args(argv)
     args.runtime = [r for item in args.runtime for r in item.split(",") if r]
     return args
@@ -141,7 +154,7 @@ def report(args: argparse.Namespace, reference: tuple[list[float], list[float]],
     print(f"CPU: {cpu_model_name()}; {torch.get_num_threads()} torch threads; torch {torch.__version__}")
     print(f"{args.images} images of {args.size[0]} x {args.size[1]}, medians of {args.rounds} round(s)")
     if ref:
-        print(f"torchfcn FCN8s, one image at a time: {ref:.3f} images/s (before: {statistics.median(before):.3f}, "
+        print(f"torchfcn FCN8s, one image at a time, own process: {ref:.3f} images/s (before: {statistics.median(before):.3f}, "
               f"after: {statistics.median(after):.3f})")  # fmt: skip
     print(f"{'runtime':<14} {'path':<14} {'batch':>5} {'images/s':>9} {'min-max':>15} {'vs torchfcn':>11} "
           f"{'start-up s':>10}")  # fmt: skip
@@ -154,16 +167,19 @@ def report(args: argparse.Namespace, reference: tuple[list[float], list[float]],
 
 
 def run(args: argparse.Namespace) -> None:
-    keep_freed_memory()  # for torchfcn too, from its first block on (see the module)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.torchfcn_inputs:
+        print(json.dumps(torchfcn_rounds(torch.load(args.torchfcn_inputs), args.rounds)))
+        return
     with tempfile.TemporaryDirectory(prefix="fcnseg-throughput-") as tmp:
         size = (args.size[0], args.size[1])
         rgbs = write_images(Path(tmp) / "images", args.images, size)
         checkpoint = fcnseg_checkpoint(args.checkpoint, Path(tmp))
         preprocessing = fcnseg.load(checkpoint).preprocessing
-        inputs = [preprocessing(rgb).unsqueeze(0) for rgb in rgbs]
-        before = [] if args.no_torchfcn else torchfcn_rounds(inputs, args.rounds)
+        inputs_file = Path(tmp) / "inputs.pt"
+        torch.save([preprocessing(rgb).unsqueeze(0) for rgb in rgbs], inputs_file)
+        before = [] if args.no_torchfcn else torchfcn_own_process(inputs_file, args.rounds)
         rows = []
         for runtime in args.runtime:
             for batch in args.batches:
@@ -171,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
                 rows.append((runtime, batch, fcnseg_rounds(checkpoint, Path(tmp) / "images", out, runtime, batch,
                                                            args.rounds)))  # fmt: skip
                 print(f"done: {runtime} --batch {batch}", file=sys.stderr, flush=True)
-        after = [] if args.no_torchfcn else torchfcn_rounds(inputs, args.rounds)
+        after = [] if args.no_torchfcn else torchfcn_own_process(inputs_file, args.rounds)
     report(args, (before, after), rows)
 
 
