@@ -154,8 +154,8 @@ def report(args: argparse.Namespace, reference: tuple[list[float], list[float]],
     print(f"CPU: {cpu_model_name()}; {torch.get_num_threads()} torch threads; torch {torch.__version__}")
     print(f"{args.images} images of {args.size[0]} x {args.size[1]}, medians of {args.rounds} round(s)")
     if ref:
-        print(f"torchfcn FCN8s, one image at a time, own process: {ref:.3f} images/s (before: {statistics.median(before):.3f}, "
-              f"after: {statistics.median(after):.3f})")  # fmt: skip
+        print(f"torchfcn FCN8s, one image at a time, own process: {ref:.3f} images/s "
+              f"(before: {statistics.median(before):.3f}, after: {statistics.median(after):.3f})")  # fmt: skip
     print(f"{'runtime':<14} {'path':<14} {'batch':>5} {'images/s':>9} {'min-max':>15} {'vs torchfcn':>11} "
           f"{'start-up s':>10}")  # fmt: skip
     for runtime, batch, seen in rows:
