@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -47,8 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fcnseg  # noqa: E402
 import fcnseg.cli.predict as predict_cli  # noqa: E402
-from benchmarks.vs_torchfcn import randomised_torchfcn, sample_rgb  # noqa: E402
-from fcnseg._memory import HUGE_PAGES_ENV  # noqa: E402
+from benchmarks.vs_torchfcn import randomised_torchfcn, sample_rgb, torchfcn_env  # noqa: E402
 from fcnseg.cli import main as fcnseg_main  # noqa: E402
 from fcnseg.imageio import load_image  # noqa: E402
 from fcnseg.runtime import cpu_model_name  # noqa: E402
@@ -91,10 +89,9 @@ def torchfcn_rounds(inputs: list[torch.Tensor], rounds: int) -> list[float]:
 
 def torchfcn_own_process(inputs_file: Path, rounds: int) -> list[float]:
     """:func:`torchfcn_rounds` on the inputs saved in ``inputs_file``, in a process of its own (see the module)."""
-    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
     command = [sys.executable, __file__, "--torchfcn-inputs", str(inputs_file), "--rounds", str(rounds),
                "--threads", str(torch.get_num_threads())]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=torchfcn_env())
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -217,7 +217,7 @@ def torchfcn_own_process(size: tuple[int, int], runs: int, warmup: int, threads:
     a user gives it (glibc's default malloc, no huge pages)."""
     command = [sys.executable, __file__, "--one-torchfcn-inference", "--size", *map(str, size), "--runs", str(runs),
                "--warmup", str(warmup), "--threads", str(threads)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=True, env=training_env("torchfcn"))
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=torchfcn_env())
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -315,11 +315,15 @@ def training_step_ms(rounds: int, threads: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items() if t}
 
 
+def torchfcn_env() -> dict[str, str]:
+    """The environment of a torchfcn process, as its users give it: without fcnseg's huge pages (fcnseg._memory)."""
+    return {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+
+
 def training_env(name: str) -> dict[str, str]:
     """The environment of a training contender's process: fcnseg's as ``fcnseg train`` sets it (huge pages for
     large tensors, ``fcnseg._memory``; ``place_model`` keeps freed memory), torchfcn's as a user runs it."""
-    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
-    return env if name == "torchfcn" else {**env, HUGE_PAGES_ENV: "1"}
+    return torchfcn_env() if name == "torchfcn" else {**torchfcn_env(), HUGE_PAGES_ENV: "1"}
 
 
 def one_training_step(name: str) -> None:

@@ -87,13 +87,21 @@ def winograd_conv2d(
     """The stride-1 convolution of ``x`` (N x C_in x H x W, fp32) by the filters :func:`transform_filters` made for
     F(m x m, r x r), zero padding ``(ph, pw)``; the same result as :func:`torch.nn.functional.conv2d` up to
     rounding."""
-    n, _, h, w = x.shape
-    r = round(filters.shape[0] ** 0.5) - m + 1
-    tiles = -(-(h + 2 * padding[0] - r + 1) // m) * -(-(w + 2 * padding[1] - r + 1) // m)
-    per_chunk = max(1, COLUMNS // tiles)
-    if n <= per_chunk:
+    th, tw = _output_and_tiles(x, filters, padding, m)[2:]
+    per_chunk = max(1, COLUMNS // (th * tw))
+    if len(x) <= per_chunk:
         return _winograd_images(x, filters, bias, padding, m)
     return torch.cat([_winograd_images(c, filters, bias, padding, m) for c in x.split(per_chunk)])
+
+
+def _output_and_tiles(
+    x: torch.Tensor, filters: torch.Tensor, padding: tuple[int, int], m: int
+) -> tuple[int, int, int, int]:
+    """The output's height and width, and the m x m tiles down and across that cover it (the last ones reach past
+    the map into zeros)."""
+    r = round(filters.shape[0] ** 0.5) - m + 1
+    oh, ow = x.shape[-2] + 2 * padding[0] - r + 1, x.shape[-1] + 2 * padding[1] - r + 1
+    return oh, ow, -(-oh // m), -(-ow // m)
 
 
 def _winograd_images(
@@ -104,8 +112,7 @@ def _winograd_images(
     size = round(tile_area**0.5)
     r = size - m + 1
     (ph, pw), (to_tiles, from_tiles) = padding, _tile_transforms(m, r)
-    oh, ow = h + 2 * ph - r + 1, w + 2 * pw - r + 1
-    th, tw = -(-oh // m), -(-ow // m)  # tiles down and across; the last ones reach past the map into zeros
+    oh, ow, th, tw = _output_and_tiles(x, filters, padding, m)
     x = F.pad(x, (pw, m * tw + r - 1 - w - pw, ph, m * th + r - 1 - h - ph))
     tiles = x.unfold(2, size, m).unfold(3, size, m)  # N x C x th x tw x n x n, overlapping by r - 1: a view
     d = tiles.permute(4, 5, 1, 0, 2, 3).reshape(tile_area, -1)  # the one gather: n*n x (C N th tw)
