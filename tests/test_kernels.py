@@ -17,6 +17,7 @@ from fcnseg.runtime.kernels import KernelChoices, MeasuredConv2d, PairMaxPool2d,
 from tests.helpers import TINY, randomise
 
 needs_nnpack = pytest.mark.skipif(not kernels.nnpack_ready(), reason="this torch build has no NNPACK")
+NNPACK_KERNELS = ("nnpack", "nnpack-backward")  # the same forward; PyTorch's backward and fcnseg's
 
 
 def _pin(monkeypatch, kernel: str) -> None:
@@ -38,7 +39,7 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).abs().max() / (ref.max() - ref.min()))
 
 
-@pytest.mark.parametrize(
+GEOMETRIES = pytest.mark.parametrize(
     "cin, cout, k, stride, padding, dilation, size",
     [
         (5, 7, 3, 1, 1, 1, (13, 17)),  # VGG's 3x3
@@ -51,8 +52,12 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
         (6, 5, 3, 1, 1, 1, (2, 3)),  # a map smaller than one Winograd tile
         (3, 8, 3, 1, 0, 1, (10, 7)),  # no padding: the last tiles reach past the output
         (3, 4, 3, 1, 1, 1, (47, 53)),  # over kernels.ONE_BY_ONE_AREA: the batch runs image by image
+        (4, 5, (3, 5), 1, (1, 2), 1, (9, 12)),  # a kernel and padding unequal in height and width
     ],
 )
+
+
+@GEOMETRIES
 @pytest.mark.parametrize("kernel", ["nnpack", "winograd6", "winograd8", "gemm"])
 def test_each_kernel_gives_the_convolution_at_odd_sizes(
     kernel, cin, cout, k, stride, padding, dilation, size, tmp_path, monkeypatch
@@ -78,6 +83,30 @@ def test_each_kernel_gives_the_convolution_at_odd_sizes(
     assert fast.last == (kernel if applies else "onednn")
     assert out.shape == expected.shape
     assert _relative_error(out, expected) < 1e-5
+
+
+@GEOMETRIES
+@pytest.mark.parametrize("kernel", [*(pytest.param(k, marks=needs_nnpack) for k in NNPACK_KERNELS), "gemm"])
+def test_each_training_kernel_gives_the_convolutions_gradients_at_odd_sizes(
+    kernel, cin, cout, k, stride, padding, dilation, size, tmp_path, monkeypatch
+):
+    """The input's, weight's and bias's gradients through each kernel that training measures (their backwards are
+    fcnseg's own) against float64 autograd through F.conv2d, for a batch of two and an uneven output gradient."""
+    _pin(monkeypatch, kernel)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, cin, *size)
+    reference = [t.detach().double().requires_grad_() for t in (x, conv.weight, conv.bias)]
+    expected = F.conv2d(*reference, stride, padding, dilation)
+    upstream = torch.randn(expected.shape, dtype=torch.float64)
+    expected.backward(upstream)
+    fast = MeasuredConv2d.adopt(conv, KernelChoices(tmp_path / "c.json"))
+    leaf = x.clone().requires_grad_()
+    out = fast(leaf)
+    out.backward(upstream.float())
+    assert fast.last == (kernel if kernel in fast.candidates else "onednn")
+    for got, ref in zip((leaf.grad, conv.weight.grad, conv.bias.grad), (t.grad for t in reference), strict=True):
+        assert got.shape == ref.shape and _relative_error(got, ref) < 1e-5
 
 
 @pytest.mark.parametrize("alignment", ["aligned", "caffe"])
@@ -197,7 +226,8 @@ def test_winograd_follows_weights_changed_after_its_first_call(tmp_path, monkeyp
 
 def test_the_fastest_kernel_is_chosen_and_cached_per_cpu_and_shape(tmp_path, monkeypatch):
     cache = tmp_path / "conv-kernels.json"
-    speed = {"onednn": 5000.0, "nnpack": 3000.0, "winograd6": 2000.0, "winograd8": 1500.0, "gemm": 1000.0}
+    speed = {"onednn": 5000.0, "nnpack": 3000.0, "nnpack-backward": 2500.0, "winograd6": 2000.0, "winograd8": 1500.0,
+             "gemm": 1000.0}  # fmt: skip
     timed = []
 
     def fake_median_ms(fn, **_):  # the candidate's name is in the lambda's default argument
@@ -245,6 +275,18 @@ def test_training_never_measures_the_winograd_kernels(tmp_path, monkeypatch):
     with torch.no_grad():
         fast(x)
     assert fast.last == "winograd6"
+
+
+@needs_nnpack
+def test_inference_never_measures_the_nnpack_kernel_that_differs_in_its_backward_only(tmp_path, monkeypatch):
+    _pin(monkeypatch, "nnpack-backward")
+    fast = MeasuredConv2d.adopt(nn.Conv2d(4, 6, 3, padding=1), KernelChoices(tmp_path / "c.json"))
+    x = torch.randn(1, 4, 9, 10)
+    with torch.no_grad():
+        fast(x)
+    assert fast.last == "onednn"
+    fast(x).sum().backward()
+    assert fast.last == "nnpack-backward"
 
 
 def test_training_times_forward_and_backward_without_touching_the_gradients(tmp_path, monkeypatch):
@@ -334,6 +376,17 @@ def test_gradients_through_the_measured_kernels_equal_the_plain_models(kernel, t
     for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
         if p.grad is not None:
             assert _relative_error(q.grad, p.grad) < 1e-4, name
+
+
+def test_the_gemm_backward_is_the_products_derivative():
+    """The GEMM kernel's own backward (its gradients taken as products of other operands than autograd's) against
+    finite differences in float64, for a batch of two."""
+    from fcnseg.runtime.kernels import _ColumnsProduct
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    columns = torch.randn(2, 12, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_ColumnsProduct.apply, (weight, columns))
 
 
 def _fp32_convolutions(model: nn.Module) -> nn.Module:

@@ -39,7 +39,8 @@ from .cpu import cpu_key
 from .timing import median_ms
 from .winograd import transform_filters, winograd_conv2d
 
-KERNELS: tuple[str, ...] = ("onednn", "nnpack", "winograd6", "winograd8", "gemm")
+KERNELS: tuple[str, ...] = ("onednn", "nnpack", "nnpack-backward", "winograd6", "winograd8", "gemm")
+# nnpack-backward: NNPACK's forward, and its input gradient by NNPACK too (training only; see _NnpackConvolution).
 # fcnseg's Winograd kernels by tile side: F(4x4, 3x3) on 6 x 6 tiles; F(6x6, 3x3), F(4x4, 5x5) and F(2x2, 7x7) (fc6)
 # on 8 x 8 tiles, fewer multiplications but larger transforms.
 _WINOGRAD_TILE = {"winograd6": 6, "winograd8": 8}
@@ -139,7 +140,7 @@ class MeasuredConv2d(nn.Conv2d):
     def _applies(self, kernel: str) -> bool:
         plain = self.groups == 1
         unit = plain and self.stride == (1, 1) and self.dilation == (1, 1)
-        if kernel == "nnpack":  # NNPACK: fp32, stride 1, no dilation or groups
+        if kernel.startswith("nnpack"):  # NNPACK: fp32, stride 1, no dilation or groups
             return unit and nnpack_ready()
         if kernel in _WINOGRAD_TILE:  # square, odd kernels the tile is larger than
             r = self.kernel_size[0]
@@ -213,7 +214,8 @@ class MeasuredConv2d(nn.Conv2d):
         are oneDNN's low-precision convolution and the fp32 GEMM."""
         amp = torch.is_autocast_enabled("cpu")
         # Winograd's backward runs through its transforms' autograd: a training step on it took twice oneDNN's.
-        skipped = _WINOGRAD_TILE if torch.is_grad_enabled() else {}
+        # nnpack-backward differs from nnpack in its backward only: measured in training alone.
+        skipped = set(_WINOGRAD_TILE) if torch.is_grad_enabled() else {"nnpack-backward"}
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             reference = _onednn(self, x.float())
             scale = float(reference.max() - reference.min()) or 1.0
@@ -250,11 +252,45 @@ def _onednn(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _nnpack(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
+def _nnpack(conv: MeasuredConv2d, x: torch.Tensor, own_backward: bool = False) -> torch.Tensor:
     (ph, pw), (kh, kw) = conv.padding, conv.weight.shape[2:]
     if ph >= kh or pw >= kw:  # NNPACK pads by less than the kernel only (the release's pad 100 on conv1_1)
         x, ph, pw = F.pad(x, (pw, pw, ph, ph)), 0, 0
+    if own_backward:
+        return _NnpackConvolution.apply(x, conv.weight, conv.bias, (ph, pw))
     return torch._nnpack_spatial_convolution(x, conv.weight, conv.bias, [ph, pw])
+
+
+class _NnpackConvolution(torch.autograd.Function):
+    """NNPACK's convolution (stride 1, padding below the kernel) with a backward of its own. The input's gradient is
+    itself a convolution, of the output's gradient with the filters flipped and their in and out channels swapped,
+    padded by the kernel less one less the padding: NNPACK runs that too. The weight's and bias's gradients come
+    from PyTorch's convolution backward (oneDNN), asked for those alone. PyTorch's own backward of NNPACK's
+    convolution takes all three from oneDNN: with the CPU held to AVX2, oneDNN's input gradient took 1.2-2x
+    NNPACK's on VGG16's 3x3 layers at 320 x 320 (2 threads, Sapphire Rapids); with AVX-512 it was as fast or faster.
+    Training measures both backwards (the ``nnpack`` and ``nnpack-backward`` kernels) per layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]):
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return torch._nnpack_spatial_convolution(x, weight, bias, list(padding))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        (ph, pw), (kh, kw) = ctx.padding, weight.shape[2:]
+        grad, grad_x, grad_weight, grad_bias = grad.contiguous(), None, None, None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
+            grad_x = torch._nnpack_spatial_convolution(grad, flipped, None, [kh - 1 - ph, kw - 1 - pw])
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+            mask = [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, x, weight, bias_sizes, [1, 1], [ph, pw], [1, 1], False, [0, 0], 1, mask
+            )
+        return grad_x, grad_weight, grad_bias, None
 
 
 def _gemm(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -268,10 +304,35 @@ def _gemm(conv: MeasuredConv2d, x: torch.Tensor) -> torch.Tensor:
         columns = x.reshape(n, -1, h * w)  # a 1x1 convolution needs no unfolding
     else:
         columns = F.unfold(x, (kh, kw), conv.dilation, conv.padding, conv.stride)
-    out = torch.matmul(conv.weight.reshape(cout, -1), columns)
+    out = _ColumnsProduct.apply(conv.weight.reshape(cout, -1), columns)
     if conv.bias is not None:
         out = out + conv.bias[:, None]
     return out.reshape(n, cout, oh, ow)
+
+
+class _ColumnsProduct(torch.autograd.Function):
+    """``weight`` (C_out x K) times ``columns`` (N x K x L). Autograd's own backward takes the columns' gradient as
+    the transposed weight times the output's gradient; this one as (the gradient's transpose times the weight)'s
+    transpose, the same values from a product of untransposed operands. On FCN-VGG16's fc6 at 10 x 10 (25088 x 4096
+    by 4096 x 100) autograd's product ran 1.5x slower, and the layer's forward and backward took 290 ms against
+    240 ms (2 threads, Sapphire Rapids)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, columns)
+        return torch.matmul(weight, columns)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        weight, columns = ctx.saved_tensors
+        grad_weight = grad_columns = None
+        if ctx.needs_input_grad[0]:  # summed over the batch in one product: (C_out x NL) times (NL x K)
+            n, cout, length = grad.shape
+            rows = grad.transpose(0, 1).reshape(cout, n * length)
+            grad_weight = rows @ columns.transpose(1, 2).reshape(n * length, -1)
+        if ctx.needs_input_grad[1]:
+            grad_columns = torch.matmul(grad.transpose(1, 2), weight).transpose(1, 2)
+        return grad_weight, grad_columns
 
 
 def _winograd_filters(conv: MeasuredConv2d, tile: int) -> torch.Tensor:
@@ -297,6 +358,7 @@ def _winograd(conv: MeasuredConv2d, x: torch.Tensor, tile: int) -> torch.Tensor:
 _RUN: dict[str, Callable[[MeasuredConv2d, torch.Tensor], torch.Tensor]] = {
     "onednn": _onednn,
     "nnpack": _nnpack,
+    "nnpack-backward": functools.partial(_nnpack, own_backward=True),
     "winograd6": functools.partial(_winograd, tile=6),
     "winograd8": functools.partial(_winograd, tile=8),
     "gemm": _gemm,
