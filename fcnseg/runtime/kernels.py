@@ -288,8 +288,9 @@ class _NnpackConvolution(torch.autograd.Function):
             bias_sizes = [weight.shape[0]] if ctx.has_bias else None
             mask = [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, x, weight, bias_sizes, [1, 1], [ph, pw], [1, 1], False, [0, 0], 1, mask
-            )
+                grad, x, weight, bias_sizes=bias_sizes, stride=[1, 1], padding=[ph, pw], dilation=[1, 1],
+                transposed=False, output_padding=[0, 0], groups=1, output_mask=mask,
+            )  # fmt: skip
         return grad_x, grad_weight, grad_bias, None
 
 
