@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fcnseg  # noqa: E402
 import fcnseg.cli.predict as predict_cli  # noqa: E402
-from benchmarks.vs_torchfcn import randomised_torchfcn, sample_rgb, torchfcn_env  # noqa: E402
+from benchmarks.vs_torchfcn import child_result, randomised_torchfcn, sample_rgb, torchfcn_env  # noqa: E402
 from fcnseg.cli import main as fcnseg_main  # noqa: E402
 from fcnseg.imageio import load_image  # noqa: E402
 from fcnseg.runtime import cpu_model_name  # noqa: E402
@@ -91,8 +90,7 @@ def torchfcn_own_process(inputs_file: Path, rounds: int) -> list[float]:
     """:func:`torchfcn_rounds` on the inputs saved in ``inputs_file``, in a process of its own (see the module)."""
     command = [sys.executable, __file__, "--torchfcn-inputs", str(inputs_file), "--rounds", str(rounds),
                "--threads", str(torch.get_num_threads())]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=True, env=torchfcn_env())
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_result(command, torchfcn_env())
 
 
 def fcnseg_rounds(checkpoint: str, folder: Path, out: Path, runtime: str, batch: int, rounds: int) -> dict:

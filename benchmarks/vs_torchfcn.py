@@ -217,7 +217,12 @@ def torchfcn_own_process(size: tuple[int, int], runs: int, warmup: int, threads:
     a user gives it (glibc's default malloc, no huge pages)."""
     command = [sys.executable, __file__, "--one-torchfcn-inference", "--size", *map(str, size), "--runs", str(runs),
                "--warmup", str(warmup), "--threads", str(threads)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=True, env=torchfcn_env())
+    return child_result(command, torchfcn_env())
+
+
+def child_result(command: list[str], env: dict[str, str]):
+    """Run ``command`` (this script or another in a mode of its own) in ``env``; the JSON its last line prints."""
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -308,8 +313,7 @@ def training_step_ms(rounds: int, threads: int) -> dict[str, float]:
     for _ in range(rounds):
         for name in names:
             command = [sys.executable, __file__, "--one-training-step", name, "--threads", str(threads)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True, env=training_env(name))
-            median = json.loads(done.stdout.strip().splitlines()[-1])
+            median = child_result(command, training_env(name))
             if median is not None:
                 times[name].append(median)
     return {name: statistics.median(t) for name, t in times.items() if t}
