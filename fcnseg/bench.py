@@ -325,19 +325,19 @@ def int8_sensitivity(
     full size, so calibrate on a few images."""
     import onnx
 
-    from .runtime.onnx import exported_fp32, float_layers, int8_reduce_range, ort_session, quantize_onnx
+    from .runtime.onnx import exported_fp32, float_layers, int8_reduce_range, int8_source, ort_session, quantize_onnx
 
     with scratch_folder(workdir, "fcnseg-sensitivity-") as folder:
-        fp32 = exported_fp32(model, folder)
-        reference = Predictor(model, runtime=ort_session(fp32))
+        reference = Predictor(model, runtime=ort_session(exported_fp32(model, folder)))
+        source = int8_source(model, folder, calibration)  # the graph int8 quantises, its channels rescaled
         kept = tuple(float_layers(model))
-        weights = [n.input[1] for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv" and len(n.input) > 1]
+        weights = [n.input[1] for n in onnx.load(str(source)).graph.node if n.op_type == "Conv" and len(n.input) > 1]
         layers = sorted({w.rsplit(".", 1)[0] + "." for w in weights if not w.startswith(kept)})
         cost = {}
         for layer in layers:
             others = [name for name in layers if name != layer]
             out = folder / "one-layer.int8.onnx"
-            quantize_onnx(fp32, out, calibration, keep_float=[*kept, *others], reduce_range=int8_reduce_range())
+            quantize_onnx(source, out, calibration, keep_float=[*kept, *others], reduce_range=int8_reduce_range())
             cost[layer.rstrip(".")] = agreement(Predictor(model, runtime=ort_session(out)), reference, calibration)
         return dict(sorted(cost.items(), key=lambda kv: kv[1]))
 

@@ -59,7 +59,7 @@ def test_reduced_precision_agrees_with_fp32_on_the_demo(demo, demo_onnx, path, b
 def test_int8_sums_the_float_class_scores_in_float(tmp_path):
     # FCN-8s adds its upsampled class scores to the skip layers' scores twice, right where the argmax is decided:
     # int8 must read both sums' inputs as computed, not through an 8-bit QuantizeLinear / DequantizeLinear pair,
-    # while the backbone (VGG16's 11 convolutions past the first block, fc6, fc7) stays int8.
+    # while the backbone (VGG16's 12 convolutions past the first, fc6, fc7) stays int8.
     import onnx
 
     from fcnseg.runtime.onnx import int8_file
@@ -76,7 +76,7 @@ def test_int8_sums_the_float_class_scores_in_float(tmp_path):
         assert "DequantizeLinear" not in [producer[i] for i in n.input], n.name
         assert "QuantizeLinear" not in readers[n.output[0]], n.name
     int8_convs = [n for n in graph.node if n.op_type == "Conv" and producer.get(n.input[1]) == "DequantizeLinear"]
-    assert len(int8_convs) == 11 + 2, [n.input[1] for n in int8_convs]
+    assert len(int8_convs) == 12 + 2, [n.input[1] for n in int8_convs]
 
 
 def test_int8_keeps_a_residual_sum_of_int8_layers_int8():

@@ -74,6 +74,13 @@ class SegmentationModel(nn.Module):
         """Parameter-name prefixes int8 quantisation keeps in float: where little compute buys much accuracy."""
 
     @abstractmethod
+    def rescaled_pairs(self) -> list[tuple[str, str]]:
+        """Pairs (a, b) of parameter-name prefixes: a convolution int8 keeps in float whose output reaches the
+        quantised convolution b through ReLUs and max poolings only. Both commute with a positive scale per
+        channel, so int8 may divide a's output channels by any such scales and multiply b's input channels by
+        them without changing the function (:func:`fcnseg.runtime.onnx.rescaled_onnx`)."""
+
+    @abstractmethod
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         """(rows, columns) of the largest array, in input pixels, the network computes on for an image of
         ``height`` x ``width``: its padding step and its first layer's extra padding included."""

@@ -272,16 +272,23 @@ class FCN(SegmentationModel):
         return int(shape[-2]) + extra[0], int(shape[-1]) + extra[1]
 
     def float_layers(self) -> list[str]:
-        """The convolutions before the first pooling (full resolution, fed the 8-bit-quantised image itself), and
-        every head's class-score layers and upsamplers, where the argmax is decided; the bulk of the work (conv2 to
-        fc7) runs in int8."""
+        """The convolution fed the image itself (whose few channels, each normalised differently, would share one
+        8-bit scale) and every head's class-score layers and upsamplers, where the argmax is decided; the bulk of
+        the work (conv1_2 to fc7 for VGG16) runs in int8."""
         keep = [f"score_heads.{name}.{part}" for name in self.score_heads for part in ("score_", "upsample_")]
         for i, m in enumerate(getattr(self.backbone, "features", [])):  # VGG16 and AlexNet keep a features list
-            if isinstance(m, nn.MaxPool2d):
-                break
             if isinstance(m, nn.Conv2d):
-                keep.append(f"backbone.features.{i}.")
+                return [*keep, f"backbone.features.{i}."]
         return keep
+
+    def rescaled_pairs(self) -> list[tuple[str, str]]:
+        """The first convolution of a ``features`` list (VGG16, AlexNet) and the next one, where only ReLUs and max
+        poolings lie between them: int8 evens out the first one's output channels (see the base class)."""
+        features = getattr(self.backbone, "features", [])
+        convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)][:2]
+        if len(convs) < 2 or not all(isinstance(m, nn.ReLU | nn.MaxPool2d) for m in features[convs[0] + 1 : convs[1]]):
+            return []  # a batch norm between them would not commute with a per-channel scale
+        return [(f"backbone.features.{convs[0]}.", f"backbone.features.{convs[1]}.")]
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` padded as ``forward`` pads it: aligned mode up to a multiple of the stride (and margin)."""

@@ -62,6 +62,10 @@ class LateFusionFCN(SegmentationModel):
     def float_layers(self) -> list[str]:
         return [f"streams.{name}.{prefix}" for name, s in self.streams.items() for prefix in s.float_layers()]
 
+    def rescaled_pairs(self) -> list[tuple[str, str]]:
+        return [(f"streams.{name}.{a}", f"streams.{name}.{b}") for name, s in self.streams.items()
+                for a, b in s.rescaled_pairs()]  # fmt: skip
+
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         # Every stream runs on the whole image: the largest of theirs.
         sizes = [s.padded_size(height, width) for s in self.streams.values()]

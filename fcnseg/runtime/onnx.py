@@ -247,6 +247,28 @@ def exported_fp32(model: nn.Module, folder: Path) -> Path:
     return fp32
 
 
+def int8_source(model: nn.Module, folder: Path, calibration: Sequence[torch.Tensor]) -> Path:
+    """The float graph the int8 paths quantise: ``folder/model.rescaled.onnx``, the fp32 export with the output
+    channels of each of the model's :meth:`~fcnseg.models.base.SegmentationModel.rescaled_pairs` given one range
+    on ``calibration`` (:mod:`fcnseg.runtime.rescale`), made unless it is there; the fp32 export itself where the
+    model has no such pair or no calibration images are given."""
+    from .rescale import channel_maxima, rescale_factors, rescaled_onnx
+
+    fp32 = exported_fp32(model, folder)
+    pairs = model.rescaled_pairs()
+    out = folder / "model.rescaled.onnx"
+    if not pairs or not calibration:  # nothing to rescale, or no ranges: the quantiser refuses to calibrate on none
+        return fp32
+    if out.is_file():
+        return out
+    with eval_mode(model):
+        maxima = channel_maxima(model, calibration, [a for a, _ in pairs])
+    factors = {(a, b): rescale_factors(maxima[a]).numpy() for a, b in pairs}
+    with staged_path(out) as tmp:
+        rescaled_onnx(fp32, tmp, factors)
+    return out
+
+
 def extra_float_layers(model: nn.Module, keep_float: Sequence[str]) -> tuple[list[str], str]:
     """The parameter prefixes of ``keep_float`` beyond the model's :func:`float_layers`, each ending in a dot
     ("features.1" is not "features.12"), and the stem of the int8 file they make: one file per set kept in float."""
@@ -258,15 +280,16 @@ def extra_float_layers(model: nn.Module, keep_float: Sequence[str]) -> tuple[lis
 def int8_file(
     model: nn.Module, folder: Path, calibration: Sequence[torch.Tensor], keep_float: Sequence[str] = ()
 ) -> Path:
-    """``folder/model.int8.onnx``: the model's fp32 export statically quantised on ``calibration``, the model's
+    """``folder/model.int8.onnx``: the model's float graph (:func:`int8_source`) statically quantised on
+    ``calibration``, the model's
     :func:`float_layers` and ``keep_float`` left in float; made unless it is there already (the int8 paths of
     ONNX Runtime and OpenVINO measured side by side share it)."""
     extra, stem = extra_float_layers(model, keep_float)
     int8 = folder / f"{stem}.onnx"
     if not int8.is_file():
-        fp32 = exported_fp32(model, folder)
+        source = int8_source(model, folder, calibration)
         with staged_path(int8) as tmp:
-            quantize_onnx(fp32, tmp, calibration, keep_float=[*float_layers(model), *extra],
+            quantize_onnx(source, tmp, calibration, keep_float=[*float_layers(model), *extra],
                           reduce_range=int8_reduce_range())  # fmt: skip
     return int8
 

@@ -438,7 +438,7 @@ def test_int8_keeps_every_stream_and_head_edge_in_float(tmp_path):
                 "score_heads.semantic.score_",
                 "score_heads.semantic.upsample_",
                 "score_heads.geometric.score_",
-                "backbone.features.2.",
+                "backbone.features.0.",
             ],
         ),
         (
