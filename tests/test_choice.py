@@ -156,6 +156,8 @@ HOSTILE = "backbone.features.12"
 def test_a_saved_sensitivity_ranking_keeps_the_costliest_layer_in_float(hostile_demo, measured, monkeypatch, tmp_path):
     monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx-int8")
     model, calibration, x = hostile_demo
+    # The ranking alone: without the retry with conv1_2 in float that comes first (test_int8_retries_...).
+    monkeypatch.setattr(type(model), "rescaled_pairs", lambda self: [])
     folder = tmp_path / "w"
     ms = {"eager": 9.0, "onnx-int8": 1.0}
     plain, _ = choice.measure(model, "auto-reduced", x, calibration, timer=Clock(ms), workdir=folder)
@@ -225,3 +227,38 @@ def test_without_openvino_auto_measures_the_others_and_the_paths_say_how_to_inst
     err = capsys.readouterr().err
     assert err.startswith("runtime auto: ") and "openvino" not in err and "measured on 1x40x50" in err, err
     assert (tmp_path / "auto" / "a.png").is_file()
+
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_int8_retries_first_with_conv1_2_in_float_then_the_ranked_layers(monkeypatch, ranked):
+    # Agreement stands in by runner: int8 as built 99.0%, with conv1_2 in float 99.3%, with the ranked layer too
+    # 99.7%. Short of the 99.5% bar, conv1_2 is retried first; only a ranking goes further, and the best is kept.
+    model = fcnseg.get_model("fcn8s", num_classes=3, **TINY)
+    built = {(): object(), ("backbone.features.2.",): object(), ("backbone.features.12",): object()}
+    share = {
+        id(built[()]): 0.990,
+        id(built[("backbone.features.2.",)]): 0.993,
+        id(built[("backbone.features.12",)]): 0.997,
+    }
+    tried = []
+
+    def build(_model, _path, _x, _calibration, _folder, keep):
+        tried.append(list(keep))
+        return built[tuple(keep[-1:])]
+
+    monkeypatch.setattr(choice, "_built_with_float", build)
+    monkeypatch.setattr(choice, "agreement", lambda run, *_: share.get(id(run), 1.0))
+    monkeypatch.setattr(
+        choice, "saved_sensitivity", lambda _: ["backbone.features.12", "backbone.fc6"] if ranked else []
+    )
+    runs = {"eager": object(), "onnx-int8": built[()], "bf16": object()}
+    picked = choice.Choice("auto-reduced", "eager", {})
+    floats = choice._reduced_agreement(model, runs, [], picked, None, None)
+    if ranked:
+        assert tried == [["backbone.features.2."], ["backbone.features.12"]]
+        assert floats == {"onnx-int8": ["backbone.features.12"]} and picked.agreement["onnx-int8"] == 0.997
+        assert runs["onnx-int8"] is built[("backbone.features.12",)]
+    else:
+        assert tried == [["backbone.features.2."]] and floats == {"onnx-int8": ["backbone.features.2."]}
+        assert "onnx-int8" in picked.rejected and "onnx-int8" not in runs  # 99.3%: still short
+    assert picked.agreement["bf16"] == 1.0 and "bf16" in runs  # bf16 is not retried

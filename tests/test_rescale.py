@@ -110,13 +110,17 @@ def test_rescaled_onnx_scales_exactly_the_pairs_tensors_and_computes_the_same(tm
     assert float((a - b).abs().max()) <= 1e-5 * float(a.max() - a.min())
 
 
-def test_int8_quantises_the_rescaled_graph_where_the_model_has_a_pair(tmp_path):
+def test_int8_quantises_the_rescaled_graph_where_the_weights_have_7_bits_and_the_model_a_pair(monkeypatch, tmp_path):
     from fcnseg.runtime.onnx import int8_source
 
     calibration = [torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(6))]
     vgg = randomise(get_model("fcn32s", num_classes=3, **TINY), seed=0).eval()
-    assert int8_source(vgg, tmp_path / "vgg", calibration).name == "model.rescaled.onnx"
     plain = randomise(get_model("fcn32s", num_classes=3, batch_norm=True, **TINY), seed=0).eval()
+    monkeypatch.setenv("FCNSEG_CPU_FEATURES", "avx2,fma,avx512_vnni")
+    assert int8_source(vgg, tmp_path / "vnni", calibration).name == "model.onnx"
+    monkeypatch.setenv("FCNSEG_CPU_FEATURES", "avx2,fma")
+    assert int8_source(vgg, tmp_path / "vgg", calibration).name == "model.rescaled.onnx"
+    assert int8_source(vgg, tmp_path / "vgg", []).name == "model.onnx"  # no images, no ranges
     assert int8_source(plain, tmp_path / "bn", calibration).name == "model.onnx"
 
 

@@ -9,9 +9,9 @@ eager fp32 >= 99.99% by construction: each is checked against the model's forwar
 calibration images. The choice is saved in ``runtime-choices.json`` in fcnseg's cache folder under
 :func:`choice_key`, so later runs build only the chosen path.
 
-int8 short of the bar may reach it with its costliest layers kept in float: where ``fcnseg bench
---int8-sensitivity`` has ranked this model's layers (:func:`save_sensitivity`), ``auto-reduced`` retries int8
-with the worst 1, 2, 4 of them in float.
+int8 short of the bar may reach it with more layers kept in float (:func:`float_tries`): first the layer its float
+first layer feeds (conv1_2), then, where ``fcnseg bench --int8-sensitivity`` has ranked this model's layers
+(:func:`save_sensitivity`), the worst 1, 2, 4 of them.
 """
 
 from __future__ import annotations
@@ -276,12 +276,11 @@ def _reduced_agreement(model, runs, calibration, choice: Choice, x, folder) -> d
     reference, floats = runs["eager"], {}
     for path in [p for p in runs if p in REDUCED_PATHS]:
         share = agreement(runs[path], reference, calibration, model)
-        ranking = saved_sensitivity(model) if path.endswith("int8") else []
-        for k in FLOAT_TRIES if share < REDUCED_MIN_AGREEMENT and ranking else ():
-            built = _built_with_float(model, path, x, calibration, folder, ranking[:k])
+        for keep in float_tries(model) if share < REDUCED_MIN_AGREEMENT and path.endswith("int8") else ():
+            built = _built_with_float(model, path, x, calibration, folder, keep)
             share_k = agreement(built, reference, calibration, model) if built else 0.0
             if share_k > share:
-                runs[path], share, floats[path] = built, share_k, ranking[:k]
+                runs[path], share, floats[path] = built, share_k, keep
             if share >= REDUCED_MIN_AGREEMENT:
                 break
         choice.agreement[path] = share
@@ -289,6 +288,16 @@ def _reduced_agreement(model, runs, calibration, choice: Choice, x, folder) -> d
             choice.rejected[path] = f"{100 * share:.2f}% < {100 * REDUCED_MIN_AGREEMENT:.1f}% of fp32's labels"
             del runs[path]
     return floats
+
+
+def float_tries(model: nn.Module) -> list[list[str]]:
+    """The layers int8 short of the bar is retried with in float, in order: the layer each of the model's
+    :meth:`~fcnseg.models.base.SegmentationModel.rescaled_pairs` quantises (conv1_2, fed the float first layer's
+    output: the int8 paths kept it in float until fcnseg rescaled that output's channels, and without VNNI it is
+    the one NNCF gives 7-bit weights), then the costliest 1, 2, 4 layers of a saved sensitivity ranking."""
+    seconds = [b for _, b in model.rescaled_pairs()]
+    ranking = saved_sensitivity(model)
+    return ([seconds] if seconds else []) + ([ranking[:k] for k in FLOAT_TRIES] if ranking else [])
 
 
 def _built_with_float(model, path, x, calibration, folder, keep) -> Runner | None:

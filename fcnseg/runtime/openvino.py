@@ -198,9 +198,8 @@ def nncf_int8(
 ) -> Path:
     """``folder/model.int8[...].xml``: the model's float graph (:func:`~fcnseg.runtime.onnx.int8_source`)
     quantised by NNCF, OpenVINO's own post-training quantisation (per-channel int8 weights, activation ranges from
-    ``calibration``, bias correction, :func:`nncf_parameters`), the model's
-    :func:`~fcnseg.runtime.onnx.float_layers` and ``keep_float`` left in float, and the sums of their outputs too;
-    made unless it is there."""
+    ``calibration``, bias correction, :func:`nncf_parameters`), the model's :func:`~fcnseg.runtime.onnx.float_layers`
+    and ``keep_float`` left in float, and the sums of their outputs too; made unless it is there."""
 
     import nncf
     import openvino as ov

@@ -9,9 +9,9 @@ network's function unchanged (the cross-layer equalisation of Nagel et al., "Dat
 here with the scales taken from the calibration images' activation ranges rather than the weights'). With
 s_c = range_c / largest range, every channel spans the whole 8-bit range.
 
-On the trained demo model with conv1_2 quantised, this kept 99.75% of fp32's labels instead of 99.47% with
-OpenVINO's convolutions held to AVX2 (7-bit first-layer weights, NNCF's overflow fix), and 99.65% instead of 99.35%
-with ONNX Runtime's 7-bit weights; where the CPU has VNNI (8-bit weights) it stayed within 0.15% either way.
+It matters where the weights have 7 bits (CPUs without VNNI, :func:`~fcnseg.runtime.onnx.int8_source`): on the
+trained demo model with conv1_2 quantised, OpenVINO held to AVX2 kept 99.75% of fp32's labels with it and 99.47%
+without, ONNX Runtime 99.65% and 99.35% (8 calibration images).
 """
 
 from __future__ import annotations
