@@ -37,6 +37,7 @@ from ..io import cache_root, scratch_folder
 from .compare import Runner, agreement
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features, cpu_key
 from .kernels import KERNELS, kernels_pay
+from .onnx import INT8_RECIPE
 from .openvino import openvino_available, openvino_version
 
 REDUCED_MIN_AGREEMENT = 0.995  # auto-reduced: the share of eager fp32's labels a path must keep
@@ -87,9 +88,9 @@ def candidates(reduced: bool, features: frozenset[str] | None = None) -> list[st
 
 
 def engine_versions() -> str:
-    """fcnseg's kernel set and the versions of the engines besides torch (whose version
+    """fcnseg's kernel set and int8 recipe, and the versions of the engines besides torch (whose version
     :func:`~fcnseg.runtime.cpu.cpu_key` holds) that a measurement is valid for."""
-    versions = [f"fcnseg kernels {'+'.join(KERNELS)}"]  # the winograd path's kernels
+    versions = [f"fcnseg kernels {'+'.join(KERNELS)}", f"int8 {INT8_RECIPE}"]  # the winograd path's kernels, int8's
     if onnx_available():
         import onnxruntime
 

@@ -24,6 +24,10 @@ from .compare import Runner, agreement, eval_mode
 from .cpu import VNNI, cpu_features
 
 INT8_WARN_BELOW = 0.99  # int8 agreement with fp32 on the calibration images that draws a warning
+INT8_RECIPE = "first conv float, 7-bit pairs rescaled"
+"""How int8 is made here (the layers left in float, the rescaling): part of the key of ``auto``'s cached choices
+(:func:`~fcnseg.runtime.choice.engine_versions`), so that a choice judged on int8 made another way is measured
+again."""
 
 
 def ort_session(path: str | os.PathLike) -> Runner:
