@@ -276,19 +276,22 @@ class FCN(SegmentationModel):
         8-bit scale) and every head's class-score layers and upsamplers, where the argmax is decided; the bulk of
         the work (conv1_2 to fc7 for VGG16) runs in int8."""
         keep = [f"score_heads.{name}.{part}" for name in self.score_heads for part in ("score_", "upsample_")]
-        for i, m in enumerate(getattr(self.backbone, "features", [])):  # VGG16 and AlexNet keep a features list
-            if isinstance(m, nn.Conv2d):
-                return [*keep, f"backbone.features.{i}."]
-        return keep
+        return keep + [f"backbone.features.{i}." for i in self._feature_convs()[:1]]
 
     def rescaled_pairs(self) -> list[tuple[str, str]]:
         """The first convolution of a ``features`` list (VGG16, AlexNet) and the next one, where only ReLUs and max
         poolings lie between them: int8 evens out the first one's output channels (see the base class)."""
-        features = getattr(self.backbone, "features", [])
-        convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)][:2]
-        if len(convs) < 2 or not all(isinstance(m, nn.ReLU | nn.MaxPool2d) for m in features[convs[0] + 1 : convs[1]]):
+        convs = self._feature_convs()[:2]
+        if len(convs) < 2:
+            return []
+        if not all(isinstance(m, nn.ReLU | nn.MaxPool2d) for m in self.backbone.features[convs[0] + 1 : convs[1]]):
             return []  # a batch norm between them would not commute with a per-channel scale
         return [(f"backbone.features.{convs[0]}.", f"backbone.features.{convs[1]}.")]
+
+    def _feature_convs(self) -> list[int]:
+        """Indices of the convolutions in the backbone's ``features`` list (VGG16 and AlexNet keep one; the
+        torchvision backbones do not, and have none here)."""
+        return [i for i, m in enumerate(getattr(self.backbone, "features", [])) if isinstance(m, nn.Conv2d)]
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` padded as ``forward`` pads it: aligned mode up to a multiple of the stride (and margin)."""
