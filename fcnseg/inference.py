@@ -12,6 +12,7 @@ testing); :meth:`Predictor.batch_logits` then gives their logarithm, whose softm
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -174,13 +175,13 @@ class Predictor:
         model, path = self.model, self.path
         if path == "eager":
             return own_forward(model)
-        cached = path not in ("onnx-int8", "openvino-int8")  # int8 depends on this predictor's calibration
-        key = weights_key(model)
-        if cached and path in model._runners and model._runners[path][0] == key:
-            _, run, self.path, self.reason = model._runners[path]
+        calibration = [self._as_batch(c) for c in self.calibration]
+        slot, key = self._shared_as(calibration), weights_key(model)
+        if slot in model._runners and model._runners[slot][0] == key:
+            _, run, self.path, self.reason = model._runners[slot]
             self._say()
             return run
-        calibration = [self._as_batch(c) for c in self.calibration] or ([first[:1]] if first is not None else [])
+        calibration = calibration or ([first[:1]] if first is not None else [])
         with eval_mode(model):
             built = self._built(path, first, calibration)
 
@@ -188,9 +189,28 @@ class Predictor:
             with eval_mode(model):
                 return built(x)
 
-        if cached:
-            model._runners[path] = (key, run, self.path, self.reason)
+        if slot is not None:
+            model._runners[slot] = (key, run, self.path, self.reason)
         return run
+
+    def _shared_as(self, calibration: list[torch.Tensor]) -> str | None:
+        """The name this predictor's runner is kept under with the model, for the next predictor alike
+        (``model.predict`` makes one a call); None where it is this predictor's own: the int8 paths, calibrated on
+        its images. ``auto`` is measured on the first input, a tile of it with tiling, and ``auto-reduced`` judged
+        on the calibration images too: their runners are shared only with the same tiling and calibration."""
+        from .runtime import AUTO
+
+        if self.path in ("onnx-int8", "openvino-int8"):
+            return None
+        if self.path not in AUTO:
+            return self.path
+        slot = self.path + (f", tile {self.tile}" if self.tile else "")
+        if self.path == "auto-reduced" and calibration:
+            digest = hashlib.sha256()
+            for c in calibration:
+                digest.update(str(tuple(c.shape)).encode() + c.detach().float().cpu().contiguous().numpy().tobytes())
+            slot += f", calibration {digest.hexdigest()[:16]}"
+        return slot
 
     def _built(self, path: str, first: torch.Tensor | None, calibration: list[torch.Tensor]) -> Runner:
         """``path`` built; ``auto`` measured on ``first`` (:func:`fcnseg.runtime.choice.choose`), or without an

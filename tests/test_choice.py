@@ -262,3 +262,143 @@ def test_int8_retries_first_with_conv1_2_in_float_then_the_ranked_layers(monkeyp
         assert tried == [["backbone.features.2."]] and floats == {"onnx-int8": ["backbone.features.2."]}
         assert "onnx-int8" in picked.rejected and "onnx-int8" not in runs  # 99.3%: still short
     assert picked.agreement["bf16"] == 1.0 and "bf16" in runs  # bf16 is not retried
+
+
+def test_the_key_holds_the_features_the_recipes_follow_and_the_candidates(measured, monkeypatch):
+    """A VM can mask VNNI under the same model name (int8 then takes 7-bit weights and rescaled channels), and a
+    path installed or allowed since the measurement must be measured: both are in the key, and both re-measure."""
+    model, x = _model(), _x()
+    key = choice_key(model, "auto", x, ["eager", "winograd"])
+    assert "features avx2+fma" in key.split(" | ") and "candidates eager,winograd" in key.split(" | ")
+    assert choice_key(model, "auto", x, ["winograd", "eager"]) == key  # the set, not the order
+    monkeypatch.setenv("FCNSEG_CPU_FEATURES", AVX2 + " avx512_vnni")
+    assert "features avx2+fma+vnni" in choice_key(model, "auto", x, ["eager", "winograd"])
+    monkeypatch.setenv("FCNSEG_CPU_FEATURES", AVX2)
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd")
+    clock = Clock({"eager": 30.0, "winograd": 20.0, "onnx": 1.0})
+    assert choose(model, "auto", x, timer=clock)[0].path == "winograd"
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd,onnx")  # onnx allowed since: measured, and taken
+    picked, _ = choose(model, "auto", x, timer=clock)
+    assert not picked.cached and picked.path == "onnx" and "onnx" in clock.calls
+    assert choose(model, "auto", x, timer=clock)[0].cached  # and saved under the wider set
+    monkeypatch.setenv("FCNSEG_CPU_FEATURES", AVX2 + " avx_vnni")
+    assert not choose(model, "auto", x, timer=clock)[0].cached  # the same CPU name with VNNI: measured again
+
+
+def test_a_single_candidate_is_built_on_the_calibration_images(measured, monkeypatch, tmp_path):
+    """With one candidate left nothing is measured, but int8 is still calibrated on the images given, not on the
+    input: the same int8 as make_runner builds from them (same files, same engine, same process)."""
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "onnx-int8")
+    model, x = _model(), _x()
+    calibration = [_x(64, 96, seed=s) * 3 for s in (7, 8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # int8 on random weights warns of its agreement
+        picked, run = choose(model, "auto-reduced", x, calibration, workdir=tmp_path / "a")
+        given = make_runner(model, "onnx-int8", calibration=calibration, workdir=tmp_path / "b")(x)
+        on_input = make_runner(model, "onnx-int8", calibration=[x], workdir=tmp_path / "c")(x)
+    assert picked.path == "onnx-int8" and not picked.ms
+    assert torch.equal(run(x), given) and not torch.equal(given, on_input)
+
+
+@pytest.mark.parametrize("bar, measured_again", [(0.0, False), (1.01, True)])
+def test_a_cached_reduced_choice_is_judged_again_on_these_calibration_images(measured, monkeypatch, capsys, bar,
+                                                                            measured_again):  # fmt: skip
+    """A saved auto-reduced choice was judged on the images of the run that measured it; built again for other
+    images it is compared with eager fp32 on those, and measured again where it falls short of the bar."""
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx-int8")
+    model, x, calibration = _model(), _x(), [_x(seed=3) * 3]
+    key = choice_key(model, "auto-reduced", x, candidates(True))
+    saved = {"auto": "auto-reduced", "path": "onnx-int8", "ms": {"onnx-int8": 1.0, "eager": 9.0},
+             "agreement": {"onnx-int8": 1.0}}  # fmt: skip
+    assert choice._save(choice.choices_path(), key, saved)
+    monkeypatch.setattr(choice, "REDUCED_MIN_AGREEMENT", bar)
+    clock = Clock({"eager": 9.0, "onnx-int8": 1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # int8 on random weights warns of its agreement
+        picked, _ = choose(model, "auto-reduced", x, calibration, timer=clock)
+        int8 = make_runner(model, "onnx-int8", calibration=calibration)
+    assert picked.cached != measured_again and bool(clock.calls) == measured_again
+    expected = fcnseg.runtime.agreement(int8, make_runner(model, "eager"), calibration, model)
+    assert picked.agreement["onnx-int8"] == pytest.approx(expected) and expected < 1.0
+    assert ("keeps" in capsys.readouterr().err) == measured_again
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [{"ms": [3]}, {"keep_float": "backbone.fc6"}, {"agreement": {"bf16": None}}, {"path": 7}, {"surprise": 1}],
+)
+def test_a_malformed_saved_choice_is_measured_again(measured, monkeypatch, broken):
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd")
+    model, x = _model(), _x()
+    key = choice_key(model, "auto", x, candidates(False))
+    good = {"auto": "auto", "path": "winograd", "ms": {"winograd": 1.0, "eager": 2.0}, "keep_float": []}
+    assert choice._save(choice.choices_path(), key, good)
+    assert choice.cached_choice(key, "auto", ["eager", "winograd"]).path == "winograd"
+    assert choice._save(choice.choices_path(), key, good | broken)
+    assert choice.cached_choice(key, "auto", ["eager", "winograd"]) is None
+    picked, _ = choose(model, "auto", x, timer=Clock({"eager": 2.0, "winograd": 1.0}))
+    assert not picked.cached and picked.path == "winograd"
+    save_sensitivity(model, {"backbone.fc6": 0.9, "backbone.fc7": None})
+    assert saved_sensitivity(model) == []
+
+
+def test_an_unwritable_cache_is_said_and_costs_only_a_measurement(measured, monkeypatch, capsys):
+    monkeypatch.setenv("FCNSEG_CACHE_DIR", "/dev/null/fcnseg")  # cannot be made, even by root
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd")
+    model, x = _model(), _x()
+    for _ in range(2):
+        picked, run = choose(model, "auto", x, timer=Clock({"eager": 2.0, "winograd": 1.0}))
+        assert not picked.cached and run(x).shape == (1, 4, 61, 83)
+        assert "runtime auto: cannot write /dev/null/fcnseg/runtime-choices.json" in capsys.readouterr().err
+    if openvino_available():  # compiled without OpenVINO's cache rather than not at all
+        with torch.no_grad():
+            expected = model(x)
+        got = make_runner(model, "openvino")(x)
+        assert float((got - expected).abs().max()) <= 1e-4 * float(expected.max() - expected.min())
+
+
+def test_an_engine_error_of_its_own_type_leaves_the_candidate_out(measured, monkeypatch):
+    """ONNX Runtime's Fail derives from Exception alone: the candidate is left out with the message, and the
+    OpenVINO-style location line is skipped for the line that says what went wrong."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    assert not issubclass(Fail, RuntimeError | ValueError | OSError | ImportError)
+
+    def fail(*args, **kwargs):
+        raise Fail("Exception from src/inference/src/cpp/core.cpp:132:\n[ GENERAL_ERROR ] no room for the model")
+
+    monkeypatch.setattr(ort, "InferenceSession", fail)
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd,onnx")
+    picked, _ = choice.measure(_model(), "auto", _x(), timer=Clock({"eager": 2.0, "winograd": 1.0}))
+    assert picked.path == "winograd" and picked.rejected == {"onnx": "[ GENERAL_ERROR ] no room for the model"}
+
+
+def test_measuring_leaves_the_callers_model_in_its_memory_layout(measured, monkeypatch):
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd")
+    model = _model().to(memory_format=torch.channels_last)
+    choice.measure(model, "auto", _x(), timer=Clock({"eager": 2.0, "winograd": 1.0}))
+    assert model.backbone.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    model = _model()
+    choice.measure(model, "auto", _x(), timer=Clock({"eager": 2.0, "winograd": 1.0}))
+    assert model.backbone.features[0].weight.is_contiguous()
+
+
+def test_predictors_share_an_auto_runner_only_when_tiling_and_calibration_match(measured, monkeypatch):
+    """model.predict makes a predictor per call, and the built runner is kept with the model for the next one;
+    auto's is measured on a tile where tiling is on, and auto-reduced judged on the calibration images."""
+    from fcnseg.inference import Predictor
+
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd")
+    model, x = _model(), _x(64, 96)
+    cal_a, cal_b = [_x(64, 96, seed=5)], [_x(64, 96, seed=6)]
+
+    def runner(**options):
+        return Predictor(model, **options).runner(x)
+
+    assert runner(runtime="auto") is runner(runtime="auto")
+    assert runner(runtime="auto", tile=64, overlap=0) is not runner(runtime="auto")
+    assert runner(runtime="auto-reduced", calibration=cal_a) is runner(runtime="auto-reduced", calibration=cal_a)
+    assert runner(runtime="auto-reduced", calibration=cal_a) is not runner(runtime="auto-reduced", calibration=cal_b)
+    assert runner(runtime="auto-reduced") is runner(runtime="auto-reduced")  # calibrated on the first input
+    assert runner(runtime="onnx-int8", calibration=cal_a) is not runner(runtime="onnx-int8", calibration=cal_a)

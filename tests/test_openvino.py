@@ -11,7 +11,7 @@ import torch
 
 import fcnseg
 from fcnseg.runtime import bf16_is_native, make_runner
-from fcnseg.runtime.openvino import openvino_available, openvino_cache_dir, openvino_session
+from fcnseg.runtime.openvino import openvino_available, openvino_cache_dir
 from tests.helpers import TINY, export_folder, randomise
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason='needs OpenVINO (pip install "fcnseg[openvino]")')
@@ -119,30 +119,57 @@ def _is_constant(value) -> bool:
     return value.get_node().get_type_name() == "Constant"
 
 
-def test_a_second_process_loads_the_compiled_model_from_the_cache(tmp_path, monkeypatch, tmp_path_factory):
-    """OpenVINO's CACHE_DIR under fcnseg's cache: the first compile writes a blob; compiling the same file again
-    (in a new process, here a new Core) adds none and gives the same output."""
+def test_a_second_process_loads_the_compiled_model_from_the_cache(tmp_path, monkeypatch):
+    """OpenVINO's CACHE_DIR under fcnseg's cache. Each build exports into a new temporary folder, as every process
+    does: the first compile writes a blob; a second process building the same model writes none and gives the
+    same output; other weights get a blob of their own (the cache is keyed by the graph and weights, not by the
+    file's path)."""
+    import os
     import subprocess
 
     monkeypatch.setenv("FCNSEG_CACHE_DIR", str(tmp_path / "cache"))
     model = _model("one", "aligned")
-    _, x = _inputs()
-    onnx_folder = export_folder(model, tmp_path_factory.getbasetemp() / "exports")  # the export made above
-    first = make_runner(model, "openvino", workdir=onnx_folder)(x)
+    torch.save(model, tmp_path / "model.pt")
+    x = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(0))
+    first = make_runner(model, "openvino")(x)
     blobs = sorted(openvino_cache_dir().glob("*.blob"))
     assert len(blobs) == 1 and openvino_cache_dir() == tmp_path / "cache" / "openvino"
     code = (
-        "import sys, torch; from fcnseg.runtime.openvino import openvino_session; "
+        "import sys, torch; from fcnseg.runtime import make_runner; "
+        "model = torch.load(sys.argv[1], weights_only=False); "
         f"x = torch.randn(1, 3, {SIZE[0]}, {SIZE[1]}, generator=torch.Generator().manual_seed(0)); "
-        f"torch.save(openvino_session(sys.argv[1])(x), sys.argv[2])"
+        "torch.save(make_runner(model, 'openvino')(x), sys.argv[2])"
     )
-    env = {**__import__("os").environ, "FCNSEG_CACHE_DIR": str(tmp_path / "cache")}
-    subprocess.run([sys.executable, "-c", code, str(onnx_folder / "model.onnx"), str(tmp_path / "o.pt")],
+    env = {**os.environ, "FCNSEG_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt"), str(tmp_path / "o.pt")],
                    check=True, env=env, timeout=300)  # fmt: skip
     assert sorted(openvino_cache_dir().glob("*.blob")) == blobs  # loaded, not compiled and written again
-    x0 = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(torch.load(tmp_path / "o.pt"), openvino_session(onnx_folder / "model.onnx")(x0))
-    assert first.shape == (1, 4, *SIZE)
+    assert torch.equal(torch.load(tmp_path / "o.pt"), first)
+    other = randomise(_model("one", "aligned"), seed=5, trainable_only=True).eval()
+    with torch.no_grad():
+        expected = other(x)
+    got = make_runner(other, "openvino")(x)  # same graph, other weights: not the first model's blob
+    assert float((got - expected).abs().max()) <= FP32_TOLERANCE * float(expected.max() - expected.min())
+    assert len(list(openvino_cache_dir().glob("*.blob"))) == 2
+
+
+def test_the_cache_keeps_the_newest_blobs_within_its_budget(tmp_path):
+    """Blobs by last use (the later of written and read), newest first, until the budget: the rest go."""
+    import os
+
+    from fcnseg.runtime.openvino import prune_cache
+
+    sizes = {"a": 400, "b": 300, "c": 200, "d": 100}  # a is the newest, d the oldest
+    for age, (name, size) in enumerate(sizes.items()):
+        blob = tmp_path / f"{name}.blob"
+        blob.write_bytes(b"x" * size)
+        os.utime(blob, (1_000_000 - 10 * age, 1_000_000 - 10 * age))
+    (tmp_path / "d.blob").touch()  # d read just now (a cache hit): the newest
+    os.utime(tmp_path / "b.blob", (2_000_000, 900_000))  # b read later still, written earlier: newest of all
+    # By last use: d (100 bytes), b (300), a (400), c (200).
+    assert [p.name for p in prune_cache(tmp_path, budget=800)] == ["c.blob"]  # 100 + 300 + 400 fit, + 200 not
+    assert [p.name for p in prune_cache(tmp_path, budget=50)] == ["b.blob", "a.blob"]  # the newest stays, whatever
+    assert [p.name for p in tmp_path.glob("*.blob")] == ["d.blob"]
 
 
 def test_a_bf16_request_on_a_cpu_without_bf16_warns(tmp_path_factory, monkeypatch):

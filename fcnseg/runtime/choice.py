@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -35,7 +36,7 @@ from torch import nn
 from ..errors import FcnsegError
 from ..io import cache_root, scratch_folder
 from .compare import Runner, agreement
-from .cpu import NATIVE_BF16, bf16_is_native, cpu_features, cpu_key
+from .cpu import NATIVE_BF16, VNNI, bf16_is_native, cpu_features, cpu_key
 from .kernels import KERNELS, kernels_pay
 from .onnx import INT8_RECIPE
 from .openvino import openvino_available, openvino_version
@@ -48,7 +49,9 @@ FP32_PATHS = ("eager", "winograd", "onnx", "openvino")
 REDUCED_PATHS = ("bf16", "openvino-bf16", "onnx-int8", "openvino-int8")
 
 Timer = Callable[[str, Runner, torch.Tensor], float]
-BUILD_ERRORS = (FcnsegError, ImportError, RuntimeError, ValueError, OSError)  # a candidate that fails is left out
+# A candidate that fails to build is left out with the reason, whatever it raises: the engines have exception types
+# of their own that derive from Exception alone (ONNX Runtime's Fail and InvalidArgument, NNCF's errors).
+BUILD_ERRORS = (Exception,)
 
 
 def _has(module: str) -> bool:
@@ -69,6 +72,7 @@ def candidates(reduced: bool, features: frozenset[str] | None = None) -> list[st
     ``FCNSEG_AUTO_PATHS`` (comma-separated) narrows them to those it names."""
     features = cpu_features() if features is None else features
     onnx, ov = onnx_available(), openvino_available()
+    nncf = ov and _has("nncf")  # openvino-int8's quantiser
     usable = {
         "eager": True,
         "winograd": kernels_pay(features),
@@ -77,7 +81,7 @@ def candidates(reduced: bool, features: frozenset[str] | None = None) -> list[st
         "bf16": bool(features & NATIVE_BF16) and bf16_is_native(),
         "openvino-bf16": ov and onnx and bool(features & NATIVE_BF16) and bf16_is_native(),
         "onnx-int8": onnx and "avx2" in features,
-        "openvino-int8": ov and onnx and "avx2" in features,
+        "openvino-int8": nncf and onnx and "avx2" in features,
     }
     paths = [p for p in FP32_PATHS + (REDUCED_PATHS if reduced else ()) if usable[p]]
     allowed = os.environ.get("FCNSEG_AUTO_PATHS")
@@ -127,11 +131,22 @@ def size_class(x: torch.Tensor) -> str:
     return f"{n}x~{2 ** (round(2 * math.log2(max(h * w, 1))) / 2):.0f}px"
 
 
-def choice_key(model: nn.Module, auto: str, x: torch.Tensor) -> str:
+def feature_key(features: frozenset[str] | None = None) -> str:
+    """The CPU features the paths' recipes follow (:func:`~fcnseg.runtime.cpu.cpu_features`, which
+    ``FCNSEG_CPU_FEATURES`` overrides, and a virtual machine may mask under the same model name): AVX2 and FMA
+    (winograd, int8), VNNI (int8's weights: 8 bits, else 7 and rescaled channels) and native bf16."""
+    features = cpu_features() if features is None else features
+    named = {"avx2": {"avx2"}, "fma": {"fma"}, "vnni": VNNI, "bf16": NATIVE_BF16}
+    return "features " + "+".join(name for name, flags in named.items() if features & flags)
+
+
+def choice_key(model: nn.Module, auto: str, x: torch.Tensor, paths: Sequence[str] = ()) -> str:
     """What a measured choice is valid for: CPU model, instruction sets and thread count
-    (:func:`~fcnseg.runtime.cpu.cpu_key`), the engines' versions, ``auto`` or ``auto-reduced``, the model
-    (:func:`model_key`) and the size class (:func:`size_class`)."""
-    return " | ".join([cpu_key(), engine_versions(), auto, model_key(model, auto == "auto-reduced"), size_class(x)])
+    (:func:`~fcnseg.runtime.cpu.cpu_key`), the features the recipes follow (:func:`feature_key`), the engines'
+    versions, ``auto`` or ``auto-reduced``, the candidates measured (``paths``: a path installed or allowed since is
+    measured), the model (:func:`model_key`) and the size class (:func:`size_class`)."""
+    parts = [cpu_key(), feature_key(), engine_versions(), auto, "candidates " + ",".join(sorted(paths))]
+    return " | ".join([*parts, model_key(model, auto == "auto-reduced"), size_class(x)])
 
 
 @dataclass
@@ -177,27 +192,53 @@ def _read(path: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
-def _save(path: Path, key: str, value: dict) -> None:
-    """``value`` under ``key``, merged with what other processes saved meanwhile; a cache that cannot be written
-    only costs a measurement next time."""
+def _save(path: Path, key: str, value: dict) -> bool:
+    """``value`` under ``key``, merged with what other processes saved (the file is read, changed and written under
+    an exclusive lock of its ``.lock`` file where the OS has ``flock``). False where the cache cannot be written."""
     from ..io import atomic_write
 
-    doc = _read(path)
-    doc[key] = value
-    with contextlib.suppress(OSError):
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:  # unlocked when closed
+            with contextlib.suppress(ImportError):
+                import fcntl
+
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            doc = _read(path)
+            doc[key] = value
+            with atomic_write(path, "w") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+    except OSError:
+        return False
+    return True
+
+
+_FIELD_TYPES = {"auto": str, "path": str, "size": str, "note": str}
+_MAP_TYPES = {"ms": (int, float), "agreement": (int, float), "rejected": str}
+
+
+def _well_formed(entry: object) -> bool:
+    """Whether a saved entry has :class:`Choice`'s fields with their types (a file written by another fcnseg
+    version, or edited by hand, is measured again rather than trusted)."""
+    if not isinstance(entry, dict) or not {"auto", "path", "ms"} <= entry.keys() <= set(Choice.__dataclass_fields__):
+        return False
+    if any(not isinstance(entry.get(k, ""), t) for k, t in _FIELD_TYPES.items()):
+        return False
+    for name, types in _MAP_TYPES.items():
+        value = entry.get(name, {})
+        if not isinstance(value, dict) or not all(isinstance(v, types) for v in value.values()):
+            return False
+    floats = entry.get("keep_float", [])
+    return isinstance(floats, list) and all(isinstance(f, str) for f in floats)
 
 
 def cached_choice(key: str, auto: str, allowed: Sequence[str]) -> Choice | None:
-    """The choice saved under ``key`` if its path is still among ``allowed``."""
+    """The choice saved under ``key`` if it is well formed and its path still among ``allowed``."""
     entry = _read(choices_path()).get(key)
-    try:
-        choice = Choice(**{**entry, "cached": True}) if isinstance(entry, dict) else None
-    except TypeError:
+    if not _well_formed(entry):
         return None
-    return choice if choice and choice.auto == auto and choice.path in allowed else None
+    choice = Choice(**{**entry, "cached": True})
+    return choice if choice.auto == auto and choice.path in allowed else None
 
 
 def sensitivity_path() -> Path:
@@ -213,7 +254,9 @@ def save_sensitivity(model: nn.Module, ranking: dict[str, float]) -> None:
 def saved_sensitivity(model: nn.Module) -> list[str]:
     """The layers of ``model``'s weights by the agreement int8 costs them, costliest first (none if not ranked)."""
     ranking = _read(sensitivity_path()).get(model_key(model, reduced=True))
-    return sorted(ranking, key=ranking.__getitem__) if isinstance(ranking, dict) else []
+    if not isinstance(ranking, dict) or not all(isinstance(v, int | float) for v in ranking.values()):
+        return []
+    return sorted(ranking, key=ranking.__getitem__)
 
 
 def time_once(path: str, run: Runner, x: torch.Tensor) -> float:
@@ -229,7 +272,7 @@ def _build(model, path, x, calibration, folder, keep_float=(), *, warm: bool = T
 
     # eager as the model runs it, in its own memory layout: measuring must not convert the caller's model.
     run = make_runner(model, path, calibration=calibration, workdir=folder, keep_float=keep_float,
-                      channels_last=path != "eager")  # fmt: skip
+                      channels_last=None if path == "eager" else True)  # fmt: skip
     if warm:
         run(x)  # the first call: winograd measures its kernels, the engines allocate
     return run
@@ -239,8 +282,13 @@ def _shape(x: torch.Tensor) -> str:
     return f"{x.shape[0]}x{x.shape[2]}x{x.shape[3]}"
 
 
+_LOCATION = re.compile(r"Exception from \S+:\d+:?")  # OpenVINO's first line: where in its sources it raised
+
+
 def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:120]
+    """The first line of ``e``'s message that says what went wrong (not where), 120 characters at most."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    return next((line for line in lines if line and not _LOCATION.fullmatch(line)), type(e).__name__)[:120]
 
 
 def _built(model, paths, x, calibration, folder) -> tuple[dict[str, Runner], dict[str, str]]:
@@ -352,20 +400,38 @@ def choose(
     """``auto``'s path for ``model`` on inputs like ``x``: the cached choice (:func:`choice_key`) built, else
     :func:`measure`'s, saved. Only candidates with a single path (``FCNSEG_AUTO_PATHS=eager``) skip it all."""
     paths = candidates(auto == "auto-reduced")
-    size = _shape(x)
+    size, calibration = _shape(x), list(calibration) or [x[:1]]
     if len(paths) == 1:
         note = _only_one(auto)
-        return Choice(auto, paths[0], {}, size=size, note=note), _build(model, paths[0], x, [x[:1]], None, warm=False)
-    key = choice_key(model, auto, x)
+        return Choice(auto, paths[0], {}, size=size, note=note), _build(model, paths[0], x, calibration, workdir,
+                                                                       warm=False)  # fmt: skip
+    key = choice_key(model, auto, x, paths)
     saved = cached_choice(key, auto, paths)
-    if saved is not None:
-        try:
-            built = _build(model, saved.path, x, list(calibration) or [x[:1]], workdir, saved.keep_float, warm=False)
-            return saved, built
-        except BUILD_ERRORS as e:
-            print(
-                f"runtime {auto}: the cached {saved.path} failed ({_first_line(e)}); measuring again", file=sys.stderr
-            )
+    built = _cached_build(model, saved, x, calibration, workdir) if saved is not None else None
+    if built is not None:
+        return saved, built
     choice, run = measure(model, auto, x, calibration, timer=timer, workdir=workdir)
-    _save(choices_path(), key, {k: v for k, v in asdict(choice).items() if k != "cached"})
+    if not _save(choices_path(), key, {k: v for k, v in asdict(choice).items() if k != "cached"}):
+        print(f"runtime {auto}: cannot write {choices_path()}; the next run measures again", file=sys.stderr)
     return choice, run
+
+
+def _cached_build(model, saved: Choice, x, calibration, workdir) -> Runner | None:
+    """The saved choice's path built; None, said on stderr, where it fails to build, or where a reduced path keeps
+    fewer than :data:`REDUCED_MIN_AGREEMENT` of eager fp32's labels on these calibration images (it was judged on
+    the images of the run that measured it): then the choice is measured again."""
+    try:
+        built = _build(model, saved.path, x, calibration, workdir, saved.keep_float, warm=False)
+    except BUILD_ERRORS as e:
+        print(f"runtime {saved.auto}: the cached {saved.path} failed ({_first_line(e)}); measuring again",
+              file=sys.stderr)  # fmt: skip
+        return None
+    if saved.path in REDUCED_PATHS:
+        reference = _build(model, "eager", x, calibration, None, warm=False)
+        share = saved.agreement[saved.path] = agreement(built, reference, calibration, model)
+        if share < REDUCED_MIN_AGREEMENT:
+            bar = f"{100 * REDUCED_MIN_AGREEMENT:.1f}%"
+            print(f"runtime {saved.auto}: the cached {saved.path} keeps {100 * share:.2f}% of fp32's labels on these "
+                  f"calibration images (< {bar}); measuring again", file=sys.stderr)  # fmt: skip
+            return None
+    return built

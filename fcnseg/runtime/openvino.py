@@ -10,8 +10,9 @@ CPU computes bf16 natively, else in f32. On the trained demo model NNCF's file k
 Runtime's QDQ file run by OpenVINO, at the same speed.
 
 Compiled models are kept in OpenVINO's own on-disk cache (``CACHE_DIR``, under fcnseg's cache folder), so a second
-process with the same file and settings loads the compiled blob instead of compiling again. OpenVINO is an optional
-extra: ``pip install "fcnseg[openvino]"``.
+process with the same graph, weights and settings loads the compiled blob instead of compiling again; the oldest
+blobs go once the folder passes :data:`CACHE_BUDGET` bytes. OpenVINO is an optional extra:
+``pip install "fcnseg[openvino]"``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from .cpu import NATIVE_BF16, bf16_is_native, cpu_features
 OPENVINO_PATHS: tuple[str, ...] = ("openvino", "openvino-bf16", "openvino-int8")
 PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
 """``INFERENCE_PRECISION_HINT`` of the float paths."""
+CACHE_BUDGET = 4 << 30
+"""Bytes of compiled blobs kept (the full-size FCN-8s compiles to about 500 MB in f32); the oldest go beyond it."""
 
 
 def int8_float_precision() -> str:
@@ -69,15 +72,48 @@ def openvino_cache_dir() -> Path:
     return cache_root() / "openvino"
 
 
+def _writable_cache() -> Path | None:
+    """:func:`openvino_cache_dir`, made if need be; None where it cannot be written (compiling then goes on without
+    the cache: OpenVINO itself fails the compilation when it cannot make its folder)."""
+    folder = openvino_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
 def compile_config(precision: str) -> dict[str, object]:
     """The CPU plugin's settings for one path: latency-first (one stream: one image at a time), PyTorch's thread
-    budget, the precision forced, and the on-disk cache of compiled models."""
-    return {
+    budget, the precision forced, and the on-disk cache of compiled models where it can be written."""
+    config: dict[str, object] = {
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         "INFERENCE_PRECISION_HINT": precision,
-        "CACHE_DIR": str(openvino_cache_dir()),
     }
+    folder = _writable_cache()
+    if folder is not None:
+        config["CACHE_DIR"] = str(folder)
+    return config
+
+
+def prune_cache(folder: Path, budget: int = CACHE_BUDGET) -> list[Path]:
+    """Delete the blobs in ``folder`` least recently written or read (OpenVINO reads a blob on every cache hit)
+    beyond the newest ones that fit in ``budget`` bytes; the newest is always kept. Returns those deleted."""
+    blobs = []
+    for blob in folder.glob("*.blob"):
+        with contextlib.suppress(OSError):  # another process may have pruned it meanwhile
+            st = blob.stat()
+            blobs.append((max(st.st_mtime, st.st_atime), st.st_size, blob))
+    blobs.sort(key=lambda b: b[0], reverse=True)
+    total, deleted = 0, []
+    for i, (_, size, blob) in enumerate(blobs):
+        total += size
+        if i and total > budget:
+            with contextlib.suppress(OSError):
+                blob.unlink()
+                deleted.append(blob)
+    return deleted
 
 
 def openvino_session(source: str | os.PathLike, precision: str = "f32") -> Runner:
@@ -86,7 +122,13 @@ def openvino_session(source: str | os.PathLike, precision: str = "f32") -> Runne
         raise FcnsegError('the openvino paths need OpenVINO: pip install "fcnseg[openvino]"')
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(source), "CPU", compile_config(precision))
+    core = ov.Core()
+    config = compile_config(precision)
+    # Compiled from the model object, not the file: OpenVINO then keys the cache by a hash of the graph and its
+    # weights; keyed by the file's path, it never matched, every process exporting into a new temporary folder.
+    compiled = core.compile_model(core.read_model(str(source)), "CPU", config)
+    if "CACHE_DIR" in config:
+        prune_cache(Path(config["CACHE_DIR"]))
     local = threading.local()  # an infer request runs one inference at a time: one per calling thread
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -200,8 +242,10 @@ def nncf_int8(
     quantised by NNCF, OpenVINO's own post-training quantisation (per-channel int8 weights, activation ranges from
     ``calibration``, bias correction, :func:`nncf_parameters`), the model's :func:`~fcnseg.runtime.onnx.float_layers`
     and ``keep_float`` left in float, and the sums of their outputs too; made unless it is there."""
-
-    import nncf
+    try:
+        import nncf
+    except ImportError:
+        raise FcnsegError('openvino-int8 needs NNCF, OpenVINO\'s quantiser: pip install "fcnseg[openvino]"') from None
     import openvino as ov
 
     from .onnx import extra_float_layers, int8_source

@@ -76,14 +76,17 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _eager(model: nn.Module, dtype: torch.dtype, channels_last: bool) -> Runner:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.eval().to(memory_format=fmt)
+def _eager(model: nn.Module, dtype: torch.dtype, channels_last: bool | None) -> Runner:
+    """``model`` run under inference mode; ``channels_last`` None leaves its memory layout and the input's as they
+    are, else both are converted to channels_last (True) or contiguous (False)."""
+    fmt = None if channels_last is None else torch.channels_last if channels_last else torch.contiguous_format
+    model = model.eval() if fmt is None else model.eval().to(memory_format=fmt)
     device = _device(model)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return model(x.to(device, dtype).contiguous(memory_format=fmt)).float()
+            x = x.to(device, dtype)
+            return model(x if fmt is None else x.contiguous(memory_format=fmt)).float()
 
     return run
 
@@ -92,7 +95,7 @@ def make_runner(
     model: nn.Module,
     path: str = "eager",
     *,
-    channels_last: bool = True,
+    channels_last: bool | None = True,
     calibration: Sequence[torch.Tensor] | None = None,
     workdir: str | os.PathLike | None = None,
     keep_float: Sequence[str] = (),
@@ -110,7 +113,9 @@ def make_runner(
     (:mod:`fcnseg.runtime.openvino`). int8 keeps :func:`~fcnseg.runtime.onnx.float_layers` and ``keep_float`` in
     float. ``auto`` / ``auto-reduced``: the path :func:`resolve_path` picks from the CPU's features (with an input
     to measure on, :func:`fcnseg.runtime.choice.choose` measures instead). The eager paths put ``model`` in eval
-    mode (and channels_last) for good; the others leave it as it is.
+    mode (and channels_last) for good; ``channels_last=None`` leaves its memory layout as it is. The others leave
+    the model as it is. The exported files in a given ``workdir`` are reused as they are, whatever model or
+    calibration made them: give each model and calibration set a folder of its own.
     """
     path, _ = resolve_path(path, model)
     if path == "eager":
