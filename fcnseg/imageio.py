@@ -60,6 +60,10 @@ _EXIF_ORIENTATION = 0x0112
 # first bytes, before any plugin parses it. PPM is Netpbm's PBM, PGM and PPM, which IMAGE_EXTENSIONS lists.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 _FORMAT_NAMES = "PNG, JPEG, BMP, TIFF, WebP, GIF or PPM"
+MAX_JPEG_SCANS = 100
+"""Scans of one JPEG file decoded at most. Each scan of a progressive JPEG refines the whole picture once more, so
+a small file of thousands of cheap scans takes minutes to decode, and a decode cannot be interrupted (libjpeg-turbo's
+djpeg has ``-maxscans`` against it); encoders write about 10."""
 _NONFINITE_MSG = "image array contains NaN or inf values"
 
 # The suffixes (lower case) that mark a file in a folder as an image.
@@ -318,7 +322,27 @@ def _open(path: PathLike, what: str) -> Image.Image:
             f"{name}: cannot read {what} (too large: {img.width}x{img.height} = "
             f"{img.width * img.height:,} pixels, above PIL's limit of {limit:,} pixels)"
         )
+    if img.format == "JPEG":
+        scans = _jpeg_scans(path)
+        if scans > MAX_JPEG_SCANS:
+            img.close()
+            raise ImageError(
+                f"{name}: cannot read {what} (a JPEG of {scans:,} scans, above the {MAX_JPEG_SCANS} decoded: such a "
+                "file takes minutes to decode; save it again as a baseline JPEG)"
+            )
     return img
+
+
+def _jpeg_scans(path: PathLike) -> int:
+    """How many start-of-scan markers (FF DA) the file holds. Entropy-coded data never holds that pair (an FF
+    there is followed by 00 or a restart marker), so each is a scan; an embedded thumbnail's count too."""
+    count, tail = 0, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            data = tail + chunk
+            count += data.count(b"\xff\xda")
+            tail = b"\xff" if data.endswith(b"\xff") else b""  # a marker split between two reads
+    return count
 
 
 def probe_image(path: PathLike, what: str = "image") -> ImageHeader:

@@ -13,6 +13,7 @@ testing); :meth:`Predictor.batch_logits` then gives their logarithm, whose softm
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -245,7 +246,7 @@ class Predictor:
         h, w = x.shape[-2:]
         total: torch.Tensor | int = 0
         for s in self.scales:
-            xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+            xs = x if s == 1.0 else _scaled(x, s)
             for mirrored in (False, True) if self.flip else (False,):
                 out = self._views(run, xs.flip(-1) if mirrored else xs)
                 out = out.flip(-1) if mirrored else out
@@ -355,6 +356,15 @@ def _outputs(per_head: Scores, probs: bool, proba: bool, confidence: bool, entro
         if entropy:
             out.entropy = {h: (-(v * v.clamp_min(1e-30).log()).sum(0)).numpy().astype(np.float32) for h, v in p.items()}
     return out
+
+
+def _scaled(x: torch.Tensor, s: float) -> torch.Tensor:
+    """``x`` resized by ``s`` (bilinear), at least 1 pixel a side: an image 1 pixel high has none at scale 0.75."""
+    h, w = x.shape[-2:]
+    if math.floor(h * s) >= 1 and math.floor(w * s) >= 1:
+        return F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+    size = (max(1, math.floor(h * s)), max(1, math.floor(w * s)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _checked_scales(scales: Sequence[float]) -> tuple[float, ...]:

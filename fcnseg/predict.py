@@ -21,7 +21,7 @@ from PIL import Image
 
 from .imageio import add_legend, overlay, save_mask_png, save_rgb
 from .inference import Outputs, Predictor, model_input
-from .io import atomic_write
+from .io import atomic_write, remove_stale_temporaries
 from .models.base import SegmentationModel
 
 __all__ = [
@@ -185,18 +185,24 @@ def write_prediction(
     palettes, names = model.class_colors(), model.class_names()
     if colors is not None:
         palettes[next(iter(palettes))] = colors
+    files = []
     for i, (head, mask) in enumerate(result.masks.items()):
         name = _head_stem(stem, i, head)
-        save_mask_png(out / f"{name}.png", mask, palettes[head])
+        files.append(f"{name}.png")
+        save_mask_png(out / files[-1], mask, palettes[head])
         if overlay_on is not None:
             blended = add_legend(overlay(overlay_on, mask, palettes[head]), mask, palettes[head], names[head])
-            save_rgb(out / f"{name}_overlay.{overlay_format}", blended)
+            files.append(f"{name}_overlay.{overlay_format}")
+            save_rgb(out / files[-1], blended)
         if head in result.proba:
-            with atomic_write(out / f"{name}.npy") as f:
+            files.append(f"{name}.npy")
+            with atomic_write(out / files[-1]) as f:
                 np.save(f, result.proba[head])
         if head in result.confidence:
-            with atomic_write(out / f"{name}_confidence.png") as f:
+            files.append(f"{name}_confidence.png")
+            with atomic_write(out / files[-1]) as f:
                 f.write(confidence_png(result.confidence[head]))
+    remove_stale_temporaries(out, files)  # what a run killed while writing these files left
 
 
 # ---------------------------------------------------------------------------------------------- batches

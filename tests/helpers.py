@@ -219,3 +219,21 @@ def pillow_reads_its_ycbcr_tiff() -> bool:
     except OSError:
         return False
     return True
+
+
+def progressive_jpeg(scans: int | None = None) -> bytes:
+    """A 64 x 48 progressive JPEG (libjpeg's standard progression, about 10 scans) whose last scan is repeated
+    until the file holds ``scans`` start-of-scan markers: a small file that would make a decoder refine the whole
+    picture once per scan."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    last, have = data.rindex(b"\xff\xda"), data.count(b"\xff\xda")
+    extra = 0 if scans is None else scans - have
+    assert extra >= 0, f"the progression alone has {have} scans"
+    return data[:-2] + data[last:-2] * extra + data[-2:]

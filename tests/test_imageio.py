@@ -32,7 +32,7 @@ from fcnseg.imageio import (
     save_rgb,
 )
 from fcnseg.palette import voc_palette
-from tests.helpers import pillow_reads_its_ycbcr_tiff
+from tests.helpers import pillow_reads_its_ycbcr_tiff, progressive_jpeg
 
 VOID = (224, 224, 192)
 
@@ -657,3 +657,60 @@ def test_overlay_legend_lists_the_classes_present_largest_first():
     assert rows[swatches[2]] < rows[swatches[1]]  # dog (more pixels) above cat
     tiny = np.full((40, 50, 3), 128, np.uint8)  # too small to hold a legend: left alone
     np.testing.assert_array_equal(add_legend(tiny, mask[:40, :50], colors, ["background", "cat", "dog", "car"]), tiny)
+
+
+def _sos_markers(data: bytes) -> int:
+    """Start-of-scan markers counted by walking the JPEG's segments (an oracle apart from fcnseg's byte count):
+    each marker segment is skipped by its length; after SOS the entropy-coded data runs to the next marker that is
+    not a stuffed 00 or a restart marker (D0-D7)."""
+    assert data[:2] == b"\xff\xd8"
+    i, scans = 2, 0
+    while i < len(data):
+        assert data[i] == 0xFF, i
+        marker = data[i + 1]
+        if marker == 0xD9:  # end of image
+            return scans
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        i += 2 + length
+        if marker == 0xDA:
+            scans += 1
+            while not (data[i] == 0xFF and data[i + 1] not in (0x00, *range(0xD0, 0xD8))):
+                i += 1
+    return scans
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_from_its_bytes_before_decoding(tmp_path):
+    from fcnseg.imageio import MAX_JPEG_SCANS, _jpeg_scans
+
+    normal = tmp_path / "normal.jpg"
+    normal.write_bytes(progressive_jpeg())
+    scans = _sos_markers(normal.read_bytes())
+    assert 2 < scans <= 12 and _jpeg_scans(normal) == scans  # libjpeg's progression: about 10
+    assert load_image(normal).shape == (48, 64, 3)
+    edge = tmp_path / "edge.jpg"
+    edge.write_bytes(progressive_jpeg(MAX_JPEG_SCANS))  # exactly the limit: still read
+    assert _sos_markers(edge.read_bytes()) == MAX_JPEG_SCANS and load_image(edge).shape == (48, 64, 3)
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(progressive_jpeg(MAX_JPEG_SCANS + 1))
+    assert _sos_markers(bomb.read_bytes()) == MAX_JPEG_SCANS + 1 and bomb.stat().st_size < 100_000
+    for read in (load_image, probe_image):
+        with pytest.raises(ImageError) as e:
+            read(bomb)
+        assert str(e.value) == (
+            f"{bomb}: cannot read image (a JPEG of {MAX_JPEG_SCANS + 1} scans, above the {MAX_JPEG_SCANS} decoded: "
+            "such a file takes minutes to decode; save it again as a baseline JPEG)"
+        )
+
+
+def test_scan_markers_split_between_two_reads_are_counted_once(tmp_path):
+    from fcnseg.imageio import _jpeg_scans
+
+    path = tmp_path / "x"
+    # One marker straddling the first 1 MiB read, one inside the second, and an FF ending the first read that
+    # starts no marker.
+    path.write_bytes(
+        b"\0" * ((1 << 20) - 1) + b"\xff\xda" + b"\0" * 5 + b"\xff\xda" + b"\0" * ((1 << 20) - 12) + b"\xff\x00"
+    )
+    assert path.stat().st_size > 1 << 20 and _jpeg_scans(path) == 2
+    path.write_bytes(b"\0" * ((1 << 20) - 1) + b"\xff" + b"\x00\xda")
+    assert _jpeg_scans(path) == 0

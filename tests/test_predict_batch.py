@@ -241,3 +241,91 @@ def test_the_help_states_the_pixel_bound_in_force():
     predict = build_parser()._subparsers._group_actions[0].choices["predict"]
     [batch] = [a for a in predict._actions if "--batch" in a.option_strings]
     assert f"{BATCH_PIXELS:,} padded pixels" in batch.help and batch.default == 1
+
+
+def _folder(path: Path, images: list[tuple[str, tuple[int, int]]]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for seed, (name, size) in enumerate(images):
+        _noise(path / f"{name}.png", size, seed)
+    return path
+
+
+def test_scales_below_one_on_images_one_pixel_high_or_wide(ckpt, tmp_path, capsys):
+    """A view at scale 0.75 of an image 1 pixel high keeps 1 pixel (none would be no image): every file is
+    written, and the 1 x 200 image's probabilities are those computed by hand over its four views."""
+    import torch
+    import torch.nn.functional as F
+
+    images = _folder(tmp_path / "in", [("one", (1, 1)), ("strip", (1, 200)), ("tall", (90, 1)), ("a", A)])
+    for batch in ("1", "8"):
+        out = tmp_path / f"o{batch}"
+        assert _predict(ckpt, images, out, "--flip", "--scales", "0.75", "1", "--batch", batch) == 0
+        assert capsys.readouterr().err == ""
+        assert sorted(os.listdir(out)) == ["a.png", "one.png", "strip.png", "tall.png"]
+    model = fcnseg.load(ckpt).eval()
+    rgb = np.asarray(Image.open(images / "strip.png"))
+    x = model.preprocessing(rgb)[None]
+    total = 0
+    with torch.no_grad():
+        for size in ((1, 150), (1, 200)):  # 0.75 of 1 x 200, at least 1 pixel high; and the image itself
+            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            for flip in (False, True):
+                out = model(xs.flip(-1) if flip else xs)
+                out = out.flip(-1) if flip else out
+                total = total + F.interpolate(out, size=(1, 200), mode="bilinear", align_corners=False).softmax(1)
+    proba = Predictor(model, flip=True, scales=(0.75, 1)).proba([rgb])
+    np.testing.assert_allclose(proba[0]["out"], (total / 4)[0].numpy(), atol=1e-5)
+
+
+def test_a_file_that_cannot_be_written_is_that_images_problem(ckpt, tmp_path, capsys):
+    images = _folder(tmp_path / "in", [("a", A), ("b", A), ("c", A)])
+    (tmp_path / "out" / "b.png").mkdir(parents=True)  # a folder where b's mask goes
+    assert _predict(ckpt, images, tmp_path / "out", "--batch", "8") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fcnseg: error: {images / 'b.png'}: cannot write its files (")
+    assert "Is a directory" in err[0]
+    assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "c.png").is_file()
+    assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 972000000 bytes.",
+         "out of memory segmenting it; segment large images in windows with --tile 512"),
+        ("Input and output sizes should be greater than 0\nmore detail", "cannot segment it (Input and output sizes "
+         "should be greater than 0)"),
+    ],
+)  # fmt: skip
+def test_a_torch_error_on_some_images_is_their_problem_alone(ckpt, tmp_path, capsys, monkeypatch, error, line):
+    """torch's own errors (memory it cannot allocate, a size an operation cannot take) fail the images they hit,
+    one line each; the other images are written, and the exit code is 2."""
+    from fcnseg.models.fcn import FCN
+
+    original = FCN.forward
+
+    def wide_fails(self, x):
+        if x.shape[-1] > 60:
+            raise RuntimeError(error)
+        return original(self, x)
+
+    monkeypatch.setattr(FCN, "forward", wide_fails)
+    images = _folder(tmp_path / "in", [("a", A), ("wide1", (20, 90)), ("b", A), ("wide2", (20, 90))])
+    for batch in ("1", "8"):
+        assert _predict(ckpt, images, tmp_path / f"o{batch}", "--batch", batch) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"fcnseg: error: {images / name}: {line}" for name in ("wide1.png", "wide2.png")]
+        assert sorted(os.listdir(tmp_path / f"o{batch}")) == ["a.png", "b.png"]
+
+
+def test_temporaries_a_killed_run_left_beside_the_files_written_are_removed(ckpt, tmp_path):
+    images = _folder(tmp_path / "in", [("a", A)])
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".a.png.k1lled.tmp", out / ".a_overlay.jpg.x.tmp"]
+    other = out / ".z.png.x.tmp"  # another image's: not this run's to judge
+    for p in (*stale, other):
+        p.write_bytes(b"half")
+    assert _predict(ckpt, images, out, "--overlay") == 0
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["a.png", "a_overlay.jpg"]

@@ -243,13 +243,28 @@ def _read_one(predictor, path: Path, args: argparse.Namespace):
     return stack_extra_channels(rgb, path, args.extra, predictor.model.in_channels), rgb
 
 
+# What segmenting one image can raise besides a user's error: torch's RuntimeError (memory it cannot allocate, a
+# size an operation cannot take) and MemoryError. Each is that image's problem; the other images are still written.
+_FORWARD_ERRORS = (FcnsegError, RuntimeError, MemoryError)
+
+
+def _problem(path: Path, e: BaseException) -> str:
+    """One line for an image the model failed on."""
+    if isinstance(e, FcnsegError):
+        return str(e)
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    if isinstance(e, MemoryError) or "allocate" in text:
+        return f"{path}: out of memory segmenting it; segment large images in windows with --tile 512"
+    return f"{path}: cannot segment it ({text[:200]})"
+
+
 def _outputs(predictor, read: list, args: argparse.Namespace, problems: dict[int, str]) -> list:
     """``(job, rgb, outputs)`` of each of ``read`` (``(job, input, rgb)``), in one pass where they share a size."""
     try:
         results = predictor.outputs([x for _, x, _ in read], proba=args.probs, confidence=args.confidence)
-    except FcnsegError as e:
+    except _FORWARD_ERRORS as e:
         if len(read) == 1:
-            problems[read[0][0].index] = str(e)
+            problems[read[0][0].index] = _problem(read[0][0].path, e)
             return []
         # One image the model refuses would fail its whole batch: one by one, each says its own problem.
         return [done for one in read for done in _outputs(predictor, [one], args, problems)]
@@ -275,6 +290,8 @@ def _predict_group(predictor, group: list[_Job], args: argparse.Namespace, color
             written += 1
         except FcnsegError as e:
             problems[job.index] = str(e)
+        except OSError as e:  # a full disk, a folder where a file goes: the next image may still be written
+            problems[job.index] = f"{job.path}: cannot write its files ({e})"
     return written
 
 

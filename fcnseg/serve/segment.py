@@ -255,6 +255,10 @@ class Segmenter:
         except ServeError as e:
             if len(reads) == 1:
                 return [e]
+        except (RuntimeError, MemoryError) as e:  # torch's own, on one image: its answer, not the whole batch's
+            if len(reads) == 1:
+                line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+                return [ServeError(500, f"{reads[0].name}: cannot segment it ({line[:200]})")]
         # One image the model refuses would fail its whole group: one by one, each gets its own answer.
         return [answer for read in reads for answer in self._segmented_each([read], check)]
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 import fcnseg
 from fcnseg.cli import main
-from tests.helpers import TINY, randomise
+from tests.helpers import TINY, progressive_jpeg, randomise
 from tests.serve.serving import (
     bomb_png,
     client_for,
@@ -241,6 +241,9 @@ BAD = {
     "zero-byte": ({"file": ("empty.jpg", b"")}, 400, "empty.jpg: cannot read image (empty file)"),
     "decompression-bomb": ({"file": ("bomb.png", bomb_png())}, 413, "bomb.png: cannot read image (too large: "
                            "900,000,000 pixels, above PIL's limit of 89,478,485 pixels)"),
+    "scan-bomb": ({"file": ("scans.jpg", progressive_jpeg(150))}, 400, "scans.jpg: cannot read image (a JPEG of "
+                  "150 scans, above the 100 decoded: such a file takes minutes to decode; save it again as a "
+                  "baseline JPEG)"),
     "over-max-pixels": ({"file": ("big.png", encoded(noise(40, 60)))}, 413, "big.png: image is 60x40, which the model "
                         "computes on as 64x64 = 4,096 pixels with its padding, above this server's limit of 2,000 "
                         "(--max-pixels); send a smaller image, or start the server with --tile for large ones"),

@@ -144,15 +144,24 @@ def test_batch_one_runs_one_image_a_pass(tmp_path, passes):
     assert passes == [1, 1, 1] and [r["status"] for r in results] == [200] * 3
 
 
-def test_one_image_the_model_refuses_does_not_fail_its_group(tmp_path, monkeypatch):
-    """A refusal by the model (a pass that raises) is that image's answer alone; the others are segmented."""
+@pytest.mark.parametrize(
+    "error, status, message",
+    [
+        (fcnseg.errors.FcnsegError("the model cannot take this input"), 422, "the model cannot take this input"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory\ndetail"), 500,
+         "1.png: cannot segment it (DefaultCPUAllocator: can't allocate memory)"),
+    ],
+)  # fmt: skip
+def test_one_image_the_model_refuses_does_not_fail_its_group(tmp_path, monkeypatch, error, status, message):
+    """A refusal by the model (a pass that raises: fcnseg's error, or torch's own) is that image's answer alone;
+    the others are segmented."""
     ckpt = red_checkpoint(tmp_path / "red.pt")
     seg = Segmenter(Predictor(fcnseg.load(ckpt), runtime="eager"), batch=4)
     original = Predictor.outputs
 
     def picky(self, images, **options):
         if any(int(x[0, 0, 1]) == 7 for x in images):  # the image marked with green 7
-            raise fcnseg.errors.FcnsegError("the model cannot take this input")
+            raise error
         return original(self, images, **options)
 
     monkeypatch.setattr(Predictor, "outputs", picky)
@@ -162,8 +171,7 @@ def test_one_image_the_model_refuses_does_not_fail_its_group(tmp_path, monkeypat
                                                                              _plain(A, 2)])]  # fmt: skip
     assert seg.batch_groups(uploads) == [[0, 1, 2]]
     first, refused, last = seg.segment_batch(uploads)
-    assert isinstance(refused, ServeError) and (refused.status, str(refused)) == (422, "the model cannot take this "
-                                                                                  "input")  # fmt: skip
+    assert isinstance(refused, ServeError) and (refused.status, str(refused)) == (status, message)
     assert (first.heads[0].mask == 1).all() and (last.heads[0].mask == 0).all()
 
 
