@@ -325,7 +325,15 @@ def test_a_cached_reduced_choice_is_judged_again_on_these_calibration_images(mea
 
 @pytest.mark.parametrize(
     "broken",
-    [{"ms": [3]}, {"keep_float": "backbone.fc6"}, {"agreement": {"bf16": None}}, {"path": 7}, {"surprise": 1}],
+    [
+        {"ms": [3]},
+        {"keep_float": "backbone.fc6"},
+        {"agreement": {"bf16": None}},
+        {"path": 7},
+        {"size": 7},
+        {"note": None},
+        {"surprise": 1},
+    ],
 )
 def test_a_malformed_saved_choice_is_measured_again(measured, monkeypatch, broken):
     monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,winograd")
@@ -402,3 +410,49 @@ def test_predictors_share_an_auto_runner_only_when_tiling_and_calibration_match(
     assert runner(runtime="auto-reduced", calibration=cal_a) is not runner(runtime="auto-reduced", calibration=cal_b)
     assert runner(runtime="auto-reduced") is runner(runtime="auto-reduced")  # calibrated on the first input
     assert runner(runtime="onnx-int8", calibration=cal_a) is not runner(runtime="onnx-int8", calibration=cal_a)
+
+
+def test_a_cached_reduced_choice_exactly_at_the_bar_is_kept(measured, monkeypatch):
+    """The bar is met at equality, when measured and when judged again."""
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx-int8")
+    model, x, calibration = _model(), _x(), [_x(seed=3) * 3]
+    key = choice_key(model, "auto-reduced", x, candidates(True))
+    saved = {"auto": "auto-reduced", "path": "onnx-int8", "ms": {"onnx-int8": 1.0, "eager": 9.0},
+             "agreement": {"onnx-int8": 1.0}}  # fmt: skip
+    assert choice._save(choice.choices_path(), key, saved)
+    monkeypatch.setattr(choice, "agreement", lambda *a, **k: choice.REDUCED_MIN_AGREEMENT)  # exactly the bar
+    clock = Clock({"eager": 9.0, "onnx-int8": 1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        picked, _ = choose(model, "auto-reduced", x, calibration, timer=clock)
+    assert picked.cached and picked.path == "onnx-int8" and not clock.calls
+
+
+def test_a_save_waits_for_another_process_saving(measured):
+    """The choices file is read, changed and written under an exclusive lock: a save waits while another holds it
+    (flock locks conflict between open files, in one process too), then merges."""
+    import threading
+    import time
+
+    fcntl = pytest.importorskip("fcntl")
+    path = choice.choices_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process saving
+        saver = threading.Thread(target=choice._save, args=(path, "k", {"auto": "auto"}))
+        saver.start()
+        time.sleep(0.5)
+        assert saver.is_alive() and not path.exists()
+        path.write_text('{"other": {"auto": "auto"}}')  # what the other process saved
+    saver.join(5)
+    assert choice._read(path) == {"other": {"auto": "auto"}, "k": {"auto": "auto"}}
+
+
+def test_openvino_int8_needs_nncf(measured, monkeypatch):
+    """Where NNCF is missing, openvino-int8 is no candidate, and asked for it says how to install it."""
+    pytest.importorskip("openvino")
+    monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` fails, as where it is missing
+    paths = candidates(True, frozenset({"avx2", "fma"}))
+    assert "openvino-int8" not in paths and "openvino" in paths
+    with pytest.raises(FcnsegError, match=r'openvino-int8 needs NNCF, OpenVINO\'s quantiser: pip install "fcnseg'):
+        make_runner(_model(), "openvino-int8", calibration=[_x()])

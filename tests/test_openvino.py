@@ -177,3 +177,35 @@ def test_a_bf16_request_on_a_cpu_without_bf16_warns(tmp_path_factory, monkeypatc
     model = _model("one", "aligned")
     with pytest.warns(UserWarning, match="this CPU has no bf16 instructions: OpenVINO emulates bf16"):
         make_runner(model, "openvino-bf16", workdir=export_folder(model, tmp_path_factory.getbasetemp() / "exports"))
+
+
+def test_compiling_prunes_the_cache_to_its_budget(tmp_path, monkeypatch):
+    """A compile that leaves the folder over its budget deletes the least recently used blobs: here a sparse file
+    of the whole budget (no disk taken), older than the blob just written."""
+    import os
+
+    from fcnseg.runtime.openvino import CACHE_BUDGET
+
+    monkeypatch.setenv("FCNSEG_CACHE_DIR", str(tmp_path / "cache"))
+    old = openvino_cache_dir() / "old.blob"
+    old.parent.mkdir(parents=True)
+    with open(old, "wb") as f:
+        f.truncate(CACHE_BUDGET)
+    os.utime(old, (1_000_000, 1_000_000))
+    _, x = _inputs()
+    make_runner(_model("one", "aligned"), "openvino")(x)
+    assert not old.exists() and len(list(openvino_cache_dir().glob("*.blob"))) == 1
+
+
+def test_a_cache_folder_that_cannot_be_written_is_left_out(tmp_path, monkeypatch):
+    """OpenVINO fails a compilation whose cache folder it cannot write: fcnseg leaves it out instead (a folder
+    that cannot be made, or one without write permission)."""
+    from fcnseg.runtime import openvino
+
+    monkeypatch.setenv("FCNSEG_CACHE_DIR", str(tmp_path / "cache"))
+    assert openvino.compile_config("f32")["CACHE_DIR"] == str(tmp_path / "cache" / "openvino")
+    monkeypatch.setattr(openvino.os, "access", lambda *a, **k: False)  # read-only, as for a user other than root
+    assert "CACHE_DIR" not in openvino.compile_config("f32")
+    monkeypatch.undo()
+    monkeypatch.setenv("FCNSEG_CACHE_DIR", "/dev/null/fcnseg")
+    assert "CACHE_DIR" not in openvino.compile_config("f32")
