@@ -300,17 +300,24 @@ def test_a_single_candidate_is_built_on_the_calibration_images(measured, monkeyp
     assert torch.equal(run(x), given) and not torch.equal(given, on_input)
 
 
-@pytest.mark.parametrize("bar, measured_again", [(0.0, False), (1.01, True)])
-def test_a_cached_reduced_choice_is_judged_again_on_these_calibration_images(measured, monkeypatch, capsys, bar,
-                                                                            measured_again):  # fmt: skip
-    """A saved auto-reduced choice was judged on the images of the run that measured it; built again for other
-    images it is compared with eager fp32 on those, and measured again where it falls short of the bar."""
+def _saved_int8_choice(monkeypatch) -> tuple:
+    """(model, input, calibration images) with auto-reduced's choice of onnx-int8 saved for them, as a run on other
+    calibration images measured it (100% agreement there)."""
     monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx-int8")
     model, x, calibration = _model(), _x(), [_x(seed=3) * 3]
     key = choice_key(model, "auto-reduced", x, candidates(True))
     saved = {"auto": "auto-reduced", "path": "onnx-int8", "ms": {"onnx-int8": 1.0, "eager": 9.0},
              "agreement": {"onnx-int8": 1.0}}  # fmt: skip
     assert choice._save(choice.choices_path(), key, saved)
+    return model, x, calibration
+
+
+@pytest.mark.parametrize("bar, measured_again", [(0.0, False), (1.01, True)])
+def test_a_cached_reduced_choice_is_judged_again_on_these_calibration_images(measured, monkeypatch, capsys, bar,
+                                                                            measured_again):  # fmt: skip
+    """A saved auto-reduced choice was judged on the images of the run that measured it; built again for other
+    images it is compared with eager fp32 on those, and measured again where it falls short of the bar."""
+    model, x, calibration = _saved_int8_choice(monkeypatch)
     monkeypatch.setattr(choice, "REDUCED_MIN_AGREEMENT", bar)
     clock = Clock({"eager": 9.0, "onnx-int8": 1.0})
     with warnings.catch_warnings():
@@ -414,12 +421,7 @@ def test_predictors_share_an_auto_runner_only_when_tiling_and_calibration_match(
 
 def test_a_cached_reduced_choice_exactly_at_the_bar_is_kept(measured, monkeypatch):
     """The bar is met at equality, when measured and when judged again."""
-    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx-int8")
-    model, x, calibration = _model(), _x(), [_x(seed=3) * 3]
-    key = choice_key(model, "auto-reduced", x, candidates(True))
-    saved = {"auto": "auto-reduced", "path": "onnx-int8", "ms": {"onnx-int8": 1.0, "eager": 9.0},
-             "agreement": {"onnx-int8": 1.0}}  # fmt: skip
-    assert choice._save(choice.choices_path(), key, saved)
+    model, x, calibration = _saved_int8_choice(monkeypatch)
     monkeypatch.setattr(choice, "agreement", lambda *a, **k: choice.REDUCED_MIN_AGREEMENT)  # exactly the bar
     clock = Clock({"eager": 9.0, "onnx-int8": 1.0})
     with warnings.catch_warnings():
