@@ -31,7 +31,7 @@ from ..errors import FcnsegError
 from .guard import LOOPBACK_HOSTS, Guard
 from .middleware import AccessLog, BodyReader, Refusal, Scope
 from .pool import BusyError, ClientGoneError, DeadlineError, InferencePool, Place
-from .segment import Segmentation, Segmenter, ServeError, Upload
+from .segment import BATCH_COST, Segmentation, Segmenter, ServeError, Upload
 
 __all__ = ["STATIC", "Service", "create_app"]
 
@@ -65,7 +65,7 @@ class Service:
         serving = {
             "runtime": self.runtime, "tile": p.tile, "overlap": p.overlap, "flip": p.flip, "scales": list(p.scales),
             "max_pixels": seg.max_pixels, "max_upload_mb": self.max_upload_mb, "max_batch": MAX_BATCH,
-            "batch": seg.batch,
+            "max_batch_pixels": BATCH_COST * seg.max_pixels, "batch": seg.batch,
             "timeout_s": self.timeout, "workers": self.pool.workers, "queue": self.pool.queue,
             "threads_per_worker": self.threads, "fcnseg_version": __version__,
         }  # fmt: skip

@@ -133,6 +133,12 @@ def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000, 2)
 
 
+BATCH_COST = 8
+"""What one /predict/batch request's images may make the model compute on, padded areas summed, in units of
+``--max-pixels``: eight single requests' worth, refused from the headers before any pixel is decoded (without it a
+request of 64 images, each under the limit, costs 64 passes that only the deadline stops)."""
+
+
 # ------------------------------------------------------------------------------------------------ the service
 
 
@@ -210,9 +216,29 @@ class Segmenter:
     def batch_groups(self, images: Sequence[Upload], check: Callable[[], None] = _never_cancelled) -> list[list[int]]:
         """The indices of ``images`` in the groups :meth:`segment_batch` runs together: of one size, by their
         headers (no pixel decoded), each of at most :attr:`batch` images whose padded areas sum to at most
-        :attr:`max_pixels` (an image it refuses costs nothing: it fails before the model runs)."""
+        :attr:`max_pixels` (an image it refuses costs nothing: it fails before the model runs). A request whose
+        images sum to more than :data:`BATCH_COST` times :attr:`max_pixels` is refused whole (413)."""
+        sizes = self._header_sizes(images, check)
+
+        def cost(i: int) -> int:
+            if sizes[i] is None:
+                return 0
+            rows, cols = forward_size(self.predictor, *sizes[i])
+            return rows * cols
+
+        total, cap = sum(map(cost, sizes)), BATCH_COST * self.max_pixels
+        if total > cap:
+            raise ServeError(
+                413, f"the batch's images make the model compute on {total:,} pixels with their padding, above this "
+                f"server's limit of {cap:,} for one request ({BATCH_COST} x --max-pixels); send them in several "
+                "requests"
+            )  # fmt: skip
         if self.batch == 1:
             return [[i] for i in range(len(images))]
+        return list(batch_groups(sizes, key=sizes.get, cost=cost, batch=self.batch, max_pixels=self.max_pixels))
+
+    def _header_sizes(self, images: Sequence[Upload], check: Callable[[], None]) -> dict[int, tuple[int, int] | None]:
+        """Each image's (height, width) from its header; None for one :meth:`segment_batch` will refuse."""
         sizes: dict[int, tuple[int, int] | None] = {}
         with tempfile.TemporaryDirectory(prefix="fcnseg-serve-") as tmp:
             for i, image in enumerate(images):
@@ -224,14 +250,7 @@ class Segmenter:
                         w, h = self._check_header(path, image.name)
                     sizes[i] = (h, w)
                 sizes.setdefault(i, None)
-
-        def cost(i: int) -> int:
-            if sizes[i] is None:
-                return 0
-            rows, cols = forward_size(self.predictor, *sizes[i])
-            return rows * cols
-
-        return list(batch_groups(sizes, key=sizes.get, cost=cost, batch=self.batch, max_pixels=self.max_pixels))
+        return sizes
 
     def segment_batch(
         self, images: Sequence[Upload], check: Callable[[], None] = _never_cancelled

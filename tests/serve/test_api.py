@@ -79,6 +79,7 @@ def test_health_and_model_card(ckpt):
     assert card["metrics"] == {"mean_iu": 0.625, "iteration": 40}  # what the checkpoint records
     assert card["serving"]["runtime"] == "eager" and card["serving"]["max_pixels"] == 8388608
     assert (card["serving"]["max_batch"], card["serving"]["timeout_s"]) == (64, 60.0)
+    assert card["serving"]["max_batch_pixels"] == 8 * card["serving"]["max_pixels"]
 
 
 def test_published_weights_card_metrics_come_from_the_catalogue():

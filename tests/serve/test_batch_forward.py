@@ -182,3 +182,23 @@ def test_a_bad_batch_flag_is_one_line(tmp_path, capsys, value):
     ckpt = red_checkpoint(tmp_path / "red.pt")
     assert main(["serve", str(ckpt), "--port", "0", "--batch", value]) == 2
     assert capsys.readouterr().err == f"fcnseg: error: --batch {value}: expected at least 1 image\n"
+
+
+@pytest.mark.parametrize("batch", ["1", "4"])
+def test_a_batch_over_eight_requests_worth_of_pixels_is_refused_whole(tmp_path, batch):
+    """The request's padded areas summed, from the headers: 8 images each at --max-pixels are served, a 9th is
+    one request too many (413, one line, nothing decoded), and the server keeps serving."""
+    from fcnseg.serve.segment import BATCH_COST
+
+    ckpt = red_checkpoint(tmp_path / "red.pt")
+    rows, cols = forward_size(Predictor(fcnseg.load(ckpt)), *A)
+    with client_for(ckpt, "--runtime", "eager", "--batch", batch, "--max-pixels", str(rows * cols)) as client:
+        results = _batch(client, [(f"{i}.png", _plain(A, 0)) for i in range(BATCH_COST)])
+        assert [r["status"] for r in results] == [200] * BATCH_COST
+        files = [("files", (f"{i}.png", _plain(A, 0))) for i in range(BATCH_COST + 1)]
+        refused = client.post("/predict/batch", files=files)
+        assert (refused.status_code, refused.json()) == (413, {"error": (
+            f"the batch's images make the model compute on {(BATCH_COST + 1) * rows * cols:,} pixels with their "
+            f"padding, above this server's limit of {BATCH_COST * rows * cols:,} for one request (8 x --max-pixels); "
+            "send them in several requests")})  # fmt: skip
+        assert _batch(client, [("a.png", _plain(A, 0))])[0]["status"] == 200
