@@ -209,3 +209,66 @@ def test_a_cache_folder_that_cannot_be_written_is_left_out(tmp_path, monkeypatch
     monkeypatch.undo()
     monkeypatch.setenv("FCNSEG_CACHE_DIR", "/dev/null/fcnseg")
     assert "CACHE_DIR" not in openvino.compile_config("f32")
+
+
+@pytest.mark.parametrize("heads", ["one", "two"])
+def test_int8_labels_come_from_the_engine_for_one_head(heads, tmp_path_factory):
+    """One head: the engine ends a second copy of the int8 graph with the argmax, the same labels as the argmax
+    of its logits wherever the top two classes are further apart than rounding. Two heads: no such copy (one
+    argmax over every class would mix the heads)."""
+    from fcnseg.runtime.compare import LabelledRunner, class_labels
+
+    model = _model(heads, "aligned")
+    calibration, x = _inputs()
+    folder = export_folder(model, tmp_path_factory.getbasetemp() / "exports")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # int8 on random weights warns of its agreement
+        run = make_runner(model, "openvino-int8", calibration=calibration, workdir=folder)
+    if heads == "two":
+        assert not isinstance(run, LabelledRunner)
+        return
+    assert isinstance(run, LabelledRunner)
+    logits, labels = run(x), run.labels(x)
+    assert labels.dtype == torch.int64 and labels.shape == (1, *SIZE)
+    top = logits.topk(2, dim=1).values
+    decided = top[:, 0] - top[:, 1] > 1e-4 * float(logits.max() - logits.min())
+    assert decided.float().mean() > 0.9 and torch.equal(labels[decided], class_labels(logits, 1)[decided])
+
+
+def test_engine_labels_break_ties_to_the_first_class():
+    """An untrained FCN's class-score layers start at zero: every class ties at every pixel, and the labels are
+    class 0, as torch's argmax gives."""
+    model = fcnseg.get_model("fcn8s", num_classes=4, dropout=0.0, **TINY).eval()
+    calibration, x = _inputs()
+    run = make_runner(model, "openvino-int8", calibration=calibration)
+    assert float(run(x).abs().max()) == 0.0 and torch.equal(run.labels(x), torch.zeros(1, *SIZE, dtype=torch.int64))
+
+
+def test_the_predictor_takes_the_engines_labels_only_for_masks_alone(tmp_path_factory, monkeypatch):
+    """Masks of one pass without tiling or test-time augmentation come from the engine's argmax; asking for
+    probabilities, or flipping, or tiling goes through the logits. The masks agree where decided."""
+    import numpy as np
+
+    from fcnseg.inference import Predictor
+    from fcnseg.runtime.compare import LabelledRunner
+
+    model = _model("one", "aligned")
+    calibration, _ = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = make_runner(model, "openvino-int8", calibration=calibration)
+    calls = []
+    run = LabelledRunner(built.logits, lambda x: calls.append(x.shape) or built.labels(x))
+    rgb = [np.random.default_rng(s).integers(0, 256, (*SIZE, 3), dtype=np.uint8) for s in range(3)]
+    masks = Predictor(model, runtime=run, batch_size=2).masks(rgb)
+    assert calls == [(2, 3, *SIZE), (1, 3, *SIZE)]
+    via_logits = Predictor(model, runtime=run).outputs(rgb, proba=True)
+    assert len(calls) == 2
+    for m, o in zip(masks, via_logits, strict=True):
+        assert m["out"].dtype == np.uint8 and (m["out"] == o.masks["out"]).mean() > 0.9
+    Predictor(model, runtime=run, flip=True).masks(rgb[:1])
+    Predictor(model, runtime=run, tile=32, overlap=0).masks(rgb[:1])
+    assert len(calls) == 2
+    assert Predictor(model, runtime=run).batch_masks(Predictor(model).inputs(rgb[:1])[0][None])["out"].shape == (
+        1, *SIZE)  # fmt: skip
+    assert len(calls) == 3
