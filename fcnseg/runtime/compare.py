@@ -16,8 +16,8 @@ class LabelledRunner:
     """A runner whose engine also takes the argmax over the classes itself: called, it gives N x K x H x W logits
     like any runner; :attr:`labels` gives N x H x W int64 labels (the first of tied maxima, as
     :func:`class_labels`). Ending the graph with the argmax spares writing the K full-resolution score maps out and
-    reading them back: on the full-size FCN-8s at 375 x 500, batch 8, OpenVINO int8 took 45.0 instead of 49.4 ms
-    an image on a Sapphire Rapids CPU (377 instead of 382 held to AVX2), the same labels."""
+    reading them back: on the full-size FCN-8s at 375 x 500, batch 8, OpenVINO int8 took 47.4 instead of 57.7 ms
+    an image on a Sapphire Rapids CPU (370 instead of 418 held to AVX2), the same labels."""
 
     def __init__(self, logits: Runner, labels: Runner) -> None:
         self.logits, self.labels = logits, labels
