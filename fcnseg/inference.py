@@ -27,7 +27,7 @@ from torch import nn
 from ._memory import keep_freed_memory
 from .errors import FcnsegError
 from .imageio import as_rgb_array
-from .runtime.compare import LabelledRunner, class_labels, eval_mode
+from .runtime.compare import class_labels, eval_mode
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 Scores = dict[str, torch.Tensor]
@@ -91,12 +91,8 @@ class Outputs:
 
 def labels(scores: torch.Tensor) -> np.ndarray:
     """Argmax over the classes (dim -3) as a numpy array: uint8 for up to 256 classes, int64 beyond."""
-    return _label_array(class_labels(scores, -3), scores.shape[-3])
-
-
-def _label_array(labels: torch.Tensor, classes: int) -> np.ndarray:
-    out = labels.cpu().numpy()
-    return out.astype(np.uint8) if classes <= 256 else out
+    out = class_labels(scores, -3).cpu().numpy()
+    return out.astype(np.uint8) if scores.shape[-3] <= 256 else out
 
 
 class Predictor:
@@ -190,14 +186,10 @@ class Predictor:
         with eval_mode(model):
             built = self._built(path, first, calibration)
 
-        def in_eval_mode(call: Runner) -> Runner:
-            def run(x: torch.Tensor) -> torch.Tensor:
-                with eval_mode(model):
-                    return call(x)
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with eval_mode(model):
+                return built(x)
 
-            return run
-
-        run = built.map(in_eval_mode) if isinstance(built, LabelledRunner) else in_eval_mode(built)
         if slot is not None:
             model._runners[slot] = (key, run, self.path, self.reason)
         return run
@@ -289,19 +281,8 @@ class Predictor:
 
     def batch_masks(self, x: torch.Tensor) -> Scores:
         """``{head: N x H x W}`` int64 labels."""
-        direct = self._engine_labels(x)
-        if direct is not None:
-            return {next(iter(self.heads)): direct}
         scores, _ = self.batch_scores(x)
         return {h: class_labels(v, -3) for h, v in self.split(scores).items()}
-
-    def _engine_labels(self, x: torch.Tensor) -> torch.Tensor | None:
-        """N x H x W labels the engine computes itself (:class:`~fcnseg.runtime.compare.LabelledRunner`), where the
-        masks are all that is asked of one pass: one head, no tiling, no test-time augmentation. Else None."""
-        run = self.runner(x)
-        if self.tile or self.augmented or len(self.heads) != 1 or not isinstance(run, LabelledRunner):
-            return None
-        return run.labels(x)
 
     # -- images ----------------------------------------------------------------------------------------------
     def inputs(self, images: Iterable[Any]) -> list[torch.Tensor]:
@@ -332,10 +313,6 @@ class Predictor:
             return [Outputs(masks) for masks in self._tiled_masks(images)]
         out = []
         for x in self.batches(images):
-            direct = None if proba or confidence or entropy else self._engine_labels(x)
-            if direct is not None:
-                out += [Outputs({next(iter(self.heads)): _label_array(m, *self.heads.values())}) for m in direct]
-                continue
             scores, probs = self.batch_scores(x)
             for i in range(len(x)):
                 out.append(_outputs(self.split(scores[i].cpu()), probs, proba, confidence, entropy))

@@ -12,24 +12,6 @@ from torch import nn
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
-class LabelledRunner:
-    """A runner whose engine also takes the argmax over the classes itself: called, it gives N x K x H x W logits
-    like any runner; :attr:`labels` gives N x H x W int64 labels (the first of tied maxima, as
-    :func:`class_labels`). Ending the graph with the argmax spares writing the K full-resolution score maps out and
-    reading them back: on the full-size FCN-8s at 375 x 500, batch 8, OpenVINO int8 took 47.4 instead of 57.7 ms
-    an image on a Sapphire Rapids CPU (370 instead of 418 held to AVX2), the same labels."""
-
-    def __init__(self, logits: Runner, labels: Runner) -> None:
-        self.logits, self.labels = logits, labels
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(x)
-
-    def map(self, wrap: Callable[[Runner], Runner]) -> LabelledRunner:
-        """The same engine with ``wrap`` around both calls."""
-        return LabelledRunner(wrap(self.logits), wrap(self.labels))
-
-
 def class_labels(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """The index of the largest score along ``dim``: ``torch.argmax``'s, the first of tied maxima and a NaN before any
     number, taken as ``max(dim).indices``. On the CPU argmax reduces over the strided class dimension of an NCHW map

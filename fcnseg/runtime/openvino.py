@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import FcnsegError
 from ..io import cache_root, scratch_folder
-from .compare import LabelledRunner, Runner
+from .compare import Runner
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features
 
 OPENVINO_PATHS: tuple[str, ...] = ("openvino", "openvino-bf16", "openvino-int8")
@@ -129,11 +129,6 @@ def openvino_session(source: str | os.PathLike, precision: str = "f32") -> Runne
     compiled = core.compile_model(core.read_model(str(source)), "CPU", config)
     if "CACHE_DIR" in config:
         prune_cache(Path(config["CACHE_DIR"]))
-    return _runner(compiled, np.float32)
-
-
-def _runner(compiled, dtype: type) -> Runner:
-    """Calls of the compiled model on a batch, its first output as a tensor of ``dtype``."""
     local = threading.local()  # an infer request runs one inference at a time: one per calling thread
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -141,26 +136,9 @@ def _runner(compiled, dtype: type) -> Runner:
         if request is None:
             request = local.request = compiled.create_infer_request()
         result = request.infer({0: np.ascontiguousarray(x.detach().float().cpu().numpy())})
-        return torch.from_numpy(np.array(result[0], dtype=dtype))  # a copy: the request reuses its buffers
+        return torch.from_numpy(np.array(result[0], dtype=np.float32))  # a copy: the request reuses its buffers
 
     return run
-
-
-def labelled_session(source: str | os.PathLike, precision: str) -> LabelledRunner:
-    """:func:`openvino_session` of the one-headed graph ``source``, with the labels OpenVINO computes at the end of
-    a second compiled copy of it: TopK (k = 1) over the classes, whose ties go to the first class."""
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    logits = openvino_session(source, precision)
-    core = ov.Core()
-    graph = core.read_model(str(source))
-    scores = graph.get_results()[0].input_value(0)
-    top = ops.topk(scores, ops.constant(np.array(1, np.int64)), axis=1, mode="max", sort="none",
-                   index_element_type="i32")  # fmt: skip
-    squeezed = ops.squeeze(top.output(1), ops.constant(np.array([1], np.int64)))
-    labels = ov.Model([squeezed.output(0)], graph.get_parameters(), "labels")
-    return LabelledRunner(logits, _runner(core.compile_model(labels, "CPU", compile_config(precision)), np.int64))
 
 
 def openvino_runner(
@@ -189,9 +167,7 @@ def openvino_runner(
         calibration = list(calibration or [])
         if not calibration:
             raise FcnsegError(f"{path} needs calibration images (--calibration DIR or the images being predicted)")
-        int8, precision = nncf_int8(model, folder, calibration, keep_float), int8_float_precision()
-        # One head: its labels from the engine too (one argmax over all the classes would mix several heads').
-        run = labelled_session(int8, precision) if len(model.heads) == 1 else openvino_session(int8, precision)
+        run = openvino_session(nncf_int8(model, folder, calibration, keep_float), int8_float_precision())
         check_int8(run, openvino_session(fp32, "f32"), calibration, model, name=path)
         return run
 

@@ -41,7 +41,6 @@ from ..imageio import (
 )
 from ..inference import Predictor
 from ..predict import batch_groups, confidence_png, forward_size
-from ..runtime.compare import LabelledRunner
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Segmentation", "Segmenter", "ServeError", "Upload", "recorded_metrics"]
 
@@ -151,14 +150,11 @@ def _checked(run: Callable[[torch.Tensor], torch.Tensor], check: Callable[[], No
     """``run`` with ``check()`` before every call: a tiled image stops between two tiles once its request has been
     given up. The same runner otherwise, so the masks are the bytes ``predict`` writes."""
 
-    def around(call: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-        def checked(x: torch.Tensor) -> torch.Tensor:
-            check()
-            return call(x)
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        check()
+        return run(x)
 
-        return checked
-
-    return run.map(around) if isinstance(run, LabelledRunner) else around(run)
+    return checked
 
 
 @dataclass(frozen=True)

@@ -202,17 +202,3 @@ def test_a_batch_over_eight_requests_worth_of_pixels_is_refused_whole(tmp_path, 
             f"padding, above this server's limit of {BATCH_COST * rows * cols:,} for one request (8 x --max-pixels); "
             "send them in several requests")})  # fmt: skip
         assert _batch(client, [("a.png", _plain(A, 0))])[0]["status"] == 200
-
-
-def test_the_checked_runner_keeps_the_engines_labels():
-    """The server's check between passes wraps both calls of an engine that gives its own labels."""
-    import torch
-
-    from fcnseg.runtime.compare import LabelledRunner
-    from fcnseg.serve.segment import _checked
-
-    checks: list[str] = []
-    run = _checked(LabelledRunner(lambda x: x + 1, lambda x: x + 2), lambda: checks.append("check"))
-    x = torch.zeros(1)
-    assert isinstance(run, LabelledRunner) and float(run(x)) == 1.0 and float(run.labels(x)) == 2.0
-    assert checks == ["check", "check"]
