@@ -6,6 +6,7 @@ its message as one line and exits with status 2. Any other exception is a bug in
 
 from __future__ import annotations
 
+import re
 import reprlib
 from typing import Any
 
@@ -42,10 +43,14 @@ SHOWN_CHARS = 80
 """At most this many characters of a user's value are quoted in an error message (then its length is said)."""
 
 
+_LOCATION = re.compile(r"Exception from \S+:\d+:?")  # OpenVINO's first lines: where in its sources it raised
+
+
 def first_line(error: BaseException) -> str:
-    """The first line of ``error``'s message (a library's may run to pages), else its type's name."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The first line of ``error``'s message that says what went wrong (a library's may run to pages, and
+    OpenVINO's begin with lines that only say where it raised), else its type's name."""
+    lines = (line.strip() for line in str(error).splitlines())
+    return next((line for line in lines if line and not _LOCATION.fullmatch(line)), type(error).__name__)
 
 
 def clipped(text: str, limit: int = SHOWN_CHARS) -> str:

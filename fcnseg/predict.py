@@ -28,6 +28,7 @@ __all__ = [
     "BATCH_PIXELS",
     "batch_groups",
     "confidence_png",
+    "forward_area",
     "forward_size",
     "mask_colors",
     "model_input",
@@ -206,6 +207,15 @@ def write_prediction(
 
 
 # ---------------------------------------------------------------------------------------------- batches
+
+
+def forward_area(predictor: Predictor, size: tuple[int, int] | None) -> int:
+    """Pixels of :func:`forward_size` for an image of ``size`` (height, width); 0 for an image whose header could
+    not be read (its file fails before the model runs, so it costs a batch nothing)."""
+    if size is None:
+        return 0
+    rows, cols = forward_size(predictor, *size)
+    return rows * cols
 
 
 def forward_size(predictor: Predictor, height: int, width: int) -> tuple[int, int]:

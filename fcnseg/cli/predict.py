@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 
-from ..errors import FcnsegError
+from ..errors import FcnsegError, first_line
 from ._common import (
     add_augmentation,
     add_batch,
@@ -252,7 +252,7 @@ def _problem(path: Path, e: BaseException) -> str:
     """One line for an image the model failed on."""
     if isinstance(e, FcnsegError):
         return str(e)
-    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    text = first_line(e)
     if isinstance(e, MemoryError) or "allocate" in text:
         return f"{path}: out of memory segmenting it; segment large images in windows with --tile 512"
     return f"{path}: cannot segment it ({text[:200]})"
@@ -300,16 +300,13 @@ def _predict_all(predictor, files: list[Path], stems: list[str], args: argparse.
     write each one's files under its stem: (how many were written, the problems in input order)."""
     from tqdm import tqdm
 
-    from ..predict import BATCH_PIXELS, batch_groups, forward_size, mask_colors
+    from ..predict import BATCH_PIXELS, batch_groups, forward_area, mask_colors
 
     colors = mask_colors(predictor.model)
     jobs = _probed((_Job(i, f, stem) for i, (f, stem) in enumerate(zip(files, stems, strict=True))), args.batch)
 
-    def cost(job: _Job) -> int:  # an unreadable header costs nothing: its file fails before the model runs
-        if job.size is None:
-            return 0
-        rows, cols = forward_size(predictor, *job.size)
-        return rows * cols
+    def cost(job: _Job) -> int:
+        return forward_area(predictor, job.size)
 
     groups = batch_groups(jobs, key=lambda job: job.size, cost=cost, batch=args.batch, max_pixels=BATCH_PIXELS,
                           window=max(LOOKAHEAD, args.batch))  # fmt: skip

@@ -22,7 +22,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import FcnsegError
+from ..errors import FcnsegError, first_line
 from ..io import cache_root, scratch_folder
 from .compare import Runner, agreement
 from .cpu import NATIVE_BF16, VNNI, bf16_is_native, cpu_features, cpu_key
@@ -282,13 +281,8 @@ def _shape(x: torch.Tensor) -> str:
     return f"{x.shape[0]}x{x.shape[2]}x{x.shape[3]}"
 
 
-_LOCATION = re.compile(r"Exception from \S+:\d+:?")  # OpenVINO's first line: where in its sources it raised
-
-
 def _first_line(e: BaseException) -> str:
-    """The first line of ``e``'s message that says what went wrong (not where), 120 characters at most."""
-    lines = [line.strip() for line in str(e).splitlines()]
-    return next((line for line in lines if line and not _LOCATION.fullmatch(line)), type(e).__name__)[:120]
+    return first_line(e)[:120]
 
 
 def _built(model, paths, x, calibration, folder) -> tuple[dict[str, Runner], dict[str, str]]:

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from ..errors import FcnsegError, ImageError
+from ..errors import FcnsegError, ImageError, first_line
 from ..imageio import (
     UnsupportedFormatError,
     add_legend,
@@ -40,7 +40,7 @@ from ..imageio import (
     stack_extra_channels,
 )
 from ..inference import Predictor
-from ..predict import batch_groups, confidence_png, forward_size
+from ..predict import batch_groups, confidence_png, forward_area, forward_size
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Segmentation", "Segmenter", "ServeError", "Upload", "recorded_metrics"]
 
@@ -221,10 +221,7 @@ class Segmenter:
         sizes = self._header_sizes(images, check)
 
         def cost(i: int) -> int:
-            if sizes[i] is None:
-                return 0
-            rows, cols = forward_size(self.predictor, *sizes[i])
-            return rows * cols
+            return forward_area(self.predictor, sizes[i])
 
         total, cap = sum(map(cost, sizes)), BATCH_COST * self.max_pixels
         if total > cap:
@@ -276,8 +273,7 @@ class Segmenter:
                 return [e]
         except (RuntimeError, MemoryError) as e:  # torch's own, on one image: its answer, not the whole batch's
             if len(reads) == 1:
-                line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
-                return [ServeError(500, f"{reads[0].name}: cannot segment it ({line[:200]})")]
+                return [ServeError(500, f"{reads[0].name}: cannot segment it ({first_line(e)[:200]})")]
         # One image the model refuses would fail its whole group: one by one, each gets its own answer.
         return [answer for read in reads for answer in self._segmented_each([read], check)]
 
