@@ -78,7 +78,7 @@ class SegmentationModel(nn.Module):
         """Pairs (a, b) of parameter-name prefixes: a convolution int8 keeps in float whose output reaches the
         quantised convolution b through ReLUs and max poolings only. Both commute with a positive scale per
         channel, so int8 may divide a's output channels by any such scales and multiply b's input channels by
-        them without changing the function (:func:`fcnseg.runtime.onnx.rescaled_onnx`)."""
+        them without changing the function (:func:`fcnseg.runtime.rescale.rescaled_onnx`)."""
 
     @abstractmethod
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
