@@ -84,8 +84,8 @@ def _writable_cache() -> Path | None:
 
 
 def compile_config(precision: str) -> dict[str, object]:
-    """The CPU plugin's settings for one path: latency-first (one stream: one image at a time), PyTorch's thread
-    budget, the precision forced, and the on-disk cache of compiled models where it can be written."""
+    """The CPU plugin's settings for one path: latency-first (one stream: every thread on one image), PyTorch's
+    thread budget, the precision forced, and the on-disk cache of compiled models where it can be written."""
     config: dict[str, object] = {
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
@@ -117,28 +117,54 @@ def prune_cache(folder: Path, budget: int = CACHE_BUDGET) -> list[Path]:
 
 
 def openvino_session(source: str | os.PathLike, precision: str = "f32") -> Runner:
-    """A runner over the ONNX (or OpenVINO IR) file ``source``, compiled for the CPU at ``precision``."""
+    """A runner over the ONNX (or OpenVINO IR) file ``source``, compiled for the CPU at ``precision``: one image
+    runs on every thread; a batch is split across the plugin's throughput streams (:func:`_across_streams`)."""
     if not openvino_available():
         raise FcnsegError('the openvino paths need OpenVINO: pip install "fcnseg[openvino]"')
     import openvino as ov
 
     core = ov.Core()
-    config = compile_config(precision)
     # Compiled from the model object, not the file: OpenVINO then keys the cache by a hash of the graph and its
     # weights; keyed by the file's path, it never matched, every process exporting into a new temporary folder.
-    compiled = core.compile_model(core.read_model(str(source)), "CPU", config)
+    config, ov_model = compile_config(precision), core.read_model(str(source))
+    single = core.compile_model(ov_model, "CPU", config)
+    # For batches, the same model compiled for throughput: the plugin splits the threads into streams that each run
+    # requests of their own (it chose 2 streams of 1 thread on 2 cores). Compiling is cheap (weights are laid out at
+    # a stream's first run); with one thread there is nothing to split.
+    streams = (
+        core.compile_model(ov_model, "CPU", {**config, "PERFORMANCE_HINT": "THROUGHPUT"})
+        if torch.get_num_threads() > 1
+        else None
+    )
+    width = int(streams.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) if streams is not None else 1
     if "CACHE_DIR" in config:
         prune_cache(Path(config["CACHE_DIR"]))
-    local = threading.local()  # an infer request runs one inference at a time: one per calling thread
+    local = threading.local()  # an infer request runs one inference at a time: each calling thread has its own
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        request = getattr(local, "request", None)
-        if request is None:
-            request = local.request = compiled.create_infer_request()
-        result = request.infer({0: np.ascontiguousarray(x.detach().float().cpu().numpy())})
-        return torch.from_numpy(np.array(result[0], dtype=np.float32))  # a copy: the request reuses its buffers
+        data = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        if len(data) > 1 and width > 1:
+            if not hasattr(local, "requests"):
+                local.requests = [streams.create_infer_request() for _ in range(width)]
+            return torch.from_numpy(_across_streams(local.requests, data))
+        if not hasattr(local, "request"):
+            local.request = single.create_infer_request()
+        return torch.from_numpy(np.array(local.request.infer({0: data})[0], dtype=np.float32))  # a copy
 
     return run
+
+
+def _across_streams(requests: list, data: np.ndarray) -> np.ndarray:
+    """``data``'s outputs, its images split into one run of images for each request, all running at once. With
+    ``THROUGHPUT``, each stream runs on threads of its own, so a layer's work is not split and joined across every
+    thread as one latency request's is. On a 2-core Sapphire Rapids CPU, the full-size FCN-8s in int8 at 375 x 500
+    took 44-47 instead of 50 ms an image in batches of 8, and 387-394 instead of 411-422 held to AVX2."""
+    parts = np.array_split(data, min(len(requests), len(data)))
+    for request, part in zip(requests, parts, strict=False):
+        request.start_async({0: part})
+    for request in requests[: len(parts)]:
+        request.wait()
+    return np.concatenate([r.get_output_tensor(0).data for r in requests[: len(parts)]], dtype=np.float32)  # a copy
 
 
 def openvino_runner(
