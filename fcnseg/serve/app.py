@@ -171,12 +171,19 @@ def _batch_job(service: Service, uploads: list[Upload], place: Place) -> list[di
 
 async def _batch_answers(service: Service, uploads: list[Upload], place: Place) -> list[dict[str, Any]]:
     """Every image's answer, in order: its headers read first (one job), then each group of one size (one job and
-    one forward pass each, within --batch images and --max-pixels padded pixels)."""
+    one forward pass each, within --batch images and --max-pixels padded pixels). At the deadline the groups
+    finished keep their answers and the others are each a 503 entry; with none finished the request is a 503."""
     groups = await service.pool.run(place, service.segmenter.batch_groups, uploads, place.check)
     answers: dict[int, dict[str, Any]] = {}
-    for group in groups:
-        group_answers = await service.pool.run(place, _batch_job, service, [uploads[i] for i in group], place)
-        answers.update(zip(group, group_answers, strict=True))
+    try:
+        for group in groups:
+            group_answers = await service.pool.run(place, _batch_job, service, [uploads[i] for i in group], place)
+            answers.update(zip(group, group_answers, strict=True))
+    except DeadlineError as e:
+        if not answers:
+            raise
+        for i, upload in enumerate(uploads):
+            answers.setdefault(i, {"file": upload.name, "status": 503, "error": str(e)})
     return [answers[i] for i in range(len(uploads))]
 
 
@@ -234,7 +241,8 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
                         "GIF and PPM"},
     422: {"description": "no 'file' field, an unknown head, or a fusion net's image without its 'extra' images"},
     503: {"description": "every worker and queue place taken (retry after the Retry-After header's seconds), or "
-                        "the request ran past --timeout"},
+                        "the request ran past --timeout (a batch with images done answers 200, the others as 503 "
+                        "entries)"},
 }  # fmt: skip
 
 

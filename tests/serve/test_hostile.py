@@ -249,6 +249,28 @@ def test_the_deadline_answers_503_and_the_tiles_stop(tiled):
     assert _health(tiled)["running"] == 0
 
 
+def test_a_batch_past_its_deadline_keeps_the_answers_it_finished(tiled):
+    """/predict/batch at the 1 s deadline: the image segmented before it keeps its answer (as /predict gives it),
+    the one stopped mid-way is a 503 entry naming the limit; with nothing finished the request itself is a 503."""
+    small = encoded(noise(16, 16))
+    status, _, body = _post(
+        tiled, [("files", "small.png", small), ("files", "big.png", _big_tiled())], "/predict/batch"
+    )
+    assert status == 200, body
+    first, second = json.loads(body)["results"]
+    alone = json.loads(_post(tiled, [("file", "small.png", small)], "/predict?format=json")[2])
+    assert first["status"] == 200 and first["heads"][0]["mask_png"] == alone["heads"][0]["mask_png"]
+    assert second == {"file": "big.png", "status": 503, "error": "the request took longer than this server's limit "
+                      "of 1 s (--timeout) and was stopped; send a smaller image, or retry when the server is less "
+                      "busy"}  # fmt: skip
+    wait_for(lambda: _health(tiled)["admitted"] == 0, timeout=30)
+    status, _, body = _post(
+        tiled, [("files", "big.png", _big_tiled()), ("files", "small.png", small)], "/predict/batch"
+    )
+    assert status == 503 and "limit of 1 s (--timeout)" in json.loads(body)["error"]
+    wait_for(lambda: _health(tiled)["admitted"] == 0, timeout=30)
+
+
 def test_tiled_images_are_bounded_by_max_pixels(tiled):
     status, _, body = _post(tiled, [("file", "huge.png", encoded(np.zeros((3200, 3200, 3), np.uint8)))])
     assert (status, json.loads(body)) == (413, {"error": "huge.png: image is 3200x3200 = 10,240,000 pixels, above "
