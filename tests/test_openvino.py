@@ -123,7 +123,7 @@ def _is_constant(value) -> bool:
 def test_a_batch_is_split_across_the_throughput_streams_image_for_image(path, tmp_path_factory, monkeypatch):
     """With two threads, a batch runs across OpenVINO's throughput streams, a run of images on each: an odd batch
     leaves no image out and keeps their order, each image's output that of the image run alone (on the latency
-    form, every thread on one image) to fp32 rounding."""
+    form, every thread on one image) to fp32 rounding. A batch that fails leaves the streams' requests usable."""
     from fcnseg.runtime import openvino
 
     split = []
@@ -140,9 +140,13 @@ def test_a_batch_is_split_across_the_throughput_streams_image_for_image(path, tm
             run = make_runner(model, path, calibration=calibration,
                               workdir=export_folder(model, tmp_path_factory.getbasetemp() / "exports"))  # fmt: skip
         got, alone = run(batch), torch.cat([run(x[None]) for x in batch])
+        with pytest.raises(RuntimeError):  # two channels: each stream's request fails ...
+            run(batch[:, :2])
+        again = run(batch)  # ... and is free again, not left "busy" for every later call
     finally:
         torch.set_num_threads(threads)
-    assert split == [(2, 5)]  # two streams; the images run alone took the latency form
+    assert split == [(2, 5), (2, 5), (2, 5)]  # two streams; the images run alone took the latency form
+    assert torch.equal(again, got)
     assert got.shape == alone.shape == (5, 4, *SIZE)
     assert float((got - alone).abs().max()) <= FP32_TOLERANCE * float(alone.max() - alone.min())
     assert float((alone[0] - alone[1]).abs().max()) > 0.1 * float(alone.max() - alone.min())  # order would show

@@ -160,11 +160,25 @@ def _across_streams(requests: list, data: np.ndarray) -> np.ndarray:
     thread as one latency request's is. On a 2-core Sapphire Rapids CPU, the full-size FCN-8s in int8 at 375 x 500
     took 44-47 instead of 50 ms an image in batches of 8, and 387-394 instead of 411-422 held to AVX2."""
     parts = np.array_split(data, min(len(requests), len(data)))
-    for request, part in zip(requests, parts, strict=False):
-        request.start_async({0: part})
-    for request in requests[: len(parts)]:
+    started: list = []
+    try:
+        for request, part in zip(requests, parts, strict=False):
+            request.start_async({0: part})
+            started.append(request)
+    finally:  # every request started is waited for, failed or not: one left running refuses every later call
+        failures = [e for e in map(_waited, started) if e is not None]
+    if failures:
+        raise failures[0]
+    return np.concatenate([r.get_output_tensor(0).data for r in started], dtype=np.float32)  # a copy
+
+
+def _waited(request) -> Exception | None:
+    """Wait for ``request`` to end; the error it ended with, if any."""
+    try:
         request.wait()
-    return np.concatenate([r.get_output_tensor(0).data for r in requests[: len(parts)]], dtype=np.float32)  # a copy
+    except RuntimeError as e:
+        return e
+    return None
 
 
 def openvino_runner(
