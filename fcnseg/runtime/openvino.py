@@ -149,7 +149,8 @@ def openvino_session(source: str | os.PathLike, precision: str = "f32") -> Runne
             return torch.from_numpy(_across_streams(local.requests, data))
         if not hasattr(local, "request"):
             local.request = single.create_infer_request()
-        return torch.from_numpy(np.array(local.request.infer({0: data})[0], dtype=np.float32))  # a copy
+        out = local.request.infer({0: data})[0]
+        return torch.from_numpy(np.array(out, dtype=np.float32))  # a copy: the request reuses its buffers
 
     return run
 
