@@ -48,3 +48,23 @@ def keep_freed_memory() -> bool:
     mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still take: the kernel's estimate of what can be allocated without swapping
+    (``MemAvailable`` in /proc/meminfo), or less where the process's cgroup (v2) has a limit closer at hand
+    (``memory.max`` less ``memory.current``, as in a container). None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                found.append(max(0, int(limit) - int(g.read())))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None

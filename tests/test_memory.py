@@ -77,3 +77,32 @@ def test_cpu_training_and_inference_reuse_freed_memory_without_faulting_it_in_ag
     kept = int(run_python(FAULTS.format(setup=setup, twice=True), **{HUGE_PAGES_ENV: "0"}))
     assert plain > PAGES // 2  # glibc unmapped the first block and faults the second in page by page
     assert kept < PAGES // 20  # placing a model for CPU training, or a predictor, kept the first block
+
+
+# ------------------------------------------------------------------------------------------- memory available
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"/proc/meminfo": "MemTotal: 8000 kB\nMemAvailable: 1000 kB\n"}, 1_024_000),
+        ({"/proc/meminfo": "MemAvailable: 1000 kB\n", "/sys/fs/cgroup/memory.max": "900000\n",
+          "/sys/fs/cgroup/memory.current": "400000\n"}, 500_000),  # the container's limit is closer
+        ({"/proc/meminfo": "MemAvailable: 1000 kB\n", "/sys/fs/cgroup/memory.max": "max\n",
+          "/sys/fs/cgroup/memory.current": "400000\n"}, 1_024_000),  # a cgroup without a limit
+        ({"/sys/fs/cgroup/memory.max": "900000\n", "/sys/fs/cgroup/memory.current": "950000\n"}, 0),
+        ({}, None),  # neither: not Linux
+    ],
+)  # fmt: skip
+def test_available_memory_is_the_closest_limit(monkeypatch, files, expected):
+    import io
+
+    from fcnseg import _memory
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[str(path)])
+
+    monkeypatch.setattr(_memory, "open", fake_open, raising=False)
+    assert _memory.available_memory() == expected

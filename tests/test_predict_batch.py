@@ -329,3 +329,53 @@ def test_temporaries_a_killed_run_left_beside_the_files_written_are_removed(ckpt
     assert _predict(ckpt, images, out, "--overlay") == 0
     assert not any(p.exists() for p in stale) and other.exists()
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["a.png", "a_overlay.jpg"]
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+@pytest.fixture(scope="module")
+def half(tmp_path_factory) -> Path:
+    """FCN-8s at half width: its memory peaks at full resolution, on the input, its padded copy and conv1_1's and
+    conv1_2's outputs (32 channels each): 4 x (3 + 3 + 32 + 32) = 280 bytes a padded pixel (see
+    tests/models/test_complexity.py)."""
+    model = randomise(fcnseg.get_model("fcn8s", num_classes=5, width=0.5, fc_dim=16), seed=0).eval()
+    return fcnseg.save_checkpoint(model, tmp_path_factory.mktemp("m") / "half.pt")
+
+
+def _need(ckpt: Path, *sizes: tuple[int, int]) -> int:
+    """Bytes of one pass over ``sizes`` by hand: 280 a padded pixel, and the float32 weights once more."""
+    model = fcnseg.load(ckpt)
+    return 280 * sum(np.prod(model.padded_size(*s)) for s in sizes) + 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_an_image_too_large_for_the_memory_free_is_refused_before_it_is_read(half, tmp_path, capsys, monkeypatch,
+                                                                             passes):  # fmt: skip
+    """One line naming the image, its estimated need and what is free; the image that fits is written. What is
+    free counts the memory of the pass already run, which the process keeps for reuse."""
+    big = (200, 300)
+    free = _need(half, big) - _need(half, A) - (2 << 20)
+    monkeypatch.setattr("fcnseg._memory.available_memory", lambda: free)
+    images = _folder(tmp_path / "in", [("a", A), ("big", big)])
+    assert _predict(half, images, tmp_path / "out") == 2
+    mib = 1 << 20
+    assert capsys.readouterr().err.splitlines() == [
+        f"fcnseg: error: {images / 'big.png'}: an image of 300 x 200 needs about {_need(half, big) / mib:.0f} MiB "
+        f"for its forward pass, more than the {(free + _need(half, A)) / mib:.0f} MiB of memory free; run it in "
+        "tiles (--tile 512)"
+    ]
+    assert os.listdir(tmp_path / "out") == ["a.png"] and passes == [(1, 3, *A)]  # the big one was never run
+
+
+def test_a_batch_too_large_for_the_memory_free_runs_image_by_image(half, tmp_path, monkeypatch, passes):
+    monkeypatch.setattr("fcnseg._memory.available_memory", lambda: _need(half, A, A) - 1)  # one fits, two not
+    images = _folder(tmp_path / "in", [("a", A), ("b", A), ("c", A)])
+    assert _predict(half, images, tmp_path / "out", "--batch", "8") == 0
+    assert passes == [(1, 3, *A)] * 3 and len(os.listdir(tmp_path / "out")) == 3
+
+
+def test_tiles_bound_the_pass_so_nothing_is_refused(half, tmp_path, monkeypatch):
+    monkeypatch.setattr("fcnseg._memory.available_memory", lambda: 0)
+    images = _folder(tmp_path / "in", [("big", (200, 300))])
+    assert _predict(half, images, tmp_path / "out", "--tile", "64", "--overlap", "32") == 0
+    assert os.listdir(tmp_path / "out") == ["big.png"]

@@ -218,16 +218,15 @@ class _Job:
     size: tuple[int, int] | None = None
 
 
-def _probed(jobs: Iterable[_Job], batch: int) -> Iterator[_Job]:
-    """``jobs`` with their header sizes (no pixel decoded); with ``--batch 1``, none is read: each image is its own
-    batch. A file whose header cannot be read keeps no size: reading it says why, as it would unbatched."""
+def _probed(jobs: Iterable[_Job]) -> Iterator[_Job]:
+    """``jobs`` with their header sizes (no pixel decoded), for the batches and the memory check. A file whose
+    header cannot be read keeps no size: reading it says why, as it would unbatched."""
     from ..imageio import probe_image
 
     for job in jobs:
-        if batch > 1:
-            with contextlib.suppress(FcnsegError):
-                header = probe_image(job.path)
-                job.size = (header.height, header.width)
+        with contextlib.suppress(FcnsegError):
+            header = probe_image(job.path)
+            job.size = (header.height, header.width)
         yield job
 
 
@@ -271,11 +270,19 @@ def _outputs(predictor, read: list, args: argparse.Namespace, problems: dict[int
     return [(job, rgb, result) for (job, _, rgb), result in zip(read, results, strict=True)]
 
 
-def _predict_group(predictor, group: list[_Job], args: argparse.Namespace, colors, problems: dict[int, str]) -> int:
+def _predict_group(
+    predictor, group: list[_Job], args: argparse.Namespace, colors, problems: dict[int, str], *, memory=None
+) -> int:
     """Read the images of ``group``, segment them together and write their files; returns how many were written.
-    A problem is kept in ``problems`` under its input's index."""
+    A problem is kept in ``problems`` under its input's index. ``memory`` (a :class:`~fcnseg.predict.MemoryCheck`):
+    a group whose pass would not fit runs image by image, and an image that does not fit alone is a problem."""
     from ..predict import write_prediction
 
+    if memory is not None and len(group) > 1 and not memory.fits([job.size for job in group]):
+        return sum(_predict_group(predictor, [job], args, colors, problems, memory=memory) for job in group)
+    if memory is not None and group[0].size is not None and not memory.fits([group[0].size]):
+        problems[group[0].index] = memory.refusal(group[0].path, group[0].size)
+        return 0
     read = []
     for job in group:
         try:
@@ -292,6 +299,8 @@ def _predict_group(predictor, group: list[_Job], args: argparse.Namespace, color
             problems[job.index] = str(e)
         except OSError as e:  # a full disk, a folder where a file goes: the next image may still be written
             problems[job.index] = f"{job.path}: cannot write its files ({e})"
+    if memory is not None:
+        memory.ran([job.size for job, *_ in read])
     return written
 
 
@@ -300,10 +309,11 @@ def _predict_all(predictor, files: list[Path], stems: list[str], args: argparse.
     write each one's files under its stem: (how many were written, the problems in input order)."""
     from tqdm import tqdm
 
-    from ..predict import BATCH_PIXELS, batch_groups, forward_area, mask_colors
+    from ..predict import BATCH_PIXELS, MemoryCheck, batch_groups, forward_area, mask_colors
 
     colors = mask_colors(predictor.model)
-    jobs = _probed((_Job(i, f, stem) for i, (f, stem) in enumerate(zip(files, stems, strict=True))), args.batch)
+    memory = None if predictor.tile else MemoryCheck(predictor)  # a tile bounds each pass
+    jobs = _probed(_Job(i, f, stem) for i, (f, stem) in enumerate(zip(files, stems, strict=True)))
 
     def cost(job: _Job) -> int:
         return forward_area(predictor, job.size)
@@ -314,7 +324,7 @@ def _predict_all(predictor, files: list[Path], stems: list[str], args: argparse.
     written = 0
     with tqdm(total=len(files), unit="img", disable=len(files) <= 1 or args.quiet, file=sys.stderr) as bar:
         for group in groups:
-            written += _predict_group(predictor, group, args, colors, problems)
+            written += _predict_group(predictor, group, args, colors, problems, memory=memory)
             bar.update(len(group))
     return written, [problems[i] for i in sorted(problems)]
 
