@@ -9,6 +9,7 @@ images of one size together, bounded in count and in the pixels one forward pass
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -238,36 +239,54 @@ class MemoryCheck:
     is free: :func:`~fcnseg._memory.available_memory`, plus the largest pass already run, whose memory this process
     keeps for reuse (:mod:`fcnseg._memory`)."""
 
-    def __init__(self, predictor: Predictor) -> None:
-        from .models.complexity import meta_peak_bytes
+    CEILING = 8192
+    """Bytes a padded pixel under which a pass is let through without counting (the count's first run imports
+    PyTorch's meta kernels, about a second): the registered models need 200-640."""
 
+    def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
-        model = predictor.model
-        rows, cols = model.padded_size(256, 256)
-        try:
-            self.per_pixel: float | None = meta_peak_bytes(model, rows, cols) / (rows * cols)
-        except (RuntimeError, NotImplementedError):  # an operation without a meta kernel: no estimate, no check
-            self.per_pixel = None
-        self.weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.served = 0
+        self.weights = sum(p.numel() * p.element_size() for p in predictor.model.parameters())
+        self.largest = 0  # the padded area of the largest pass run
+        self._per_pixel: float | None = None
+        self._counted = False
+
+    @property
+    def per_pixel(self) -> float | None:
+        """Peak bytes per padded pixel, counted on first use; None for a model with an operation that has no meta
+        kernel (then nothing is checked)."""
+        if not self._counted:
+            from .models.complexity import meta_peak_bytes
+
+            rows, cols = self.predictor.model.padded_size(256, 256)
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                self._per_pixel = meta_peak_bytes(self.predictor.model, rows, cols) / (rows * cols)
+            self._counted = True
+        return self._per_pixel
 
     def need(self, sizes: Sequence[tuple[int, int] | None]) -> int:
         """Estimated bytes of one forward pass of images of ``sizes`` (height, width) together."""
-        return math.ceil((self.per_pixel or 0) * sum(forward_area(self.predictor, s) for s in sizes)) + self.weights
+        return self._bytes(sum(forward_area(self.predictor, s) for s in sizes))
+
+    def _bytes(self, area: int) -> int:
+        return math.ceil((self.per_pixel or 0) * area) + self.weights
 
     def free(self) -> int | None:
         from ._memory import available_memory
 
         available = available_memory()
-        return None if available is None else available + self.served
+        return None if available is None else available + (self._bytes(self.largest) if self.largest else 0)
 
     def fits(self, sizes: Sequence[tuple[int, int] | None]) -> bool:
-        free = None if self.per_pixel is None else self.free()
-        return free is None or self.need(sizes) <= free
+        from ._memory import available_memory
+
+        area, available = sum(forward_area(self.predictor, s) for s in sizes), available_memory()
+        if available is None or area * self.CEILING + self.weights <= available:
+            return True  # far within what is free: not counted
+        return self.per_pixel is None or self._bytes(area) <= (self.free() or 0)
 
     def ran(self, sizes: Sequence[tuple[int, int] | None]) -> None:
         """Note a pass that ran: its memory is this process's to reuse."""
-        self.served = max(self.served, self.need(sizes))
+        self.largest = max(self.largest, sum(forward_area(self.predictor, s) for s in sizes))
 
     def refusal(self, path: Path, size: tuple[int, int]) -> str:
         return (f"{path}: an image of {size[1]} x {size[0]} needs about {_bytes_text(self.need([size]))} for its "

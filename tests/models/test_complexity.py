@@ -10,6 +10,7 @@ from torch import nn
 import fcnseg
 from fcnseg.models import list_models
 from fcnseg.models.complexity import meta_peak_bytes
+from fcnseg.predict import MemoryCheck
 
 F32 = 4  # bytes
 
@@ -60,7 +61,8 @@ def test_vgg_fcn_peaks_at_full_resolution_at_any_size_without_allocating():
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_is_counted(name):
     """Each model runs on the meta device, and its peak is at least the input and what the largest layer writes,
-    and at most all its layers' outputs together."""
+    and at most all its layers' outputs together; per padded pixel it stays under the bound below which
+    ``predict``'s memory check does not count (fcnseg.predict.MemoryCheck.CEILING)."""
     model = fcnseg.get_model(name, **_small(name))
     outputs = []
     hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in model.modules()
@@ -73,6 +75,8 @@ def test_every_registered_model_is_counted(name):
     peak = meta_peak_bytes(model, 64)
     assert F32 * model.in_channels * 64 * 64 + max(sizes) <= peak
     assert peak <= F32 * model.in_channels * 64 * 64 * 2 + sum(sizes)
+    rows, cols = model.padded_size(256, 256)
+    assert meta_peak_bytes(model, rows, cols) / (rows * cols) < MemoryCheck.CEILING / 4  # with room to spare
 
 
 def _small(name: str) -> dict:
