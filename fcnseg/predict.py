@@ -9,7 +9,7 @@ images of one size together, bounded in count and in the pixels one forward pass
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import io
 import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import _memory
 from .imageio import add_legend, overlay, save_mask_png, save_rgb
 from .inference import Outputs, Predictor, model_input
 from .io import atomic_write, remove_stale_temporaries
@@ -247,46 +248,46 @@ class MemoryCheck:
         self.predictor = predictor
         self.weights = sum(p.numel() * p.element_size() for p in predictor.model.parameters())
         self.largest = 0  # the padded area of the largest pass run
-        self._per_pixel: float | None = None
-        self._counted = False
 
-    @property
+    @functools.cached_property
     def per_pixel(self) -> float | None:
         """Peak bytes per padded pixel, counted on first use; None for a model with an operation that has no meta
         kernel (then nothing is checked)."""
-        if not self._counted:
-            from .models.complexity import meta_peak_bytes
+        from .models.complexity import meta_peak_bytes
 
-            rows, cols = self.predictor.model.padded_size(256, 256)
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                self._per_pixel = meta_peak_bytes(self.predictor.model, rows, cols) / (rows * cols)
-            self._counted = True
-        return self._per_pixel
+        rows, cols = self.predictor.model.padded_size(256, 256)
+        try:
+            return meta_peak_bytes(self.predictor.model, rows, cols) / (rows * cols)
+        except (RuntimeError, NotImplementedError):
+            return None
 
     def need(self, sizes: Sequence[tuple[int, int] | None]) -> int:
         """Estimated bytes of one forward pass of images of ``sizes`` (height, width) together."""
-        return self._bytes(sum(forward_area(self.predictor, s) for s in sizes))
+        return self._bytes(self._area(sizes))
+
+    def _area(self, sizes: Sequence[tuple[int, int] | None]) -> int:
+        return sum(forward_area(self.predictor, size) for size in sizes)
 
     def _bytes(self, area: int) -> int:
         return math.ceil((self.per_pixel or 0) * area) + self.weights
 
     def free(self) -> int | None:
-        from ._memory import available_memory
+        available = _memory.available_memory()
+        return None if available is None else available + self._reusable()
 
-        available = available_memory()
-        return None if available is None else available + (self._bytes(self.largest) if self.largest else 0)
+    def _reusable(self) -> int:
+        """What the largest pass run took, kept by this process for reuse; nothing before the first."""
+        return self._bytes(self.largest) if self.largest else 0
 
     def fits(self, sizes: Sequence[tuple[int, int] | None]) -> bool:
-        from ._memory import available_memory
-
-        area, available = sum(forward_area(self.predictor, s) for s in sizes), available_memory()
+        area, available = self._area(sizes), _memory.available_memory()
         if available is None or area * self.CEILING + self.weights <= available:
             return True  # far within what is free: not counted
-        return self.per_pixel is None or self._bytes(area) <= (self.free() or 0)
+        return self.per_pixel is None or self._bytes(area) <= available + self._reusable()
 
     def ran(self, sizes: Sequence[tuple[int, int] | None]) -> None:
         """Note a pass that ran: its memory is this process's to reuse."""
-        self.largest = max(self.largest, sum(forward_area(self.predictor, s) for s in sizes))
+        self.largest = max(self.largest, self._area(sizes))
 
     def refusal(self, path: Path, size: tuple[int, int]) -> str:
         return (f"{path}: an image of {size[1]} x {size[0]} needs about {_bytes_text(self.need([size]))} for its "
