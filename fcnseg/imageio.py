@@ -13,7 +13,9 @@ import glob
 import os
 import re
 import stat
+import struct
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -561,17 +563,29 @@ def encode_mask_png(mask: np.ndarray, colors: np.ndarray) -> bytes:
     The palette is :func:`~fcnseg.palette.full_palette` of ``colors`` (void 255 = 224,224,192), so
     the file reads back as indices and shows in colour, like VOC's ``SegmentationClass`` PNGs.
     :func:`save_mask_png` writes these bytes.
+
+    The file is written here rather than by Pillow so that its deflate stream can use zlib's run-length strategy
+    (``Z_RLE``, which zlib's manual describes as almost as fast as Huffman coding alone yet better for PNG data):
+    label maps are long runs of one index. At 375 x 500 it encoded 2-4x faster than Pillow's default settings, to a
+    smaller file for a map of a few regions and a fifth larger for a map of scattered small ones.
     """
     m = _check_mask(mask)
-    palette = full_palette(colors)
     h, w = m.shape
-    # frombytes with mode "P" stores the indices as they are; converting an "L" image to "P" would
-    # remap them.
-    img = Image.frombytes("P", (w, h), np.ascontiguousarray(m).tobytes())
-    img.putpalette(palette)
-    buf = BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    rows = np.zeros((h, w + 1), dtype=np.uint8)  # each scanline starts with its filter type: 0, none
+    rows[:, 1:] = m
+    packer = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
+    pixels = packer.compress(rows) + packer.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)  # 8 bits per index, colour type 3 (palette)
+    chunks = ((b"IHDR", header), (b"PLTE", bytes(full_palette(colors))), (b"IDAT", pixels), (b"IEND", b""))
+    return _PNG_SIGNATURE + b"".join(_png_chunk(tag, data) for tag, data in chunks)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, and the CRC-32 of type and data."""
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
 
 
 _RGB_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG"}

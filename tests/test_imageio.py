@@ -567,6 +567,32 @@ def test_encoded_mask_decodes_to_its_indices_and_palette_and_is_the_file_written
     np.testing.assert_array_equal(read_mask_png(tmp_path / "m.png"), mask)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 700), (375, 500), (900, 3)])
+def test_encoded_mask_is_read_by_libpng_with_its_colours(shape):
+    """OpenCV decodes with libpng, which checks every chunk's CRC and the deflate stream, and expands the palette:
+    each pixel must come back as its class's colour (BGR)."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(shape[0])
+    mask = rng.integers(0, 21, shape).astype(np.uint8)
+    mask[: shape[0] // 2, : shape[1] // 3] = 7  # a run longer than a scanline's
+    colors = voc_palette(21)
+    bgr = cv2.imdecode(np.frombuffer(encode_mask_png(mask, colors), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(bgr[:, :, ::-1], colors[mask])
+
+
+def test_encoded_mask_of_regions_is_compressed():
+    """A label map of a few regions (what a trained model predicts) takes about a kilobyte besides the 768-byte
+    palette: a stream stored without compression, or coded without repeats, would take 24 KB or more."""
+    mask = np.zeros((375, 500), np.uint8)
+    mask[100:300, 150:400] = 15
+    mask[50:120, 20:90] = 8
+    data = encode_mask_png(mask, voc_palette(21))
+    with Image.open(BytesIO(data)) as img:
+        img.verify()  # every chunk's CRC
+    np.testing.assert_array_equal(np.array(Image.open(BytesIO(data))), mask)
+    assert len(data) < 3000
+
+
 def test_encoded_mask_refuses_what_save_mask_png_refuses():
     with pytest.raises(ValueError, match=r"0\.\.255"):
         encode_mask_png(np.array([[0, 256]]), voc_palette(21))
@@ -622,11 +648,10 @@ def test_failed_write_keeps_existing_file(tmp_path, monkeypatch, writer):
     save_mask_png(target, np.full((2, 2), 3, np.uint8), voc_palette(21))
     before = target.read_bytes()
 
-    def failing_save(self, fp, *args, **kwargs):
-        fp.write(b"\x89PNG half written")
+    def failing_sync(fd):  # the new bytes are in the temporary file; the disk fills before they reach it
         raise OSError("disk full")
 
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    monkeypatch.setattr(os, "fsync", failing_sync)
     with pytest.raises(OSError, match="disk full"):
         if writer == "mask":
             save_mask_png(target, np.zeros((2, 2), np.uint8), voc_palette(21))
