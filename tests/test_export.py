@@ -13,23 +13,31 @@ from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 from fcnseg.export import ONNX_OPSET, TRACE_SIZE, export_onnx, export_torchscript
 from fcnseg.models.registry import list_models
+from fcnseg.models.upsampling import BilinearUpsample
 from tests.helpers import randomise, span_error, tiny_options
 
 
-def _model(name="fcn8s", alignment="aligned", seed=0):
+def _model(name="fcn8s", alignment="aligned", seed=0, upsampling="randomised"):
     torch.manual_seed(seed)
     model = fcnseg.get_model(name, num_classes=5, **tiny_options(name), alignment=alignment).eval()
-    randomise(model)  # He-scaled random weights everywhere: logits of order 1, not all-zero scores
+    # He-scaled random weights: logits of order 1, not all-zero scores; the upsampling kernels too unless "fixed"
+    randomise(model, trainable_only=upsampling == "fixed")
     model.classes = ["a", "b", "c", "d", "e"]
     return model
 
 
+@pytest.mark.parametrize("upsampling", ["fixed", "randomised"])
 @pytest.mark.parametrize("alignment", ["aligned", "caffe"])
-def test_onnx_equals_eager_at_other_sizes(alignment, tmp_path):
-    model = _model(alignment=alignment)
+def test_onnx_equals_eager_at_other_sizes(alignment, upsampling, tmp_path):
+    model = _model(alignment=alignment, upsampling=upsampling)
     report = export_onnx(model, tmp_path / "m.onnx")
     assert report.opset == ONNX_OPSET and all(v <= 1e-4 for v in report.max_rel_diff.values())
     proto = onnx.load(str(tmp_path / "m.onnx"))
+    # The release's fixed last upsampling is exported as two matrix products; learned kernels as they are.
+    ops = [n.op_type for n in proto.graph.node]
+    fixed = upsampling == "fixed"
+    assert (ops.count("MatMul"), ops.count("ConvTranspose")) == ((2, 2) if fixed else (0, 3))
+    assert not any(m.as_matrices for m in model.modules() if isinstance(m, BilinearUpsample))
     assert any(o.version == ONNX_OPSET for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["fcnseg"])
     assert meta["alignment"] == alignment and meta["classes"] == model.classes and meta["preprocessing"]["mean"]

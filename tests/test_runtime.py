@@ -59,12 +59,13 @@ def test_reduced_precision_agrees_with_fp32_on_the_demo(demo, demo_onnx, path, b
 def test_int8_sums_the_float_class_scores_in_float(tmp_path):
     # FCN-8s adds its upsampled class scores to the skip layers' scores twice, right where the argmax is decided:
     # int8 must read both sums' inputs as computed, not through an 8-bit QuantizeLinear / DequantizeLinear pair,
-    # while the backbone (VGG16's 12 convolutions past the first, fc6, fc7) stays int8.
+    # and so must the two matrix products of the last upsampling, while the backbone (VGG16's 12 convolutions past
+    # the first, fc6, fc7) stays int8.
     import onnx
 
     from fcnseg.runtime.onnx import int8_file
 
-    model = randomise(fcnseg.get_model("fcn8s", num_classes=3, **TINY), seed=0).eval()
+    model = randomise(fcnseg.get_model("fcn8s", num_classes=3, **TINY), seed=0, trainable_only=True).eval()
     calibration = [torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(int8_file(model, tmp_path, calibration)))).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
@@ -72,7 +73,9 @@ def test_int8_sums_the_float_class_scores_in_float(tmp_path):
     readers = {i: [m.op_type for m in graph.node if i in m.input] for n in graph.node for i in n.output}
     sums = [n for n in graph.node if n.op_type == "Add" and types.get(n.output[0]) == onnx.TensorProto.FLOAT]
     assert len(sums) == 2  # not the shape arithmetic's integer sums
-    for n in sums:
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]  # the last upsampling, as exported
+    assert len(matmuls) == 2
+    for n in [*sums, *matmuls]:
         assert "DequantizeLinear" not in [producer[i] for i in n.input], n.name
         assert "QuantizeLinear" not in readers[n.output[0]], n.name
     int8_convs = [n for n in graph.node if n.op_type == "Conv" and producer.get(n.input[1]) == "DequantizeLinear"]
@@ -97,10 +100,19 @@ def test_int8_keeps_a_residual_sum_of_int8_layers_int8():
              helper.make_node("Shape", ["x"], ["shape"], name="shape"),
              helper.make_node("Add", ["shape", "shape"], ["ends"], name="shape_sum"),
              helper.make_node("Slice", ["s", "ends", "ends"], ["crop"], name="crop"),
-             helper.make_node("Add", ["crop", "t"], ["y"], name="skip")]  # fmt: skip
+             helper.make_node("Add", ["crop", "t"], ["sum"], name="skip"),
+             # The sum upsampled by matrices made from the input's size (kept), and two layers with weights of
+             # their own (int8): one reading the kept sum, one the int8 layers' output.
+             helper.make_node("Cast", ["shape"], ["matrix"], name="matrix", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["sum", "matrix"], ["up1"], name="up1"),
+             helper.make_node("MatMul", ["matrix", "up1"], ["y"], name="up2"),
+             helper.make_node("MatMul", ["sum", "m.w"], ["z1"], name="weighted1"),
+             helper.make_node("MatMul", ["r", "m.w"], ["z2"], name="weighted2")]  # fmt: skip
     x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "y"))
-    graph = helper.make_graph(nodes, "g", [x], [y], weights)
-    assert _float_nodes(graph, ["a.", "s.", "t."]) == ["a", "s", "t", "skip"]
+    graph = helper.make_graph(
+        nodes, "g", [x], [y], [*weights, numpy_helper.from_array(np.ones((2, 2), np.float32), "m.w")]
+    )
+    assert _float_nodes(graph, ["a.", "s.", "t."]) == ["a", "s", "t", "skip", "up1", "up2"]
 
 
 def test_channels_last_eager_equals_the_plain_forward(demo):

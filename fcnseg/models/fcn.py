@@ -200,9 +200,7 @@ class ScoreHead(nn.Module):
             # The upsampled scores can run past the tap's end (never with VGG16, where this cuts nothing): cut them.
             score = score[:, :, : skip.shape[2] - o, : skip.shape[3] - o]
             score = score + skip[:, :, o : o + score.shape[2], o : o + score.shape[3]]
-        out = self.upsample_out(score)  # 1/1
-        o = self.out_offset
-        return out[:, :, o : o + h, o : o + w]
+        return self.upsample_out.cropped(score, self.out_offset, h, w)  # 1/1
 
 
 class FCN(SegmentationModel):

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import FcnsegError
 from ..io import scratch_folder, staged_path
+from ..models.upsampling import matrix_upsampling
 from .compare import Runner, agreement, eval_mode
 from .cpu import VNNI, cpu_features
 
@@ -104,7 +105,8 @@ def quantize_onnx(
 
 def _float_nodes(graph, keep_float: Sequence[str]) -> list[str]:
     """The nodes of ``graph`` int8 quantisation leaves in float: those whose weight name starts with one of
-    ``keep_float``, and those that only join their outputs: FCN's skip sums of class scores, the concatenated heads.
+    ``keep_float``, those that only join their outputs (FCN's skip sums of class scores, the concatenated heads)
+    and the matrix products that upsample them.
     ONNX Runtime's ``quantize_static`` excludes nodes, not tensors (``nodes_to_exclude`` in its quantisation
     documentation), and in QDQ format it rounds both inputs of an Add or a Concat to 8 bits (one scale per tensor);
     with only the score layers excluded, the sums of their outputs were still rounded exactly where the argmax is
@@ -134,9 +136,14 @@ def _float_nodes(graph, keep_float: Sequence[str]) -> list[str]:
             node = producer.get(inputs[0])
         return node is not None
 
+    weights = {t.name for t in graph.initializer}
     for n in graph.node:
         inputs = data_inputs(n)
-        if n.name not in kept and len(inputs) > 1 and all(map(from_kept, inputs)):
+        joins = len(inputs) > 1
+        # A matrix product with an operand made from the input's size, not a weight: the last upsampling as
+        # exported (:func:`~fcnseg.models.upsampling.matrix_upsampling`), part of the float layer it replaces.
+        interpolates = n.op_type == "MatMul" and len(inputs) == 1 and not weights.intersection(n.input)
+        if n.name not in kept and (joins or interpolates) and inputs and all(map(from_kept, inputs)):
             kept.add(n.name)  # a sum of kept sums is kept too
     return [n.name for n in graph.node if n.name in kept]
 
@@ -211,7 +218,11 @@ def _torch_export(model: nn.Module, opset: int):
     try:
         for lg in quiet:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(open(os.devnull, "w")),  # noqa: SIM115
+            matrix_upsampling(model),  # the frozen last upsampling as two matrix products
+        ):
             warnings.simplefilter("ignore")
             return torch.onnx.export(
                 model,

@@ -245,12 +245,15 @@ def _kept_nodes(model: nn.Module, source: Path, ov_model, keep_float: Sequence[s
 
 
 def _float_merges(ov_model, kept: set[str]) -> list[str]:
-    """The operations of ``ov_model`` that join two or more tensors each computed by an operation in ``kept``: FCN's
-    skip sums of class scores, the concatenated heads. NNCF's CPU hardware configuration lists Add, like Convolution,
-    as an operation whose inputs it quantises (8 bits, one scale per tensor), and its ``IgnoredScope`` excludes
-    operations, not tensors: with only the score layers ignored, the sums of their outputs were still rounded to
-    256 levels exactly where the argmax is decided. On the trained demo model that rounding alone cost 0.18% of
-    fp32's labels (99.46% agreement instead of 99.64%), and leaving the sums in float cost no measurable speed."""
+    """The operations of ``ov_model`` that join two or more tensors each computed by an operation in ``kept`` (FCN's
+    skip sums of class scores, the concatenated heads), or upsample one by matrix products. NNCF's CPU hardware
+    configuration lists Add, like Convolution, as an operation whose inputs it quantises (8 bits, one scale per
+    tensor), and its ``IgnoredScope`` excludes operations, not tensors: with only the score layers ignored, the
+    sums of their outputs were still rounded to 256 levels exactly where the argmax is decided. On the trained
+    demo model that rounding alone cost 0.18% of fp32's labels (99.46% agreement instead of 99.64%), and leaving
+    the sums in float cost no measurable speed."""
+
+    from_image = _from_image(ov_model)
 
     def data_inputs(op) -> list:  # the computed float tensors an operation reads (not its weights, not shapes)
         return [v for v in op.input_values() if v.get_element_type().is_real() and not _is_constant(v)]
@@ -266,10 +269,25 @@ def _float_merges(ov_model, kept: set[str]) -> list[str]:
 
     merges = []
     for op in ov_model.get_ordered_ops():
-        inputs = data_inputs(op)
-        if op.get_friendly_name() not in kept and len(inputs) > 1 and all(map(from_kept, inputs)):
+        inputs = [v for v in data_inputs(op) if v.get_node().get_friendly_name() in from_image]
+        joins = len(inputs) > 1
+        # A matrix product with an operand made from the image's size: the last upsampling as exported
+        # (:func:`~fcnseg.models.upsampling.matrix_upsampling`), part of the float layer it replaces.
+        interpolates = op.get_type_name() == "MatMul" and len(inputs) == 1
+        if op.get_friendly_name() not in kept and (joins or interpolates) and all(map(from_kept, inputs)):
             merges.append(op.get_friendly_name())
+            kept.add(op.get_friendly_name())
     return merges
+
+
+def _from_image(ov_model) -> set[str]:
+    """The names of the operations whose outputs depend on the image's values, not only on its size."""
+    names: set[str] = set()
+    for op in ov_model.get_ordered_ops():
+        inputs = op.input_values() if op.get_type_name() != "ShapeOf" else []
+        if op.get_type_name() == "Parameter" or any(v.get_node().get_friendly_name() in names for v in inputs):
+            names.add(op.get_friendly_name())
+    return names
 
 
 def _is_constant(value) -> bool:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from fcnseg.models import get_model
-from fcnseg.models.upsampling import BilinearUpsample, bilinear_kernel
+from fcnseg.models.upsampling import BilinearUpsample, bilinear_kernel, matrix_upsampling
 from tests.helpers import TINY
 
 
@@ -99,3 +99,55 @@ def test_a_copy_made_under_inference_mode_upsamples_per_channel():
         assert copy.weight.is_inference()
         got = copy(x)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("k", "stride", "padding", "start"),
+    [(16, 8, 4, 0), (64, 32, 16, 0), (16, 8, 0, 31), (64, 32, 0, 19), (63, 32, 15, 0), (4, 2, 1, 0), (3, 2, 0, 2)],
+)  # aligned FCN-8s / FCN-32s, their caffe-mode crops, FCN-AlexNet's odd kernel, the 2x ones
+def test_matrix_upsampling_is_the_transposed_convolution_cropped(k, stride, padding, start):
+    # The oracle: the transposed convolution over the full C x C weight of the release's kernel, then the crop.
+    classes, n, m = 3, 5, 7
+    weight = torch.zeros(classes, classes, k, k, dtype=torch.float64)
+    for c in range(classes):
+        weight[c, c] = _closed_form(k)
+    x = torch.randn(2, classes, n, m, dtype=torch.float64)
+    full = F.conv_transpose2d(x, weight, None, stride, padding)
+    h, w = full.shape[2] - start - 3, full.shape[3] - start - 1  # a window short of the end on both axes
+    up = BilinearUpsample(classes, k, stride, padding=padding)
+    assert up.is_fixed_bilinear()
+    up.as_matrices = True
+    got = up.cropped(x, start, h, w)
+    torch.testing.assert_close(got, full[:, :, start : start + h, start : start + w], rtol=0, atol=1e-12)
+
+
+def test_only_the_fixed_bilinear_kernel_is_upsampled_by_matrices():
+    up = BilinearUpsample(4, 16, 8, padding=4)
+    # Caffe's filler computes the kernel in float32: within 1e-6 of the float64 one, the same layer.
+    f32 = bilinear_kernel(16).float()
+    with torch.no_grad():
+        up.weight.zero_()
+        for c in range(4):
+            up.weight[c, c] = f32
+    assert up.is_fixed_bilinear()
+    with torch.no_grad():
+        up.weight[1, 1, 3, 3] += 1e-3  # one class's kernel changed
+    assert not up.is_fixed_bilinear()
+    up.reset_parameters()
+    with torch.no_grad():
+        up.weight[0, 1] = up.weight[0, 0]  # class 1 feeding class 0 as well
+    assert not up.is_fixed_bilinear()
+    assert BilinearUpsample(4, 16, 8, padding=4).is_fixed_bilinear()
+    assert not BilinearUpsample(4, 16, 8, padding=4, learnable=True).is_fixed_bilinear()
+
+
+def test_matrix_upsampling_is_set_for_export_only():
+    model = get_model("fcn8s", num_classes=3, **TINY).eval()
+    model.head.upsample_skip["pool4"].weight.requires_grad_(True)  # a learned 2x upsampling stays a convolution
+    layers = [model.head.upsample_out, *model.head.upsample_skip.values()]
+    with matrix_upsampling(model):
+        assert [m.as_matrices for m in layers] == [True, False, True]
+    assert [m.as_matrices for m in layers] == [False, False, False]
+    with pytest.raises(RuntimeError), matrix_upsampling(model):
+        raise RuntimeError  # an export that fails leaves the layers as they were too
+    assert not any(m.as_matrices for m in layers)
