@@ -137,7 +137,7 @@ def matrix_upsampling(model: nn.Module) -> Iterator[None]:
     (:meth:`BilinearUpsample.cropped`), for export: the exported graph then holds no transposed convolution over
     every class pair, and writes only the pixels kept. In OpenVINO on a 2-core Sapphire Rapids CPU, the full-size
     FCN-8s's last upsampling and crop at 375 x 500 took 5 ms an image on one core against 20 (the transposed
-    convolution, a change of layout and the crop), a sixth of its int8 forward pass."""
+    convolution, a change of layout and the crop), a fifth of its int8 forward pass."""
     layers = [m for m in model.modules() if isinstance(m, BilinearUpsample)]
     try:
         for m in layers:
