@@ -575,12 +575,16 @@ def encode_mask_png(mask: np.ndarray, colors: np.ndarray) -> bytes:
     rows[:, 1:] = m
     packer = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
     pixels = packer.compress(rows) + packer.flush()
-    header = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)  # 8 bits per index, colour type 3 (palette)
-    chunks = ((b"IHDR", header), (b"PLTE", bytes(full_palette(colors))), (b"IDAT", pixels), (b"IEND", b""))
+    # Width, height, 8 bits per index, colour type 3 (palette), deflate, adaptive filters, no interlacing.
+    header = struct.pack(">II", w, h) + bytes((8, 3, 0, 0, 0))
+    # The stream may span several IDAT chunks; a chunk holds at most 2^31 - 1 bytes (PNG specification, 5.3).
+    stream = [(b"IDAT", pixels[i : i + _IDAT_BYTES]) for i in range(0, len(pixels), _IDAT_BYTES)]
+    chunks = [(b"IHDR", header), (b"PLTE", bytes(full_palette(colors))), *stream, (b"IEND", b"")]
     return _PNG_SIGNATURE + b"".join(_png_chunk(tag, data) for tag, data in chunks)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_IDAT_BYTES = 1 << 20
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:

@@ -12,6 +12,7 @@ import fcnseg
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 from fcnseg.export import ONNX_OPSET, TRACE_SIZE, export_onnx, export_torchscript
+from fcnseg.models.fcn import ScoreHead
 from fcnseg.models.registry import list_models
 from fcnseg.models.upsampling import BilinearUpsample
 from tests.helpers import randomise, span_error, tiny_options
@@ -93,8 +94,12 @@ def test_deep_torchvision_backbones_trace_to_torchscript(name, tmp_path):
 
 @pytest.mark.parametrize("name", EXPORTED)
 def test_every_registered_model_exports(name, tmp_path):
-    report = export_onnx(_model(name, seed=2), tmp_path / f"{name}.onnx", check_sizes=[(50, 70), (96, 33)])
+    model = _model(name, seed=2, upsampling="fixed")  # as built and trained: the release's fixed upsampling
+    report = export_onnx(model, tmp_path / f"{name}.onnx", check_sizes=[(50, 70), (96, 33)])
     assert set(report.max_rel_diff) == {"50x70", "96x33"}
+    heads = sum(isinstance(m, ScoreHead) for m in model.modules())  # two for two-headed and late-fusion nets
+    ops = [n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node]
+    assert ops.count("MatMul") == 2 * heads  # each head's last upsampling as two matrix products
 
 
 def test_cli_export_and_a_failed_check_keeps_nothing(tmp_path, capsys, monkeypatch):

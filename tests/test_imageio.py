@@ -580,6 +580,22 @@ def test_encoded_mask_is_read_by_libpng_with_its_colours(shape):
     np.testing.assert_array_equal(bgr[:, :, ::-1], colors[mask])
 
 
+def test_a_mask_stream_spread_over_several_idat_chunks_reads_back(monkeypatch):
+    import fcnseg.imageio
+
+    monkeypatch.setattr(fcnseg.imageio, "_IDAT_BYTES", 100)  # as a mask of gigapixels would be split
+    mask = np.random.default_rng(0).integers(0, 21, (120, 90)).astype(np.uint8)
+    data = encode_mask_png(mask, voc_palette(21))
+    tags, at = [], 8
+    while at < len(data):  # walk the chunks: 4-byte length, 4-byte type, data, 4-byte CRC
+        length = int.from_bytes(data[at : at + 4], "big")
+        tags.append(data[at + 4 : at + 8])
+        at += 12 + length
+    assert tags[:2] == [b"IHDR", b"PLTE"] and tags[-1] == b"IEND" and len(tags) > 10
+    assert set(tags[2:-1]) == {b"IDAT"}
+    np.testing.assert_array_equal(np.array(Image.open(BytesIO(data))), mask)
+
+
 def test_encoded_mask_of_regions_is_compressed():
     """A label map of a few regions (what a trained model predicts) takes about a kilobyte besides the 768-byte
     palette: a stream stored without compression, or coded without repeats, would take 24 KB or more."""

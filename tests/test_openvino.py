@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +243,27 @@ def test_a_cache_folder_that_cannot_be_written_is_left_out(tmp_path, monkeypatch
     monkeypatch.undo()
     monkeypatch.setenv("FCNSEG_CACHE_DIR", "/dev/null/fcnseg")
     assert "CACHE_DIR" not in openvino.compile_config("f32")
+
+
+def test_int8_keeps_the_matrix_upsampling_of_float_scores_in_float(tmp_path):
+    # A hand-built graph read by OpenVINO: a float layer's output multiplied by a matrix made from the input's size
+    # (the exported last upsampling: kept in float) and by a weight of its own (a layer NNCF may quantise).
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from fcnseg.runtime.openvino import _float_merges
+
+    weights = [numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "a.w"),
+               numpy_helper.from_array(np.ones((4, 4), np.float32), "m.w")]  # fmt: skip
+    nodes = [helper.make_node("Conv", ["x", "a.w"], ["a"], name="a"),
+             helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Cast", ["shape"], ["matrix"], name="matrix", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["a", "matrix"], ["up"], name="up"),
+             helper.make_node("MatMul", ["a", "m.w"], ["weighted"], name="weighted"),
+             helper.make_node("Relu", ["up"], ["y"], name="y"),
+             helper.make_node("Relu", ["weighted"], ["z"], name="z")]  # fmt: skip
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, "h", 4])  # dynamic: the shape is computed
+    y, z = (helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z"))
+    save(helper.make_model(helper.make_graph(nodes, "g", [x], [y, z], weights)), str(tmp_path / "g.onnx"))
+    import openvino as ov
+
+    assert _float_merges(ov.Core().read_model(str(tmp_path / "g.onnx")), {"a"}) == ["up"]

@@ -10,6 +10,7 @@ evaluation, the report, the server, export and bench read these; inference itsel
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from torch import nn
 from ..errors import FcnsegError
 from ..palette import palette_for
 from ..preprocessing import Preprocessing
+from .upsampling import matrix_upsampling
 
 if TYPE_CHECKING:
     from ..inference import Predictor
@@ -86,6 +88,11 @@ class SegmentationModel(nn.Module):
         ``height`` x ``width``: its padding step and its first layer's extra padding included."""
 
     # -- derived ---------------------------------------------------------------------------------------------
+    def export_form(self) -> contextlib.AbstractContextManager[None]:
+        """Within, the model computes as it is exported (ONNX): its fixed bilinear last upsamplings as matrix
+        products that compute only the pixels kept (:func:`~fcnseg.models.upsampling.matrix_upsampling`)."""
+        return matrix_upsampling(self)
+
     @property
     def num_classes(self) -> int:
         """The first head's number of classes."""

@@ -84,9 +84,8 @@ class BilinearUpsample(nn.ConvTranspose2d):
             # Made as an ordinary tensor even when the first call runs under inference mode (prediction): training
             # that follows saves the kernel for backward, which an inference tensor cannot be.
             with torch.inference_mode(False), torch.no_grad():
-                diag = torch.diagonal(w.detach(), 0, 0, 1)  # k x k x C
-                off_diagonal = w.detach().abs().sum() - diag.abs().sum()
-                self._depthwise = diag.permute(2, 0, 1).unsqueeze(1).contiguous() if off_diagonal == 0 else None
+                diagonal = _channel_diagonal(w.detach())
+                self._depthwise = None if diagonal is None else diagonal.contiguous()
             self._depthwise_key = key
         return self._depthwise
 
@@ -95,8 +94,8 @@ class BilinearUpsample(nn.ConvTranspose2d):
         two matrix products (:meth:`axis_matrix`) that compute only that window."""
         if not self.as_matrices:
             return self(x)[:, :, start : start + h, start : start + w]
-        rows = self.axis_matrix(x.shape[2], h, start).to(x.dtype)
-        cols = self.axis_matrix(x.shape[3], w, start).to(x.dtype)
+        rows = self.axis_matrix(x.shape[2], h, start).to(x)
+        cols = self.axis_matrix(x.shape[3], w, start).to(x)
         return rows @ (x @ cols.T)
 
     def axis_matrix(self, n: int, size: int, start: int) -> torch.Tensor:
@@ -117,11 +116,9 @@ class BilinearUpsample(nn.ConvTranspose2d):
         kernel in float)."""
         if self.weight.requires_grad or self.stride[0] != self.stride[1] or self.padding[0] != self.padding[1]:
             return False
-        expected = torch.zeros_like(self.weight)
-        kernel = bilinear_kernel(self.kernel_size[0]).to(expected)
-        for c in range(self.in_channels):
-            expected[c, c] = kernel
-        return bool(torch.allclose(self.weight.detach(), expected, rtol=0, atol=1e-6))
+        diagonal = _channel_diagonal(self.weight.detach())
+        kernel = bilinear_kernel(self.kernel_size[0]).to(self.weight)
+        return diagonal is not None and bool(torch.allclose(diagonal, kernel.expand_as(diagonal), rtol=0, atol=1e-6))
 
     @property
     def learnable(self) -> bool:
@@ -129,6 +126,15 @@ class BilinearUpsample(nn.ConvTranspose2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", learnable={self.learnable}"
+
+
+def _channel_diagonal(w: torch.Tensor) -> torch.Tensor | None:
+    """The C x 1 x k x k kernels on the channel diagonal of a C x C x k x k weight, None where any kernel off the
+    diagonal has a nonzero entry (summed per pair of channels, in absolute value: exactly 0 only when all are)."""
+    pairs = w.abs().flatten(2).sum(2)
+    if pairs.fill_diagonal_(0).any():
+        return None
+    return torch.diagonal(w, 0, 0, 1).permute(2, 0, 1).unsqueeze(1)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ from torch import nn
 
 from ..errors import FcnsegError
 from ..io import scratch_folder, staged_path
-from ..models.upsampling import matrix_upsampling
 from .compare import Runner, agreement, eval_mode
 from .cpu import VNNI, cpu_features
 
@@ -221,7 +220,7 @@ def _torch_export(model: nn.Module, opset: int):
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(open(os.devnull, "w")),  # noqa: SIM115
-            matrix_upsampling(model),  # the frozen last upsampling as two matrix products
+            model.export_form(),  # the fixed last upsampling as two matrix products
         ):
             warnings.simplefilter("ignore")
             return torch.onnx.export(
