@@ -18,11 +18,15 @@ def bilinear_kernel(size: int) -> torch.Tensor:
     """
     if size < 1:
         raise ValueError(f"kernel size must be >= 1, got {size}")
+    w1 = _tent(torch.arange(size, dtype=torch.float64), size)
+    return w1[:, None] * w1[None, :]
+
+
+def _tent(tap: torch.Tensor, size: int) -> torch.Tensor:
+    """The 1-D bilinear weight of a kernel of side ``size`` at each position ``tap``; 0 outside the kernel."""
     factor = (size + 1) // 2
     centre = factor - 1 if size % 2 == 1 else factor - 0.5
-    r = torch.arange(size, dtype=torch.float64)
-    w1 = 1 - (r - centre).abs() / factor
-    return w1[:, None] * w1[None, :]
+    return (1 - (tap - centre).abs() / factor).clamp(min=0)
 
 
 class BilinearUpsample(nn.ConvTranspose2d):
@@ -104,11 +108,9 @@ class BilinearUpsample(nn.ConvTranspose2d):
         beyond the kernel's reach. The 2-D kernel is the product of two such 1-D ones, so a frozen layer's
         output is ``rows @ x @ cols.T`` per class (:meth:`is_fixed_bilinear`)."""
         k, f, p = self.kernel_size[0], self.stride[0], self.padding[0]
-        factor = (k + 1) // 2
-        centre = factor - 1 if k % 2 == 1 else factor - 0.5
         # Output pixel q takes input cell i through kernel tap q + padding - i * stride (the transposed convolution).
         tap = torch.arange(size).unsqueeze(1) + (start + p) - f * torch.arange(n).unsqueeze(0)
-        return (1 - (tap - centre).abs() / factor).clamp(min=0)
+        return _tent(tap, k)
 
     def is_fixed_bilinear(self) -> bool:
         """Whether the weight is the frozen bilinear kernel on the channel diagonal (the release's upsampling) and

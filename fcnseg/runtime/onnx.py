@@ -142,7 +142,7 @@ def _float_nodes(graph, keep_float: Sequence[str]) -> list[str]:
         # A matrix product with an operand made from the input's size, not a weight: the last upsampling as
         # exported (:func:`~fcnseg.models.upsampling.matrix_upsampling`), part of the float layer it replaces.
         interpolates = n.op_type == "MatMul" and len(inputs) == 1 and not weights.intersection(n.input)
-        if n.name not in kept and (joins or interpolates) and inputs and all(map(from_kept, inputs)):
+        if n.name not in kept and (joins or interpolates) and all(map(from_kept, inputs)):
             kept.add(n.name)  # a sum of kept sums is kept too
     return [n.name for n in graph.node if n.name in kept]
 

@@ -269,11 +269,12 @@ def _float_merges(ov_model, kept: set[str]) -> list[str]:
 
     merges = []
     for op in ov_model.get_ordered_ops():
-        inputs = [v for v in data_inputs(op) if v.get_node().get_friendly_name() in from_image]
+        computed = data_inputs(op)
+        inputs = [v for v in computed if v.get_node().get_friendly_name() in from_image]
         joins = len(inputs) > 1
         # A matrix product with an operand made from the image's size, not a weight: the last upsampling as
         # exported (:func:`~fcnseg.models.upsampling.matrix_upsampling`), part of the float layer it replaces.
-        interpolates = op.get_type_name() == "MatMul" and len(inputs) == 1 and len(data_inputs(op)) == 2
+        interpolates = op.get_type_name() == "MatMul" and len(inputs) == 1 and len(computed) == 2
         if op.get_friendly_name() not in kept and (joins or interpolates) and all(map(from_kept, inputs)):
             merges.append(op.get_friendly_name())
             kept.add(op.get_friendly_name())
