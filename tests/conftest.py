@@ -33,6 +33,10 @@ os.environ["FCNSEG_CPU_FEATURES"] = "sse4_2"
 # auto measures its candidates on the first input (fcnseg.runtime.choice): the suite narrows them to eager, so that
 # a test's first prediction does not build every engine; tests/test_choice.py measures for real.
 os.environ["FCNSEG_AUTO_PATHS"] = "eager"
+# Built ONNX and OpenVINO files are kept between processes, named by a hash of the model (fcnseg.runtime.engines).
+# Tests that build the same random weights would then skip the export or quantisation a later one patches or
+# checks: every build here starts afresh, and tests/test_engine_cache.py turns the cache on.
+os.environ["FCNSEG_ENGINE_CACHE"] = "0"
 # The pytest process that makes the folder removes it at exit; its workers and the processes the tests start inherit
 # the variable and share the folder.
 if "FCNSEG_CACHE_DIR" not in os.environ:

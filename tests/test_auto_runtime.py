@@ -14,6 +14,7 @@ import fcnseg
 from fcnseg.cli import main
 from fcnseg.imageio import read_mask_png
 from fcnseg.runtime import check_int8, choose_path, cpu_features, make_runner, resolve_path
+from fcnseg.runtime.onnx import int8_stem
 from tests.helpers import TINY, randomise
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma"}
@@ -131,7 +132,7 @@ def test_int8_uses_7_bit_weights_where_the_cpu_has_no_vnni(tiny_checkpoint, tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: the agreement warning is tested below
         make_runner(model, "onnx-int8", calibration=calibration, workdir=workdir)
-    weights = np.concatenate([w.ravel() for w in _int8_weights(workdir / "model.int8.onnx")])
+    weights = np.concatenate([w.ravel() for w in _int8_weights(workdir / f"{int8_stem(model, (), calibration)}.onnx")])
     # Symmetric per-channel weights (ONNX Runtime's reduced range is -64..64: 255 x 64 x 2 still fits 16 bits);
     # each output channel's largest weight maps to the end of the range.
     assert weights.min() >= low and weights.max() <= high

@@ -12,6 +12,7 @@ import torch
 
 import fcnseg
 from fcnseg.runtime import bf16_is_native, make_runner
+from fcnseg.runtime.onnx import int8_stem
 from fcnseg.runtime.openvino import openvino_available, openvino_cache_dir
 from tests.helpers import TINY, export_folder, randomise
 
@@ -64,11 +65,12 @@ def test_each_openvino_path_equals_eager_within_its_class(path, heads, alignment
         assert BF16_AT_LEAST < error <= BF16_TOLERANCE
     else:  # a random tiny net's int8 error is large (its agreement on a trained model: tests/test_runtime.py)
         assert FP32_TOLERANCE < error <= INT8_TOLERANCE
-        _assert_int8_except_the_float_layers(model, tmp_path)
-        _assert_activations_rounded_only_for_int8_convolutions(model, tmp_path)
+        xml = tmp_path / f"{int8_stem(model, (), calibration)}.xml"
+        _assert_int8_except_the_float_layers(model, tmp_path, xml)
+        _assert_activations_rounded_only_for_int8_convolutions(model, tmp_path, xml)
 
 
-def _assert_int8_except_the_float_layers(model, folder) -> None:
+def _assert_int8_except_the_float_layers(model, folder, xml) -> None:
     """In the quantised OpenVINO model, a convolution's weights come straight from a float constant exactly where
     the layer is one of the model's float layers, and through int8 dequantisation (a Multiply) everywhere else.
     Each OpenVINO convolution is traced back to the ONNX node it was named after, and that node to its weight."""
@@ -78,7 +80,7 @@ def _assert_int8_except_the_float_layers(model, folder) -> None:
     weight_of = {n.name: n.input[1] for n in onnx.load(str(folder / "model.onnx")).graph.node if len(n.input) > 1}
     floats = tuple(model.float_layers())
     seen = {True: 0, False: 0}
-    for op in ov.Core().read_model(str(folder / "model.int8.xml")).get_ops():
+    for op in ov.Core().read_model(str(xml)).get_ops():
         if op.get_type_name() not in ("Convolution", "ConvolutionBackpropData"):
             continue
         weight = weight_of[op.get_friendly_name().split("/")[0]]
@@ -89,7 +91,7 @@ def _assert_int8_except_the_float_layers(model, folder) -> None:
     assert seen[True] >= 2 and seen[False] >= 5, seen
 
 
-def _assert_activations_rounded_only_for_int8_convolutions(model, folder) -> None:
+def _assert_activations_rounded_only_for_int8_convolutions(model, folder, xml) -> None:
     """Every FakeQuantize on a computed tensor (not on weights) feeds int8 convolutions only, directly or through a
     max-pooling (which commutes with the rounding): the class scores of the float layers and their skip sums (FCN's
     Add) or the heads' concatenation are never rounded to 256 levels, where the argmax is decided."""
@@ -108,7 +110,7 @@ def _assert_activations_rounded_only_for_int8_convolutions(model, folder) -> Non
         weight = weight_of.get(op.get_friendly_name().split("/")[0], "")
         return op.get_type_name() == "Convolution" and not weight.startswith(floats)
 
-    ops = ov.Core().read_model(str(folder / "model.int8.xml")).get_ops()  # held: a node knows its readers weakly
+    ops = ov.Core().read_model(str(xml)).get_ops()  # held: a node knows its readers weakly
     computed = [o for o in ops if o.get_type_name() == "FakeQuantize" and not _is_constant(o.input_value(0))]
     assert len(computed) >= 3
     for op in computed:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fcnseg.models import get_model, list_models
+from fcnseg.runtime.engines import calibration_tag
 from fcnseg.runtime.openvino import openvino_available
 from fcnseg.runtime.rescale import MAX_GAIN, channel_maxima, rescale_factors, rescaled_onnx
 from tests.helpers import TINY, randomise, tiny_options
@@ -119,7 +120,8 @@ def test_int8_quantises_the_rescaled_graph_where_the_weights_have_7_bits_and_the
     monkeypatch.setenv("FCNSEG_CPU_FEATURES", "avx2,fma,avx512_vnni")
     assert int8_source(vgg, tmp_path / "vnni", calibration).name == "model.onnx"
     monkeypatch.setenv("FCNSEG_CPU_FEATURES", "avx2,fma")
-    assert int8_source(vgg, tmp_path / "vgg", calibration).name == "model.rescaled.onnx"
+    # named by the calibration images it was ranged on
+    assert int8_source(vgg, tmp_path / "vgg", calibration).name == f"model.rescaled.{calibration_tag(calibration)}.onnx"
     assert int8_source(vgg, tmp_path / "vgg", []).name == "model.onnx"  # no images, no ranges
     assert int8_source(plain, tmp_path / "bn", calibration).name == "model.onnx"
 

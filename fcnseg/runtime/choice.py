@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError, first_line
-from ..io import cache_root, scratch_folder
+from ..io import cache_root
 from .compare import Runner, agreement
 from .cpu import NATIVE_BF16, VNNI, bf16_is_native, cpu_features, cpu_key
+from .engines import build_folder
 from .kernels import KERNELS, kernels_pay
 from .onnx import INT8_RECIPE
 from .openvino import openvino_available, openvino_version
@@ -362,7 +363,7 @@ def measure(
     """Build every candidate of ``auto`` on ``x``, judge the reduced ones on ``calibration`` (default: ``x``),
     time them with ``timer`` and take the fastest: the :class:`Choice` and the chosen path's runner."""
     reduced = auto == "auto-reduced"
-    with scratch_folder(workdir, "fcnseg-auto-") as folder:  # the candidates' exports, unread once built
+    with build_folder(model, workdir, "fcnseg-auto-") as folder:  # the candidates' exports
         calibration = list(calibration) or [x[:1]]
         paths = candidates(reduced)
         runs, rejected = _built(model, paths, x, calibration, folder)

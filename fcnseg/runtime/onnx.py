@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError
-from ..io import scratch_folder, staged_path
-from .compare import Runner, agreement, eval_mode
+from ..io import atomic_write, staged_path
+from .compare import Runner, agreement, built_on_first_call, eval_mode
 from .cpu import VNNI, cpu_features
+from .engines import build_folder, calibration_tag
 
 INT8_WARN_BELOW = 0.99  # int8 agreement with fp32 on the calibration images that draws a warning
 INT8_RECIPE = "first conv float, 7-bit pairs rescaled"
@@ -263,7 +264,7 @@ def exported_fp32(model: nn.Module, folder: Path) -> Path:
 
 def int8_source(model: nn.Module, folder: Path, calibration: Sequence[torch.Tensor]) -> Path:
     """The float graph the int8 paths quantise. On a CPU without VNNI (7-bit weights in the first quantised layer
-    or all of them, :func:`int8_reduce_range`): ``folder/model.rescaled.onnx``, the fp32 export with the output
+    or all of them, :func:`int8_reduce_range`): ``folder/model.rescaled.cal-*.onnx``, the fp32 export with the output
     channels of each of the model's :meth:`~fcnseg.models.base.SegmentationModel.rescaled_pairs` given one range
     on ``calibration`` (:mod:`fcnseg.runtime.rescale`), made unless it is there. Elsewhere, or where the model has
     no such pair or no calibration images are given, the fp32 export itself: with 8-bit weights, rescaling kept
@@ -273,9 +274,9 @@ def int8_source(model: nn.Module, folder: Path, calibration: Sequence[torch.Tens
 
     fp32 = exported_fp32(model, folder)
     pairs = model.rescaled_pairs()
-    out = folder / "model.rescaled.onnx"
     if not pairs or not calibration or not int8_reduce_range():  # the quantiser refuses to calibrate on nothing
         return fp32
+    out = folder / f"model.rescaled.{calibration_tag(calibration)}.onnx"
     if out.is_file():
         return out
     with eval_mode(model):
@@ -286,22 +287,28 @@ def int8_source(model: nn.Module, folder: Path, calibration: Sequence[torch.Tens
     return out
 
 
-def extra_float_layers(model: nn.Module, keep_float: Sequence[str]) -> tuple[list[str], str]:
+def extra_float_layers(model: nn.Module, keep_float: Sequence[str]) -> list[str]:
     """The parameter prefixes of ``keep_float`` beyond the model's :func:`float_layers`, each ending in a dot
-    ("features.1" is not "features.12"), and the stem of the int8 file they make: one file per set kept in float."""
-    extra = sorted({p if p.endswith(".") else p + "." for p in keep_float} - set(float_layers(model)))
-    tag = hashlib.sha256(",".join(extra).encode()).hexdigest()[:10]
-    return extra, "model.int8" if not extra else f"model.int8.float-{tag}"
+    ("features.1" is not "features.12")."""
+    return sorted({p if p.endswith(".") else p + "." for p in keep_float} - set(float_layers(model)))
+
+
+def int8_stem(model: nn.Module, keep_float: Sequence[str], calibration: Sequence[torch.Tensor]) -> str:
+    """The name, without suffix, of the int8 file of this calibration and these layers kept in float: one file per
+    calibration set and per set kept in float."""
+    extra = extra_float_layers(model, keep_float)
+    floats = "" if not extra else f".float-{hashlib.sha256(','.join(extra).encode()).hexdigest()[:10]}"
+    return f"model.int8{floats}.{calibration_tag(calibration)}"
 
 
 def int8_file(
     model: nn.Module, folder: Path, calibration: Sequence[torch.Tensor], keep_float: Sequence[str] = ()
 ) -> Path:
-    """``folder/model.int8.onnx``: the model's float graph (:func:`int8_source`) statically quantised on
-    ``calibration``, the model's :func:`float_layers` and ``keep_float`` left in float; made unless it is there
-    already (the int8 paths of ONNX Runtime and OpenVINO measured side by side share it)."""
-    extra, stem = extra_float_layers(model, keep_float)
-    int8 = folder / f"{stem}.onnx"
+    """``folder/model.int8[...].onnx`` (:func:`int8_stem`): the model's float graph (:func:`int8_source`)
+    statically quantised on ``calibration``, the model's :func:`float_layers` and ``keep_float`` left in float;
+    made unless it is there already (the int8 paths of ONNX Runtime and OpenVINO measured side by side share it)."""
+    extra = extra_float_layers(model, keep_float)
+    int8 = folder / f"{int8_stem(model, keep_float, calibration)}.onnx"
     if not int8.is_file():
         source = int8_source(model, folder, calibration)
         with staged_path(int8) as tmp:
@@ -317,24 +324,51 @@ def onnx_runner(
     workdir: str | os.PathLike | None,
     keep_float: Sequence[str] = (),
 ) -> Runner:
-    """The ``onnx`` or ``onnx-int8`` runner of ``model``, exported into ``workdir`` (a temporary folder by default);
-    int8 calibrated on ``calibration`` and checked against fp32 on it (:func:`check_int8`)."""
-    with scratch_folder(workdir, "fcnseg-onnx-") as folder:  # ONNX Runtime holds the graph once the session is made
+    """The ``onnx`` or ``onnx-int8`` runner of ``model``, exported into ``workdir`` (by default the model's folder
+    in the engine cache, :func:`~fcnseg.runtime.engines.build_folder`); int8 calibrated on ``calibration`` and
+    checked against fp32 on it (:func:`check_int8`)."""
+    with build_folder(model, workdir, "fcnseg-onnx-") as folder:  # ONNX Runtime holds the graph once it is made
         fp32 = exported_fp32(model, folder)
         if path == "onnx":
             return ort_session(fp32)
         calibration = list(calibration or [])
-        run = ort_session(int8_file(model, folder, calibration, keep_float))
-        check_int8(run, ort_session(fp32), calibration, model)
+        int8 = int8_file(model, folder, calibration, keep_float)
+        run = ort_session(int8)
+        check_int8(run, built_on_first_call(lambda: ort_session(fp32)), calibration, model, saved=agreement_file(int8))
         return run
 
 
+def agreement_file(int8: Path) -> Path:
+    """Where int8's measured agreement with fp32 is kept beside ``int8``, for later builds of the same file."""
+    return int8.with_name(int8.name + ".agreement.json")
+
+
+def _saved_share(saved: Path | None) -> float | None:
+    try:
+        share = float(json.loads(saved.read_text())["agreement"]) if saved is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return share if share is not None and 0 <= share <= 1 else None
+
+
 def check_int8(
-    run: Runner, fp32: Runner, calibration: Sequence[torch.Tensor], model: nn.Module | None, name: str = "onnx-int8"
+    run: Runner,
+    fp32: Runner,
+    calibration: Sequence[torch.Tensor],
+    model: nn.Module | None,
+    name: str = "onnx-int8",
+    *,
+    saved: Path | None = None,
 ) -> float:
     """int8's agreement with fp32 on the calibration images; a warning naming the path ``name`` when it is below
-    :data:`INT8_WARN_BELOW`, where int8 visibly changes the masks."""
-    share = agreement(run, fp32, calibration, model)
+    :data:`INT8_WARN_BELOW`, where int8 visibly changes the masks. With ``saved`` (a file beside the int8 model, made
+    from the same calibration images), the share it holds, else the share measured and written there."""
+    share = _saved_share(saved)
+    if share is None:
+        share = agreement(run, fp32, calibration, model)
+        if saved is not None:
+            with contextlib.suppress(OSError), atomic_write(saved, "w") as f:  # unwritable: measured again next time
+                json.dump({"agreement": share}, f)
     if share < INT8_WARN_BELOW:
         warnings.warn(
             f"{name} agrees with fp32 on only {100 * share:.2f}% of the calibration images' pixels (below "

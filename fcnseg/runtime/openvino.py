@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError
-from ..io import cache_root, scratch_folder
-from .compare import Runner
+from ..io import cache_root
+from .compare import Runner, built_on_first_call
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features
+from .engines import build_folder
 
 OPENVINO_PATHS: tuple[str, ...] = ("openvino", "openvino-bf16", "openvino-int8")
 PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
@@ -190,9 +191,9 @@ def openvino_runner(
     keep_float: Sequence[str] = (),
 ) -> Runner:
     """The ``openvino``, ``openvino-bf16`` or ``openvino-int8`` runner of ``model``; its ONNX files are written
-    into ``workdir`` (a temporary folder by default), int8 calibrated on ``calibration`` and checked against
-    fp32 as ``onnx-int8`` is (:func:`nncf_int8`)."""
-    from .onnx import check_int8, exported_fp32
+    into ``workdir`` (by default the model's folder in the engine cache), int8 calibrated on ``calibration`` and
+    checked against fp32 as ``onnx-int8`` is (:func:`nncf_int8`)."""
+    from .onnx import agreement_file, check_int8, exported_fp32
 
     if not openvino_available():
         raise FcnsegError(f'runtime {path} needs OpenVINO: pip install "fcnseg[openvino]"')
@@ -201,15 +202,17 @@ def openvino_runner(
             "this CPU has no bf16 instructions: OpenVINO emulates bf16 and is slower than fp32; use openvino",
             stacklevel=3,
         )
-    with scratch_folder(workdir, "fcnseg-onnx-") as folder:  # a compiled model no longer reads its source files
+    with build_folder(model, workdir, "fcnseg-onnx-") as folder:  # a compiled model no longer reads its files
         fp32 = exported_fp32(model, folder)
         if path != "openvino-int8":
             return _float_session(fp32, PRECISION[path])
         calibration = list(calibration or [])
         if not calibration:
             raise FcnsegError(f"{path} needs calibration images (--calibration DIR or the images being predicted)")
-        run = openvino_session(nncf_int8(model, folder, calibration, keep_float), int8_float_precision())
-        check_int8(run, openvino_session(fp32, "f32"), calibration, model, name=path)
+        xml = nncf_int8(model, folder, calibration, keep_float)
+        run = openvino_session(xml, int8_float_precision())
+        fp32_run = built_on_first_call(lambda: openvino_session(fp32, "f32"))
+        check_int8(run, fp32_run, calibration, model, name=path, saved=agreement_file(xml))
         return run
 
 
@@ -237,7 +240,7 @@ def _kept_nodes(model: nn.Module, source: Path, ov_model, keep_float: Sequence[s
 
     from .onnx import extra_float_layers, float_layers
 
-    prefixes = (*float_layers(model), *extra_float_layers(model, keep_float)[0])
+    prefixes = (*float_layers(model), *extra_float_layers(model, keep_float))
     graph = onnx.load(str(source), load_external_data=False).graph
     nodes = {n.name for n in graph.node if len(n.input) > 1 and n.input[1].startswith(prefixes)}
     kept = [op.get_friendly_name() for op in ov_model.get_ops() if op.get_friendly_name().split("/")[0] in nodes]
@@ -308,9 +311,9 @@ def nncf_int8(
         raise FcnsegError('openvino-int8 needs NNCF, OpenVINO\'s quantiser: pip install "fcnseg[openvino]"') from None
     import openvino as ov
 
-    from .onnx import extra_float_layers, int8_source
+    from .onnx import int8_source, int8_stem
 
-    xml = folder / f"{extra_float_layers(model, keep_float)[1]}.xml"
+    xml = folder / f"{int8_stem(model, keep_float, calibration)}.xml"
     if xml.is_file():
         return xml
     source = int8_source(model, folder, calibration)

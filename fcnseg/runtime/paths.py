@@ -105,17 +105,18 @@ def make_runner(
     ``eager``: fp32 PyTorch, channels_last by default (oneDNN's fastest convolution layout on CPU). ``winograd``:
     fp32 on a copy whose convolutions run the fastest of oneDNN, fcnseg's and NNPACK's Winograd and im2col + GEMM,
     measured per layer and cached (:mod:`fcnseg.runtime.kernels`). ``bf16``: a bfloat16 copy of the model (the
-    original stays fp32). ``onnx`` / ``onnx-int8``: exported (and checked) into ``workdir`` (a temporary folder by
-    default), int8 statically quantised on ``calibration`` inputs (7-bit weights on a CPU without VNNI) and checked
-    against fp32 on them (a warning below :data:`~fcnseg.runtime.onnx.INT8_WARN_BELOW`). ``compile``: torch.compile
+    original stays fp32). ``onnx`` / ``onnx-int8``: exported (and checked) into ``workdir`` (by default the model's
+    folder in the engine cache, :mod:`fcnseg.runtime.engines`, where a later process finds them), int8
+    statically quantised on ``calibration`` inputs (7-bit weights on a CPU without VNNI) and checked against fp32
+    on them (a warning below :data:`~fcnseg.runtime.onnx.INT8_WARN_BELOW`). ``compile``: torch.compile
     with dynamic shapes (the first call of each new size compiles). ``openvino`` / ``openvino-bf16`` /
     ``openvino-int8``: OpenVINO's CPU plugin on the same ONNX files, precision forced
     (:mod:`fcnseg.runtime.openvino`). int8 keeps :func:`~fcnseg.runtime.onnx.float_layers` and ``keep_float`` in
     float. ``auto`` / ``auto-reduced``: the path :func:`resolve_path` picks from the CPU's features (with an input
     to measure on, :func:`fcnseg.runtime.choice.choose` measures instead). The eager paths put ``model`` in eval
     mode (and channels_last) for good; ``channels_last=None`` leaves its memory layout as it is. The others leave
-    the model as it is. The exported files in a given ``workdir`` are reused as they are, whatever model or
-    calibration made them: give each model and calibration set a folder of its own.
+    the model as it is. The exported files in a given ``workdir`` are reused as they are, whatever model made them
+    (those made from calibration images are named by a hash of them): give each model a folder of its own.
     """
     path, _ = resolve_path(path, model)
     if path == "eager":

@@ -1,0 +1,187 @@
+"""Built ONNX and OpenVINO files kept between processes (fcnseg.runtime.engines): reused for the same model, built
+afresh when anything they are made from changes, named by their calibration images, pruned to a budget."""
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fcnseg
+import fcnseg.runtime.engines as engines
+import fcnseg.runtime.onnx as onnx_mod
+from fcnseg.cli import main
+from fcnseg.runtime import make_runner
+from fcnseg.runtime.choice import measure
+from fcnseg.runtime.engines import calibration_tag, code_fingerprint, engine_key, prune_engines
+from fcnseg.runtime.openvino import openvino_available
+from tests.helpers import TINY, randomise
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """The engine cache on (the suite turns it off), in a folder of this test's own: its ``engines`` folder."""
+    monkeypatch.setenv("FCNSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FCNSEG_ENGINE_CACHE", "1")
+    return tmp_path / "cache" / "engines"
+
+
+def _model(seed=1, classes=3):
+    return randomise(fcnseg.get_model("fcn8s", num_classes=classes, **TINY), seed=seed).eval()
+
+
+def _counted(monkeypatch, owner, name) -> list:
+    """Calls of ``owner.name`` from now on, one entry each; the function still runs."""
+    calls, real = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_the_same_weights_reuse_the_export_in_a_later_build(cache, monkeypatch):
+    exports = _counted(monkeypatch, onnx_mod, "write_onnx")
+    x = torch.randn(1, 3, 45, 61, generator=torch.Generator().manual_seed(0))
+    first = make_runner(_model(), "onnx")(x)
+    again = _model()  # a new object with the same weights, as a later process loads it
+    second = make_runner(again, "onnx")(x)
+    monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx")
+    _, measured = measure(again, "auto", x)  # auto's candidates are built in the same folder
+    assert len(exports) == 1
+    (folder,) = cache.iterdir()
+    assert folder.name == engine_key(again) and (folder / "model.onnx").is_file()
+    with torch.no_grad():
+        expected = again(x)
+    assert torch.equal(first, second) and torch.equal(second, measured(x))
+    assert torch.allclose(second, expected, atol=1e-4 * float(expected.max() - expected.min()))
+
+
+def test_any_change_to_what_the_files_are_made_from_changes_the_folder(monkeypatch):
+    model = _model()
+    key = engine_key(model)
+    assert engine_key(_model()) == key  # same architecture and weights
+    # One value of the largest tensor, at an index a sampled fingerprint (one value in thousands) would skip.
+    changed = _model()
+    name, largest = max(changed.state_dict().items(), key=lambda kv: kv[1].numel())
+    assert largest.numel() > 8192, name
+    with torch.no_grad():
+        largest.view(-1)[1] += 1e-3
+    others = [changed, _model(classes=4), _model().to(torch.bfloat16)]
+    monkeypatch.setenv("FCNSEG_CPU_FEATURES", "avx2,fma,avx512_vnni")  # int8's recipe follows VNNI
+    others.append(model)
+    keys = [engine_key(m) for m in others]
+    monkeypatch.delenv("FCNSEG_CPU_FEATURES")
+    versions = engines.library_versions()
+    monkeypatch.setattr(engines, "library_versions", lambda: {**versions, "onnxruntime": "0.0.1"})
+    keys.append(engine_key(model))
+    monkeypatch.setattr(engines, "code_fingerprint", lambda: "0" * 16)
+    keys.append(engine_key(model))
+    assert len({key, *keys}) == 1 + len(keys)
+
+
+def test_the_code_fingerprint_covers_every_source_file(tmp_path):
+    root = tmp_path / "pkg"
+    (root / "runtime").mkdir(parents=True)
+    (root / "a.py").write_text("A = 1\n")
+    (root / "runtime" / "b.py").write_text("B = 2\n")
+    (root / "notes.txt").write_text("not code")
+    seen = [code_fingerprint(root)]
+    (root / "notes.txt").write_text("still not code")
+    assert code_fingerprint.__wrapped__(root) == seen[0]
+    (root / "runtime" / "b.py").write_text("B = 3\n")
+    seen.append(code_fingerprint.__wrapped__(root))
+    (root / "runtime" / "b.py").rename(root / "runtime" / "c.py")
+    seen.append(code_fingerprint.__wrapped__(root))
+    assert len(set(seen)) == 3
+
+
+def test_int8_files_and_their_agreement_are_kept_per_calibration_set(cache, monkeypatch):
+    quantised = _counted(monkeypatch, onnx_mod, "quantize_onnx")
+    measured = _counted(monkeypatch, onnx_mod, "agreement")
+    monkeypatch.setattr(onnx_mod, "INT8_WARN_BELOW", 1.01)  # every build warns, with the share it measured or read
+    a, b = ([torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(s))] for s in (0, 1))
+    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(2))
+    said = []
+    for calibration in (a, b, a):
+        with pytest.warns(UserWarning, match="onnx-int8 agrees with fp32 on only") as caught:
+            said.append((make_runner(_model(), "onnx-int8", calibration=calibration)(x), str(caught[0].message)))
+    assert len(quantised) == len(measured) == 2  # the third build made nothing and measured nothing
+    assert torch.equal(said[0][0], said[2][0]) and said[0][1] == said[2][1]
+    (folder,) = cache.iterdir()
+    names = sorted(p.name for p in folder.glob("model.int8.*.onnx"))
+    assert names == sorted(f"model.int8.{calibration_tag(c)}.onnx" for c in (a, b))
+    assert calibration_tag(a) != calibration_tag([a[0] + 1e-6])
+    # The file a later build reads: the share the check measured (here recomputed with the fp32 export).
+    fp32 = onnx_mod.ort_session(folder / "model.onnx")
+    int8 = folder / f"model.int8.{calibration_tag(a)}.onnx"
+    kept = json.loads(onnx_mod.agreement_file(int8).read_text())["agreement"]
+    assert kept == onnx_mod.agreement(onnx_mod.ort_session(int8), fp32, a, _model())
+    onnx_mod.agreement_file(int8).write_text('{"agreement": 7}')  # not a share: measured again
+    with pytest.warns(UserWarning, match=f"{100 * kept:.2f}%"):
+        make_runner(_model(), "onnx-int8", calibration=a)
+    assert len(measured) == 4  # the test's own call, then the rebuild's
+
+
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed")
+def test_openvino_int8_reuses_nncf_s_quantised_model(cache, monkeypatch):
+    import nncf
+
+    quantised = _counted(monkeypatch, nncf, "quantize")
+    calibration = [torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(0))]
+    x = torch.randn(2, 3, 33, 47, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        first = make_runner(_model(), "openvino-int8", calibration=calibration)(x)
+        again = make_runner(_model(), "openvino-int8", calibration=calibration)(x)
+    assert len(quantised) == 1 and torch.equal(first, again)
+
+
+def test_predict_twice_exports_once_and_writes_the_same_masks(cache, monkeypatch, tmp_path):
+    exports = _counted(monkeypatch, onnx_mod, "write_onnx")
+    ckpt = fcnseg.save_checkpoint(_model(), tmp_path / "m.pt")
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (37, 52, 3), dtype=np.uint8)).save(image)
+    masks = []
+    for run in ("one", "two"):
+        args = ["predict", str(ckpt), str(image), "--out", str(tmp_path / run), "--runtime", "onnx", "--quiet"]
+        assert main(args) == 0
+        masks.append((tmp_path / run / "in.png").read_bytes())
+    assert len(exports) == 1 and masks[0] == masks[1]
+
+
+def test_off_or_unwritable_the_build_uses_a_temporary_folder(tmp_path, monkeypatch):
+    x = torch.randn(1, 3, 30, 40)
+    monkeypatch.setenv("FCNSEG_CACHE_DIR", str(tmp_path / "off"))
+    monkeypatch.setenv("FCNSEG_ENGINE_CACHE", "0")
+    make_runner(_model(), "onnx")(x)
+    assert not (tmp_path / "off").exists()
+    (tmp_path / "file").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FCNSEG_CACHE_DIR", str(tmp_path / "file"))
+    monkeypatch.setenv("FCNSEG_ENGINE_CACHE", "1")
+    assert make_runner(_model(), "onnx")(x).shape == (1, 3, 30, 40)
+
+
+def test_pruning_removes_the_least_recently_used_beyond_the_budget(tmp_path):
+    now = 1e9
+    hours = {"a": 10, "b": 5, "c": 2, "d": 0.5, "e": 0}  # hours since each folder was last used
+    root = tmp_path / "engines"
+    for name, age in hours.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "model.onnx").write_bytes(b"x" * 100)
+        os.utime(root / name, (now - 3600 * age, now - 3600 * age))
+
+    def left():
+        return sorted(p.name for p in root.iterdir())
+
+    # e and d fit in 250 bytes; c does not, nor anything older.
+    assert sorted(p.name for p in prune_engines(root, keep=root / "e", budget=250, now=now)) == ["a", "b", "c"]
+    assert left() == ["d", "e"]
+    # Over the budget but used within the hour (d), or the folder being built (e): kept.
+    assert prune_engines(root, keep=root / "e", budget=0, now=now) == [] and left() == ["d", "e"]
+    assert prune_engines(root, keep=root / "e", budget=0, now=now + 7200) == [root / "d"] and left() == ["e"]
