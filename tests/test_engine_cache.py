@@ -1,8 +1,13 @@
 """Built ONNX and OpenVINO files kept between processes (fcnseg.runtime.engines): reused for the same model, built
 afresh when anything they are made from changes, named by their calibration images, pruned to a budget."""
 
+import fcntl
+import importlib.util
 import json
 import os
+import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -16,7 +21,7 @@ import fcnseg.runtime.onnx as onnx_mod
 from fcnseg.cli import main
 from fcnseg.runtime import make_runner
 from fcnseg.runtime.choice import measure
-from fcnseg.runtime.engines import calibration_tag, code_fingerprint, engine_key, prune_engines
+from fcnseg.runtime.engines import build_folder, calibration_tag, code_fingerprint, engine_key, prune_engines
 from fcnseg.runtime.openvino import openvino_available
 from tests.helpers import TINY, randomise
 
@@ -132,14 +137,28 @@ def test_int8_files_and_their_agreement_are_kept_per_calibration_set(cache, monk
 def test_openvino_int8_reuses_nncf_s_quantised_model(cache, monkeypatch):
     import nncf
 
+    import fcnseg.runtime.openvino as ov_mod
+
     quantised = _counted(monkeypatch, nncf, "quantize")
+    measured = _counted(monkeypatch, onnx_mod, "agreement")
     calibration = [torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(0))]
     x = torch.randn(2, 3, 33, 47, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         first = make_runner(_model(), "openvino-int8", calibration=calibration)(x)
         again = make_runner(_model(), "openvino-int8", calibration=calibration)(x)
-    assert len(quantised) == 1 and torch.equal(first, again)
+        assert len(quantised) == len(measured) == 1 and torch.equal(first, again)
+        # Its float layers in the other precision (oneDNN held below the CPU's bf16 instructions, or not): the
+        # same int8 file, its agreement measured again.
+        other = "f32" if ov_mod.int8_float_precision() == "bf16" else "bf16"
+        monkeypatch.setattr(ov_mod, "int8_float_precision", lambda: other)
+        compile_f32 = ov_mod.openvino_session  # compiled in f32 all the same: a CPU without bf16 may refuse bf16
+        monkeypatch.setattr(ov_mod, "openvino_session", lambda source, precision="f32": compile_f32(source, "f32"))
+        make_runner(_model(), "openvino-int8", calibration=calibration)
+    assert len(quantised) == 1 and len(measured) == 2
+    (folder,) = cache.iterdir()
+    assert len(list(folder.glob("model.int8.cal-*.xml"))) == 1
+    assert len(list(folder.glob("model.int8.cal-*.xml.*.agreement.json"))) == 2
 
 
 def test_predict_twice_exports_once_and_writes_the_same_masks(cache, monkeypatch, tmp_path):
@@ -185,3 +204,80 @@ def test_pruning_removes_the_least_recently_used_beyond_the_budget(tmp_path):
     # Over the budget but used within the hour (d), or the folder being built (e): kept.
     assert prune_engines(root, keep=root / "e", budget=0, now=now) == [] and left() == ["d", "e"]
     assert prune_engines(root, keep=root / "e", budget=0, now=now + 7200) == [root / "d"] and left() == ["e"]
+
+
+def test_a_folder_held_by_a_build_is_not_removed(tmp_path):
+    root = tmp_path / "engines"
+    (root / "old").mkdir(parents=True)
+    (root / "old" / "model.onnx").write_bytes(b"x" * 100)
+    with open(root / "old" / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a build of that model, under way in another process
+        os.utime(root / "old", (1.0, 1.0))
+        assert prune_engines(root, keep=root / "new", budget=0) == [] and (root / "old").is_dir()
+    assert prune_engines(root, keep=root / "new", budget=0) == [root / "old"] and not (root / "old").exists()
+
+
+def test_two_builds_of_one_model_at_once_export_it_once(cache, monkeypatch):
+    calls, real = [], onnx_mod.write_onnx
+
+    def slow_export(*args, **kwargs):
+        calls.append(args)
+        time.sleep(0.5)  # long enough for the other build to reach the folder
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_mod, "write_onnx", slow_export)
+    x = torch.randn(1, 3, 30, 40, generator=torch.Generator().manual_seed(0))
+    models, outputs = [_model(), _model()], {}  # made first: randomise draws from torch's one generator
+
+    def build(i):
+        outputs[i] = make_runner(models[i], "onnx")(x)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and torch.equal(outputs[0], outputs[1])
+
+
+def test_a_build_clears_what_killed_builds_left_and_keeps_four_calibration_sets(cache):
+    model = _model()
+    folder = cache / engine_key(model)
+    (folder / "tmpabc").mkdir(parents=True)  # NNCF's pair, staged by a process killed before the rename
+    (folder / "tmpabc" / "model.int8.cal-000000000000.bin").write_bytes(b"half")
+    (folder / ".model.onnx.x1y2.tmp").write_bytes(b"half an export")
+    (folder / "model.onnx").write_bytes(b"kept")
+    for i in range(6):  # six sets, the first used longest ago
+        for name in (f"model.int8.cal-{i:012d}.onnx", f"model.int8.cal-{i:012d}.onnx.agreement.json"):
+            (folder / name).write_bytes(b"x")
+            os.utime(folder / name, (1e9 + i, 1e9 + i))
+    with build_folder(model, None, "unused-") as held:
+        assert held == folder
+    left = sorted(p.name for p in folder.iterdir())
+    kept = [f"model.int8.cal-{i:012d}.onnx{end}" for i in (2, 3, 4, 5) for end in ("", ".agreement.json")]
+    assert left == sorted([".lock", "model.onnx", *kept])
+
+
+def test_a_model_of_the_user_s_own_code_is_keyed_by_that_code(tmp_path, cache, monkeypatch):
+    def load(text):  # a module of the user's, its head's forward adding a constant
+        (tmp_path / "mine.py").write_text(text)
+        spec = importlib.util.spec_from_file_location("mine", tmp_path / "mine.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "mine", module)  # imported, as the user's code is
+        spec.loader.exec_module(module)
+        return module
+
+    code = "import torch\nclass Shift(torch.nn.Module):\n    def forward(self, x):\n        return x + {}\n"
+    keys = []
+    for shift in (0, 1):
+        model = _model()
+        model.shift = load(code.format(shift)).Shift()
+        keys.append(engine_key(model))
+    assert None not in keys and keys[0] != keys[1]
+    # A class with no source file to read (defined in a notebook, say): built in a temporary folder.
+    notebook = type("Cell", (torch.nn.Module,), {"__module__": "notebook_cell", "forward": lambda self, x: x})
+    model = _model()
+    model.cell = notebook()
+    assert engine_key(model) is None
+    make_runner(model, "onnx")
+    assert not cache.exists() or list(cache.iterdir()) == []

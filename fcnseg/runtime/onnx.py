@@ -22,7 +22,7 @@ from ..errors import FcnsegError
 from ..io import atomic_write, staged_path
 from .compare import Runner, agreement, built_on_first_call, eval_mode
 from .cpu import VNNI, cpu_features
-from .engines import build_folder, calibration_tag
+from .engines import build_folder, calibration_tag, reused
 
 INT8_WARN_BELOW = 0.99  # int8 agreement with fp32 on the calibration images that draws a warning
 INT8_RECIPE = "first conv float, 7-bit pairs rescaled"
@@ -245,7 +245,7 @@ def _torch_export(model: nn.Module, opset: int):
 def exported_fp32(model: nn.Module, folder: Path) -> Path:
     """``folder/model.onnx``, exported and checked against the model's forward unless it is there already."""
     fp32 = folder / "model.onnx"
-    if fp32.is_file():
+    if reused(fp32):
         return fp32
     # ONNX Runtime runs on the CPU in fp32: export a CPU fp32 copy when the model lives elsewhere.
     p = next(model.parameters())
@@ -277,7 +277,7 @@ def int8_source(model: nn.Module, folder: Path, calibration: Sequence[torch.Tens
     if not pairs or not calibration or not int8_reduce_range():  # the quantiser refuses to calibrate on nothing
         return fp32
     out = folder / f"model.rescaled.{calibration_tag(calibration)}.onnx"
-    if out.is_file():
+    if reused(out):
         return out
     with eval_mode(model):
         maxima = channel_maxima(model, calibration, [a for a, _ in pairs])
@@ -309,7 +309,7 @@ def int8_file(
     made unless it is there already (the int8 paths of ONNX Runtime and OpenVINO measured side by side share it)."""
     extra = extra_float_layers(model, keep_float)
     int8 = folder / f"{int8_stem(model, keep_float, calibration)}.onnx"
-    if not int8.is_file():
+    if not reused(int8):
         source = int8_source(model, folder, calibration)
         with staged_path(int8) as tmp:
             quantize_onnx(source, tmp, calibration, keep_float=[*float_layers(model), *extra],
@@ -338,9 +338,10 @@ def onnx_runner(
         return run
 
 
-def agreement_file(int8: Path) -> Path:
-    """Where int8's measured agreement with fp32 is kept beside ``int8``, for later builds of the same file."""
-    return int8.with_name(int8.name + ".agreement.json")
+def agreement_file(int8: Path, runs_as: str = "") -> Path:
+    """Where int8's measured agreement with fp32 is kept beside ``int8``, for later builds of the same file run the
+    same way (``runs_as``: the precision of its float layers, where that varies)."""
+    return int8.with_name(f"{int8.name}{'.' + runs_as if runs_as else ''}.agreement.json")
 
 
 def _saved_share(saved: Path | None) -> float | None:

@@ -34,7 +34,7 @@ from ..errors import FcnsegError
 from ..io import cache_root
 from .compare import Runner, built_on_first_call
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features
-from .engines import build_folder
+from .engines import build_folder, reused
 
 OPENVINO_PATHS: tuple[str, ...] = ("openvino", "openvino-bf16", "openvino-int8")
 PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
@@ -210,9 +210,10 @@ def openvino_runner(
         if not calibration:
             raise FcnsegError(f"{path} needs calibration images (--calibration DIR or the images being predicted)")
         xml = nncf_int8(model, folder, calibration, keep_float)
-        run = openvino_session(xml, int8_float_precision())
+        floats = int8_float_precision()  # bf16 or f32, as oneDNN's instruction set allows: it moves the agreement
+        run = openvino_session(xml, floats)
         fp32_run = built_on_first_call(lambda: openvino_session(fp32, "f32"))
-        check_int8(run, fp32_run, calibration, model, name=path, saved=agreement_file(xml))
+        check_int8(run, fp32_run, calibration, model, name=path, saved=agreement_file(xml, floats))
         return run
 
 
@@ -314,7 +315,7 @@ def nncf_int8(
     from .onnx import int8_source, int8_stem
 
     xml = folder / f"{int8_stem(model, keep_float, calibration)}.xml"
-    if xml.is_file():
+    if reused(xml):
         return xml
     source = int8_source(model, folder, calibration)
     ov_model = ov.Core().read_model(str(source))
