@@ -258,6 +258,18 @@ def test_a_build_clears_what_killed_builds_left_and_keeps_four_calibration_sets(
     assert left == sorted([".lock", "model.onnx", *kept])
 
 
+def test_an_empty_file_left_by_a_power_cut_is_built_again(cache, monkeypatch):
+    exports = _counted(monkeypatch, onnx_mod, "write_onnx")
+    model = _model()
+    (cache / engine_key(model)).mkdir(parents=True)
+    (cache / engine_key(model) / "model.onnx").write_bytes(b"")  # renamed into place, its data never written
+    x = torch.randn(1, 3, 30, 40)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(make_runner(model, "onnx")(x), expected, atol=1e-4 * float(expected.max() - expected.min()))
+    assert len(exports) == 1 and (cache / engine_key(model) / "model.onnx").stat().st_size > 0
+
+
 def test_a_model_of_the_user_s_own_code_is_keyed_by_that_code(tmp_path, cache, monkeypatch):
     def load(text):  # a module of the user's, its head's forward adding a constant
         (tmp_path / "mine.py").write_text(text)

@@ -190,8 +190,13 @@ def _stat(path: Path) -> os.stat_result | None:
 
 
 def reused(path: Path) -> bool:
-    """Whether ``path`` is there, marked as used now where it is (calibration files are pruned by that time)."""
+    """Whether ``path`` is there to reuse, marked as used now where it is (calibration files are pruned by that
+    time). An empty file is removed and counts as absent: what a power cut can leave of a file renamed into place
+    before its data reached the disk."""
     try:
+        if path.stat().st_size == 0:
+            path.unlink()
+            return False
         os.utime(path)
     except OSError:
         return False
