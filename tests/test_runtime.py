@@ -285,7 +285,8 @@ def test_compiled_graphs_are_cached_apart_per_instruction_set(tmp_path, monkeypa
 
 def test_paths_built_without_a_workdir_leave_no_files(tmp_path, monkeypatch):
     # Each build exports the model (hundreds of megabytes for a full FCN); once the session is made nothing reads
-    # the export again, so a temporary folder of its own must be gone when the runner is returned.
+    # the export again, so with the engine cache off (as in this suite) a temporary folder of its own must be gone
+    # when the runner is returned.
     import tempfile
 
     from fcnseg.runtime.choice import measure
