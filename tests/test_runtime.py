@@ -292,12 +292,14 @@ def test_paths_built_without_a_workdir_leave_no_files(tmp_path, monkeypatch):
     from fcnseg.runtime.choice import measure
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("FCNSEG_ENGINE_CACHE", "0")
     model = randomise(fcnseg.get_model("fcn8s", num_classes=3, **TINY), seed=1).eval()
     x = torch.randn(1, 3, 40, 56)
     runners = [make_runner(model, "onnx")]  # openvino's paths build through the same kind of folder
     monkeypatch.setenv("FCNSEG_AUTO_PATHS", "eager,onnx")
     _, chosen = measure(model, "auto", x)
-    assert list(tmp_path.iterdir()) == []
+    # torch keeps a cache folder of its own there (torchinductor_USER) the first time a process exports
+    assert [p for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")] == []
     with torch.no_grad():
         expected = model(x)
     for run in [*runners, chosen]:  # the sessions still run with their files gone
