@@ -12,7 +12,6 @@ testing); :meth:`Predictor.batch_logits` then gives their logarithm, whose softm
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -200,6 +199,7 @@ class Predictor:
         its images. ``auto`` is measured on the first input, a tile of it with tiling, and ``auto-reduced`` judged
         on the calibration images too: their runners are shared only with the same tiling and calibration."""
         from .runtime import AUTO
+        from .runtime.engines import calibration_tag
 
         if self.path in ("onnx-int8", "openvino-int8"):
             return None
@@ -207,10 +207,7 @@ class Predictor:
             return self.path
         slot = self.path + (f", tile {self.tile}" if self.tile else "")
         if self.path == "auto-reduced" and calibration:
-            digest = hashlib.sha256()
-            for c in calibration:
-                digest.update(str(tuple(c.shape)).encode() + c.detach().float().cpu().contiguous().numpy().tobytes())
-            slot += f", calibration {digest.hexdigest()[:16]}"
+            slot += f", calibration {calibration_tag(calibration)}"
         return slot
 
     def _built(self, path: str, first: torch.Tensor | None, calibration: list[torch.Tensor]) -> Runner:

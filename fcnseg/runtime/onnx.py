@@ -345,11 +345,13 @@ def agreement_file(int8: Path, runs_as: str = "") -> Path:
 
 
 def _saved_share(saved: Path | None) -> float | None:
+    if saved is None:
+        return None
     try:
-        share = float(json.loads(saved.read_text())["agreement"]) if saved is not None else None
+        share = float(json.loads(saved.read_text())["agreement"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return share if share is not None and 0 <= share <= 1 else None
+    return share if 0 <= share <= 1 else None
 
 
 def check_int8(
