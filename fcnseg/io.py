@@ -59,7 +59,8 @@ def _final_mode(path: Path) -> int:
 @contextlib.contextmanager
 def staged_path(path: str | os.PathLike) -> Iterator[Path]:
     """An empty temporary file beside ``path`` (``.NAME.*.tmp``) for the block to write; if the block succeeds it
-    gets the mode a plain write gives (:func:`_final_mode`) and is renamed to ``path``, else it is removed.
+    is synced to the disk (:func:`sync_file`), gets the mode a plain write gives (:func:`_final_mode`) and is
+    renamed to ``path``, else it is removed.
 
     Creating it raises OSError before the block runs; ``path``'s folder must exist.
     """
@@ -69,6 +70,7 @@ def staged_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        sync_file(tmp)
         with contextlib.suppress(OSError):  # a file system without modes (some network or FUSE mounts)
             os.chmod(tmp, _final_mode(path))
         crash_point(f"write:{path.name}")
@@ -81,15 +83,24 @@ def staged_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path`` (:func:`staged_path`); on success flush, fsync and rename it to ``path``.
+    """Open a temporary file beside ``path`` (:func:`staged_path`); on success close, sync and rename it to ``path``.
 
     A crash or an exception leaves ``path`` as it was (absent or the previous version), never half written. The
     file ends with the mode a plain write gives: the previous version's, or what the umask leaves of 0666.
     """
     with staged_path(path) as tmp, open(tmp, mode) as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
+
+
+def sync_file(path: str | os.PathLike) -> None:
+    """Wait until ``path``'s data is on the disk. Before a rename into place: ext4 may commit the rename before the
+    data (its delayed allocation; see the ext4 documentation's ``auto_da_alloc``), and a power cut in between
+    leaves the new name on an empty or partly written file, where the previous version was whole."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -103,7 +103,6 @@ def save_pretrained(
             # The metadata is informative only (safetensors docs, Torch API: save_file); "format": "pt" is how
             # Hugging Face's libraries mark PyTorch weights.
             save_file(plain_tensors(ckpt["state_dict"]), str(tmp), metadata={"format": "pt"})
-            _fsync(tmp)
         with atomic_write(folder / CONFIG_NAME, "w") as f:
             f.write(json.dumps(config, indent=2) + "\n")
         with atomic_write(folder / CARD_NAME, "w") as f:
@@ -111,14 +110,6 @@ def save_pretrained(
     except OSError as e:
         raise FcnsegError(f"{folder}: cannot write the model folder ({e.strerror or e})") from None
     return folder
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _checkpoint_of(source: nn.Module | str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], int]:

@@ -2,6 +2,7 @@
 afresh when anything they are made from changes, named by their calibration images, pruned to a budget."""
 
 import fcntl
+import fnmatch
 import importlib.util
 import json
 import os
@@ -159,6 +160,41 @@ def test_openvino_int8_reuses_nncf_s_quantised_model(cache, monkeypatch):
     (folder,) = cache.iterdir()
     assert len(list(folder.glob("model.int8.cal-*.xml"))) == 1
     assert len(list(folder.glob("model.int8.cal-*.xml.*.agreement.json"))) == 2
+
+
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is an optional extra")
+def test_every_kept_file_reaches_the_disk_before_its_name(cache, monkeypatch):
+    """Renamed into place before its data is on the disk, a file can be left empty or cut short by a power cut, and
+    a later process would reuse it: every file of the folder is synced, then renamed."""
+    events, sync, rename = [], os.fsync, os.replace
+
+    def synced(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        return sync(fd)
+
+    def renamed(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", renamed)
+    calibration = [torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(0))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for path in ("onnx-int8", "openvino-int8"):
+            make_runner(_model(), path, calibration=calibration)
+    tag = calibration_tag(calibration)
+    (folder,) = cache.iterdir()
+    kept = {str(f) for f in folder.iterdir() if f.name != ".lock"}
+    renames = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "rename" and e[2] in kept]
+    assert {dst for _, _, dst in renames} == kept
+    # The export, both int8 files, NNCF's .bin, both agreements (and the rescaled graph where the CPU lacks VNNI).
+    names = {os.path.basename(k) for k in kept}
+    wanted = ["model.onnx", "model.int8.T.onnx", "model.int8.T.xml", "model.int8.T.bin",
+              "model.int8.T.onnx.agreement.json", "model.int8.T.xml.*.agreement.json"]  # fmt: skip
+    assert all(fnmatch.filter(names, w.replace(".T.", f".{tag}.")) for w in wanted), names
+    for i, src, dst in renames:
+        assert ("sync", src) in events[:i], dst
 
 
 def test_predict_twice_exports_once_and_writes_the_same_masks(cache, monkeypatch, tmp_path):

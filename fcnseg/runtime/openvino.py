@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import FcnsegError
-from ..io import cache_root
+from ..io import cache_root, sync_file
 from .compare import Runner, built_on_first_call
 from .cpu import NATIVE_BF16, bf16_is_native, cpu_features
 from .engines import build_folder, reused
@@ -326,8 +326,9 @@ def nncf_int8(
                                   advanced_parameters=nncf_parameters())  # fmt: skip
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the .bin first: a complete .xml means a complete pair
         ov.save_model(quantised, str(Path(tmp) / xml.name))
-        os.replace(Path(tmp) / xml.with_suffix(".bin").name, xml.with_suffix(".bin"))
-        os.replace(Path(tmp) / xml.name, xml)
+        for part in (xml.with_suffix(".bin"), xml):
+            sync_file(Path(tmp) / part.name)  # on the disk before its name is (fcnseg.io.sync_file)
+            os.replace(Path(tmp) / part.name, part)
     return xml
 
 
