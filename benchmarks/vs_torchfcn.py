@@ -51,6 +51,7 @@ from fcnseg.models.complexity import count_gflop  # noqa: E402
 from fcnseg.models.convert import torchfcn_to_fcnseg  # noqa: E402
 from fcnseg.runtime import agreement, cpu_features, make_runner  # noqa: E402
 from fcnseg.runtime.cpu import bf16_is_native  # noqa: E402
+from fcnseg.runtime.onnx import int8_stem  # noqa: E402
 from fcnseg.runtime.openvino import OPENVINO_PATHS, openvino_available  # noqa: E402
 
 # torchfcn as its users run it, in a process of its own (the ratios' base), and in this one: fcnseg's predictors keep
@@ -125,13 +126,18 @@ def fcnseg_paths(
     return paths
 
 
-def peer_engines(workdir: Path) -> dict:
+def built_files(model: torch.nn.Module, calibration: list[torch.Tensor], folder: Path) -> tuple[Path, Path]:
+    """The fp32 and int8 ONNX files that ``onnx-int8`` built for ``model`` in ``folder``, the int8 one named by its
+    calibration images (:func:`fcnseg.runtime.onnx.int8_file`)."""
+    return folder / "model.onnx", folder / f"{int8_stem(model, (), calibration)}.onnx"
+
+
+def peer_engines(fp32: Path, int8: Path) -> dict:
     """The peer engines as a user would run them on the same exported files, outside fcnseg: ONNX Runtime fp32,
     OpenVINO with its CPU plugin's latency settings (f32 forced, and its own default precision, which is bf16 on
     a CPU with AVX512_BF16 or AMX), and OpenVINO on the int8 QDQ file."""
     import onnxruntime as ort
 
-    fp32, int8 = workdir / "aligned" / "model.onnx", workdir / "aligned" / "model.int8.onnx"
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(fp32), options, providers=["CPUExecutionProvider"])
@@ -165,8 +171,10 @@ def build_contenders(size: tuple[int, int], calibration_images: int) -> tuple[di
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vs-torchfcn-") as tmp:  # the sessions no longer read their files
-        ours = fcnseg_paths(caffe, aligned, images[:calibration_images], Path(tmp))
-        contenders = {TORCHFCN_HERE: torchfcn_run, **ours, **peer_engines(Path(tmp))}
+        calibration = images[:calibration_images]
+        ours = fcnseg_paths(caffe, aligned, calibration, Path(tmp))
+        peers = peer_engines(*built_files(aligned, calibration, Path(tmp) / "aligned"))
+        contenders = {TORCHFCN_HERE: torchfcn_run, **ours, **peers}
     checks = images[calibration_images:]
     for run in contenders.values():  # the first call of a new size measures the winograd path's kernels
         run(checks[0])
