@@ -4,6 +4,7 @@ YAML reader for the files and values a user writes."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import signal
@@ -92,13 +93,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         yield f
 
 
+_NO_SYNC = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP}
+
+
 def sync_file(path: str | os.PathLike) -> None:
     """Wait until ``path``'s data is on the disk. Before a rename into place: ext4 may commit the rename before the
     data (its delayed allocation; see the ext4 documentation's ``auto_da_alloc``), and a power cut in between
-    leaves the new name on an empty or partly written file, where the previous version was whole."""
+    leaves the new name on an empty or partly written file, where the previous version was whole. Where the file
+    cannot be synced (fsync(2) fails with EINVAL, ENOSYS or ENOTSUP) there is nothing to wait for; a failed
+    write-back (EIO, ENOSPC) is raised."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _NO_SYNC:
+            raise
     finally:
         os.close(fd)
 

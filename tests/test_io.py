@@ -1,5 +1,6 @@
 """Atomic writes leave files with the mode a plain write would: the umask's, or the replaced file's own."""
 
+import errno
 import os
 import stat
 
@@ -63,6 +64,25 @@ def test_a_staged_file_written_by_name_gets_the_mode_of_a_plain_write(tmp_path, 
         tmp.write_bytes(b"graph")
     assert (tmp_path / "m.onnx").read_bytes() == b"graph" and _mode(tmp_path / "m.onnx") == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOSYS, errno.EIO, errno.ENOSPC])
+def test_without_sync_the_file_is_written_and_a_failed_sync_keeps_the_old_one(tmp_path, monkeypatch, code):
+    (tmp_path / "a.bin").write_bytes(b"old")
+
+    def failing_sync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", failing_sync)
+    if code in (errno.EINVAL, errno.ENOSYS):  # fsync(2): the file system offers no sync
+        with atomic_write(tmp_path / "a.bin") as f:
+            f.write(b"new")
+        assert (tmp_path / "a.bin").read_bytes() == b"new"
+    else:  # the data did not reach the disk
+        with pytest.raises(OSError, match=os.strerror(code)), atomic_write(tmp_path / "a.bin") as f:
+            f.write(b"new")
+        assert (tmp_path / "a.bin").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
 
 
 def test_a_failed_block_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
