@@ -5,8 +5,8 @@ python benchmarks/vs_torchfcn.py --runs 3 --json vs.json --demo runs/demo/fcn8s/
 python benchmarks/vs_torchfcn.py --training-only      # the training step alone (~8 minutes)
 
 Both nets get the same random weights (torchfcn's state dict through fcnseg's importer). Each round runs every
-contender in turn, for half a second or one call, whichever is longer (the round's figure: the median call), so
-slow drifts of the machine hit all of them alike; the table shows medians over the rounds, the speed-up
+contender in turn (one untimed call, then half a second and at least three calls; the round's figure: the median
+call), so slow drifts of the machine hit all of them alike; the table shows medians over the rounds, the speed-up
 over torchfcn as its users run it (in a process of its own with glibc's default malloc, timed before and after the
 rounds; in this process fcnseg's predictors keep freed memory, which also spares torchfcn's passes their page
 faults: its row here shows that) and the achieved GFLOP/s against this machine's fp32 GEMM rate, measured in the
@@ -250,8 +250,8 @@ def one_torchfcn_inference(size: tuple[int, int], runs: int, warmup: int) -> Non
 
 
 def alternate(contenders: dict, x: torch.Tensor, runs: int, warmup: int) -> dict[str, list[float]]:
-    """Each contender's ms per call in ``runs`` rounds; a round runs every contender in turn, and gives each the
-    median of its calls over :data:`ROUND_S` (one call at least)."""
+    """Each contender's ms per call in ``runs`` rounds; a round runs every contender in turn, and gives each its
+    :func:`round_ms`."""
     for run in contenders.values():
         for _ in range(warmup):
             run(x)
@@ -263,15 +263,17 @@ def alternate(contenders: dict, x: torch.Tensor, runs: int, warmup: int) -> dict
     return times
 
 
-# A fast path's first call after a slow one pays for the caches and TLB that the slow one filled with its own data:
-# timed once a round, OpenVINO bf16 at about 100 ms moved by 5-6% against the same engine run by another name.
-ROUND_S = 0.5
+# A path's first call after another's pays for the caches and TLB that the other filled with its own data: timed
+# once a round, OpenVINO bf16 at about 100 ms moved by 5-6% against the same engine run by another name. So each
+# round runs a path once untimed, then times it for ROUND_S and at least ROUND_CALLS calls, alike for every path.
+ROUND_S, ROUND_CALLS = 0.5, 3
 
 
 def round_ms(run: Callable, x: torch.Tensor) -> float:
-    """The median ms of ``run(x)``, called until :data:`ROUND_S` have passed."""
+    """The median ms of ``run(x)`` over :data:`ROUND_S` and at least :data:`ROUND_CALLS` calls, after one untimed."""
+    run(x)
     calls: list[float] = []
-    while sum(calls) < ROUND_S * 1000:
+    while len(calls) < ROUND_CALLS or sum(calls) < ROUND_S * 1000:
         t0 = time.perf_counter()
         run(x)
         calls.append((time.perf_counter() - t0) * 1000)

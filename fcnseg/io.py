@@ -97,12 +97,12 @@ _NO_SYNC = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP}
 
 
 def sync_file(path: str | os.PathLike) -> None:
-    """Wait until ``path``'s data is on the disk. Before a rename into place: ext4 may commit the rename before the
-    data (its delayed allocation; see the ext4 documentation's ``auto_da_alloc``), and a power cut in between
-    leaves the new name on an empty or partly written file, where the previous version was whole. Where the file
-    cannot be synced (fsync(2) fails with EINVAL, ENOSYS or ENOTSUP) there is nothing to wait for; a failed
-    write-back (EIO, ENOSPC) is raised."""
-    fd = os.open(path, os.O_RDONLY)
+    """Wait until ``path``'s data is on the disk. Before a rename into place: with delayed allocation, ext4 may
+    commit the rename before the data (its documentation's ``auto_da_alloc`` covers only a rename over an existing
+    file), and a power cut in between leaves the name on an empty or partly written file. Where the file cannot be
+    synced (fsync(2) fails with EINVAL, ENOSYS or ENOTSUP) there is nothing to wait for; a failed write-back (EIO,
+    ENOSPC) is raised. Opened for writing: Windows syncs no read-only descriptor."""
+    fd = os.open(path, os.O_RDWR)
     try:
         os.fsync(fd)
     except OSError as e:

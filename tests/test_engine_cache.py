@@ -165,15 +165,15 @@ def test_openvino_int8_reuses_nncf_s_quantised_model(cache, monkeypatch):
 @pytest.mark.skipif(not openvino_available(), reason="OpenVINO is an optional extra")
 def test_every_kept_file_reaches_the_disk_before_its_name(cache, monkeypatch):
     """Renamed into place before its data is on the disk, a file can be left empty or cut short by a power cut, and
-    a later process would reuse it: every file of the folder is synced, then renamed."""
+    a later process would reuse it: every file of the folder is synced once written whole, then renamed."""
     events, sync, rename = [], os.fsync, os.replace
 
-    def synced(fd):
-        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+    def synced(fd):  # the file synced, and how much of it was written by then
+        events.append(("sync", os.path.realpath(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
         return sync(fd)
 
     def renamed(src, dst):
-        events.append(("rename", str(src), str(dst)))
+        events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
         return rename(src, dst)
 
     monkeypatch.setattr(os, "fsync", synced)
@@ -185,16 +185,20 @@ def test_every_kept_file_reaches_the_disk_before_its_name(cache, monkeypatch):
             make_runner(_model(), path, calibration=calibration)
     tag = calibration_tag(calibration)
     (folder,) = cache.iterdir()
-    kept = {str(f) for f in folder.iterdir() if f.name != ".lock"}
-    renames = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "rename" and e[2] in kept]
-    assert {dst for _, _, dst in renames} == kept
-    # The export, both int8 files, NNCF's .bin, both agreements (and the rescaled graph where the CPU lacks VNNI).
+    kept = {os.path.realpath(f) for f in folder.iterdir() if f.name != ".lock"}
+    renamed_to = {e[2]: (i, e[1]) for i, e in enumerate(events) if e[0] == "rename" and e[2] in kept}
+    assert set(renamed_to) == kept
+    # The export, both int8 files, NNCF's .bin, both agreements (and the rescaled graph: the suite's CPU features
+    # have no VNNI).
     names = {os.path.basename(k) for k in kept}
     wanted = ["model.onnx", "model.int8.T.onnx", "model.int8.T.xml", "model.int8.T.bin",
               "model.int8.T.onnx.agreement.json", "model.int8.T.xml.*.agreement.json"]  # fmt: skip
     assert all(fnmatch.filter(names, w.replace(".T.", f".{tag}.")) for w in wanted), names
-    for i, src, dst in renames:
-        assert ("sync", src) in events[:i], dst
+    for dst, (i, src) in renamed_to.items():
+        sizes = [e[2] for e in events[:i] if e[0] == "sync" and e[1] == src]
+        assert sizes and sizes[-1] == os.path.getsize(dst) > 0, dst
+    xml = str(folder / f"model.int8.{tag}.xml")
+    assert renamed_to[os.path.realpath(xml)][0] > renamed_to[os.path.realpath(xml[:-4] + ".bin")][0]  # pair
 
 
 def test_predict_twice_exports_once_and_writes_the_same_masks(cache, monkeypatch, tmp_path):

@@ -71,6 +71,7 @@ def test_without_sync_the_file_is_written_and_a_failed_sync_keeps_the_old_one(tm
     (tmp_path / "a.bin").write_bytes(b"old")
 
     def failing_sync(fd):
+        assert os.pread(fd, 8, 0) == b"new"  # synced once written and closed
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, "fsync", failing_sync)

@@ -46,7 +46,7 @@ from .._meta import (
     VOC_CLASSES,
 )
 from ..errors import FcnsegError, shown
-from ..io import atomic_write, staged_path, sync_file
+from ..io import atomic_write, staged_path
 from ..preprocessing import CAFFE, Preprocessing
 
 NYUD_CAFFE = Preprocessing(mean=NYUD_MEAN_BGR, std=(1.0, 1.0, 1.0), channel_order="BGR", value_range=255.0)
@@ -285,7 +285,6 @@ def _fetch(url: str, dst: Path, progress: bool, max_bytes: int) -> None:
         # for a finished download, and gdown leaves its partial file beside its target when it fails.
         with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as folder:
             download_file_from_google_drive(file_id, folder, dst.name)
-            sync_file(Path(folder) / dst.name)
             os.replace(Path(folder) / dst.name, dst)
         if dst.stat().st_size > max_bytes:
             raise _TooLargeError(f"{dst.stat().st_size:,} bytes")
