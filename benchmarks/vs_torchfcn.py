@@ -54,6 +54,7 @@ from fcnseg.runtime import agreement, cpu_features, make_runner  # noqa: E402
 from fcnseg.runtime.cpu import bf16_is_native  # noqa: E402
 from fcnseg.runtime.onnx import int8_stem  # noqa: E402
 from fcnseg.runtime.openvino import OPENVINO_PATHS, openvino_available  # noqa: E402
+from fcnseg.runtime.timing import time_ms  # noqa: E402
 
 # torchfcn as its users run it, in a process of its own (the ratios' base), and in this one: fcnseg's predictors keep
 # freed memory for the whole process (fcnseg._memory), which spares torchfcn's passes their page faults too.
@@ -271,12 +272,9 @@ ROUND_S, ROUND_CALLS = 0.5, 3
 
 def round_ms(run: Callable, x: torch.Tensor) -> float:
     """The median ms of ``run(x)`` over :data:`ROUND_S` and at least :data:`ROUND_CALLS` calls, after one untimed."""
-    run(x)
-    calls: list[float] = []
-    while len(calls) < ROUND_CALLS or sum(calls) < ROUND_S * 1000:
-        t0 = time.perf_counter()
-        run(x)
-        calls.append((time.perf_counter() - t0) * 1000)
+    calls = time_ms(lambda: run(x), ROUND_CALLS, warmup=1)
+    while sum(calls) < ROUND_S * 1000:
+        calls += time_ms(lambda: run(x), 1)
     return statistics.median(calls)
 
 

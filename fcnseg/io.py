@@ -112,6 +112,20 @@ def sync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def lock_exclusive(f: IO, blocking: bool = True) -> bool:
+    """An exclusive ``flock`` of the open file ``f``, released when it is closed; True where it is held or the OS
+    has no ``flock``, False where it cannot be taken (held elsewhere, with ``blocking=False``)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def scratch_folder(workdir: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
     """``workdir`` when given (kept); else a new temporary folder, removed with all it holds on leaving. The

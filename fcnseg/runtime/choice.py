@@ -16,7 +16,6 @@ first layer feeds (conv1_2), then, where ``fcnseg bench --int8-sensitivity`` has
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -195,15 +194,13 @@ def _read(path: Path) -> dict:
 def _save(path: Path, key: str, value: dict) -> bool:
     """``value`` under ``key``, merged with what other processes saved (the file is read, changed and written under
     an exclusive lock of its ``.lock`` file where the OS has ``flock``). False where the cache cannot be written."""
-    from ..io import atomic_write
+    from ..io import atomic_write, lock_exclusive
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_name(path.name + ".lock"), "a") as lock:  # unlocked when closed
-            with contextlib.suppress(ImportError):
-                import fcntl
-
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not lock_exclusive(lock):
+                return False
             doc = _read(path)
             doc[key] = value
             with atomic_write(path, "w") as f:

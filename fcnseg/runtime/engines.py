@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import cache_root, scratch_folder
+from ..io import cache_root, lock_exclusive, scratch_folder
 from .cpu import cpu_features
 
 ENGINE_BUDGET = 4 << 30
@@ -161,25 +161,12 @@ def _held(folder: Path) -> Iterator[Path | None]:
             yield None
             return
         with lock:
-            if _flock(lock, blocking=True) and os.path.samestat(os.fstat(lock.fileno()), _stat(folder / ".lock")):
+            if lock_exclusive(lock) and os.path.samestat(os.fstat(lock.fileno()), _stat(folder / ".lock")):
                 os.utime(folder)  # used now: pruning goes by this time
                 _tidy(folder)
                 yield folder
                 return
     yield None
-
-
-def _flock(lock, blocking: bool) -> bool:
-    """An exclusive lock of the open file ``lock``; True where it is held or the OS has no ``flock``."""
-    try:
-        import fcntl
-    except ImportError:
-        return True
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except OSError:
-        return False
-    return True
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -249,7 +236,8 @@ def _remove_unheld(folder: Path, now: float) -> bool:
     except OSError:
         return False
     with lock if lock is not None else contextlib.nullcontext():
-        if (lock is not None and not _flock(lock, blocking=False)) or st is None or now - st.st_mtime <= IN_USE_S:
+        held = lock is not None and not lock_exclusive(lock, blocking=False)
+        if held or st is None or now - st.st_mtime <= IN_USE_S:
             return False
         shutil.rmtree(folder, ignore_errors=True)  # a process waiting on this lock finds it gone and starts anew
     return True
